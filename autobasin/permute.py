@@ -1,0 +1,174 @@
+"""Permutations over a PermutationSpec: make, apply, invert, compose, verify.
+
+A permutation set is ``dict[group name, LongTensor of shape (n,)]``. Permuting
+an axis by ``p`` means ``x.index_select(axis, p)``: new position ``i`` holds old
+position ``p[i]``.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Mapping
+
+import torch
+
+from .spec import Member, PermutationSpec, SpecError
+
+Perms = dict[str, torch.Tensor]
+
+
+class EquivalenceError(AssertionError):
+    """Permuting a model by a spec changed what it computes."""
+
+
+def random_permutation(spec: PermutationSpec, seed: int = 0) -> Perms:
+    """One uniformly random permutation per group, reproducible from ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    return {name: torch.randperm(g.size, generator=gen) for name, g in spec.groups.items()}
+
+
+def identity_permutation(spec: PermutationSpec) -> Perms:
+    return {name: torch.arange(g.size) for name, g in spec.groups.items()}
+
+
+def invert(perms: Perms) -> Perms:
+    return {k: torch.argsort(p) for k, p in perms.items()}
+
+
+def compose(first: Perms, then: Perms) -> Perms:
+    """Permutation equal to applying ``first`` and then ``then``."""
+    return {k: first[k][then[k]] for k in first}
+
+
+def _check_perm(name: str, p: torch.Tensor, n: int) -> torch.Tensor:
+    p = torch.as_tensor(p)
+    if p.dim() != 1 or p.numel() != n:
+        raise SpecError(f"permutation for group {name!r} has shape {tuple(p.shape)}, expected ({n},)")
+    p = p.long().cpu()
+    if not torch.equal(torch.sort(p).values, torch.arange(n)):
+        raise SpecError(f"permutation for group {name!r} is not a permutation of 0..{n - 1}")
+    return p
+
+
+def axis_index(length: int, members: list[tuple[Member, torch.Tensor]]) -> torch.Tensor:
+    """Index vector of one axis of ``length`` after all its members act.
+
+    Each member permutes its grid dimension; grids of one axis act on disjoint
+    positions or different grid dimensions, so the order does not matter.
+    """
+    idx = torch.arange(length)
+    for m, p in members:
+        pos = m.positions()
+        cur = idx[pos.reshape(-1)].reshape(m.shape)
+        idx[pos.reshape(-1)] = cur.index_select(m.dim, p).reshape(-1)
+    return idx
+
+
+def apply_permutation(spec: PermutationSpec, perms: Mapping[str, torch.Tensor],
+                      state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Return a new state_dict with every member permuted; inputs untouched.
+
+    Entries the spec does not mention are passed through (same tensor objects).
+    Raises :class:`SpecError` naming the group or tensor on any mismatch.
+    """
+    missing = [g for g in spec.groups if g not in perms]
+    if missing:
+        raise SpecError(f"no permutation given for group {missing[0]!r}")
+    checked = {name: _check_perm(name, perms[name], g.size) for name, g in spec.groups.items()}
+    by_param = spec.members_by_param()
+    out = dict(state_dict)
+    for param, gm in by_param.items():
+        if param not in state_dict:
+            raise SpecError(f"state_dict has no entry {param!r} that the spec permutes")
+        t = state_dict[param]
+        per_axis: dict[int, list[tuple[Member, torch.Tensor]]] = {}
+        for gname, m in gm:
+            if m.axis >= t.dim():
+                raise SpecError(f"{param!r} has {t.dim()} axes; group {gname!r} permutes axis {m.axis}")
+            per_axis.setdefault(m.axis, []).append((m, checked[gname]))
+        for axis, ms in per_axis.items():
+            need = max(int(m.positions().max()) + 1 for m, _ in ms)
+            if t.shape[axis] < need:
+                raise SpecError(f"{param!r} axis {axis} has length {t.shape[axis]}, the spec needs {need}")
+            idx = axis_index(t.shape[axis], ms).to(t.device)
+            t = t.index_select(axis, idx)
+        out[param] = t
+    return out
+
+
+def permute_model(model: torch.nn.Module, spec: PermutationSpec, perms: Perms) -> torch.nn.Module:
+    """A deep copy of ``model`` with its state permuted; ``model`` is untouched."""
+    new = copy.deepcopy(model)
+    new.load_state_dict(apply_permutation(spec, perms, model.state_dict()))
+    return new
+
+
+def _flatten_tensors(x) -> list[torch.Tensor]:
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, Mapping):
+        return [t for k in sorted(x, key=str) for t in _flatten_tensors(x[k])]
+    if isinstance(x, (list, tuple)):
+        return [t for v in x for t in _flatten_tensors(v)]
+    if hasattr(x, "__dataclass_fields__"):
+        return [t for f in x.__dataclass_fields__ for t in _flatten_tensors(getattr(x, f))]
+    return []
+
+
+def relative_error(a, b) -> float:
+    """max over output tensors of ||a - b|| / max(||a||, tiny), in float64."""
+    ta, tb = _flatten_tensors(a), _flatten_tensors(b)
+    if len(ta) != len(tb):
+        return float("inf")
+    worst = 0.0
+    for x, y in zip(ta, tb):
+        if x.shape != y.shape:
+            return float("inf")
+        if not x.is_floating_point():
+            worst = max(worst, 0.0 if torch.equal(x, y) else float("inf"))
+            continue
+        x, y = x.double(), y.double()
+        if not (torch.isfinite(x).all() and torch.isfinite(y).all()):
+            same = torch.equal(torch.nan_to_num(x), torch.nan_to_num(y))
+            worst = max(worst, 0.0 if same else float("inf"))
+            continue
+        worst = max(worst, float((x - y).norm() / x.norm().clamp_min(1e-30)))
+    return worst
+
+
+def check_equivalence(model: torch.nn.Module, spec: PermutationSpec, example_inputs=None,
+                      seed: int = 0, rtol: float = 1e-4) -> float:
+    """Permute every group at random and check the model computes the same.
+
+    Runs ``model`` in eval mode (its mode is restored) on ``example_inputs``
+    (a tensor, a tuple of positional inputs, or None to use the inputs the spec
+    was inferred with) and on a permuted copy. Returns the relative L2 error of
+    the outputs; raises :class:`EquivalenceError` above ``rtol``, naming the
+    first graph node whose value moved when the spec was traced.
+    """
+    from .trace import as_args, default_inputs
+
+    inference = spec._inference
+    if example_inputs is None:
+        example_inputs = inference.example_inputs if inference is not None else default_inputs(model)
+    args = as_args(example_inputs)
+    perms = random_permutation(spec, seed)
+    permuted = permute_model(model, spec, perms)
+    was_training = model.training
+    model.eval()
+    permuted.eval()
+    try:
+        with torch.no_grad():
+            ref = model(*args)
+            out = permuted(*args)
+    finally:
+        model.train(was_training)
+    err = relative_error(ref, out)
+    if not err <= rtol:
+        where = ""
+        if inference is not None:
+            node = inference.first_divergence(model, permuted, perms, args)
+            if node:
+                where = f"; first diverging graph node: {node}"
+        raise EquivalenceError(f"permuting by the spec changed the outputs: relative error "
+                               f"{err:.3g} > {rtol:g} (seed {seed}){where}")
+    return err

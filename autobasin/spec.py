@@ -1,0 +1,206 @@
+"""PermutationSpec: which parameter axes share one permutation.
+
+Data model
+----------
+A *group* is one permutation of size ``n``. A *member* says how a group acts on
+one axis of one parameter or buffer. The positions of that axis the member
+touches form a strided grid::
+
+    position(i_0, ..., i_k) = offset + sum_j i_j * strides[j],   0 <= i_j < shape[j]
+
+and the group permutes grid dimension ``dim`` (so ``shape[dim] == n``) for every
+value of the other grid dimensions. A plain member is ``offset=0, shape=(L,),
+strides=(1,), dim=0``. A segment of a concatenated axis (DenseNet concat, the q
+part of a fused qkv Linear) is a grid with an offset; channels factorised into
+heads x head-dim are a 2-D grid whose dim 0 is the head group and dim 1 the
+head-dim group; a GroupNorm's channel groups likewise. Grids compose under
+restriction and splitting, so nested structure (a segment of heads) needs no
+extra notion. Members of one axis act on disjoint positions or on different
+grid dimensions, so they commute and can be applied in any order.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, asdict
+from typing import Iterable
+
+import torch
+
+
+@dataclass(frozen=True)
+class Member:
+    """How one group acts on one axis of one tensor (see module docstring)."""
+
+    param: str
+    axis: int
+    offset: int
+    shape: tuple[int, ...]
+    strides: tuple[int, ...]
+    dim: int
+
+    @property
+    def size(self) -> int:
+        return self.shape[self.dim]
+
+    @property
+    def is_plain(self) -> bool:
+        return len(self.shape) == 1 and self.offset == 0 and self.strides == (1,)
+
+    def positions(self) -> torch.Tensor:
+        """LongTensor of shape ``self.shape``: the axis positions of the grid."""
+        pos = torch.full(self.shape, self.offset, dtype=torch.long)
+        for j, (n, s) in enumerate(zip(self.shape, self.strides)):
+            view = [1] * len(self.shape)
+            view[j] = n
+            pos = pos + (torch.arange(n) * s).view(view)
+        return pos
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The slice of ``tensor`` this member permutes, as a matrix (n, rest).
+
+        Row ``i`` holds every element whose grid index along ``dim`` is ``i``.
+        Permuting the member by ``p`` reorders these rows by ``p``.
+        """
+        t = tensor.movedim(self.axis, 0)
+        pos = self.positions()
+        sub = t.index_select(0, pos.reshape(-1).to(t.device))
+        sub = sub.reshape(*self.shape, *t.shape[1:])
+        return sub.movedim(self.dim, 0).reshape(self.size, -1)
+
+    def describe(self) -> str:
+        if self.is_plain:
+            return f"{self.param}[{self.axis}]"
+        grid = "x".join(str(s) for s in self.shape)
+        return f"{self.param}[{self.axis}] @{self.offset} grid {grid} dim {self.dim}"
+
+
+@dataclass
+class Group:
+    name: str
+    size: int
+    members: list[Member] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    shape: tuple[int, ...]
+    is_parameter: bool
+    floating: bool
+
+
+class SpecError(ValueError):
+    """A spec does not fit the tensors or permutations it is used with."""
+
+
+class PermutationSpec:
+    """Groups of parameter/buffer axes that must share one permutation.
+
+    ``groups`` maps a stable readable name to a :class:`Group`. ``tensors``
+    records every state_dict entry the spec was inferred from (shape, whether
+    it is a parameter, whether it is floating point), so coverage and
+    validation need no model. ``blocked`` lists why axes were left fixed:
+    ``(node or module, reason)`` pairs from inference.
+    """
+
+    def __init__(self, groups: Iterable[Group], tensors: dict[str, TensorInfo],
+                 blocked: Iterable[tuple[str, str]] = ()):
+        self.groups: dict[str, Group] = {g.name: g for g in groups}
+        self.tensors = dict(tensors)
+        self.blocked = list(blocked)
+        self._inference = None  # set by infer_spec: the traced graph, for diagnosis
+
+    # ----------------------------------------------------------------- queries
+    def members_by_param(self) -> dict[str, list[tuple[str, Member]]]:
+        out: dict[str, list[tuple[str, Member]]] = {}
+        for g in self.groups.values():
+            for m in g.members:
+                out.setdefault(m.param, []).append((g.name, m))
+        return out
+
+    def coverage(self) -> float:
+        """Fraction of floating-point parameter elements that some group permutes."""
+        total = permuted = 0
+        by_param = self.members_by_param()
+        for name, info in self.tensors.items():
+            if not (info.is_parameter and info.floating):
+                continue
+            numel = 1
+            for s in info.shape:
+                numel *= s
+            total += numel
+            if name not in by_param or numel == 0:
+                continue
+            mask = torch.zeros(info.shape, dtype=torch.bool)
+            for _, m in by_param[name]:
+                hit = torch.zeros(info.shape[m.axis], dtype=torch.bool)
+                hit[m.positions().reshape(-1)] = True
+                view = [1] * len(info.shape)
+                view[m.axis] = -1
+                mask |= hit.view(view)
+            permuted += int(mask.sum())
+        return permuted / total if total else 0.0
+
+    def without(self, *names: str) -> "PermutationSpec":
+        """A copy with the named groups fixed (never permuted)."""
+        unknown = [n for n in names if n not in self.groups]
+        if unknown:
+            raise SpecError(f"no group named {unknown[0]!r}; groups are {list(self.groups)[:8]}...")
+        spec = PermutationSpec([g for n, g in self.groups.items() if n not in names],
+                               self.tensors, self.blocked + [(n, "fixed by user") for n in names])
+        spec._inference = self._inference
+        return spec
+
+    # ---------------------------------------------------------------- display
+    def __repr__(self) -> str:
+        return (f"PermutationSpec({len(self.groups)} groups, "
+                f"coverage {self.coverage():.3f})")
+
+    def __str__(self) -> str:
+        lines = [f"PermutationSpec: {len(self.groups)} groups, "
+                 f"coverage {self.coverage():.3f} of parameter elements"]
+        width = max([len(n) for n in self.groups] + [5])
+        lines.append(f"{'group':<{width}}  {'size':>6}  members")
+        for g in self.groups.values():
+            shown = ", ".join(m.describe() for m in g.members[:4])
+            more = f", ... (+{len(g.members) - 4})" if len(g.members) > 4 else ""
+            lines.append(f"{g.name:<{width}}  {g.size:>6}  {shown}{more}")
+        if self.blocked:
+            lines.append(f"{len(self.blocked)} blocked ops, first: "
+                         + "; ".join(f"{n}: {r}" for n, r in self.blocked[:3]))
+        return "\n".join(lines)
+
+    # ------------------------------------------------------------------- JSON
+    def to_dict(self) -> dict:
+        return {
+            "format": "autobasin.PermutationSpec/1",
+            "groups": [{"name": g.name, "size": g.size,
+                        "members": [{"param": m.param, "axis": m.axis, "offset": m.offset,
+                                     "shape": list(m.shape), "strides": list(m.strides),
+                                     "dim": m.dim} for m in g.members]}
+                       for g in self.groups.values()],
+            "tensors": {k: {"shape": list(v.shape), "is_parameter": v.is_parameter,
+                            "floating": v.floating} for k, v in self.tensors.items()},
+            "blocked": [list(b) for b in self.blocked],
+        }
+
+    def to_json(self, indent: int | None = 1) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PermutationSpec":
+        if d.get("format") != "autobasin.PermutationSpec/1":
+            raise SpecError(f"not an autobasin spec (format={d.get('format')!r})")
+        groups = [Group(g["name"], int(g["size"]),
+                        [Member(m["param"], int(m["axis"]), int(m["offset"]), tuple(m["shape"]),
+                                tuple(m["strides"]), int(m["dim"])) for m in g["members"]])
+                  for g in d["groups"]]
+        tensors = {k: TensorInfo(tuple(v["shape"]), bool(v["is_parameter"]), bool(v["floating"]))
+                   for k, v in d["tensors"].items()}
+        return cls(groups, tensors, [tuple(b) for b in d.get("blocked", [])])
+
+    @classmethod
+    def from_json(cls, text: str) -> "PermutationSpec":
+        return cls.from_dict(json.loads(text))
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, PermutationSpec) and self.to_dict() == other.to_dict()
