@@ -1,0 +1,173 @@
+"""auto_rebasin: align model B to model A in one call."""
+from __future__ import annotations
+
+import copy
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+from .match.weight import weight_matching
+from .permute import EquivalenceError, apply_permutation, relative_error
+from .spec import PermutationSpec
+
+Perms = dict[str, torch.Tensor]
+
+
+class ArchitectureMismatchError(ValueError):
+    """Models A and B are not two instances of one architecture."""
+
+
+@dataclass
+class RebasinResult:
+    """The outcome of :func:`auto_rebasin`.
+
+    ``model`` is a deep copy of B whose state is permuted to line up with A
+    (``state_dict`` is that state, sharing storage with ``model``); it computes what B computes. ``perms`` maps
+    each group of ``spec`` to a CPU LongTensor (n,). ``stats`` holds what the
+    matcher reported (e.g. ``sweeps``) plus ``seconds`` and, when verified,
+    ``verify_error``.
+    """
+
+    model: nn.Module
+    perms: Perms
+    spec: PermutationSpec
+    state_dict: dict[str, torch.Tensor]
+    method: str
+    stats: dict = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------- matchers
+# A matcher is ``(spec, a, b, data, seed, progress, **kw) -> perms`` with ``a`` and
+# ``b`` the two nn.Modules. Set ``needs_data = True`` on one that needs ``data``
+# (activation, STE matching) and auto_rebasin refuses to call it without.
+Matcher = Callable[..., Perms]
+
+
+def _weight(spec: PermutationSpec, a: nn.Module, b: nn.Module, data: Iterable | None,
+            seed: int, progress: bool, **kw: Any) -> Perms:
+    return weight_matching(spec, a.state_dict(), b.state_dict(), seed=seed, progress=progress, **kw)
+
+
+_weight.needs_data = False
+
+MATCHERS: dict[str, Matcher] = {"weight": _weight}
+
+
+# ---------------------------------------------------------------------- checks
+def check_same_architecture(a: nn.Module, b: nn.Module) -> None:
+    """Raise :class:`ArchitectureMismatchError` naming the first difference."""
+    if type(a) is not type(b):
+        raise ArchitectureMismatchError(f"models are of different types: "
+                                        f"{type(a).__qualname__} and {type(b).__qualname__}")
+    sd_a, sd_b = a.state_dict(), b.state_dict()
+    for key in sd_a:
+        if key not in sd_b:
+            raise ArchitectureMismatchError(f"{key!r} is in a's state_dict but missing from b's")
+    for key in sd_b:
+        if key not in sd_a:
+            raise ArchitectureMismatchError(f"{key!r} is in b's state_dict but missing from a's")
+    for key, ta in sd_a.items():
+        tb = sd_b[key]
+        if not (isinstance(ta, torch.Tensor) and isinstance(tb, torch.Tensor)):
+            continue
+        if ta.shape != tb.shape:
+            raise ArchitectureMismatchError(f"{key!r} has shape {tuple(ta.shape)} in a "
+                                            f"but {tuple(tb.shape)} in b")
+        if ta.dtype != tb.dtype:
+            raise ArchitectureMismatchError(f"{key!r} has dtype {ta.dtype} in a but {tb.dtype} in b")
+
+
+def _as_args(example_inputs) -> tuple:
+    try:
+        from .trace import as_args
+    except ImportError:
+        return example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    return as_args(example_inputs)
+
+
+def outputs_relative_error(reference: nn.Module, other: nn.Module, example_inputs) -> float:
+    """Relative L2 error of ``other``'s outputs against ``reference``'s, in eval mode.
+
+    Both run without grad; every submodule's train/eval mode is restored.
+    """
+    args = _as_args(example_inputs)
+    modes = {m: m.training for model in (reference, other) for m in model.modules()}
+    try:
+        reference.eval()
+        other.eval()
+        with torch.no_grad():
+            ref, out = reference(*args), other(*args)
+    finally:
+        for m, training in modes.items():
+            m.training = training
+    return relative_error(ref, out)
+
+
+# ------------------------------------------------------------------------ main
+def auto_rebasin(a: nn.Module, b: nn.Module, example_inputs=None, method: str = "weight",
+                 data: Iterable | None = None, seed: int = 0, verify: bool = True,
+                 spec: PermutationSpec | None = None, max_iter: int = 100, progress: bool = True,
+                 device: torch.device | str | None = None, **matcher_kwargs: Any) -> RebasinResult:
+    """Permute B's hidden units to line up with A's; A and B are left untouched.
+
+    Args:
+        a, b: two models of the same architecture (same type, state_dict keys,
+            shapes and dtypes; else :class:`ArchitectureMismatchError`).
+        example_inputs: inputs to trace ``a`` with when inferring the spec, and to
+            verify with (a tensor or a tuple of positional inputs).
+        method: a key of :data:`MATCHERS` (``"weight"``).
+        data: batches for matchers that need data.
+        seed: seeds the matcher.
+        verify: check that the aligned B computes what B computes on the example
+            inputs (relative error at most 1e-4, else :class:`EquivalenceError`);
+            skipped with a warning when there are no example inputs.
+        spec: the permutation spec; inferred from ``a`` when None.
+        max_iter, progress, device, **matcher_kwargs: passed to the matcher.
+
+    Returns:
+        a :class:`RebasinResult` whose ``model`` is the aligned copy of B.
+    """
+    start = time.perf_counter()
+    if method not in MATCHERS:
+        raise ValueError(f"unknown method {method!r}; known methods: {sorted(MATCHERS)}")
+    matcher = MATCHERS[method]
+    if getattr(matcher, "needs_data", False) and data is None:
+        raise ValueError(f"method {method!r} needs data: pass data=<iterable of batches>")
+    check_same_architecture(a, b)
+    if spec is None:
+        from .infer import infer_spec
+        spec = infer_spec(a, example_inputs)
+
+    stats: dict = {}
+    perms = matcher(spec, a, b, data, seed, progress, max_iter=max_iter, device=device,
+                    stats=stats, **matcher_kwargs)
+    perms = {k: torch.as_tensor(p).long().cpu() for k, p in perms.items()}
+    state = apply_permutation(spec, perms, b.state_dict())
+    aligned = copy.deepcopy(b)
+    aligned.load_state_dict(state)
+    # the aligned model's own tensors: no aliasing with b's
+    result = RebasinResult(model=aligned, perms=perms, spec=spec, state_dict=aligned.state_dict(),
+                           method=method, stats=stats)
+
+    if verify:
+        inference = getattr(spec, "_inference", None)
+        inputs = getattr(inference, "example_inputs", None) if inference is not None else None
+        if inputs is None:
+            inputs = example_inputs
+        if inputs is None:
+            warnings.warn("auto_rebasin: no example inputs, so the aligned model was not "
+                          "verified; pass example_inputs=... to check it", stacklevel=2)
+        else:
+            err = outputs_relative_error(b, aligned, inputs)
+            stats["verify_error"] = err
+            if not err <= 1e-4:
+                raise EquivalenceError(
+                    f"the aligned model computes something else than b: relative error "
+                    f"{err:.3g} > 1e-4; the permutation spec does not fit this model "
+                    f"(check it with autobasin.check_equivalence)")
+    stats["seconds"] = time.perf_counter() - start
+    return result

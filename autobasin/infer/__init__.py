@@ -1,0 +1,208 @@
+"""Infer a model's PermutationSpec from its torch.fx graph."""
+from __future__ import annotations
+
+import inspect
+from typing import Iterable
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from ..spec import Group, Member, PermutationSpec, TensorInfo
+from ..trace import ExampleRecorder, as_args, default_inputs, symbolic_trace
+from . import rules as _rules  # noqa: F401 - registers the built-in rules
+from .engine import GraphInference, TensorTable, layout_symbols, map_meta
+from .registry import FUNCTION_RULES, METHOD_RULES, MODULE_RULES, rule
+from .symbols import Symbols
+
+__all__ = ["infer_spec", "rule", "Inference"]
+
+
+class Inference:
+    """Everything inference learned about one model: the traced graph, each
+    node's axis symbols, and which symbol class became which group. Kept on the
+    spec (``spec._inference``) to explain failures; not serialised."""
+
+    def __init__(self, model: nn.Module, example_inputs: tuple, opaque: Iterable = ()):
+        self.example_inputs = example_inputs
+        self.gm, self.opaque_modules = symbolic_trace(model, opaque)
+        capture = {n for n in self.gm.graph.nodes
+                   if n.op == "call_module" or (n.op == "call_function" and inspect.isfunction(n.target))}
+        rec = ExampleRecorder(self.gm, capture)
+        with torch.no_grad():
+            was = model.training
+            model.eval()
+            try:
+                rec.run(*example_inputs)
+            finally:
+                model.train(was)
+        self.sym = Symbols()
+        self.table = TensorTable(model, self.sym)
+        self.model_state_names = list(model.state_dict().keys())
+        self.graph = GraphInference(self.gm, self.sym, self.table, rec.meta, rec.captured)
+        self.graph.run()
+        del rec
+        self._finish()
+        self.root_to_group: dict[int, str] = {}
+
+    def _finish(self) -> None:
+        """Undo a q/k/v distribution whose shared factors were constrained
+        elsewhere (see GraphInference.cut): re-share them, or fix the axis."""
+        sym = self.sym
+        for _ in range(3):
+            changed = False
+            for x, others, copies in self.graph.distributions:
+                rx = sym.find(x)
+                if sym.uf.weights[rx] > 1 or rx in sym.refinement:
+                    if rx not in sym.blocked:
+                        sym.block(x, "a cut axis is used elsewhere")
+                        changed = True
+                for j, f in enumerate(others):
+                    rf = sym.find(f)
+                    if sym.uf.weights[rf] > 1 or rf in sym.refinement or rf in sym.blocked:
+                        for cp in copies:
+                            if sym.find(cp[j]) != sym.find(f):
+                                sym.union(cp[j], f)
+                                changed = True
+            if not changed:
+                break
+
+    def spec(self, fixed: Iterable[str] = ()) -> PermutationSpec:
+        sym = self.sym
+        state = self.table.state
+        members: dict[int, list[Member]] = {}
+        for name in state:
+            syms = self.table.syms.get(name)
+            if not syms:
+                continue
+            for axis, s in enumerate(syms):
+                for root, offset, shape, strides, dim in sym.leaves(s):
+                    if root in sym.blocked:
+                        continue
+                    members.setdefault(root, []).append(
+                        Member(name, axis, offset, tuple(shape), tuple(strides), dim))
+        tensors = {n: TensorInfo(tuple(t.shape), isinstance(t, nn.Parameter), t.is_floating_point())
+                   for n, t in state.items()}
+        groups, used = [], set()
+        for root, ms in members.items():
+            name = _group_name(ms[0], state, used)
+            used.add(name)
+            self.root_to_group[root] = name
+            groups.append(Group(name, sym.size[root], ms))
+        blocked = [(n, r) for n, r in self.graph.log]
+        blocked += [(m, f"opaque module: {why}") for m, why in self.opaque_modules.items()]
+        spec = PermutationSpec(groups, tensors, blocked)
+        spec._inference = self
+        if fixed:
+            spec = spec.without(*fixed)
+        return spec
+
+    # ------------------------------------------------------------- diagnosis
+    def value_index(self, s: int, perms: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Where each position of axis ``s`` comes from under ``perms``."""
+        from ..permute import axis_index
+        n = self.sym.size[s]
+        ms = []
+        for root, offset, shape, strides, dim in self.sym.leaves(s):
+            g = self.root_to_group.get(root)
+            if g is not None and g in perms:
+                ms.append((Member("", 0, offset, shape, strides, dim), perms[g]))
+        return axis_index(n, ms)
+
+    def first_divergence(self, model: nn.Module, permuted: nn.Module, perms, args,
+                         rtol: float = 1e-3) -> str | None:
+        """Name the first graph node whose value in ``permuted`` is not the
+        permuted value of ``model``'s (relative L2 above ``rtol``)."""
+        gm_a = self.gm
+        gm_b = fx.GraphModule(permuted, self.gm.graph)
+        env_a = _record_all(gm_a, args, model.training)
+        result = [None]
+        layouts = self.graph.layouts
+
+        class Compare(fx.Interpreter):
+            def run_node(inner, n):
+                value = super().run_node(n)
+                if result[0] is None and n in env_a and n.op not in ("placeholder", "output"):
+                    ref = env_a[n]
+                    lay = layouts.get(n)
+                    if isinstance(ref, torch.Tensor) and isinstance(value, torch.Tensor) \
+                            and lay and ref.is_floating_point() and ref.shape == value.shape:
+                        expect = ref
+                        for axis, s in enumerate(lay):
+                            expect = expect.index_select(axis, self.value_index(s, perms))
+                        err = (expect.double() - value.double()).norm() / \
+                            expect.double().norm().clamp_min(1e-30)
+                        if err > rtol:
+                            result[0] = f"{n.name} ({n.op} {_target_name(n)}), relative error {float(err):.3g}"
+                return value
+        with torch.no_grad():
+            was = permuted.training
+            permuted.eval()
+            try:
+                Compare(gm_b).run(*args)
+            finally:
+                permuted.train(was)
+        return result[0]
+
+
+def _record_all(gm, args, training):
+    env = {}
+
+    class Rec(fx.Interpreter):
+        def run_node(inner, n):
+            v = super().run_node(n)
+            env[n] = v
+            return v
+    with torch.no_grad():
+        gm.eval()
+        try:
+            Rec(gm).run(*args)
+        finally:
+            gm.train(training)
+    return env
+
+
+def _target_name(n: fx.Node) -> str:
+    t = n.target
+    return t if isinstance(t, str) else getattr(t, "__name__", str(t))
+
+
+def _group_name(m: Member, state, used: set) -> str:
+    module, _, leaf = m.param.rpartition(".")
+    if leaf in ("weight", "bias") and module:
+        label = {0: "out", 1: "in"}.get(m.axis, str(m.axis))
+        base = f"{module}:{label}"
+    else:
+        base = f"{m.param}:{m.axis}"
+    if not m.is_plain:
+        if m.offset:
+            base += f"@{m.offset}"
+        if len(m.shape) > 1:
+            base += f".d{m.dim}"
+    name, k = base, 2
+    while name in used:
+        name, k = f"{base}#{k}", k + 1
+    return name
+
+
+def infer_spec(model: nn.Module, example_inputs=None, *, opaque: Iterable = (),
+               fixed: Iterable[str] = ()) -> PermutationSpec:
+    """Infer which parameter axes of ``model`` can be permuted together.
+
+    Args:
+        model: any nn.Module that torch.fx can trace at its top level.
+        example_inputs: a tensor or tuple of positional inputs; for timm and
+            torchvision models it may be omitted (see
+            :func:`autobasin.trace.default_inputs`).
+        opaque: qualified module names or module types to treat as opaque
+            leaves (their axes are blocked unless a rule knows them).
+        fixed: group names to leave unpermuted.
+
+    Returns:
+        A :class:`PermutationSpec`. The model is run once in eval mode on the
+        example inputs to learn shapes; its state and mode are unchanged.
+    """
+    if example_inputs is None:
+        example_inputs = default_inputs(model)
+    inference = Inference(model, as_args(example_inputs), opaque)
+    return inference.spec(fixed)

@@ -1,0 +1,540 @@
+"""Walk an fx graph, apply rules, and read the PermutationSpec off the result.
+
+One pass in topological order. Each node's output gets a *layout*: a list of
+axis symbols for a tensor (see :mod:`autobasin.infer.symbols`), a list of
+layouts for a tuple or list, None for anything else. Parameters and buffers
+get symbols on first use. Graph inputs and outputs are blocked; an op without
+a rule blocks every axis it touches, unless its body can be traced and
+inferred (timm's notrace functions and leaf modules usually can, given the
+concrete non-tensor arguments seen on the example inputs).
+"""
+from __future__ import annotations
+
+import inspect
+import math
+import operator
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from ..spec import Group, Member, PermutationSpec, TensorInfo
+from ..trace import AutoLeafTracer, ExampleRecorder, TensorMeta, _prune
+from .registry import FUNCTION_RULES, METHOD_RULES, module_rule
+from .symbols import Refinement, Symbols
+
+MAX_INLINE_DEPTH = 4
+
+# Reading a tensor's shape or type says nothing about the order of its entries.
+SHAPE_QUERIES = {"size", "dim", "numel", "shape", "dtype", "device", "is_contiguous", "ndim",
+                 "ndimension", "get_device", "is_floating_point", "element_size", "nelement",
+                 "is_cuda", "layout", "requires_grad", "data_ptr"}
+
+
+def is_tensor_meta(m) -> bool:
+    return isinstance(m, TensorMeta)
+
+
+def map_meta(meta, fn):
+    if is_tensor_meta(meta):
+        return fn(meta)
+    if isinstance(meta, (list, tuple)):
+        return [map_meta(m, fn) for m in meta]
+    return None
+
+
+def layout_symbols(layout) -> list[int]:
+    if layout is None:
+        return []
+    if layout and isinstance(layout[0], int) or layout == []:
+        return list(layout) if all(isinstance(s, int) for s in layout) else \
+            [s for x in layout for s in layout_symbols(x)]
+    return [s for x in layout for s in layout_symbols(x)]
+
+
+class Context:
+    """What a rule sees: the node, its arguments' layouts and example values."""
+
+    def __init__(self, engine: "GraphInference", node: fx.Node):
+        self.engine = engine
+        self.node = node
+        self.sym: Symbols = engine.sym
+        self.args = node.args
+        self.kwargs = node.kwargs
+        self.module = engine.gm.get_submodule(node.target) if node.op == "call_module" else None
+
+    # -------------------------------------------------------------- reading
+    def layout(self, arg):
+        if isinstance(arg, fx.Node):
+            return self.engine.layouts.get(arg)
+        return None
+
+    def meta(self, arg=None):
+        if arg is None:
+            arg = self.node
+        if isinstance(arg, fx.Node):
+            return self.engine.meta.get(arg)
+        if isinstance(arg, (list, tuple)):
+            return [self.meta(a) for a in arg]
+        return arg
+
+    def shape(self, arg=None) -> tuple[int, ...]:
+        m = self.meta(arg)
+        if not is_tensor_meta(m):
+            raise TypeError(f"{arg} is not a tensor")
+        return m.shape
+
+    def value(self, arg):
+        """A non-tensor argument's concrete value (ints computed in the graph too)."""
+        if isinstance(arg, fx.Node):
+            m = self.engine.meta.get(arg)
+            return None if is_tensor_meta(m) else m
+        if isinstance(arg, (list, tuple)):
+            return type(arg)(self.value(a) for a in arg)
+        return arg
+
+    def arg(self, index: int, name: str, default=None):
+        if len(self.args) > index:
+            return self.args[index]
+        return self.kwargs.get(name, default)
+
+    def is_tensor(self, arg) -> bool:
+        return isinstance(arg, fx.Node) and is_tensor_meta(self.engine.meta.get(arg))
+
+    def tensor_args(self) -> list[fx.Node]:
+        out = []
+        for a in list(self.args) + list(self.kwargs.values()):
+            for n in (a if isinstance(a, (list, tuple)) else [a]):
+                if self.is_tensor(n):
+                    out.append(n)
+        return out
+
+    def param(self, name: str) -> list[int]:
+        """Symbols of parameter/buffer ``name`` of this call_module's module."""
+        return self.engine.tensor_symbols(f"{self.node.target}.{name}" if self.node.target else name)
+
+    def has_param(self, name: str) -> bool:
+        return self.module is not None and getattr(self.module, name, None) is not None
+
+    # -------------------------------------------------------------- writing
+    def new(self, size: int, blocked: str | None = None) -> int:
+        return self.sym.new(size, blocked)
+
+    def fresh(self, meta=None, blocked: str | None = None):
+        meta = self.meta() if meta is None else meta
+        return map_meta(meta, lambda m: [self.sym.new(n, blocked) for n in m.shape])
+
+    def union(self, a: int, b: int) -> None:
+        self.sym.union(a, b)
+
+    def block(self, s: int, reason: str) -> None:
+        self.sym.block(s, f"{self.node.name}: {reason}")
+
+    def block_layout(self, layout, reason: str) -> None:
+        for s in layout_symbols(layout):
+            self.block(s, reason)
+
+    def cut(self, layout: list[int], axis: int, lengths: list[int]) -> list[list[int]]:
+        """Layouts of the pieces of a tensor cut along ``axis`` into ``lengths``."""
+        return self.engine.cut(layout, axis, lengths)
+
+
+class GraphInference:
+    """Inference over one GraphModule (the model, or the inside of an opaque call)."""
+
+    def __init__(self, gm: fx.GraphModule, sym: Symbols, tensors: "TensorTable",
+                 meta: dict, captured: dict, name_prefix: str = "", depth: int = 0,
+                 log: list | None = None, distributions: list | None = None):
+        self.gm = gm
+        self.sym = sym
+        self.tensors = tensors
+        self.meta = meta
+        self.captured = captured
+        self.prefix = name_prefix
+        self.depth = depth
+        self.layouts: dict[fx.Node, Any] = {}
+        self.log = log if log is not None else []
+        self.distributions = distributions if distributions is not None else []
+        self.cut_cache: dict[tuple[int, tuple[int, ...]], list] = {}
+
+    def tensor_symbols(self, target: str) -> list[int]:
+        return self.tensors.symbols(self.prefix + target, self.gm, target)
+
+    # ------------------------------------------------------------------ walk
+    def run(self, input_layouts: list | None = None, block_io: bool = True):
+        placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
+        for i, node in enumerate(placeholders):
+            m = self.meta.get(node)
+            if input_layouts is not None and i < len(input_layouts) and input_layouts[i] is not None:
+                self.layouts[node] = input_layouts[i]
+            else:
+                self.layouts[node] = map_meta(m, lambda t: [self.sym.new(n, "graph input")
+                                                            for n in t.shape])
+        out_layout = None
+        for node in self.gm.graph.nodes:
+            if node.op == "placeholder":
+                continue
+            if node.op == "output":
+                out_layout = self._collect(node.args[0])
+                if block_io:
+                    for s in layout_symbols(out_layout):
+                        self.sym.block(s, "graph output")
+                continue
+            self.layouts[node] = self.visit(node)
+        return out_layout
+
+    def _collect(self, arg):
+        if isinstance(arg, fx.Node):
+            return self.layouts.get(arg)
+        if isinstance(arg, (list, tuple)):
+            return [self._collect(a) for a in arg]
+        if isinstance(arg, dict):
+            return [self._collect(arg[k]) for k in arg]
+        return None
+
+    def visit(self, node: fx.Node):
+        ctx = Context(self, node)
+        if node.op == "get_attr":
+            meta = self.meta.get(node)
+            if is_tensor_meta(meta):
+                return list(self.tensor_symbols(node.target))
+            return None
+        fn, what = self.find_rule(node, ctx)
+        try:
+            if fn is not None:
+                out = fn(ctx)
+                return self._check_layout(node, out)
+            return self.opaque(node, ctx, what)
+        except Exception as e:  # noqa: BLE001 - a failing rule fails closed
+            reason = f"rule for {what} failed: {type(e).__name__}: {e}"
+            self.log.append((node.name, reason))
+            ctx.block_layout([self.layouts.get(a) for a in ctx.tensor_args()], reason)
+            return ctx.fresh(blocked=reason)
+
+    def _check_layout(self, node, layout):
+        meta = self.meta.get(node)
+        if not _has_tensor(meta):
+            return None
+
+        def check(m, l):
+            if is_tensor_meta(m):
+                if l is None or len(l) != len(m.shape) or any(
+                        self.sym.size[s] != n for s, n in zip(l, m.shape)):
+                    raise ValueError(f"layout {l} does not fit shape {m.shape}")
+                return l
+            if isinstance(m, (list, tuple)):
+                if l is None or len(l) != len(m):
+                    raise ValueError("layout does not fit the output's structure")
+                return [check(a, b) for a, b in zip(m, l)]
+            return None
+        return check(meta, layout)
+
+    def find_rule(self, node: fx.Node, ctx: Context) -> tuple[Callable | None, str]:
+        if node.op == "call_module":
+            return module_rule(ctx.module), f"module {type(ctx.module).__name__} ({node.target})"
+        if node.op == "call_method":
+            fn = METHOD_RULES.get(node.target)
+            if fn is None and node.target in SHAPE_QUERIES:
+                fn = _no_constraint
+            return fn, f"method .{node.target}()"
+        target = node.target
+        fn = FUNCTION_RULES.get(target)
+        if fn is None and target is getattr and len(node.args) > 1 and node.args[1] in SHAPE_QUERIES:
+            fn = _no_constraint
+        name = getattr(target, "__qualname__", None) or getattr(target, "__name__", str(target))
+        return fn, f"function {getattr(target, '__module__', '') or ''}.{name}"
+
+    # ------------------------------------------------------- opaque calls
+    def opaque(self, node: fx.Node, ctx: Context, what: str):
+        tensors = ctx.tensor_args()
+        out_meta = self.meta.get(node)
+        if not tensors:
+            # No tensor comes in: a factory (arange, randn, ...) or plain Python.
+            if map_meta(out_meta, lambda m: 1) is None:
+                return None
+            return ctx.fresh(blocked=f"{what} creates a tensor")
+        if not _has_tensor(out_meta) and node.op != "call_module":
+            reason = f"{what} reads tensor values"
+        else:
+            inner = self.inline(node, ctx)
+            if inner is not None:
+                return inner
+            reason = f"no rule for {what}"
+        self.log.append((node.name, reason))
+        for a in tensors:
+            ctx.block_layout(self.layouts.get(a), reason)
+        return ctx.fresh(blocked=reason)
+
+    def inline(self, node: fx.Node, ctx: Context):
+        """Trace the body of an opaque call with its concrete non-tensor
+        arguments and infer through it. None if that is not possible."""
+        if self.depth >= MAX_INLINE_DEPTH or node not in self.captured:
+            return None
+        args, kwargs = self.captured[node]
+        if node.op == "call_module":
+            module = ctx.module
+            prefix = f"{self.prefix}{node.target}."
+            call = _InlineModule(module, args, kwargs)
+            inline_names = {"m"}
+            skip = ()
+        elif node.op == "call_function" and inspect.isfunction(node.target):
+            call = _InlineFunction(node.target, args, kwargs)
+            prefix, inline_names, skip = self.prefix, set(), (node.target,)
+        else:
+            return None
+        try:
+            tracer = AutoLeafTracer(inline=inline_names, skip_autowrap=skip)
+            graph = tracer.trace(call)
+            if tracer.failed:
+                return None
+            gm = fx.GraphModule(tracer.root, graph)
+            _prune(gm)
+            capture = {n for n in gm.graph.nodes if n.op in ("call_module", "call_function")}
+            rec = ExampleRecorder(gm, capture)
+            with torch.no_grad():
+                rec.run(*call.tensors)
+        except Exception:  # noqa: BLE001 - not inlinable: the caller blocks
+            return None
+        sub_tensors = self.tensors.view(gm, prefix, strip="m." if node.op == "call_module" else "")
+        sub = GraphInference(gm, self.sym, sub_tensors, rec.meta, rec.captured, "",
+                             self.depth + 1, self.log, self.distributions)
+        in_layouts = [self.layouts.get(a) for a in call.tensor_nodes(node)]
+        out = sub.run(in_layouts, block_io=False)
+        return self._check_layout(node, out)
+
+    # ------------------------------------------------------------------ cuts
+    def cut(self, layout: list[int], axis: int, lengths: list[int]) -> list[list[int]]:
+        """Cut a tensor along ``axis``. Where the axis is the outer factor of a
+        product whose other factors are the tensor's other axes (a fused qkv
+        reshaped to (3, heads, head_dim) and unbound), each piece gets its own
+        copy of those factors, so q, k and v can carry different head-dim
+        permutations; :meth:`finish` undoes this if the shared factors were
+        constrained elsewhere."""
+        x = layout[axis]
+        pieces = self._distribute(layout, axis, lengths)
+        if pieces is not None:
+            return pieces
+        kids = self.sym.refine_concat(x, lengths)
+        return [layout[:axis] + [k] + layout[axis + 1:] for k in kids]
+
+    def _distribute(self, layout, axis, lengths):
+        sym = self.sym
+        x = layout[axis]
+        if any(n != 1 for n in lengths) or sym.trivial(x):
+            return None
+        key = (sym.find(x), tuple(sym.find(s) for s in layout))
+        if key in self.cut_cache:
+            return self.cut_cache[key]
+        parent = self.tensors.product_parent(sym, x)
+        if parent is None:
+            return None
+        p, factors = parent
+        others = factors[1:]
+        positions = []
+        for f in others:
+            hits = [i for i, s in enumerate(layout) if i != axis and sym.find(s) == sym.find(f)]
+            if len(hits) != 1:
+                return None
+            positions.append(hits[0])
+        if not all(self._pristine(s) for s in [x, *others]):
+            return None
+        copies = [[sym.new(sym.size[f]) for f in others] for _ in lengths]
+        piece_syms = []
+        for cp in copies:
+            if len(cp) == 1:
+                piece_syms.append(cp[0])
+                continue
+            piece = sym.new(math.prod(sym.size[f] for f in others))
+            sym.refinement[piece] = Refinement("product", cp)
+            piece_syms.append(piece)
+        sym.refinement[sym.find(p)] = Refinement("concat", piece_syms)
+        self.distributions.append((x, others, copies))
+        out = []
+        for cp in copies:
+            lay = list(layout)
+            for pos, c in zip(positions, cp):
+                lay[pos] = c
+            lay[axis] = sym.new(1)
+            out.append(lay)
+        self.cut_cache[key] = out
+        return out
+
+    def _pristine(self, s: int) -> bool:
+        sym = self.sym
+        r = sym.find(s)
+        return (r not in sym.blocked and r not in sym.refinement
+                and sym.uf.weights[r] == 1)
+
+
+def _has_tensor(meta) -> bool:
+    if is_tensor_meta(meta):
+        return True
+    if isinstance(meta, (list, tuple)):
+        return any(_has_tensor(m) for m in meta)
+    return False
+
+
+def _no_constraint(ctx: Context):
+    return ctx.fresh(blocked="shape query") if _has_tensor(ctx.meta()) else None
+
+
+class _InlineModule(nn.Module):
+    """Calls one module with fixed non-tensor arguments; tensors are inputs."""
+
+    def __init__(self, module, args, kwargs):
+        super().__init__()
+        self.m = module
+        self.template, self.tensors = _split_tensors((args, kwargs))
+
+    def forward(self, *tensors):
+        args, kwargs = _fill(self.template, list(tensors))
+        return self.m(*args, **kwargs)
+
+    def tensor_nodes(self, node):
+        return _node_tensors((node.args, node.kwargs))
+
+
+class _InlineFunction(nn.Module):
+    def __init__(self, fn, args, kwargs):
+        super().__init__()
+        self.fn = fn
+        self.template, self.tensors = _split_tensors((args, kwargs))
+
+    def forward(self, *tensors):
+        args, kwargs = _fill(self.template, list(tensors))
+        return self.fn(*args, **kwargs)
+
+    def tensor_nodes(self, node):
+        return _node_tensors((node.args, node.kwargs))
+
+
+class _Slot:
+    pass
+
+
+def _split_tensors(obj):
+    tensors = []
+
+    def walk(o):
+        if isinstance(o, torch.Tensor):
+            tensors.append(o)
+            return _Slot()
+        if isinstance(o, tuple) and not hasattr(o, "_fields"):
+            return tuple(walk(x) for x in o)
+        if isinstance(o, list):
+            return [walk(x) for x in o]
+        if isinstance(o, dict):
+            return {k: walk(v) for k, v in o.items()}
+        return o
+    return walk(obj), tensors
+
+
+def _fill(template, tensors):
+    def walk(o):
+        if isinstance(o, _Slot):
+            return tensors.pop(0)
+        if isinstance(o, tuple):
+            return tuple(walk(x) for x in o)
+        if isinstance(o, list):
+            return [walk(x) for x in o]
+        if isinstance(o, dict):
+            return {k: walk(v) for k, v in o.items()}
+        return o
+    return walk(template)
+
+
+def _node_tensors(obj) -> list:
+    """Argument nodes in the same order _split_tensors finds tensors."""
+    out = []
+
+    def walk(o):
+        if isinstance(o, fx.Node):
+            out.append(o)
+        elif isinstance(o, (list, tuple)):
+            for x in o:
+                walk(x)
+        elif isinstance(o, dict):
+            for v in o.values():
+                walk(v)
+    walk(obj)
+    return out
+
+
+class TensorTable:
+    """Symbols of the model's parameters and buffers, by state_dict name.
+
+    Tied tensors (one Parameter under two names) share symbols. A tensor that
+    is not in the state_dict (a non-persistent buffer, a constant) or is not
+    floating point can never be permuted through a state_dict: its axes are
+    blocked.
+    """
+
+    def __init__(self, model: nn.Module, sym: Symbols):
+        self.sym = sym
+        self.model = model
+        self.state = model.state_dict(keep_vars=True)
+        self.by_id: dict[int, list[str]] = {}
+        for name, t in self.state.items():
+            self.by_id.setdefault(id(t), []).append(name)
+        self.syms: dict[str, list[int]] = {}
+        self.parents: dict[int, tuple[int, list[int]]] = {}
+        self._members: dict[int, int] | None = None
+
+    def view(self, gm, prefix: str, strip: str = "") -> "TensorTableView":
+        return TensorTableView(self, gm, prefix, strip)
+
+    def symbols(self, name: str, gm: fx.GraphModule, target: str) -> list[int]:
+        if name in self.syms:
+            return self.syms[name]
+        try:
+            t = _get_attr(gm, target)
+        except AttributeError:
+            t = None
+        names = self.by_id.get(id(t), []) if t is not None else []
+        canon = names[0] if names else name
+        if canon in self.syms:
+            self.syms[name] = self.syms[canon]
+            return self.syms[canon]
+        shape = tuple(t.shape) if isinstance(t, torch.Tensor) else ()
+        reason = None
+        if not names:
+            reason = f"{name} is not in the state_dict"
+        elif not t.is_floating_point():
+            reason = f"{canon} is not floating point"
+        syms = [self.sym.new(n, reason) for n in shape]
+        for n in set(names) | {name}:
+            self.syms[n] = syms
+        return syms
+
+    def product_parent(self, sym: Symbols, x: int):
+        """(symbol, factors) of a product refinement whose first factor is ``x``."""
+        rx = sym.find(x)
+        for r, ref in sym.refinement.items():
+            if ref.kind == "product" and sym.find(ref.children[0]) == rx and sym.find(r) == r:
+                return r, ref.children
+        return None
+
+
+class TensorTableView:
+    """The table seen from inside an inlined call: targets relative to a module."""
+
+    def __init__(self, table: TensorTable, gm, prefix: str, strip: str):
+        self.table, self.gm, self.prefix, self.strip = table, gm, prefix, strip
+
+    def symbols(self, name: str, gm, target: str) -> list[int]:
+        rel = target[len(self.strip):] if self.strip and target.startswith(self.strip) else target
+        return self.table.symbols(self.prefix + rel, gm, target)
+
+    def view(self, gm, prefix, strip=""):
+        return TensorTableView(self.table, gm, prefix, strip)
+
+    def __getattr__(self, item):
+        return getattr(self.table, item)
+
+
+def _get_attr(root: nn.Module, target: str):
+    obj = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj

@@ -1,0 +1,196 @@
+"""Contractions and attention: matmul, bmm, einsum, scaled dot-product
+attention and nn.MultiheadAttention.
+
+A contraction sum_k a[..., k] b[k, ...] is unchanged when both sides permute
+k alike, so contracted axes are identified; batch axes broadcast.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..registry import rule
+from .common import norm_dim
+
+
+def _broadcast_batch(ctx, la, sa, lb, sb, out_batch_shape):
+    out = []
+    nd = len(out_batch_shape)
+    for j, n in enumerate(out_batch_shape):
+        syms = []
+        for lay, shape in ((la, sa), (lb, sb)):
+            k = j - (nd - len(shape))
+            if k >= 0 and shape[k] == n:
+                syms.append(lay[k])
+        if not syms or n <= 1:
+            out.append(ctx.new(n))
+            continue
+        for s in syms[1:]:
+            ctx.union(syms[0], s)
+        out.append(syms[0])
+    return out
+
+
+@rule(torch.matmul, operator.matmul, "matmul", torch.bmm, "bmm", torch.mm, "mm")
+def _matmul(ctx):
+    a, b = ctx.args[0], ctx.args[1]
+    la, lb = list(ctx.layout(a)), list(ctx.layout(b))
+    sa, sb = list(ctx.shape(a)), list(ctx.shape(b))
+    a_vec, b_vec = len(sa) == 1, len(sb) == 1
+    if a_vec:
+        la, sa = [ctx.new(1)] + la, [1] + sa
+    if b_vec:
+        lb, sb = lb + [ctx.new(1)], sb + [1]
+    ctx.union(la[-1], lb[-2])
+    out_shape = list(ctx.shape())
+    n_batch = max(len(sa), len(sb)) - 2
+    batch = _broadcast_batch(ctx, la[:-2], sa[:-2], lb[:-2], sb[:-2],
+                             out_shape[:n_batch] if not (a_vec or b_vec) else
+                             _batch_shape(sa[:-2], sb[:-2]))
+    out = batch + ([] if a_vec else [la[-2]]) + ([] if b_vec else [lb[-1]])
+    return out
+
+
+def _batch_shape(a, b):
+    nd = max(len(a), len(b))
+    a = [1] * (nd - len(a)) + list(a)
+    b = [1] * (nd - len(b)) + list(b)
+    return [max(x, y) for x, y in zip(a, b)]
+
+
+@rule(torch.einsum)
+def _einsum(ctx):
+    eq = ctx.value(ctx.args[0]).replace(" ", "")
+    operands = list(ctx.args[1:])
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = list(operands[0])
+    lhs, _, rhs = eq.partition("->")
+    terms = lhs.split(",")
+    if not rhs and "->" not in eq:
+        letters = sorted({c for t in terms for c in t if c.isalpha() and
+                          sum(tt.count(c) for tt in terms) == 1})
+        rhs = ("..." if "..." in lhs else "") + "".join(letters)
+    by_letter: dict[str, int] = {}
+    ell_max = 0
+    for t, op in zip(terms, operands):
+        n_named = len(t.replace("...", ""))
+        ell_max = max(ell_max, len(ctx.shape(op)) - n_named)
+
+    def expand(term, ndim):
+        if "..." in term:
+            pre, post = term.split("...")
+            n_ell = ndim - len(pre) - len(post)
+            return list(pre) + [f"@{ell_max - n_ell + i}" for i in range(n_ell)] + list(post)
+        return list(term)
+
+    for t, op in zip(terms, operands):
+        lay, shape = ctx.layout(op), ctx.shape(op)
+        for letter, s, n in zip(expand(t, len(shape)), lay, shape):
+            if n == 1:
+                continue
+            if letter in by_letter:
+                ctx.union(by_letter[letter], s)
+            else:
+                by_letter[letter] = s
+    out_shape = ctx.shape()
+    out = []
+    for letter, n in zip(expand(rhs, len(out_shape)), out_shape):
+        out.append(by_letter[letter] if letter in by_letter and n > 1 else ctx.new(n))
+    return out
+
+
+@rule(F.scaled_dot_product_attention)
+def _sdpa(ctx):
+    q, k, v = ctx.arg(0, "query"), ctx.arg(1, "key"), ctx.arg(2, "value")
+    lq, lk, lv = ctx.layout(q), ctx.layout(k), ctx.layout(v)
+    sq, sk, sv = ctx.shape(q), ctx.shape(k), ctx.shape(v)
+    if ctx.value(ctx.kwargs.get("enable_gqa", False)) and sq[-3] != sk[-3]:
+        for lay in (lq, lk, lv):
+            ctx.block(lay[-3], "grouped-query attention heads")
+    ctx.union(lq[-1], lk[-1])
+    ctx.union(lk[-2], lv[-2])
+    batch_shape = _batch_shape(_batch_shape(sq[:-2], sk[:-2]), sv[:-2])
+    batch = _broadcast_batch(ctx, lq[:-2], sq[:-2], lk[:-2], sk[:-2], batch_shape)
+    batch = _broadcast_batch(ctx, batch, batch_shape, lv[:-2], sv[:-2], batch_shape)
+    if ctx.value(ctx.arg(5, "is_causal", False)):
+        ctx.block(lq[-2], "causal mask")
+        ctx.block(lk[-2], "causal mask")
+    mask = ctx.arg(3, "attn_mask")
+    if ctx.is_tensor(mask):
+        lm, sm = ctx.layout(mask), ctx.shape(mask)
+        full = batch + [lq[-2], lk[-2]]
+        full_shape = batch_shape + [sq[-2], sk[-2]]
+        for j in range(len(sm)):
+            jj = len(full_shape) - len(sm) + j
+            if sm[j] == full_shape[jj] and sm[j] > 1:
+                ctx.union(lm[j], full[jj])
+    return batch + [lq[-2], lv[-1]]
+
+
+@rule(nn.MultiheadAttention)
+def _mha(ctx):
+    """nn.MultiheadAttention: the model dimension E is shared by the inputs,
+    the input projection's 'in' axis and the output projection's 'out' axis.
+    The packed input projection is a concat (q, k, v), each (heads, head_dim):
+    heads are shared by q, k and v; q and k share head_dim; v's head_dim is
+    shared with the output projection's input."""
+    m = ctx.module
+    sym = ctx.sym
+    query = ctx.arg(0, "query")
+    key = ctx.arg(1, "key")
+    value = ctx.arg(2, "value")
+    lq, lk, lv = ctx.layout(query), ctx.layout(key), ctx.layout(value)
+    h = m.num_heads
+    e = m.embed_dim
+    d = e // h
+    out_w = ctx.param("out_proj.weight")
+    if m._qkv_same_embed_dim:
+        w = ctx.param("in_proj_weight")
+        for lay in (lq, lk, lv):
+            ctx.union(lay[-1], w[1])
+        segs = [w[0]]
+        parts = sym.refine_concat(w[0], [e, e, e])
+        if m.in_proj_bias is not None:
+            ctx.union(ctx.param("in_proj_bias")[0], w[0])
+    else:
+        wq, wk, wv = (ctx.param(n) for n in ("q_proj_weight", "k_proj_weight", "v_proj_weight"))
+        ctx.union(lq[-1], wq[1])
+        ctx.union(lk[-1], wk[1])
+        ctx.union(lv[-1], wv[1])
+        parts = [wq[0], wk[0], wv[0]]
+        if m.in_proj_bias is not None:
+            bias = ctx.param("in_proj_bias")
+            for a, b in zip(sym.refine_concat(bias[0], [e, e, e]), parts):
+                ctx.union(a, b)
+        del segs
+    q_hd = sym.refine_product(parts[0], [h, d])
+    k_hd = sym.refine_product(parts[1], [h, d])
+    v_hd = sym.refine_product(parts[2], [h, d])
+    o_hd = sym.refine_product(out_w[1], [h, d])
+    for x in (k_hd, v_hd, o_hd):
+        ctx.union(q_hd[0], x[0])
+    ctx.union(q_hd[1], k_hd[1])
+    ctx.union(v_hd[1], o_hd[1])
+    if m.out_proj.bias is not None:
+        ctx.union(ctx.param("out_proj.bias")[0], out_w[0])
+    if m.bias_k is not None:
+        # bias_k / bias_v append a learned key/value token: (1, 1, E)
+        ctx.block(ctx.param("bias_k")[2], "bias_k")
+        ctx.block(ctx.param("bias_v")[2], "bias_v")
+    batch_first = m.batch_first
+    lay_q = list(lq)
+    if len(lay_q) == 3:
+        b_axis, t_axis = (0, 1) if batch_first else (1, 0)
+        lk_ = list(lk)
+        ctx.union(lay_q[b_axis], lk_[b_axis])
+        ctx.union(lk_[b_axis], list(lv)[b_axis])
+        ctx.union(lk_[t_axis], list(lv)[t_axis])
+    out = lay_q[:-1] + [out_w[0]]
+    meta = ctx.meta()
+    weights_meta = meta[1] if isinstance(meta, (list, tuple)) else None
+    weights = [ctx.new(n, "attention weights") for n in weights_meta.shape] \
+        if weights_meta is not None and hasattr(weights_meta, "shape") else None
+    return [out, weights]

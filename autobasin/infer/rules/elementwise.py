@@ -1,0 +1,126 @@
+"""Elementwise ops: activations, arithmetic with broadcasting, casts, dropout.
+
+An elementwise op commutes with any permutation of any axis, so the output
+axes are the input axes; with broadcasting, axes of equal size are one axis.
+Softmax-like ops along one axis also commute with permutations of it.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..registry import rule
+from .common import broadcast, first_tensor
+
+# Ops whose every tensor argument broadcasts against the others.
+BROADCAST_FUNCS = [
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.mod,
+    operator.pow, operator.iadd, operator.isub, operator.imul, operator.itruediv,
+    operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge,
+    operator.and_, operator.or_, operator.xor, operator.neg, operator.pos, operator.abs,
+    operator.invert,
+    torch.add, torch.sub, torch.subtract, torch.mul, torch.multiply, torch.div, torch.divide,
+    torch.true_divide, torch.pow, torch.maximum, torch.minimum, torch.fmax, torch.fmin,
+    torch.where, torch.lerp, torch.addcmul, torch.addcdiv, torch.eq, torch.ne, torch.lt, torch.le,
+    torch.gt, torch.ge, torch.logical_and, torch.logical_or, torch.logical_not, torch.logical_xor,
+    torch.masked_fill, torch.clamp, torch.clip, torch.remainder, torch.fmod, torch.atan2,
+    torch.hypot, torch.copysign, torch.rsub, torch.float_power, torch.xlogy,
+    torch.relu, torch.sigmoid, torch.tanh, torch.exp, torch.exp2, torch.expm1, torch.log,
+    torch.log2, torch.log10, torch.log1p, torch.sqrt, torch.rsqrt, torch.abs, torch.neg,
+    torch.erf, torch.erfc, torch.erfinv, torch.sin, torch.cos, torch.tan, torch.asin, torch.acos,
+    torch.atan, torch.sinh, torch.cosh, torch.asinh, torch.acosh, torch.atanh, torch.sign,
+    torch.sgn, torch.square, torch.reciprocal, torch.floor, torch.ceil, torch.round, torch.trunc,
+    torch.frac, torch.nan_to_num, torch.isnan, torch.isinf, torch.isfinite, torch.sigmoid_,
+    torch.relu_, torch.special.expit, torch.special.erf, torch.selu, torch.celu,
+    torch.dropout, torch.feature_dropout, torch.alpha_dropout, torch.clamp_min, torch.clamp_max,
+    F.relu, F.relu_, F.relu6, F.gelu, F.silu, F.mish, F.hardswish, F.hardsigmoid, F.sigmoid,
+    F.tanh, F.elu, F.elu_, F.selu, F.celu, F.leaky_relu, F.leaky_relu_, F.softplus, F.softsign,
+    F.tanhshrink, F.hardtanh, F.hardtanh_, F.logsigmoid, F.hardshrink, F.softshrink,
+    F.threshold, F.threshold_, F.rrelu, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d,
+    F.alpha_dropout, F.feature_alpha_dropout, torch.nn.functional.softmax,
+    torch.nn.functional.log_softmax, torch.softmax, torch.log_softmax, torch.special.softmax,
+    F.softmin, operator.not_,
+]
+BROADCAST_METHODS = [
+    "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "true_divide", "pow", "pow_",
+    "maximum", "minimum", "where", "lerp", "lerp_", "addcmul", "addcmul_", "addcdiv",
+    "addcdiv_", "masked_fill", "masked_fill_", "clamp", "clamp_", "clip", "clip_", "eq", "ne",
+    "lt", "le", "gt", "ge", "remainder", "fmod", "rsub", "__radd__", "__rmul__", "__rsub__",
+    "__rtruediv__", "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "exp", "exp_",
+    "log", "log_", "log1p", "sqrt", "sqrt_", "rsqrt", "abs", "abs_", "neg", "neg_", "erf",
+    "sin", "cos", "sign", "square", "reciprocal", "floor", "ceil", "round", "softmax",
+    "log_softmax", "nan_to_num", "logical_not", "isnan", "clamp_min", "clamp_max", "clamp_min_",
+    "clamp_max_", "hardtanh", "hardtanh_", "fill_", "zero_", "exp2", "tan", "atan",
+    "float_power", "logical_and", "logical_or", "bitwise_not", "copy_",
+]
+# Ops that keep the layout of their first tensor only (extra tensors are not
+# combined elementwise: ``type_as(other)`` reads only other's dtype).
+UNARY_METHODS = ["contiguous", "clone", "detach", "float", "half", "double", "bfloat16", "int",
+                 "long", "bool", "to", "type", "type_as", "cpu", "cuda", "requires_grad_",
+                 "detach_"]
+UNARY_FUNCS = [torch.clone, torch.detach, torch.Tensor.contiguous, torch.Tensor.float,
+               torch.Tensor.to, torch.Tensor.type_as, torch.Tensor.detach]
+
+ELEMENTWISE_MODULES = [
+    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid,
+    nn.Mish, nn.ELU, nn.SELU, nn.CELU, nn.LeakyReLU, nn.Softplus, nn.Softsign, nn.Tanhshrink,
+    nn.Hardtanh, nn.LogSigmoid, nn.Threshold, nn.Hardshrink, nn.Softshrink, nn.RReLU,
+    nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+    nn.FeatureAlphaDropout, nn.Softmax, nn.LogSoftmax, nn.Softmin, nn.Softmax2d,
+]
+
+
+@rule(*BROADCAST_FUNCS, *BROADCAST_METHODS, *ELEMENTWISE_MODULES)
+def _broadcast(ctx):
+    if ctx.node.op == "call_module":
+        tensors = [a for a in ctx.args if ctx.is_tensor(a)]
+    else:
+        tensors = ctx.tensor_args()
+    meta = ctx.meta()
+    if not hasattr(meta, "shape"):
+        ctx.block_layout([ctx.layout(t) for t in tensors], "non-tensor result")
+        return None
+    return broadcast(ctx, tensors, meta.shape)
+
+
+@rule(*UNARY_METHODS, *UNARY_FUNCS)
+def _unary(ctx):
+    x = first_tensor(ctx)
+    return list(ctx.layout(x))
+
+
+@rule(nn.PReLU, F.prelu, torch.prelu)
+def _prelu(ctx):
+    x = ctx.args[0]
+    lay = list(ctx.layout(x))
+    w = ctx.param("weight") if ctx.node.op == "call_module" else ctx.layout(ctx.arg(1, "weight"))
+    if w and ctx.sym.size[w[0]] > 1:
+        ctx.union(lay[1 if len(lay) > 1 else 0], w[0])
+    return lay
+
+
+@rule(nn.GLU, F.glu)
+def _glu(ctx):
+    x = ctx.args[0]
+    lay = list(ctx.layout(x))
+    dim = ctx.module.dim if ctx.module is not None else ctx.arg(1, "dim", -1)
+    dim = dim % len(lay)
+    half = ctx.shape(x)[dim] // 2
+    a, b = ctx.cut(lay, dim, [half, half])
+    ctx.union(a[dim], b[dim])
+    return a
+
+
+@rule(torch.zeros_like, torch.ones_like, torch.full_like, torch.empty_like, "new_zeros",
+      "new_ones", "new_full", "new_empty")
+def _constant_like(ctx):
+    # A constant tensor is unchanged by any permutation of any of its axes.
+    return ctx.fresh()
+
+
+@rule(torch.zeros, torch.ones, torch.full, torch.empty)
+def _constant(ctx):
+    return ctx.fresh()

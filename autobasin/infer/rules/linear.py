@@ -1,0 +1,116 @@
+"""Linear, convolution and embedding layers (module and functional forms).
+
+Conventions (PyTorch): Linear weight (out, in); Conv weight
+(out, in/groups, *kernel); ConvTranspose weight (in, out/groups, *kernel).
+A grouped conv's channels are a product (groups, channels per group): the
+groups are permuted together on both sides and the channels within a group
+by one permutation shared by all groups, which is exactly what one weight
+tensor of shape (out, in/groups, ...) allows.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..registry import rule
+
+
+def linear_rule(ctx, x, w, b):
+    lay = list(ctx.layout(x))
+    ctx.union(lay[-1], w[1])
+    if b:
+        ctx.union(b[0], w[0])
+    return lay[:-1] + [w[0]]
+
+
+@rule(nn.Linear, inherit=True, params=("weight", "bias"))
+def _linear_module(ctx):
+    b = ctx.param("bias") if ctx.has_param("bias") else None
+    return linear_rule(ctx, ctx.args[0], ctx.param("weight"), b)
+
+
+@rule(F.linear, torch._C._nn.linear)
+def _linear_fn(ctx):
+    b = ctx.arg(2, "bias")
+    return linear_rule(ctx, ctx.arg(0, "input"), ctx.layout(ctx.arg(1, "weight")),
+                       ctx.layout(b) if b is not None else None)
+
+
+def conv_rule(ctx, x, w, b, groups: int, spatial: int, transposed: bool):
+    lay = list(ctx.layout(x))
+    c = len(lay) - spatial - 1  # channel axis (0 for unbatched input)
+    sym = ctx.sym
+    for s in lay[c + 1:]:
+        ctx.block(s, "conv spatial axis")
+    for s in w[2:]:
+        ctx.block(s, "conv kernel axis")
+    out_shape = ctx.shape()
+    spatial_out = [ctx.new(n, "conv spatial axis") for n in out_shape[c + 1:]]
+    if not transposed:
+        cin_g, cout = sym.size[w[1]], sym.size[w[0]]
+        if groups == 1:
+            ctx.union(lay[c], w[1])
+        else:
+            xg = sym.refine_product(lay[c], [groups, cin_g])
+            wg = sym.refine_product(w[0], [groups, cout // groups])
+            ctx.union(xg[0], wg[0])
+            ctx.union(xg[1], w[1])
+        out_c = w[0]
+    else:
+        cin, cout_g = sym.size[w[0]], sym.size[w[1]]
+        ctx.union(lay[c], w[0])
+        if groups == 1:
+            out_c = w[1]
+        else:
+            out_c = ctx.new(cout_g * groups)
+            og = sym.refine_product(out_c, [groups, cout_g])
+            wg = sym.refine_product(w[0], [groups, cin // groups])
+            ctx.union(og[0], wg[0])
+            ctx.union(og[1], w[1])
+    if b:
+        ctx.union(b[0], out_c)
+    return lay[:c] + [out_c] + spatial_out
+
+
+CONV_MODULES = {nn.Conv1d: (1, False), nn.Conv2d: (2, False), nn.Conv3d: (3, False),
+                nn.ConvTranspose1d: (1, True), nn.ConvTranspose2d: (2, True),
+                nn.ConvTranspose3d: (3, True)}
+
+
+@rule(*CONV_MODULES, inherit=True, params=("weight", "bias"))
+def _conv_module(ctx):
+    m = ctx.module
+    spatial, transposed = next(v for k, v in CONV_MODULES.items() if isinstance(m, k))
+    b = ctx.param("bias") if m.bias is not None else None
+    return conv_rule(ctx, ctx.args[0], ctx.param("weight"), b, m.groups, spatial, transposed)
+
+
+CONV_FUNCS = {F.conv1d: (1, False), F.conv2d: (2, False), F.conv3d: (3, False),
+              F.conv_transpose1d: (1, True), F.conv_transpose2d: (2, True),
+              F.conv_transpose3d: (3, True)}
+
+
+@rule(*CONV_FUNCS)
+def _conv_fn(ctx):
+    spatial, transposed = CONV_FUNCS[ctx.node.target]
+    b = ctx.arg(2, "bias")
+    groups_pos = 7 if transposed else 6
+    groups = ctx.value(ctx.arg(groups_pos, "groups", 1))
+    return conv_rule(ctx, ctx.arg(0, "input"), ctx.layout(ctx.arg(1, "weight")),
+                     ctx.layout(b) if b is not None else None, groups, spatial, transposed)
+
+
+def embedding_rule(ctx, idx, w):
+    ctx.block(w[0], "embedding rows are looked up by index")
+    return list(ctx.layout(idx)) + [w[1]]
+
+
+@rule(nn.Embedding, inherit=True, params=("weight",))
+def _embedding_module(ctx):
+    return embedding_rule(ctx, ctx.args[0], ctx.param("weight"))
+
+
+@rule(F.embedding)
+def _embedding_fn(ctx):
+    return embedding_rule(ctx, ctx.arg(0, "input"), ctx.layout(ctx.arg(1, "weight")))

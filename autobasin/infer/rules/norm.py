@@ -1,0 +1,110 @@
+"""Normalisation layers. Statistics over an axis are unchanged by permuting
+it; per-channel scales, shifts and running statistics follow the channel."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..registry import rule
+
+BN_PARAMS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+
+def per_channel(ctx, lay, axis, tensors):
+    for t in tensors:
+        if t:
+            ctx.union(lay[axis], t[0])
+    return list(lay)
+
+
+@rule(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.InstanceNorm1d,
+      nn.InstanceNorm2d, nn.InstanceNorm3d, inherit=True, params=BN_PARAMS)
+def _batchnorm_module(ctx):
+    """BatchNorm / InstanceNorm (and subclasses adding no parameters, such as
+    timm's BatchNormAct2d, whose activation is elementwise)."""
+    x = ctx.args[0]
+    lay = ctx.layout(x)
+    tensors = [ctx.param(n) for n in ("weight", "bias", "running_mean", "running_var")
+               if getattr(ctx.module, n, None) is not None]
+    axis = 1 if len(lay) > 1 else 0
+    if isinstance(ctx.module, (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)):
+        axis = len(lay) - {nn.InstanceNorm1d: 1, nn.InstanceNorm2d: 2, nn.InstanceNorm3d: 3}[
+            next(k for k in (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+                 if isinstance(ctx.module, k))] - 1
+    return per_channel(ctx, lay, axis, tensors)
+
+
+@rule(F.batch_norm, torch.batch_norm, F.instance_norm)
+def _batchnorm_fn(ctx):
+    x = ctx.arg(0, "input")
+    lay = ctx.layout(x)
+    if ctx.node.target is F.instance_norm:
+        names = [(1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias")]
+    elif ctx.node.target is torch.batch_norm:
+        names = [(1, "weight"), (2, "bias"), (3, "running_mean"), (4, "running_var")]
+    else:
+        names = [(1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias")]
+    tensors = [ctx.layout(ctx.arg(i, n)) for i, n in names if ctx.arg(i, n) is not None]
+    return per_channel(ctx, lay, 1 if len(lay) > 1 else 0, tensors)
+
+
+def layer_norm_rule(ctx, x, k: int, w, b):
+    lay = list(ctx.layout(x))
+    for t in (w, b):
+        if t:
+            for i in range(k):
+                ctx.union(lay[len(lay) - k + i], t[i])
+    return lay
+
+
+@rule(nn.LayerNorm, nn.RMSNorm, inherit=True, params=("weight", "bias"))
+def _layernorm_module(ctx):
+    m = ctx.module
+    k = len(m.normalized_shape)
+    w = ctx.param("weight") if getattr(m, "weight", None) is not None else None
+    b = ctx.param("bias") if getattr(m, "bias", None) is not None else None
+    return layer_norm_rule(ctx, ctx.args[0], k, w, b)
+
+
+@rule(F.layer_norm, F.rms_norm, torch.layer_norm)
+def _layernorm_fn(ctx):
+    shape = ctx.value(ctx.arg(1, "normalized_shape"))
+    k = 1 if isinstance(shape, int) else len(shape)
+    w, b = ctx.arg(2, "weight"), ctx.arg(3, "bias") if ctx.node.target is not F.rms_norm else None
+    return layer_norm_rule(ctx, ctx.arg(0, "input"), k,
+                           ctx.layout(w) if w is not None else None,
+                           ctx.layout(b) if b is not None else None)
+
+
+def group_norm_rule(ctx, x, groups: int, w, b):
+    """Statistics are per channel group: channels are (groups, per_group)."""
+    lay = list(ctx.layout(x))
+    c = lay[1]
+    n = ctx.sym.size[c]
+    ctx.sym.refine_product(c, [groups, n // groups])
+    for t in (w, b):
+        if t:
+            ctx.union(c, t[0])
+    return lay
+
+
+@rule(nn.GroupNorm, inherit=True, params=("weight", "bias"))
+def _groupnorm_module(ctx):
+    m = ctx.module
+    w = ctx.param("weight") if m.weight is not None else None
+    b = ctx.param("bias") if m.bias is not None else None
+    return group_norm_rule(ctx, ctx.args[0], m.num_groups, w, b)
+
+
+@rule(F.group_norm, torch.group_norm)
+def _groupnorm_fn(ctx):
+    w, b = ctx.arg(2, "weight"), ctx.arg(3, "bias")
+    return group_norm_rule(ctx, ctx.arg(0, "input"), ctx.value(ctx.arg(1, "num_groups")),
+                           ctx.layout(w) if w is not None else None,
+                           ctx.layout(b) if b is not None else None)
+
+
+@rule(F.normalize)
+def _normalize(ctx):
+    return list(ctx.layout(ctx.arg(0, "input")))

@@ -1,0 +1,180 @@
+"""Reductions, pooling, resampling, padding and spatial ops."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..registry import rule
+from .common import broadcast, norm_dim
+
+SYMMETRIC_REDUCTIONS = [torch.mean, torch.sum, torch.amax, torch.amin, torch.std, torch.var,
+                        torch.logsumexp, torch.prod, torch.nansum, torch.nanmean, torch.norm,
+                        torch.linalg.vector_norm, torch.all, torch.any, torch.count_nonzero,
+                        "mean", "sum", "amax", "amin", "std", "var", "logsumexp", "prod",
+                        "nansum", "nanmean", "norm", "all", "any", "count_nonzero"]
+
+
+def _reduced_dims(ctx, dim, ndim):
+    if dim is None:
+        return list(range(ndim))
+    if isinstance(dim, int):
+        return [norm_dim(dim, ndim)]
+    return [norm_dim(d, ndim) for d in dim]
+
+
+@rule(*SYMMETRIC_REDUCTIONS)
+def _reduce(ctx):
+    """A sum, mean, max, norm... over an axis is unchanged by permuting that
+    axis; the kept axes pass through."""
+    x = ctx.args[0]
+    lay = ctx.layout(x)
+    target = ctx.node.target
+    if target in (torch.norm, "norm"):
+        dim = ctx.arg(2, "dim")
+        keep = ctx.arg(3, "keepdim", False)
+    elif target is torch.linalg.vector_norm:
+        dim = ctx.arg(2, "dim")
+        keep = ctx.arg(3, "keepdim", False)
+    else:
+        dim = ctx.arg(1, "dim")
+        keep = ctx.arg(2, "keepdim", False)
+    dim = ctx.value(dim)
+    keep = ctx.value(keep)
+    dims = _reduced_dims(ctx, dim, len(lay))
+    out_shape = ctx.shape()
+    if keep:
+        out = [ctx.new(1) if i in dims else s for i, s in enumerate(lay)]
+    else:
+        out = [s for i, s in enumerate(lay) if i not in dims]
+    if len(out) != len(out_shape):
+        raise ValueError("unexpected reduction shape")
+    return out
+
+
+@rule(torch.max, torch.min, "max", "min")
+def _max(ctx):
+    x = ctx.args[0]
+    if ctx.is_tensor(ctx.arg(1, "dim")) or ctx.is_tensor(ctx.kwargs.get("other")):
+        return broadcast(ctx, ctx.tensor_args(), ctx.shape())
+    dim = ctx.value(ctx.arg(1, "dim"))
+    lay = ctx.layout(x)
+    if dim is None:
+        return []
+    d = norm_dim(dim, len(lay))
+    keep = ctx.value(ctx.arg(2, "keepdim", False))
+    out = [ctx.new(1) if i == d else s for i, s in enumerate(lay)] if keep else \
+        [s for i, s in enumerate(lay) if i != d]
+    # the indices name positions along the reduced axis: that axis must stay fixed
+    ctx.block(lay[d], "max/min indices refer to positions")
+    return [out, [ctx.new(ctx.sym.size[s]) for s in out]]
+
+
+@rule(torch.argmax, torch.argmin, "argmax", "argmin", torch.topk, "topk", torch.sort, "sort",
+      torch.argsort, "argsort", torch.cumsum, "cumsum", torch.cumprod, "cumprod", torch.median,
+      "median")
+def _positional_reduce(ctx):
+    """Ops whose result depends on the order along ``dim`` fix that axis."""
+    x = ctx.args[0]
+    lay = ctx.layout(x)
+    name = getattr(ctx.node.target, "__name__", ctx.node.target)
+    pos = 2 if name == "topk" else 1
+    dim = ctx.value(ctx.arg(pos, "dim", -1))
+    if dim is None:
+        ctx.block_layout(lay, f"{name} over all axes")
+    else:
+        ctx.block(lay[norm_dim(dim, len(lay))], f"{name} depends on order")
+    return ctx.fresh(blocked=f"{name} output")
+
+
+# ---------------------------------------------------------------- spatial ops
+POOL_MODULES = {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3, nn.AvgPool1d: 1,
+                nn.AvgPool2d: 2, nn.AvgPool3d: 3, nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2,
+                nn.AdaptiveAvgPool3d: 3, nn.AdaptiveMaxPool1d: 1, nn.AdaptiveMaxPool2d: 2,
+                nn.AdaptiveMaxPool3d: 3, nn.LPPool1d: 1, nn.LPPool2d: 2, nn.Upsample: None,
+                nn.UpsamplingNearest2d: 2, nn.UpsamplingBilinear2d: 2, nn.FractionalMaxPool2d: 2}
+POOL_FUNCS = {F.max_pool1d: 1, F.max_pool2d: 2, F.max_pool3d: 3, F.avg_pool1d: 1,
+              F.avg_pool2d: 2, F.avg_pool3d: 3, F.adaptive_avg_pool1d: 1,
+              F.adaptive_avg_pool2d: 2, F.adaptive_avg_pool3d: 3, F.adaptive_max_pool1d: 1,
+              F.adaptive_max_pool2d: 2, F.adaptive_max_pool3d: 3, F.lp_pool1d: 1,
+              F.lp_pool2d: 2, F.interpolate: None, F.upsample: None,
+              F.upsample_bilinear: 2, F.upsample_nearest: None, torch.max_pool2d: 2,
+              torch.avg_pool1d: 1, torch.adaptive_avg_pool1d: 1, torch.max_pool1d: 1,
+              F.max_pool2d_with_indices: 2}
+
+
+@rule(*POOL_MODULES, *POOL_FUNCS)
+def _spatial(ctx):
+    """Pooling and resampling mix positions of the trailing spatial axes
+    (fixed) and act on every channel alike (passed through)."""
+    x = ctx.args[0]
+    lay = ctx.layout(x)
+    k = POOL_MODULES.get(type(ctx.module)) if ctx.module is not None else POOL_FUNCS[ctx.node.target]
+    if k is None:
+        k = max(len(lay) - 2, 1)
+    out_meta = ctx.meta()
+    single = out_meta if hasattr(out_meta, "shape") else out_meta[0]
+    for s in lay[len(lay) - k:]:
+        ctx.block(s, "spatial axis")
+    out = list(lay[:len(lay) - k]) + [ctx.new(n, "spatial axis") for n in single.shape[len(lay) - k:]]
+    if hasattr(out_meta, "shape"):
+        return out
+    return [out, [ctx.new(n, "pool indices") for n in out_meta[1].shape]]
+
+
+@rule(torch.roll, "roll", torch.flip, "flip", torch.rot90, "unfold", F.unfold, F.fold,
+      nn.Unfold, nn.Fold, F.grid_sample, F.affine_grid, torch.diff, torch.tril, torch.triu,
+      "tril", "triu", "tril_", "triu_", torch.fft.fft2, torch.fft.rfft2, torch.fft.irfft2,
+      torch.fft.ifft2, torch.fft.rfft, torch.fft.irfft, torch.fft.fft, torch.fft.ifft)
+def _fix_all(ctx):
+    """Ops that move entries between positions of their axes in ways that do
+    not commute with permutations: every axis they see is fixed."""
+    name = getattr(ctx.node.target, "__name__", str(ctx.node.target))
+    for t in ctx.tensor_args():
+        ctx.block_layout(ctx.layout(t), f"{name} mixes positions")
+    return ctx.fresh(blocked=f"{name} output")
+
+
+@rule(F.pad, torch.constant_pad_nd, nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d,
+      nn.ConstantPad2d, nn.ConstantPad3d, nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReplicationPad1d,
+      nn.ReplicationPad2d, nn.CircularPad2d)
+def _pad(ctx):
+    """Constant padding prepends/appends constant segments; other modes copy
+    edge entries, which fixes the padded axis."""
+    x = ctx.args[0]
+    lay = list(ctx.layout(x))
+    if ctx.module is not None:
+        pad = ctx.module.padding
+        pad = list(pad) if isinstance(pad, (tuple, list)) else [pad] * (2 * (len(lay) - 2))
+        mode = "constant" if "Zero" in type(ctx.module).__name__ or "Constant" in type(ctx.module).__name__ else "other"
+    else:
+        pad = list(ctx.value(ctx.arg(1, "pad")))
+        mode = ctx.value(ctx.arg(2, "mode", "constant"))
+        if ctx.node.target is torch.constant_pad_nd:
+            mode = "constant"
+    out = list(lay)
+    for i in range(len(pad) // 2):
+        axis = len(lay) - 1 - i
+        lo, hi = pad[2 * i], pad[2 * i + 1]
+        if lo == 0 and hi == 0:
+            continue
+        if mode != "constant" or lo < 0 or hi < 0:
+            ctx.block(lay[axis], "padding copies entries")
+            out[axis] = ctx.new(ctx.shape()[axis], "padded axis")
+            continue
+        o = ctx.new(ctx.shape()[axis])
+        pieces = ctx.sym.refine_concat(o, [lo, ctx.sym.size[lay[axis]], hi])
+        ctx.union(pieces[1], lay[axis])
+        out[axis] = o
+    return out
+
+
+@rule(nn.PixelShuffle, F.pixel_shuffle, nn.PixelUnshuffle, F.pixel_unshuffle, nn.ChannelShuffle,
+      F.channel_shuffle, torch.channel_shuffle, nn.LocalResponseNorm, F.local_response_norm,
+      nn.CrossMapLRN2d)
+def _channel_mixing(ctx):
+    """Ops that move entries between channels and other positions."""
+    name = getattr(ctx.node.target, "__name__", type(ctx.module).__name__ if ctx.module else "op")
+    for t in ctx.tensor_args():
+        ctx.block_layout(ctx.layout(t), f"{name} mixes channels")
+    return ctx.fresh(blocked=f"{name} output")

@@ -1,0 +1,357 @@
+"""Shape ops: reshape family, axis permutations, concat/split, indexing,
+expansion. They move axes around without touching entries, so they relate
+symbols rather than constrain them; a reshape that merges or splits axes
+refines them as a row-major product (channels = heads x head_dim,
+conv features -> flatten -> Linear)."""
+from __future__ import annotations
+
+import math
+import operator
+
+import torch
+from torch import nn
+
+from ..registry import rule
+from .common import norm_dim
+
+
+def reshape_layout(ctx, lay: list[int], in_shape, out_shape) -> list[int]:
+    """Layout of a row-major reshape from ``in_shape`` to ``out_shape``."""
+    out: list[int | None] = [None] * len(out_shape)
+    i = j = 0
+    n_in, n_out = len(in_shape), len(out_shape)
+    while i < n_in or j < n_out:
+        if i < n_in and in_shape[i] == 1:
+            i += 1
+            continue
+        if j < n_out and out_shape[j] == 1:
+            out[j] = ctx.new(1)
+            j += 1
+            continue
+        if i >= n_in or j >= n_out:
+            raise ValueError(f"cannot match reshape {in_shape} -> {out_shape}")
+        a, b = [i], [j]
+        pa, pb = in_shape[i], out_shape[j]
+        i, j = i + 1, j + 1
+        while pa != pb:
+            if pa < pb:
+                a.append(i)
+                pa *= in_shape[i]
+                i += 1
+            else:
+                b.append(j)
+                pb *= out_shape[j]
+                j += 1
+        ins = [lay[k] for k in a]
+        in_sizes = [in_shape[k] for k in a]
+        out_sizes = [out_shape[k] for k in b]
+        if len(a) == 1:
+            kids = ctx.sym.refine_product(ins[0], out_sizes)
+        else:
+            merged = ctx.new(pa)
+            for k, s in zip(ctx.sym.refine_product(merged, in_sizes), ins):
+                ctx.union(k, s)
+            kids = ctx.sym.refine_product(merged, out_sizes) if len(b) > 1 else [merged]
+        for k, s in zip(b, kids):
+            out[k] = s
+    return out  # type: ignore[return-value]
+
+
+@rule("view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as",
+      "squeeze_", "unsqueeze_", torch.reshape, torch.flatten, torch.squeeze, torch.unsqueeze,
+      torch.unflatten, nn.Flatten, nn.Unflatten, torch.ravel, "ravel", torch.atleast_2d)
+def _reshape(ctx):
+    x = ctx.args[0]
+    return reshape_layout(ctx, ctx.layout(x), ctx.shape(x), ctx.shape())
+
+
+@rule("permute", torch.permute, "transpose", torch.transpose, "transpose_", "swapaxes",
+      torch.swapaxes, "swapdims", torch.swapdims, "t", torch.t, "movedim", torch.movedim,
+      "moveaxis", torch.moveaxis, torch.Tensor.permute)
+def _permute(ctx):
+    x = ctx.args[0]
+    lay = list(ctx.layout(x))
+    nd = len(lay)
+    name = ctx.node.target if isinstance(ctx.node.target, str) else ctx.node.target.__name__
+    if name == "permute":
+        dims = ctx.value(list(ctx.args[1:])) if len(ctx.args) > 1 else ctx.value(ctx.kwargs["dims"])
+        if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
+            dims = dims[0]
+        return [lay[norm_dim(d, nd)] for d in dims]
+    if name == "t":
+        return lay[::-1]
+    if name in ("movedim", "moveaxis"):
+        src, dst = ctx.value(ctx.arg(1, "source")), ctx.value(ctx.arg(2, "destination"))
+        src = [src] if isinstance(src, int) else list(src)
+        dst = [dst] if isinstance(dst, int) else list(dst)
+        src = [norm_dim(d, nd) for d in src]
+        dst = [norm_dim(d, nd) for d in dst]
+        order = [None] * nd
+        for s, d in zip(src, dst):
+            order[d] = s
+        rest = iter(i for i in range(nd) if i not in src)
+        order = [o if o is not None else next(rest) for o in order]
+        return [lay[o] for o in order]
+    a, b = ctx.value(ctx.arg(1, "dim0")), ctx.value(ctx.arg(2, "dim1"))
+    a, b = norm_dim(a, nd), norm_dim(b, nd)
+    lay[a], lay[b] = lay[b], lay[a]
+    return lay
+
+
+@rule(getattr)
+def _getattr(ctx):
+    x, attr = ctx.args[0], ctx.args[1]
+    lay = ctx.layout(x)
+    if attr in ("T", "mT", "mH", "H"):
+        return lay[::-1] if attr in ("T", "H") else lay[:-2] + [lay[-1], lay[-2]]
+    if attr == "data":
+        return list(lay)
+    if lay is not None and hasattr(ctx.meta(), "shape"):
+        raise ValueError(f"attribute {attr!r}")
+    return None
+
+
+@rule(torch.cat, torch.concat, torch.concatenate)
+def _cat(ctx):
+    tensors = [t for t in ctx.arg(0, "tensors") if ctx.is_tensor(t)]
+    dim = ctx.value(ctx.arg(1, "dim", 0))
+    out_shape = ctx.shape()
+    dim = norm_dim(dim, len(out_shape))
+    tensors = [t for t in tensors if len(ctx.shape(t)) == len(out_shape)]
+    layouts = [ctx.layout(t) for t in tensors]
+    out = []
+    for axis in range(len(out_shape)):
+        if axis == dim:
+            o = ctx.new(out_shape[axis])
+            kids = ctx.sym.refine_concat(o, [ctx.shape(t)[axis] for t in tensors])
+            for k, lay in zip(kids, layouts):
+                ctx.union(k, lay[axis])
+            out.append(o)
+        else:
+            for lay in layouts[1:]:
+                ctx.union(layouts[0][axis], lay[axis])
+            out.append(layouts[0][axis])
+    return out
+
+
+@rule(torch.stack)
+def _stack(ctx):
+    tensors = list(ctx.arg(0, "tensors"))
+    dim = ctx.value(ctx.arg(1, "dim", 0))
+    out_shape = ctx.shape()
+    dim = norm_dim(dim, len(out_shape))
+    layouts = [ctx.layout(t) for t in tensors]
+    for lay in layouts[1:]:
+        for a, b in zip(layouts[0], lay):
+            ctx.union(a, b)
+    # the stacked axis is a concat of size-1 pieces: fixed, but cuttable again
+    o = ctx.new(len(tensors))
+    ctx.sym.refine_concat(o, [1] * len(tensors))
+    return layouts[0][:dim] + [o] + layouts[0][dim:]
+
+
+def _split_outputs(ctx, x, dim, lengths, keep_dim=True):
+    lay = list(ctx.layout(x))
+    pieces = ctx.cut(lay, dim, lengths)
+    if keep_dim:
+        return pieces
+    return [p[:dim] + p[dim + 1:] for p in pieces]
+
+
+@rule(torch.split, "split", torch.chunk, "chunk", torch.tensor_split, "tensor_split",
+      torch.split_with_sizes, "split_with_sizes")
+def _split(ctx):
+    x = ctx.args[0]
+    name = ctx.node.target if isinstance(ctx.node.target, str) else ctx.node.target.__name__
+    default = 0
+    dim = ctx.value(ctx.arg(2, "dim", default))
+    outs = ctx.meta()
+    dim = norm_dim(dim, len(ctx.shape(x)))
+    lengths = [o.shape[dim] for o in outs]
+    del name
+    return _split_outputs(ctx, x, dim, lengths)
+
+
+@rule(torch.unbind, "unbind")
+def _unbind(ctx):
+    x = ctx.args[0]
+    dim = norm_dim(ctx.value(ctx.arg(1, "dim", 0)), len(ctx.shape(x)))
+    n = ctx.shape(x)[dim]
+    return _split_outputs(ctx, x, dim, [1] * n, keep_dim=False)
+
+
+@rule("narrow", torch.narrow)
+def _narrow(ctx):
+    x = ctx.args[0]
+    shape = ctx.shape(x)
+    dim = norm_dim(ctx.value(ctx.arg(1, "dim")), len(shape))
+    start = ctx.value(ctx.arg(2, "start"))
+    length = ctx.value(ctx.arg(3, "length"))
+    start = start % shape[dim] if start < 0 else start
+    return _split_outputs(ctx, x, dim, [start, length, shape[dim] - start - length])[1]
+
+
+@rule("select", torch.select)
+def _select(ctx):
+    x = ctx.args[0]
+    shape = ctx.shape(x)
+    dim = norm_dim(ctx.value(ctx.arg(1, "dim")), len(shape))
+    i = ctx.value(ctx.arg(2, "index")) % shape[dim]
+    return _select_axis(ctx, list(ctx.layout(x)), shape, dim, i)
+
+
+def _select_axis(ctx, lay, shape, dim, i):
+    n = shape[dim]
+    pieces = ctx.engine._distribute(lay, dim, [1] * n) if n > 1 else None
+    if pieces is not None:
+        p = pieces[i]
+    else:
+        p = ctx.cut(lay, dim, [i, 1, n - i - 1])[1]
+    return p[:dim] + p[dim + 1:]
+
+
+@rule(operator.getitem)
+def _getitem(ctx):
+    x, idx = ctx.args[0], ctx.args[1]
+    lay = ctx.layout(x)
+    if lay is None:
+        return None
+    meta = ctx.meta(x)
+    if not hasattr(meta, "shape"):
+        # indexing a tuple/list of tensors
+        i = ctx.value(idx)
+        return lay[i] if isinstance(i, int) else list(lay[i])
+    return _index_tensor(ctx, x, idx)
+
+
+def _index_tensor(ctx, x, idx):
+    shape = list(ctx.shape(x))
+    lay = list(ctx.layout(x))
+    if not isinstance(idx, tuple):
+        idx = (idx,)
+    items = []
+    for it in idx:
+        if ctx.is_tensor(it):
+            items.append(("tensor", it))
+        else:
+            items.append(("value", ctx.value(it)))
+    n_consuming = sum(1 for k, v in items if not (k == "value" and (v is None or v is Ellipsis)))
+    expanded = []
+    for k, v in items:
+        if k == "value" and v is Ellipsis:
+            expanded += [("value", slice(None))] * (len(shape) - n_consuming)
+        else:
+            expanded.append((k, v))
+    while sum(1 for k, v in expanded if not (k == "value" and v is None)) < len(shape):
+        expanded.append(("value", slice(None)))
+    tensor_items = [v for k, v in expanded if k == "tensor"]
+    if tensor_items:
+        # advanced indexing: the indexed axes are fixed, the result is fixed
+        axis = 0
+        for k, v in expanded:
+            if k == "value" and v is None:
+                continue
+            if k == "tensor" or not (isinstance(v, slice) and v == slice(None)):
+                ctx.block(lay[axis], "indexed by a tensor")
+            axis += 1
+        if len(tensor_items) == 1 and all(k == "tensor" or v == slice(None) for k, v in expanded):
+            # x[idx] with one index tensor and full slices elsewhere: the other
+            # axes keep their symbols (swin's relative position bias table)
+            out_meta = ctx.meta()
+            pos = [i for i, (k, _) in enumerate(expanded) if k == "tensor"][0]
+            idx_nd = len(ctx.shape(tensor_items[0]))
+            before = lay[:pos]
+            after = lay[pos + 1:]
+            mid = [ctx.new(n, "gathered by index") for n in out_meta.shape[pos:pos + idx_nd]]
+            return before + mid + after
+        return ctx.fresh(blocked="advanced indexing")
+    ints = [i for i, (k, v) in enumerate(expanded) if isinstance(v, int) and not isinstance(v, bool)]
+    if len(ints) == 1 and all(v == slice(None) for i, (k, v) in enumerate(expanded) if i != ints[0]):
+        d = ints[0]
+        return _select_axis(ctx, lay, shape, d, expanded[d][1] % shape[d])
+    out = []
+    axis = 0
+    for k, v in expanded:
+        if v is None:
+            out.append(ctx.new(1))
+            continue
+        s, n = lay[axis], shape[axis]
+        if isinstance(v, int):
+            i = v % n
+            ctx.cut([s], 0, [i, 1, n - i - 1])
+            axis += 1
+            continue
+        start, stop, step = v.indices(n)
+        if step == 1 and start == 0 and stop == n:
+            out.append(s)
+        elif step == 1 and stop > start:
+            out.append(ctx.cut([s], 0, [start, stop - start, n - stop])[1][0])
+        else:
+            ctx.block(s, "strided slice")
+            out.append(ctx.new(len(range(start, stop, step)), "strided slice"))
+        axis += 1
+    return out
+
+
+@rule("expand", "expand_as", torch.broadcast_to, "broadcast_to")
+def _expand(ctx):
+    """Broadcast axes hold equal entries along them: any permutation of such
+    an axis leaves the tensor unchanged, so it gets a new free symbol."""
+    x = ctx.args[0]
+    lay, shape = ctx.layout(x), ctx.shape(x)
+    out_shape = ctx.shape()
+    off = len(out_shape) - len(shape)
+    return [lay[j - off] if j >= off and shape[j - off] == out_shape[j] else ctx.new(out_shape[j])
+            for j in range(len(out_shape))]
+
+
+@rule("repeat", "tile", torch.tile)
+def _repeat(ctx):
+    x = ctx.args[0]
+    lay, shape = ctx.layout(x), ctx.shape(x)
+    out_shape = ctx.shape()
+    off = len(out_shape) - len(shape)
+    out = []
+    for j, n in enumerate(out_shape):
+        if j < off:
+            out.append(ctx.new(n))
+            continue
+        s, m = lay[j - off], shape[j - off]
+        if m == n:
+            out.append(s)
+            continue
+        o = ctx.new(n)
+        kids = ctx.sym.refine_product(o, [n // m, m])
+        ctx.union(kids[1], s)
+        out.append(o)
+    return out
+
+
+@rule("repeat_interleave", torch.repeat_interleave)
+def _repeat_interleave(ctx):
+    x = ctx.args[0]
+    reps = ctx.value(ctx.arg(1, "repeats"))
+    dim = ctx.value(ctx.arg(2, "dim"))
+    if not isinstance(reps, int) or dim is None:
+        raise ValueError("only integer repeats along a given dim")
+    lay, shape = list(ctx.layout(x)), ctx.shape(x)
+    dim = norm_dim(dim, len(shape))
+    o = ctx.new(shape[dim] * reps)
+    kids = ctx.sym.refine_product(o, [shape[dim], reps])
+    ctx.union(kids[0], lay[dim])
+    lay[dim] = o
+    return lay
+
+
+@rule("index_select", torch.index_select, torch.gather, "gather")
+def _index_select(ctx):
+    x = ctx.args[0]
+    lay = list(ctx.layout(x))
+    dim = norm_dim(ctx.value(ctx.arg(1, "dim")), len(lay))
+    ctx.block(lay[dim], "indexed by a tensor")
+    if ctx.node.target in (torch.gather, "gather"):
+        ctx.block_layout(lay, "gather")
+        return ctx.fresh(blocked="gather")
+    out = list(lay)
+    out[dim] = ctx.new(ctx.shape()[dim], "indexed by a tensor")
+    return out

@@ -1,0 +1,214 @@
+"""torch.fx tracing for any model, with example values on every node.
+
+* timm's notrace modules and functions (``timm.layers._fx``) are honoured: the
+  modules become leaves, the functions ``call_function`` nodes.
+* A submodule whose forward fx cannot trace (data-dependent control flow, an
+  unsupported Python construct) becomes an opaque leaf automatically, with a
+  warning naming it; only a failure in the top-level forward is an error.
+* :class:`ExampleRecorder` runs the graph on example inputs (an fx Interpreter,
+  like ``torch.fx.passes.shape_prop``) and keeps, per node, a light description
+  of the value: shapes and dtypes of tensors, plain Python values otherwise.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+
+class TraceError(RuntimeError):
+    """The model's top-level forward cannot be traced by torch.fx."""
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+
+def describe(value: Any) -> Any:
+    """Light, picklable description of a runtime value (shapes for tensors)."""
+    if isinstance(value, torch.Tensor):
+        return TensorMeta(tuple(value.shape), value.dtype)
+    if isinstance(value, torch.Size):
+        return tuple(value)
+    if isinstance(value, (list, tuple)):
+        return type(value)(describe(v) for v in value) if not hasattr(value, "_fields") \
+            else tuple(describe(v) for v in value)
+    if isinstance(value, dict):
+        return {k: describe(v) for k, v in value.items()}
+    if isinstance(value, (int, float, bool, str, type(None), torch.dtype, torch.device,
+                          slice, type(Ellipsis))):
+        return value
+    return None
+
+
+def _timm_notrace() -> tuple[tuple[type, ...], tuple[Any, ...]]:
+    try:
+        from timm.layers import _fx as timm_fx
+    except Exception:  # timm missing or reorganised: nothing to honour
+        return (), ()
+    return tuple(timm_fx.get_notrace_modules()), tuple(timm_fx.get_notrace_functions())
+
+
+class AutoLeafTracer(fx.Tracer):
+    """fx Tracer that makes untraceable submodules opaque leaves.
+
+    ``opaque`` holds qualified names or module types the user wants opaque.
+    ``inline`` names modules that must be traced through even if they are
+    leaves by default (used to look inside a notrace module).
+    """
+
+    def __init__(self, opaque: Iterable = (), inline: Iterable[str] = (),
+                 extra_autowrap: Iterable = (), skip_autowrap: Iterable = ()):
+        leaf_types, functions = _timm_notrace()
+        skip = set(skip_autowrap)
+        functions = tuple(f for f in (*functions, *extra_autowrap) if f not in skip)
+        super().__init__(autowrap_functions=functions)
+        self.leaf_types = leaf_types
+        self.opaque_names = {o for o in opaque if isinstance(o, str)}
+        self.opaque_types = tuple(o for o in opaque if isinstance(o, type))
+        self.inline = set(inline)
+        self.failed: dict[str, str] = {}
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if qualname in self.inline:
+            return False
+        if qualname in self.opaque_names or qualname in self.failed:
+            return True
+        if self.opaque_types and isinstance(m, self.opaque_types):
+            return True
+        if self.leaf_types and isinstance(m, self.leaf_types):
+            return True
+        return super().is_leaf_module(m, qualname)
+
+    def call_module(self, m, forward, args, kwargs):
+        qualname = self.path_of_module(m)
+        if self.is_leaf_module(m, qualname):
+            return super().call_module(m, forward, args, kwargs)
+        stack = list(self.module_stack.items())
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception as e:  # noqa: BLE001 - any failure makes the module opaque
+            self.module_stack.clear()
+            self.module_stack.update(stack)
+            if not qualname:
+                raise
+            self.failed[qualname] = f"{type(e).__name__}: {e}".splitlines()[0][:200]
+            return super().call_module(m, forward, args, kwargs)
+
+
+def symbolic_trace(model: nn.Module, opaque: Iterable = (), warn: bool = True
+                   ) -> tuple[fx.GraphModule, dict[str, str]]:
+    """Trace ``model``; return the GraphModule and the modules made opaque."""
+    tracer = AutoLeafTracer(opaque)
+    try:
+        graph = tracer.trace(model)
+    except Exception as e:  # noqa: BLE001
+        raise TraceError(
+            f"torch.fx cannot trace the top-level forward of {type(model).__name__}: "
+            f"{type(e).__name__}: {e}. The failing call is in {type(model).__name__}.forward "
+            "itself, not in a submodule, so it cannot be made an opaque leaf. Move the "
+            "data-dependent part into a submodule, or wrap the function with "
+            "torch.fx.wrap / timm.layers.register_notrace_function.") from e
+    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    _prune(gm)
+    if warn:
+        for name, why in tracer.failed.items():
+            warnings.warn(f"autobasin: submodule {name!r} ({type(gm.get_submodule(name)).__name__}) "
+                          f"cannot be traced by torch.fx and is treated as opaque: {why}",
+                          stacklevel=3)
+    return gm, dict(tracer.failed)
+
+
+def _prune(gm: fx.GraphModule) -> None:
+    """Drop nodes left by a failed attempt to trace into a submodule."""
+    try:
+        gm.graph.eliminate_dead_code()
+    except Exception:  # noqa: BLE001 - keeping dead nodes is harmless
+        return
+    gm.recompile()
+
+
+class ExampleRecorder(fx.Interpreter):
+    """Run a GraphModule on example inputs and record each node's value.
+
+    ``meta[node]`` is :func:`describe` of the value; ``captured[node]`` holds
+    the actual arguments of the nodes in ``capture`` (for looking inside
+    opaque calls later).
+    """
+
+    def __init__(self, gm: fx.GraphModule, capture: set[fx.Node] = frozenset()):
+        super().__init__(gm, garbage_collect_values=True)
+        self.meta: dict[fx.Node, Any] = {}
+        self.capture = capture
+        self.captured: dict[fx.Node, tuple[tuple, dict]] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        if n in self.capture:
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            self.captured[n] = (args, kwargs)
+        value = super().run_node(n)
+        self.meta[n] = describe(value)
+        return value
+
+
+def as_args(example_inputs) -> tuple:
+    if example_inputs is None:
+        raise ValueError("example inputs are needed")
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, list):
+        return tuple(example_inputs)
+    if isinstance(example_inputs, tuple):
+        return example_inputs
+    if isinstance(example_inputs, dict):
+        raise TypeError("pass keyword inputs as a tuple of positional inputs in forward's order")
+    return (example_inputs,)
+
+
+def default_inputs(model: nn.Module, batch: int = 2, seed: int = 0) -> tuple:
+    """Example inputs for a model that was given none.
+
+    timm models: ``pretrained_cfg['input_size']``. torchvision classification
+    models: 3x224x224 (or the model's ``image_size``). Otherwise guessed from
+    the first parametrised layer (Linear, Conv, Embedding); an error says what
+    to pass when no guess is possible.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
+    param = next(model.parameters(), None)
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    device = param.device if param is not None else torch.device("cpu")
+
+    def image(c, h, w):
+        return (torch.randn(batch, c, h, w, generator=gen).to(device=device, dtype=dtype),)
+
+    if isinstance(cfg, dict) and cfg.get("input_size"):
+        c, h, w = cfg["input_size"][-3:]
+        return image(c, h, w)
+    if type(model).__module__.startswith("torchvision.models"):
+        size = getattr(model, "image_size", 224)
+        return image(3, size, size)
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            return (torch.randn(batch, m.in_features, generator=gen).to(device=device, dtype=dtype),)
+        if isinstance(m, nn.Embedding):
+            return (torch.randint(0, m.num_embeddings, (batch, 8), generator=gen).to(device),)
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            spatial = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}[type(m)] if type(m) in (
+                nn.Conv1d, nn.Conv2d, nn.Conv3d) else 2
+            shape = (batch, m.in_channels) + (32,) * spatial
+            return (torch.randn(*shape, generator=gen).to(device=device, dtype=dtype),)
+        if len(list(m.children())) == 0 and any(True for _ in m.parameters(recurse=False)):
+            break
+    raise ValueError(f"cannot guess example inputs for {type(model).__name__}: pass "
+                     "example_inputs=(tensor, ...) with the shapes forward expects")
