@@ -74,15 +74,25 @@ def barrier_table(rows: Mapping[str, tuple[object, float]]) -> str:
     """A markdown table, one row per method.
 
     ``rows`` maps a method name to ``(BarrierResult, matching seconds)``.
-    Endpoint accuracies are those at lambda = 0 (model A) and lambda = 1 (model B).
+    "loss barrier" is ``BarrierResult.barrier``, the paper's
+    ``max_lam L(lam) - (L(0) + L(1)) / 2``; "above chord" is
+    ``BarrierResult.barrier_linear``, ``max_lam [L(lam) - ((1 - lam) L(0) + lam L(1))]``.
+    The two differ when the endpoints' losses differ: then the paper's barrier is
+    at least half their gap even for a path that never rises above the chord.
+    Endpoint values are those at lambda = 0 (model A) and lambda = 1 (model B).
     """
-    lines = ["| method | held-out loss barrier | midpoint held-out loss | midpoint held-out acc "
-             "| endpoint accs (A / B) | matching time (s) |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = ["| method | held-out loss barrier | above chord | midpoint held-out loss "
+             "| midpoint held-out acc | endpoint losses (A / B) | endpoint accs (A / B) "
+             "| matching time (s) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, (res, seconds) in rows.items():
-        accs = list(res.accuracies)
-        lines.append(f"| {name} | {res.barrier:.4f} | {res.midpoint_loss:.4f} "
-                     f"| {_pct(res.midpoint_accuracy)} | {_pct(accs[0])} / {_pct(accs[-1])} "
+        losses = list(res.losses)
+        accs = list(res.accuracies) if res.accuracies is not None else None
+        above_chord = getattr(res, "barrier_linear", float("nan"))
+        mid_acc = _pct(res.midpoint_accuracy) if res.midpoint_accuracy is not None else "n/a"
+        end_accs = f"{_pct(accs[0])} / {_pct(accs[-1])}" if accs else "n/a"
+        lines.append(f"| {name} | {res.barrier:.4f} | {above_chord:.4f} | {res.midpoint_loss:.4f} "
+                     f"| {mid_acc} | {losses[0]:.4f} / {losses[-1]:.4f} | {end_accs} "
                      f"| {seconds:.2f} |")
     return "\n".join(lines)
 

@@ -151,12 +151,20 @@ class ExampleRecorder(fx.Interpreter):
         self.meta: dict[fx.Node, Any] = {}
         self.capture = capture
         self.captured: dict[fx.Node, tuple[tuple, dict]] = {}
+        self.passthrough: dict[fx.Node, int] = {}
 
     def run_node(self, n: fx.Node) -> Any:
         if n in self.capture:
             args, kwargs = self.fetch_args_kwargs_from_env(n)
             self.captured[n] = (args, kwargs)
         value = super().run_node(n)
+        if n in self.capture and isinstance(value, torch.Tensor):
+            # an opaque call that hands back one of its inputs unchanged
+            flat = [a for a in n.all_input_nodes]
+            for i, a in enumerate(flat):
+                if self.env.get(a) is value:
+                    self.passthrough[n] = i
+                    break
         self.meta[n] = describe(value)
         return value
 

@@ -39,7 +39,8 @@ class Inference:
         self.sym = Symbols()
         self.table = TensorTable(model, self.sym)
         self.model_state_names = list(model.state_dict().keys())
-        self.graph = GraphInference(self.gm, self.sym, self.table, rec.meta, rec.captured)
+        self.graph = GraphInference(self.gm, self.sym, self.table, rec.meta, rec.captured,
+                                    passthrough=rec.passthrough)
         self.graph.run()
         del rec
         self._finish()

@@ -92,6 +92,8 @@ class Context:
             return None if is_tensor_meta(m) else m
         if isinstance(arg, (list, tuple)):
             return type(arg)(self.value(a) for a in arg)
+        if isinstance(arg, slice):
+            return slice(self.value(arg.start), self.value(arg.stop), self.value(arg.step))
         return arg
 
     def arg(self, index: int, name: str, default=None):
@@ -145,7 +147,8 @@ class GraphInference:
 
     def __init__(self, gm: fx.GraphModule, sym: Symbols, tensors: "TensorTable",
                  meta: dict, captured: dict, name_prefix: str = "", depth: int = 0,
-                 log: list | None = None, distributions: list | None = None):
+                 log: list | None = None, distributions: list | None = None,
+                 passthrough: dict | None = None):
         self.gm = gm
         self.sym = sym
         self.tensors = tensors
@@ -156,6 +159,7 @@ class GraphInference:
         self.layouts: dict[fx.Node, Any] = {}
         self.log = log if log is not None else []
         self.distributions = distributions if distributions is not None else []
+        self.passthrough = passthrough or {}
         self.cut_cache: dict[tuple[int, tuple[int, ...]], list] = {}
 
     def tensor_symbols(self, target: str) -> list[int]:
@@ -257,6 +261,8 @@ class GraphInference:
         if not _has_tensor(out_meta) and node.op != "call_module":
             reason = f"{what} reads tensor values"
         else:
+            if node in self.passthrough:
+                return list(self.layouts[node.all_input_nodes[self.passthrough[node]]])
             inner = self.inline(node, ctx)
             if inner is not None:
                 return inner
@@ -275,11 +281,11 @@ class GraphInference:
         if node.op == "call_module":
             module = ctx.module
             prefix = f"{self.prefix}{node.target}."
-            call = _InlineModule(module, args, kwargs)
+            call = _inline_call(module, args, kwargs, True)
             inline_names = {"m"}
             skip = ()
         elif node.op == "call_function" and inspect.isfunction(node.target):
-            call = _InlineFunction(node.target, args, kwargs)
+            call = _inline_call(node.target, args, kwargs, False)
             prefix, inline_names, skip = self.prefix, set(), (node.target,)
         else:
             return None
@@ -298,7 +304,7 @@ class GraphInference:
             return None
         sub_tensors = self.tensors.view(gm, prefix, strip="m." if node.op == "call_module" else "")
         sub = GraphInference(gm, self.sym, sub_tensors, rec.meta, rec.captured, "",
-                             self.depth + 1, self.log, self.distributions)
+                             self.depth + 1, self.log, self.distributions, rec.passthrough)
         in_layouts = [self.layouts.get(a) for a in call.tensor_nodes(node)]
         out = sub.run(in_layouts, block_io=False)
         return self._check_layout(node, out)
@@ -379,34 +385,37 @@ def _no_constraint(ctx: Context):
     return ctx.fresh(blocked="shape query") if _has_tensor(ctx.meta()) else None
 
 
-class _InlineModule(nn.Module):
-    """Calls one module with fixed non-tensor arguments; tensors are inputs."""
+class _InlineCall(nn.Module):
+    """Calls one module or function with the non-tensor arguments fixed to the
+    values seen on the example inputs; the tensor arguments become inputs.
+    fx cannot trace ``*args``, so ``forward`` gets one named parameter per
+    tensor (see :func:`_inline_call`)."""
 
-    def __init__(self, module, args, kwargs):
+    def __init__(self, target, args, kwargs, is_module: bool):
         super().__init__()
-        self.m = module
+        if is_module:
+            self.m = target
+        else:
+            self.fn = target
         self.template, self.tensors = _split_tensors((args, kwargs))
 
-    def forward(self, *tensors):
+    def call(self, *tensors):
         args, kwargs = _fill(self.template, list(tensors))
-        return self.m(*args, **kwargs)
+        fn = self.m if hasattr(self, "m") else self.fn
+        return fn(*args, **kwargs)
 
-    def tensor_nodes(self, node):
+    @staticmethod
+    def tensor_nodes(node):
         return _node_tensors((node.args, node.kwargs))
 
 
-class _InlineFunction(nn.Module):
-    def __init__(self, fn, args, kwargs):
-        super().__init__()
-        self.fn = fn
-        self.template, self.tensors = _split_tensors((args, kwargs))
-
-    def forward(self, *tensors):
-        args, kwargs = _fill(self.template, list(tensors))
-        return self.fn(*args, **kwargs)
-
-    def tensor_nodes(self, node):
-        return _node_tensors((node.args, node.kwargs))
+def _inline_call(target, args, kwargs, is_module: bool) -> _InlineCall:
+    obj = _InlineCall(target, args, kwargs, is_module)
+    names = ", ".join(f"t{i}" for i in range(len(obj.tensors)))
+    scope: dict = {}
+    exec(f"def forward(self, {names}):\n    return self.call({names})\n", scope)  # noqa: S102
+    obj.__class__ = type("InlineCall", (_InlineCall,), {"forward": scope["forward"]})
+    return obj
 
 
 class _Slot:

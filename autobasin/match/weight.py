@@ -205,7 +205,7 @@ def weight_matching(spec: PermutationSpec, state_dict_a: Mapping[str, torch.Tens
             total = 0.0
             for param, members in by_param.items():
                 pb = _permute_tensor(b_t[param], members, perms)
-                total += float(torch.sum(a_t[param] * pb, dtype=torch.float64))
+                total += float(torch.dot(a_t[param].reshape(-1), pb.reshape(-1)))
             return total
 
         version = dict.fromkeys(names, 0)

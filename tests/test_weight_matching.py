@@ -1,0 +1,367 @@
+"""Weight matching, the LAP solver and auto_rebasin on hand-written specs."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from autobasin import (EquivalenceError, Group, Member, PermutationSpec, SpecError,
+                       apply_permutation, auto_rebasin, random_permutation, weight_matching)
+from autobasin.api import MATCHERS, ArchitectureMismatchError
+from autobasin.match import solve_lap
+from autobasin.spec import TensorInfo
+
+
+# ------------------------------------------------------------------- helpers
+def plain(param: str, axis: int, n: int) -> Member:
+    return Member(param, axis, 0, (n,), (1,), 0)
+
+
+def tensor_infos(model: nn.Module) -> dict[str, TensorInfo]:
+    params = dict(model.named_parameters())
+    return {k: TensorInfo(tuple(v.shape), k in params, v.is_floating_point())
+            for k, v in model.state_dict().items()}
+
+
+def make_mlp(sizes=(20, 16, 16, 5), seed=0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    for i in range(len(sizes) - 1):
+        layers.append(nn.Linear(sizes[i], sizes[i + 1]))
+        if i < len(sizes) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+def mlp_spec(model: nn.Sequential) -> PermutationSpec:
+    """Hidden units of each Linear: its weight rows, bias and the next weight's columns."""
+    linears = [name for name, m in model.named_children() if isinstance(m, nn.Linear)]
+    groups = []
+    for this, nxt in zip(linears, linears[1:]):
+        n = getattr(model, this).out_features
+        groups.append(Group(f"{this}:out", n, [plain(f"{this}.weight", 0, n),
+                                               plain(f"{this}.bias", 0, n),
+                                               plain(f"{nxt}.weight", 1, n)]))
+    return PermutationSpec(groups, tensor_infos(model))
+
+
+class HeadsAndSegment(nn.Module):
+    """fc1's 20 outputs are a 3-heads x 4-dims grid (0..11) then an 8-unit segment (12..19)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(10, 20)
+        self.fc2 = nn.Linear(20, 6)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+def heads_spec(model: HeadsAndSegment) -> PermutationSpec:
+    def on(param, axis):
+        return {"heads": Member(param, axis, 0, (3, 4), (4, 1), 0),
+                "head_dim": Member(param, axis, 0, (3, 4), (4, 1), 1),
+                "tail": Member(param, axis, 12, (8,), (1,), 0)}
+    w1, b1, w2 = on("fc1.weight", 0), on("fc1.bias", 0), on("fc2.weight", 1)
+    groups = [Group(name, size, [w1[name], b1[name], w2[name]])
+              for name, size in (("heads", 3), ("head_dim", 4), ("tail", 8))]
+    return PermutationSpec(groups, tensor_infos(model))
+
+
+class ConvBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 6, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(6)
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def convbn_spec(model: ConvBN) -> PermutationSpec:
+    def bn(name, n):
+        return [plain(f"{name}.{k}", 0, n) for k in ("weight", "bias", "running_mean", "running_var")]
+    groups = [Group("conv1:out", 8, [plain("conv1.weight", 0, 8), plain("conv1.bias", 0, 8),
+                                     *bn("bn1", 8), plain("conv2.weight", 1, 8)]),
+              Group("conv2:out", 6, [plain("conv2.weight", 0, 6), *bn("bn2", 6),
+                                     plain("fc.weight", 1, 6)])]
+    return PermutationSpec(groups, tensor_infos(model))
+
+
+def trained_like_convbn(seed=0) -> ConvBN:
+    torch.manual_seed(seed)
+    model = ConvBN()
+    for m in (model.bn1, model.bn2):  # non-trivial statistics, so they carry signal
+        m.running_mean.normal_()
+        m.running_var.uniform_(0.5, 2.0)
+        m.num_batches_tracked.fill_(7)
+    return model
+
+
+def plant(spec, state, seed=1, noise=0.0):
+    """B = A permuted at random (+ noise); returns B and the perms that align B to A."""
+    true = random_permutation(spec, seed)
+    b = apply_permutation(spec, true, state)
+    if noise:
+        gen = torch.Generator().manual_seed(seed)
+        b = {k: v + noise * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v
+             for k, v in b.items()}
+    return b, {k: torch.argsort(p) for k, p in true.items()}
+
+
+def assert_same_state(x, y, atol=0.0):
+    assert x.keys() == y.keys()
+    for k in x:
+        torch.testing.assert_close(x[k], y[k], atol=atol, rtol=0.0, msg=k)
+
+
+def objective(spec, a, b, perms) -> float:
+    aligned = apply_permutation(spec, perms, b)
+    params = spec.members_by_param()
+    return sum(float((a[k].double() * aligned[k].double()).sum()) for k in params)
+
+
+# ----------------------------------------------------------------------- LAP
+def test_solve_lap_maximises():
+    s = torch.tensor([[1.0, 5.0, 0.0], [4.0, 1.0, 0.0], [0.0, 0.0, 3.0]])
+    assert solve_lap(s).tolist() == [1, 0, 2]
+    perm = solve_lap(torch.randn(30, 30, dtype=torch.float16))
+    assert perm.dtype == torch.long and sorted(perm.tolist()) == list(range(30))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_solve_lap_rejects_non_finite(bad):
+    s = torch.zeros(4, 4)
+    s[1, 2] = bad
+    with pytest.raises(ValueError, match="fc1:out"):
+        solve_lap(s, name="fc1:out")
+
+
+# ----------------------------------------------------------- weight matching
+@pytest.mark.parametrize("noise", [0.0, 1e-4])
+def test_planted_mlp_recovery(noise):
+    model = make_mlp()
+    spec = mlp_spec(model)
+    a = model.state_dict()
+    b, expected = plant(spec, a, noise=noise)
+    perms = weight_matching(spec, a, b, progress=False)
+    assert perms.keys() == spec.groups.keys()
+    for name, p in perms.items():
+        assert p.dtype == torch.long and p.device.type == "cpu"
+        assert torch.equal(p, expected[name]), name
+    aligned = apply_permutation(spec, perms, b)
+    assert_same_state(aligned, a, atol=10 * noise)
+
+    x = torch.randn(7, 20)
+    model_b = make_mlp()
+    model_b.load_state_dict(b)
+    model_aligned = make_mlp()
+    model_aligned.load_state_dict(aligned)
+    with torch.no_grad():
+        torch.testing.assert_close(model_aligned(x), model_b(x))
+
+
+def test_planted_heads_and_segment_recovery():
+    torch.manual_seed(0)
+    model = HeadsAndSegment()
+    spec = heads_spec(model)
+    a = model.state_dict()
+    b, expected = plant(spec, a, seed=3)
+    assert not torch.equal(b["fc1.weight"], a["fc1.weight"])
+    perms = weight_matching(spec, a, b, progress=False)
+    for name in spec.groups:
+        assert torch.equal(perms[name], expected[name]), name
+    assert_same_state(apply_permutation(spec, perms, b), a)
+
+    # the spec is a symmetry of the model: B computes what A computes
+    model_b = HeadsAndSegment()
+    model_b.load_state_dict(b)
+    x = torch.randn(5, 10)
+    with torch.no_grad():
+        torch.testing.assert_close(model_b(x), model(x))
+
+
+def test_planted_conv_bn_recovery_includes_running_stats():
+    model = trained_like_convbn()
+    spec = convbn_spec(model)
+    a = model.state_dict()
+    b, expected = plant(spec, a, seed=5, noise=1e-5)
+    perms = weight_matching(spec, a, b, progress=False)
+    for name in spec.groups:
+        assert torch.equal(perms[name], expected[name]), name
+    assert_same_state(apply_permutation(spec, perms, b), a, atol=1e-4)
+
+
+def test_stats_and_objective_history_track_true_objective():
+    spec = heads_spec(HeadsAndSegment())
+    torch.manual_seed(1)
+    a, b = HeadsAndSegment().state_dict(), HeadsAndSegment().state_dict()
+    stats: dict = {}
+    perms = weight_matching(spec, a, b, progress=False, stats=stats)
+    assert 1 <= stats["sweeps"] <= 100 and stats["converged"]
+    history = stats["objective_history"]
+    assert len(history) == stats["sweeps"]
+    assert all(y >= x - 1e-6 for x, y in zip(history, history[1:]))
+    assert history[-1] >= stats["initial_objective"] - 1e-6
+    assert history[-1] == pytest.approx(objective(spec, a, b, perms), rel=1e-5)
+
+
+def test_deterministic_for_a_seed_and_init_is_respected():
+    spec = mlp_spec(make_mlp())
+    a, b = make_mlp(seed=1).state_dict(), make_mlp(seed=2).state_dict()
+    first = weight_matching(spec, a, b, seed=4, progress=False)
+    second = weight_matching(spec, a, b, seed=4, progress=False)
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+    stats: dict = {}
+    again = weight_matching(spec, a, b, init=first, progress=False, stats=stats)
+    assert stats["sweeps"] == 1  # already a fixed point: nothing improves
+    assert all(torch.equal(first[k], again[k]) for k in first)
+
+
+def test_inputs_are_not_modified():
+    spec = convbn_spec(ConvBN())
+    a = trained_like_convbn(0).state_dict()
+    b = trained_like_convbn(1).state_dict()
+    a0 = {k: v.clone() for k, v in a.items()}
+    b0 = {k: v.clone() for k, v in b.items()}
+    init = random_permutation(spec, 9)
+    init0 = {k: v.clone() for k, v in init.items()}
+    weight_matching(spec, a, b, init=init, progress=False)
+    assert_same_state(a, a0)
+    assert_same_state(b, b0)
+    assert_same_state(init, init0)
+
+
+def test_missing_or_mismatched_tensors_are_named():
+    model = make_mlp()
+    spec = mlp_spec(model)
+    a = model.state_dict()
+    b = dict(a)
+    del b["2.bias"]
+    with pytest.raises(SpecError, match=r"'2\.bias'"):
+        weight_matching(spec, a, b, progress=False)
+    b = dict(a)
+    b["0.weight"] = torch.zeros(16, 21)
+    with pytest.raises(SpecError, match=r"'0\.weight'"):
+        weight_matching(spec, a, b, progress=False)
+    with pytest.raises(SpecError, match="nope"):
+        weight_matching(spec, a, a, init={"nope": torch.arange(3)}, progress=False)
+
+
+def test_non_finite_weights_name_the_group():
+    model = make_mlp()
+    spec = mlp_spec(model)
+    a = model.state_dict()
+    b = {k: v.clone() for k, v in a.items()}
+    b["2.weight"][0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"group '(0|2):out'"):
+        weight_matching(spec, a, b, progress=False)
+
+
+# --------------------------------------------------------------- auto_rebasin
+def test_auto_rebasin_aligns_and_leaves_inputs_alone():
+    a = trained_like_convbn(0)
+    spec = convbn_spec(a)
+    b = trained_like_convbn(0)
+    b_state, expected = plant(spec, a.state_dict(), seed=2)
+    b.load_state_dict(b_state)
+    a0 = {k: v.clone() for k, v in a.state_dict().items()}
+    b0 = {k: v.clone() for k, v in b.state_dict().items()}
+    a.train()
+    x = torch.randn(2, 3, 8, 8)
+
+    result = auto_rebasin(a, b, example_inputs=x, spec=spec, progress=False)
+
+    assert result.method == "weight" and result.spec is spec
+    assert all(torch.equal(result.perms[k], expected[k]) for k in spec.groups)
+    assert_same_state(result.state_dict, a0, atol=1e-6)
+    assert_same_state(result.model.state_dict(), a0, atol=1e-6)
+    assert result.model is not b
+    assert result.stats["sweeps"] >= 1 and result.stats["verify_error"] <= 1e-4
+    assert_same_state(a.state_dict(), a0)
+    assert_same_state(b.state_dict(), b0)
+    assert a.training and b.training  # modes restored after verification
+
+
+def test_auto_rebasin_checks_architecture_and_method():
+    a, spec = make_mlp(), mlp_spec(make_mlp())
+    with pytest.raises(ArchitectureMismatchError, match=r"'0\.weight'"):
+        auto_rebasin(a, make_mlp((20, 17, 16, 5)), spec=spec, progress=False)
+    with pytest.raises(ArchitectureMismatchError, match="missing"):
+        auto_rebasin(a, make_mlp((20, 16, 5)), spec=spec, progress=False)
+    with pytest.raises(ArchitectureMismatchError, match="types"):
+        auto_rebasin(a, HeadsAndSegment(), spec=spec, progress=False)
+    with pytest.raises(ValueError, match="known methods.*weight"):
+        auto_rebasin(a, make_mlp(seed=1), spec=spec, method="magic", progress=False)
+
+
+def test_auto_rebasin_matcher_registry_passes_data(monkeypatch):
+    seen = {}
+
+    def needs_data(spec, a, b, data, seed, progress, **kw):
+        seen.update(data=data, seed=seed, kw=sorted(kw))
+        return {name: torch.arange(g.size) for name, g in spec.groups.items()}
+
+    needs_data.needs_data = True
+    monkeypatch.setitem(MATCHERS, "fake", needs_data)
+    a, spec = make_mlp(), mlp_spec(make_mlp())
+    with pytest.raises(ValueError, match="needs data"):
+        auto_rebasin(a, make_mlp(seed=1), spec=spec, method="fake", progress=False)
+    result = auto_rebasin(a, make_mlp(seed=1), spec=spec, method="fake", data=[1, 2], seed=3,
+                          progress=False, example_inputs=torch.randn(2, 20), extra=1)
+    assert seen == {"data": [1, 2], "seed": 3, "kw": ["device", "extra", "max_iter", "stats"]}
+    assert result.method == "fake"
+
+
+def test_auto_rebasin_verification_catches_a_wrong_spec():
+    a, b = make_mlp(seed=0), make_mlp(seed=1)
+    spec = mlp_spec(a)
+    broken = PermutationSpec([Group(g.name, g.size, [m for m in g.members if m.param != "0.bias"])
+                              for g in spec.groups.values()], spec.tensors)
+    with pytest.raises(EquivalenceError, match="relative error"):
+        auto_rebasin(a, b, example_inputs=torch.randn(4, 20), spec=broken, progress=False)
+    with pytest.warns(UserWarning, match="not verified"):
+        auto_rebasin(a, b, spec=broken, progress=False)
+
+
+def test_auto_rebasin_with_inferred_spec():
+    try:
+        from autobasin.infer import infer_spec  # noqa: F401
+    except ImportError:
+        pytest.skip("autobasin.infer is not available yet")
+    a, b = make_mlp(seed=0), make_mlp(seed=0)
+    b_state, expected = plant(mlp_spec(a), a.state_dict(), seed=4)
+    b.load_state_dict(b_state)
+    x = torch.randn(3, 20)
+    result = auto_rebasin(a, b, example_inputs=x, progress=False)
+    assert_same_state(result.state_dict, a.state_dict(), atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(x), b(x))
+
+
+def test_member_rows_of_b_match_gather_of_permuted_tensor():
+    """B_m (others at their perms) equals gathering the fully permuted tensor, own group fixed."""
+    from autobasin.match.weight import _Term, _b_rows
+
+    spec = heads_spec(HeadsAndSegment())
+    b = HeadsAndSegment().state_dict()
+    perms = random_permutation(spec, 11)
+    by_param = spec.members_by_param()
+    for gname, g in spec.groups.items():
+        own_fixed = dict(perms, **{gname: torch.arange(g.size)})
+        expected_state = apply_permutation(spec, own_fixed, b)
+        for m in g.members:
+            others = [(h, o) for h, o in by_param[m.param] if not (h == gname and o == m)]
+            term = _Term(member=m, a_rows=m.gather(b[m.param]),
+                         rows=None if m.is_plain else m.positions().reshape(-1),
+                         same_axis=[(h, o) for h, o in others if o.axis == m.axis],
+                         other_axes=[(ax, [(h, o) for h, o in others if o.axis == ax])
+                                     for ax in sorted({o.axis for _, o in others} - {m.axis})])
+            torch.testing.assert_close(_b_rows(term, b[m.param], perms),
+                                       m.gather(expected_state[m.param]), rtol=0, atol=0)
