@@ -84,8 +84,10 @@ def check_same_architecture(a: nn.Module, b: nn.Module) -> None:
 def _as_args(example_inputs) -> tuple:
     try:
         from .trace import as_args
-    except ImportError:
-        return example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    except ImportError:  # the tracer is optional for verification
+        if isinstance(example_inputs, (tuple, list)):
+            return tuple(example_inputs)
+        return (example_inputs,)
     return as_args(example_inputs)
 
 

@@ -68,6 +68,28 @@ def heads_spec(model: HeadsAndSegment) -> PermutationSpec:
     return PermutationSpec(groups, tensor_infos(model))
 
 
+class TwoSegments(nn.Module):
+    """fc1's 14 outputs are two segments, 0..5 and 6..13 (a concat), each with its own group."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(10, 14)
+        self.fc2 = nn.Linear(14, 6)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        return self.fc2(torch.cat([torch.relu(h[:, :6]), torch.sigmoid(h[:, 6:])], 1))
+
+
+def segments_spec(model: TwoSegments) -> PermutationSpec:
+    def seg(param, axis, offset, n):
+        return Member(param, axis, offset, (n,), (1,), 0)
+    groups = [Group(name, n, [seg("fc1.weight", 0, off, n), seg("fc1.bias", 0, off, n),
+                              seg("fc2.weight", 1, off, n)])
+              for name, off, n in (("left", 0, 6), ("right", 6, 8))]
+    return PermutationSpec(groups, tensor_infos(model))
+
+
 class ConvBN(nn.Module):
     def __init__(self):
         super().__init__()
@@ -166,10 +188,12 @@ def test_planted_mlp_recovery(noise):
         torch.testing.assert_close(model_aligned(x), model_b(x))
 
 
-def test_planted_heads_and_segment_recovery():
+@pytest.mark.parametrize("make_model, make_spec", [(HeadsAndSegment, heads_spec),
+                                                     (TwoSegments, segments_spec)])
+def test_planted_structured_recovery(make_model, make_spec):
     torch.manual_seed(0)
-    model = HeadsAndSegment()
-    spec = heads_spec(model)
+    model = make_model()
+    spec = make_spec(model)
     a = model.state_dict()
     b, expected = plant(spec, a, seed=3)
     assert not torch.equal(b["fc1.weight"], a["fc1.weight"])
@@ -179,7 +203,7 @@ def test_planted_heads_and_segment_recovery():
     assert_same_state(apply_permutation(spec, perms, b), a)
 
     # the spec is a symmetry of the model: B computes what A computes
-    model_b = HeadsAndSegment()
+    model_b = make_model()
     model_b.load_state_dict(b)
     x = torch.randn(5, 10)
     with torch.no_grad():
@@ -347,21 +371,16 @@ def test_auto_rebasin_with_inferred_spec():
 
 def test_member_rows_of_b_match_gather_of_permuted_tensor():
     """B_m (others at their perms) equals gathering the fully permuted tensor, own group fixed."""
-    from autobasin.match.weight import _Term, _b_rows
+    from autobasin.match.weight import _b_rows, _make_term
 
-    spec = heads_spec(HeadsAndSegment())
-    b = HeadsAndSegment().state_dict()
-    perms = random_permutation(spec, 11)
-    by_param = spec.members_by_param()
-    for gname, g in spec.groups.items():
-        own_fixed = dict(perms, **{gname: torch.arange(g.size)})
-        expected_state = apply_permutation(spec, own_fixed, b)
-        for m in g.members:
-            others = [(h, o) for h, o in by_param[m.param] if not (h == gname and o == m)]
-            term = _Term(member=m, a_rows=m.gather(b[m.param]),
-                         rows=None if m.is_plain else m.positions().reshape(-1),
-                         same_axis=[(h, o) for h, o in others if o.axis == m.axis],
-                         other_axes=[(ax, [(h, o) for h, o in others if o.axis == ax])
-                                     for ax in sorted({o.axis for _, o in others} - {m.axis})])
-            torch.testing.assert_close(_b_rows(term, b[m.param], perms),
-                                       m.gather(expected_state[m.param]), rtol=0, atol=0)
+    for model, make_spec in ((HeadsAndSegment(), heads_spec), (TwoSegments(), segments_spec)):
+        spec = make_spec(model)
+        b = model.state_dict()
+        perms = random_permutation(spec, 11)
+        by_param = spec.members_by_param()
+        for gname, g in spec.groups.items():
+            expected = apply_permutation(spec, dict(perms, **{gname: torch.arange(g.size)}), b)
+            for m in g.members:
+                term = _make_term(gname, m, by_param[m.param], b[m.param])
+                torch.testing.assert_close(_b_rows(term, b[m.param], perms),
+                                           m.gather(expected[m.param]), rtol=0, atol=0)

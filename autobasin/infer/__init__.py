@@ -37,7 +37,7 @@ class Inference:
             finally:
                 model.train(was)
         self.sym = Symbols()
-        self.table = TensorTable(model, self.sym)
+        self.table = TensorTable(model, self.sym, opaque)
         self.model_state_names = list(model.state_dict().keys())
         self.graph = GraphInference(self.gm, self.sym, self.table, rec.meta, rec.captured,
                                     passthrough=rec.passthrough)

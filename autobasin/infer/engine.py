@@ -162,6 +162,11 @@ class GraphInference:
         self.passthrough = passthrough or {}
         self.cut_cache: dict[tuple[int, tuple[int, ...]], list] = {}
 
+    def user_opaque(self, target: str, module) -> bool:
+        opaque = self.tensors.opaque
+        return (self.prefix + target) in opaque or any(
+            isinstance(o, type) and isinstance(module, o) for o in opaque)
+
     def tensor_symbols(self, target: str) -> list[int]:
         return self.tensors.symbols(self.prefix + target, self.gm, target)
 
@@ -236,7 +241,10 @@ class GraphInference:
 
     def find_rule(self, node: fx.Node, ctx: Context) -> tuple[Callable | None, str]:
         if node.op == "call_module":
-            return module_rule(ctx.module), f"module {type(ctx.module).__name__} ({node.target})"
+            what = f"module {type(ctx.module).__name__} ({node.target})"
+            if self.user_opaque(node.target, ctx.module):
+                return None, what + " marked opaque"
+            return module_rule(ctx.module), what
         if node.op == "call_method":
             fn = METHOD_RULES.get(node.target)
             if fn is None and node.target in SHAPE_QUERIES:
@@ -276,6 +284,8 @@ class GraphInference:
         """Trace the body of an opaque call with its concrete non-tensor
         arguments and infer through it. None if that is not possible."""
         if self.depth >= MAX_INLINE_DEPTH or node not in self.captured:
+            return None
+        if node.op == "call_module" and self.user_opaque(node.target, ctx.module):
             return None
         args, kwargs = self.captured[node]
         if node.op == "call_module":
@@ -479,8 +489,9 @@ class TensorTable:
     blocked.
     """
 
-    def __init__(self, model: nn.Module, sym: Symbols):
+    def __init__(self, model: nn.Module, sym: Symbols, opaque=()):
         self.sym = sym
+        self.opaque = tuple(opaque)
         self.model = model
         self.state = model.state_dict(keep_vars=True)
         self.by_id: dict[int, list[str]] = {}

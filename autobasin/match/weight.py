@@ -51,7 +51,7 @@ class _Term:
 
     member: Member
     a_rows: torch.Tensor                       # (n, rest) gathered from A, compute dtype
-    rows: torch.Tensor | None                  # (prod(member.shape),) axis positions; None if plain
+    rows: torch.Tensor | None                  # (prod(member.shape),) axis positions; None: whole axis
     same_axis: list[tuple[str, Member]]        # other members on member.axis of this tensor
     other_axes: list[tuple[int, list[tuple[str, Member]]]]  # (axis, members) elsewhere
     deps: frozenset[str] = field(default_factory=frozenset)  # groups whose perms B_m depends on
@@ -94,6 +94,21 @@ def _axis_perm(length: int, members: list[tuple[str, Member]], perms: Perms,
     return idx.to(device)
 
 
+def _make_term(gname: str, m: Member, on_tensor: list[tuple[str, Member]], a: torch.Tensor) -> _Term:
+    """The term of member ``m`` of group ``gname``; ``on_tensor`` lists all members of its tensor."""
+    others = [(h, o) for h, o in on_tensor if not (h == gname and o == m)]
+    elsewhere: dict[int, list[tuple[str, Member]]] = {}
+    for h, o in others:
+        if o.axis != m.axis:
+            elsewhere.setdefault(o.axis, []).append((h, o))
+    whole_axis = m.is_plain and m.size == a.shape[m.axis]
+    return _Term(member=m, a_rows=m.gather(a),
+                 rows=None if whole_axis else m.positions().reshape(-1).to(a.device),
+                 same_axis=[(h, o) for h, o in others if o.axis == m.axis],
+                 other_axes=sorted(elsewhere.items()),
+                 deps=frozenset(h for h, _ in others))
+
+
 def _b_rows(term: _Term, b: torch.Tensor, perms: Perms) -> torch.Tensor:
     """``B_m`` (n, rest): the member's rows of ``b`` with all other members applied.
 
@@ -110,7 +125,7 @@ def _b_rows(term: _Term, b: torch.Tensor, perms: Perms) -> torch.Tensor:
     if rows is not None:
         t = t.index_select(m.axis, rows)
     t = t.movedim(m.axis, 0)
-    if m.is_plain:
+    if len(m.shape) == 1:
         return t.reshape(m.size, -1)
     return t.reshape(*m.shape, -1).movedim(m.dim, 0).reshape(m.size, -1)
 
@@ -184,16 +199,7 @@ def weight_matching(spec: PermutationSpec, state_dict_a: Mapping[str, torch.Tens
             static[gname] = None
             dynamic[gname] = []
             for m in g.members:
-                others = [(h, o) for h, o in by_param[m.param] if not (h == gname and o == m)]
-                same = [(h, o) for h, o in others if o.axis == m.axis]
-                elsewhere: dict[int, list[tuple[str, Member]]] = {}
-                for h, o in others:
-                    if o.axis != m.axis:
-                        elsewhere.setdefault(o.axis, []).append((h, o))
-                term = _Term(member=m, a_rows=m.gather(a_t[m.param]),
-                             rows=None if m.is_plain else m.positions().reshape(-1).to(device),
-                             same_axis=same, other_axes=sorted(elsewhere.items()),
-                             deps=frozenset(h for h, _ in others))
+                term = _make_term(gname, m, by_param[m.param], a_t[m.param])
                 if term.deps:
                     dynamic[gname].append(term)
                 else:

@@ -1,0 +1,304 @@
+"""Each rule family, exercised by a small module: the inferred spec must find
+the expected groups and random permutations must leave outputs equal."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from autobasin import check_equivalence
+from autobasin.infer import infer_spec
+from autobasin.testing import randomize_state_
+
+
+def exact(model, *inputs, min_groups=1):
+    model = randomize_state_(model.eval())
+    spec = infer_spec(model, inputs)
+    assert len(spec.groups) >= min_groups, str(spec)
+    for seed in range(3):
+        assert check_equivalence(model, spec, inputs, seed=seed) <= 1e-4
+    return spec
+
+
+def group_with(spec, param, axis=0):
+    hits = [g for g in spec.groups.values() if any(m.param == param and m.axis == axis for m in g.members)]
+    assert hits, f"no group on {param}[{axis}]:\n{spec}"
+    return hits
+
+
+class Grouped(nn.Module):
+    def __init__(self, groups=4):
+        super().__init__()
+        self.a = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn = nn.BatchNorm2d(16)
+        self.g = nn.Conv2d(16, 32, 3, padding=1, groups=groups)
+        self.dw = nn.Conv2d(32, 32, 3, padding=1, groups=32)
+        self.gn = nn.GroupNorm(4, 32)
+        self.out = nn.Conv2d(32, 5, 1)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.a(x)))
+        x = self.gn(self.dw(self.g(x)))
+        return self.out(F.gelu(x)).mean((2, 3))
+
+
+def test_grouped_depthwise_and_groupnorm_are_exact_not_blocked():
+    spec = exact(Grouped(), torch.randn(2, 3, 8, 8))
+    # grouped conv input: (groups=4) x (4 per group); output (4 groups) x (8 per group)
+    in_groups = group_with(spec, "a.weight", 0)
+    assert sorted(g.size for g in in_groups) == [4, 4]
+    assert spec.coverage() > 0.9
+
+
+class ConcatSplit(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(6, 8)
+        self.b = nn.Linear(6, 5)
+        self.c = nn.Linear(13, 7)
+        self.d = nn.Linear(4, 3)
+        self.e = nn.Linear(3, 3)
+
+    def forward(self, x):
+        h = torch.cat([torch.relu(self.a(x)), torch.tanh(self.b(x))], dim=-1)
+        y = self.c(h)
+        p, q = torch.split(y, [4, 3], dim=-1)
+        r, s = y.chunk(2, dim=-1)[0], y[..., 4:]
+        return self.d(p) + self.e(q) + s.sum(-1, keepdim=True) + r.mean(-1, keepdim=True)
+
+
+def test_cat_split_chunk_slice_are_segment_exact():
+    spec = exact(ConcatSplit(), torch.randn(3, 6), min_groups=2)
+    sizes = sorted(g.size for g in spec.groups.values())
+    assert 8 in sizes and 5 in sizes  # each concat segment is its own group
+
+
+class ConvFlattenLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 6, 3)
+        self.fc = nn.Linear(6 * 4 * 4, 10)
+        self.head = nn.Linear(10, 2)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.fc(torch.relu(self.conv(x)).flatten(1))))
+
+
+def test_conv_flatten_linear_gets_channel_permutation():
+    spec = exact(ConvFlattenLinear(), torch.randn(2, 1, 6, 6), min_groups=2)
+    g = group_with(spec, "conv.weight")[0]
+    fc_member = next(m for m in g.members if m.param == "fc.weight")
+    assert fc_member.axis == 1 and fc_member.shape == (6, 4, 4) and fc_member.dim == 0
+
+
+class Attention(nn.Module):
+    def __init__(self, dim=24, heads=4, fused=True):
+        super().__init__()
+        self.heads, self.fused = heads, fused
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.cls = nn.Parameter(torch.randn(1, 1, dim))
+        self.pos = nn.Parameter(torch.randn(1, 6, dim))
+        self.embed = nn.Linear(5, dim)
+        self.head = nn.Linear(dim, 3)
+        self.ls = nn.Parameter(torch.ones(dim) * 0.5)
+
+    def forward(self, x):
+        x = self.embed(x)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1) + self.pos
+        b, n, c = x.shape
+        qkv = self.qkv(self.norm(x)).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        if self.fused:
+            a = F.scaled_dot_product_attention(q, k, v)
+        else:
+            att = (q @ k.transpose(-2, -1)) * (c // self.heads) ** -0.5
+            a = att.softmax(-1) @ v
+        x = x + self.ls * self.proj(a.transpose(1, 2).reshape(b, n, c))
+        return self.head(x[:, 0])
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_attention_heads_and_head_dims(fused):
+    spec = exact(Attention(fused=fused), torch.randn(2, 5, 5), min_groups=4)
+    qkv_groups = group_with(spec, "qkv.weight", 0)
+    # residual (via in-axis), heads (4), q/k head-dim (6), v head-dim (6)
+    out_axis = sorted(g.size for g in qkv_groups)
+    assert out_axis == [4, 6, 6]
+    assert group_with(spec, "cls", 2)[0] is group_with(spec, "ls", 0)[0]
+
+
+def test_multihead_attention_rule():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Linear(4, 16)
+            self.mha = nn.MultiheadAttention(16, 4, batch_first=True)
+            self.out = nn.Linear(16, 2)
+
+        def forward(self, x):
+            h = self.inp(x)
+            a, _ = self.mha(h, h, h)
+            return self.out(h + a)
+    spec = exact(M(), torch.randn(2, 5, 4), min_groups=3)
+    sizes = sorted(g.size for g in group_with(spec, "mha.in_proj_weight", 0))
+    assert sizes == [4, 4, 4]
+
+
+class Gates(nn.Module):
+    """Squeeze-excite gate, layer scale, einsum, RMSNorm, ConvTranspose, embedding."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(11, 8)
+        self.fc = nn.Linear(8, 12)
+        self.se1 = nn.Linear(12, 3)
+        self.se2 = nn.Linear(3, 12)
+        self.rms = nn.RMSNorm(12)
+        self.w = nn.Parameter(torch.randn(12, 7))
+        self.convt = nn.ConvTranspose1d(7, 5, 3, groups=1)
+        self.head = nn.Linear(5, 2)
+
+    def forward(self, idx):
+        h = torch.relu(self.fc(self.emb(idx)))            # (B, T, 12)
+        gate = torch.sigmoid(self.se2(torch.relu(self.se1(h.mean(1)))))
+        h = self.rms(h * gate.unsqueeze(1))
+        h = torch.einsum("btc,cd->bdt", h, self.w)         # (B, 7, T)
+        h = F.silu(self.convt(h))                          # (B, 5, T+2)
+        return self.head(h.amax(-1))
+
+
+def test_gates_einsum_rmsnorm_convtranspose_embedding():
+    spec = exact(Gates(), torch.randint(0, 11, (2, 6)), min_groups=4)
+    assert group_with(spec, "fc.weight")[0] is group_with(spec, "w", 0)[0]
+    assert group_with(spec, "se1.weight")
+    assert group_with(spec, "convt.weight", 1)
+
+
+class LayerNorm2dBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        from timm.layers import LayerNorm2d
+        self.stem = nn.Conv2d(3, 8, 1)
+        self.norm = LayerNorm2d(8)
+        self.pw = nn.Conv2d(8, 16, 1)
+        self.out = nn.Conv2d(16, 8, 1)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.out(F.gelu(self.pw(self.norm(x))))
+        x = F.interpolate(x, scale_factor=2.0)
+        x = F.pad(x, (1, 1, 1, 1))
+        x = F.adaptive_avg_pool2d(F.max_pool2d(x, 2), 1).flatten(1)
+        return self.head(x)
+
+
+def test_layernorm2d_residual_pool_pad_interpolate():
+    spec = exact(LayerNorm2dBlock(), torch.randn(2, 3, 6, 6), min_groups=2)
+    assert group_with(spec, "norm.weight")[0] is group_with(spec, "stem.weight")[0]
+
+
+class Opaque(nn.Module):
+    """A submodule with data-dependent control flow becomes an opaque leaf."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 8)
+        self.weird = Weird()
+        self.b = nn.Linear(8, 8)
+        self.c = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.c(torch.relu(self.b(self.weird(torch.relu(self.a(x))))))
+
+
+class Weird(nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:
+            return x * 2
+        return x
+
+
+def test_untraceable_submodule_becomes_opaque_with_warning():
+    model = Opaque()
+    with pytest.warns(UserWarning, match="weird"):
+        spec = infer_spec(model, torch.randn(2, 4))
+    # the axes around the opaque module are fixed; the one after it is free
+    assert not any(m.param == "a.weight" and m.axis == 0 for g in spec.groups.values() for m in g.members)
+    assert group_with(spec, "b.weight")
+    assert check_equivalence(model, spec, torch.randn(2, 4)) <= 1e-4
+    assert any("weird" in name for name, _ in spec.blocked)
+
+
+def test_unknown_op_fails_closed():
+    class Flip(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.flip(-1)
+
+        @staticmethod
+        def backward(ctx, g):
+            return g.flip(-1)
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 6), nn.Linear(6, 2)
+
+        def forward(self, x):
+            return self.b(Flip.apply(self.a(x)))
+    model = M()
+    spec = infer_spec(model, torch.randn(2, 3))
+    assert len(spec.groups) == 0  # flip reverses positions: the hidden axis is fixed
+
+
+def test_op_without_rule_fails_closed_and_says_why():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(3, 6), nn.Linear(6, 6), nn.Linear(6, 2)
+
+        def forward(self, x):
+            return self.c(torch.relu(self.b(torch.special.i0(self.a(x)))))
+    spec = infer_spec(M(), torch.randn(2, 3))
+    assert set(spec.groups) == {"b:out"}
+    assert any("i0" in reason for _, reason in spec.blocked)
+
+
+def test_top_level_untraceable_is_a_clear_error():
+    from autobasin.trace import TraceError
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(3, 3)
+
+        def forward(self, x):
+            if x.sum() > 0:
+                return self.a(x)
+            return x
+    with pytest.raises(TraceError, match="top-level forward of M"):
+        infer_spec(M(), torch.randn(2, 3))
+
+
+def test_user_overrides_opaque_and_fixed():
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    x = torch.randn(2, 4)
+    assert set(infer_spec(model, x).groups) == {"0:out", "2:out"}
+    assert set(infer_spec(model, x, fixed=["0:out"]).groups) == {"2:out"}
+    spec = infer_spec(model, x, opaque=["2"])
+    assert set(spec.groups) == set()
+
+
+def test_wrong_spec_is_caught_and_names_the_node():
+    from autobasin import EquivalenceError, Group, Member
+    model = randomize_state_(ConvFlattenLinear().eval())
+    x = torch.randn(2, 1, 6, 6)
+    spec = infer_spec(model, x)
+    g = group_with(spec, "conv.weight")[0]
+    # drop the member on fc: permuting conv channels no longer reaches fc
+    broken = [m for m in g.members if m.param != "fc.weight"]
+    spec.groups[g.name] = Group(g.name, g.size, broken)
+    with pytest.raises(EquivalenceError, match="first diverging graph node: (fc|flatten|relu)"):
+        check_equivalence(model, spec, x)
