@@ -25,11 +25,11 @@ class ArchitectureMismatchError(ValueError):
 class RebasinResult:
     """The outcome of :func:`auto_rebasin`.
 
-    ``model`` is a deep copy of B whose state is permuted to line up with A
-    (``state_dict`` is that state, sharing storage with ``model``); it computes what B computes. ``perms`` maps
-    each group of ``spec`` to a CPU LongTensor (n,). ``stats`` holds what the
-    matcher reported (e.g. ``sweeps``) plus ``seconds`` and, when verified,
-    ``verify_error``.
+    ``model`` is a deep copy of B whose state is permuted to line up with A;
+    it computes what B computes. ``state_dict`` is that state (sharing storage
+    with ``model``). ``perms`` maps each group of ``spec`` to a CPU LongTensor
+    (n,). ``stats`` holds what the matcher reported (e.g. ``sweeps``) plus
+    ``seconds`` and, when verified, ``verify_error``.
     """
 
     model: nn.Module

@@ -203,8 +203,9 @@ def weight_matching(spec: PermutationSpec, state_dict_a: Mapping[str, torch.Tens
                 if term.deps:
                     dynamic[gname].append(term)
                 else:
-                    c = term.a_rows @ _b_rows(term, b_t[m.param], perms).T
-                    static[gname] = c if static[gname] is None else static[gname] + c
+                    b_rows = _b_rows(term, b_t[m.param], perms)
+                    static[gname] = term.a_rows @ b_rows.T if static[gname] is None \
+                        else static[gname].addmm_(term.a_rows, b_rows.T)
             deps[gname] = tuple(sorted(frozenset().union(*(t.deps for t in dynamic[gname]))))
 
         def objective() -> float:
@@ -222,8 +223,8 @@ def weight_matching(spec: PermutationSpec, state_dict_a: Mapping[str, torch.Tens
         sim_s = lap_s = 0.0
         sweeps = 0
         converged = False
-        bar = tqdm(range(max_iter), desc="weight matching", disable=not progress)
-        for _ in bar:
+        bar = tqdm(total=max_iter, desc="weight matching", unit="sweep", disable=not progress)
+        for _ in range(max_iter):
             sweeps += 1
             improved = False
             for k in torch.randperm(len(names), generator=gen).tolist():
@@ -233,10 +234,10 @@ def weight_matching(spec: PermutationSpec, state_dict_a: Mapping[str, torch.Tens
                 if n <= 1 or solved_at[gname] == key:
                     continue  # same inputs as last time: same assignment
                 t0 = time.perf_counter()
-                c = static[gname]
+                c = static[gname].clone() if static[gname] is not None else None
                 for term in dynamic[gname]:
-                    contrib = term.a_rows @ _b_rows(term, b_t[term.member.param], perms).T
-                    c = contrib if c is None else c + contrib
+                    b_rows = _b_rows(term, b_t[term.member.param], perms)
+                    c = term.a_rows @ b_rows.T if c is None else c.addmm_(term.a_rows, b_rows.T)
                 if c is None:  # a group without members: nothing to align
                     solved_at[gname] = key
                     continue
@@ -255,7 +256,8 @@ def weight_matching(spec: PermutationSpec, state_dict_a: Mapping[str, torch.Tens
                     improved = True
             if stats is not None or progress:
                 history.append(objective())
-                bar.set_postfix(objective=f"{history[-1]:.6g}")
+                bar.set_postfix(objective=f"{history[-1]:.6g}", refresh=False)
+            bar.update(1)
             if not improved:
                 converged = True
                 break

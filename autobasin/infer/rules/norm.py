@@ -78,11 +78,20 @@ def _layernorm_fn(ctx):
 
 
 def group_norm_rule(ctx, x, groups: int, w, b):
-    """Statistics are per channel group: channels are (groups, per_group)."""
+    """Statistics are per channel group, so a permutation must keep each group
+    together. Channels are (groups, per_group): groups permuted among
+    themselves and one shared within-group permutation. Where the channels are
+    already a concat (a GroupNorm right after torch.cat), they are cut into
+    the groups instead (each group permuted on its own, groups in place),
+    which is always compatible with the concat's segments."""
     lay = list(ctx.layout(x))
     c = lay[1]
     n = ctx.sym.size[c]
-    ctx.sym.refine_product(c, [groups, n // groups])
+    ref = ctx.sym.refined(c)
+    if ref is not None and ref.kind == "concat":
+        ctx.sym.refine_concat(c, [n // groups] * groups)
+    else:
+        ctx.sym.refine_product(c, [groups, n // groups])
     for t in (w, b):
         if t:
             ctx.union(c, t[0])

@@ -1,0 +1,109 @@
+"""PermutationSpec and the permutation API."""
+import pytest
+import torch
+from torch import nn
+
+from autobasin import (PermutationSpec, SpecError, apply_permutation, compose, invert,
+                       random_permutation)
+from autobasin.infer import infer_spec
+from autobasin.testing import create
+
+
+@pytest.fixture(scope="module")
+def vit_spec():
+    return infer_spec(create("test_vit"))
+
+
+def test_json_round_trip(vit_spec):
+    text = vit_spec.to_json()
+    back = PermutationSpec.from_json(text)
+    assert back == vit_spec
+    assert back.coverage() == pytest.approx(vit_spec.coverage())
+    d = back.to_dict()
+    g = d["groups"][0]
+    assert {"name", "size", "members"} <= set(g)
+    assert {"param", "axis"} <= set(g["members"][0])
+
+
+def test_print_is_a_readable_table(vit_spec):
+    text = str(vit_spec)
+    assert text.splitlines()[0].startswith("PermutationSpec:")
+    assert "group" in text.splitlines()[1] and "size" in text.splitlines()[1]
+    assert len(text.splitlines()) >= len(vit_spec.groups) + 2
+
+
+def test_apply_then_inverse_is_identity_and_inputs_untouched(vit_spec):
+    model = create("test_vit")
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    perms = random_permutation(vit_spec, seed=3)
+    permuted = apply_permutation(vit_spec, perms, sd)
+    assert any(not torch.equal(permuted[k], sd[k]) for k in sd)
+    for k, v in model.state_dict().items():
+        assert torch.equal(sd[k], v)
+    back = apply_permutation(vit_spec, invert(perms), permuted)
+    for k in sd:
+        assert torch.equal(back[k], sd[k]), k
+
+
+def test_compose_matches_sequential_application(vit_spec):
+    sd = create("test_vit").state_dict()
+    p1, p2 = random_permutation(vit_spec, 1), random_permutation(vit_spec, 2)
+    two = apply_permutation(vit_spec, p2, apply_permutation(vit_spec, p1, sd))
+    one = apply_permutation(vit_spec, compose(p1, p2), sd)
+    for k in sd:
+        assert torch.equal(one[k], two[k]), k
+
+
+def test_random_permutation_is_deterministic(vit_spec):
+    a, b = random_permutation(vit_spec, 7), random_permutation(vit_spec, 7)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    c = random_permutation(vit_spec, 8)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_errors_name_the_group_or_tensor(vit_spec):
+    sd = create("test_vit").state_dict()
+    perms = random_permutation(vit_spec)
+    name = next(iter(perms))
+    bad = dict(perms)
+    bad[name] = torch.zeros_like(perms[name])
+    with pytest.raises(SpecError, match="not a permutation"):
+        apply_permutation(vit_spec, bad, sd)
+    bad[name] = perms[name][:-1]
+    with pytest.raises(SpecError, match="expected"):
+        apply_permutation(vit_spec, bad, sd)
+    missing = {k: v for k, v in perms.items() if k != name}
+    with pytest.raises(SpecError, match=name.replace(".", r"\.")):
+        apply_permutation(vit_spec, missing, sd)
+    sd2 = dict(sd)
+    member = vit_spec.groups[name].members[0]
+    del sd2[member.param]
+    with pytest.raises(SpecError, match=member.param.replace(".", r"\.")):
+        apply_permutation(vit_spec, perms, sd2)
+
+
+def test_coverage_counts_permuted_parameter_elements():
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    spec = infer_spec(model, torch.randn(2, 4))
+    # every element of 0.weight (8x4), 0.bias (8), 2.weight (2x8) is on the hidden axis; 2.bias is not
+    assert spec.coverage() == pytest.approx((32 + 8 + 16) / (32 + 8 + 16 + 2))
+
+
+def test_tied_weights_share_symbols():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 6)
+            self.mid = nn.Linear(6, 6)
+            self.out = nn.Linear(6, 10, bias=False)
+            self.out.weight = self.emb.weight
+
+        def forward(self, idx):
+            return self.out(torch.relu(self.mid(self.emb(idx))))
+    from autobasin import check_equivalence
+    model = Tied()
+    x = torch.randint(0, 10, (2, 5))
+    spec = infer_spec(model, x)
+    assert check_equivalence(model, spec, x) <= 1e-5
+    tied = [g for g in spec.groups.values() if any(m.param == "emb.weight" for m in g.members)]
+    assert tied and any(m.param == "out.weight" for m in tied[0].members)
