@@ -302,3 +302,16 @@ def test_wrong_spec_is_caught_and_names_the_node():
     spec.groups[g.name] = Group(g.name, g.size, broken)
     with pytest.raises(EquivalenceError, match="first diverging graph node: (fc|flatten|relu)"):
         check_equivalence(model, spec, x)
+
+
+def test_roll_and_flip_fix_only_their_axes():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 8), nn.Linear(8, 2)
+
+        def forward(self, x):  # x: (B, T, 3)
+            h = torch.roll(self.a(x), shifts=1, dims=1).flip(1).cumsum(1)
+            return self.b(torch.relu(h)).sum(1)
+    spec = exact(M(), torch.randn(2, 5, 3))
+    assert group_with(spec, "a.weight")

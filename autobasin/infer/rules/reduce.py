@@ -71,8 +71,7 @@ def _max(ctx):
 
 
 @rule(torch.argmax, torch.argmin, "argmax", "argmin", torch.topk, "topk", torch.sort, "sort",
-      torch.argsort, "argsort", torch.cumsum, "cumsum", torch.cumprod, "cumprod", torch.median,
-      "median")
+      torch.argsort, "argsort", torch.median, "median")
 def _positional_reduce(ctx):
     """Ops whose result depends on the order along ``dim`` fix that axis."""
     x = ctx.args[0]
@@ -85,6 +84,16 @@ def _positional_reduce(ctx):
     else:
         ctx.block(lay[norm_dim(dim, len(lay))], f"{name} depends on order")
     return ctx.fresh(blocked=f"{name} output")
+
+
+@rule(torch.cumsum, "cumsum", torch.cumprod, "cumprod", torch.cummax, torch.logcumsumexp)
+def _scan(ctx):
+    """A running sum/product along ``dim`` fixes that axis; others pass."""
+    x = ctx.args[0]
+    lay = list(ctx.layout(x))
+    d = norm_dim(ctx.value(ctx.arg(1, "dim")), len(lay))
+    ctx.block(lay[d], "running scan depends on order")
+    return lay
 
 
 # ---------------------------------------------------------------- spatial ops
@@ -122,9 +131,49 @@ def _spatial(ctx):
     return [out, [ctx.new(n, "pool indices") for n in out_meta[1].shape]]
 
 
-@rule(torch.roll, "roll", torch.flip, "flip", torch.rot90, "unfold", F.unfold, F.fold,
-      nn.Unfold, nn.Fold, F.grid_sample, F.affine_grid, torch.diff, torch.tril, torch.triu,
-      "tril", "triu", "tril_", "triu_", torch.fft.fft2, torch.fft.rfft2, torch.fft.irfft2,
+def _axes_arg(ctx, pos: int, name: str, ndim: int, default):
+    dims = ctx.value(ctx.arg(pos, name, default))
+    if dims is None:
+        return None
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    return [norm_dim(d, ndim) for d in dims]
+
+
+@rule(torch.roll, "roll", torch.flip, "flip", torch.diff, "diff", torch.tril, torch.triu, "tril",
+      "triu", "tril_", "triu_", torch.rot90, "rot90")
+def _positional(ctx):
+    """Ops that move entries only along some axes (roll, flip, a triangle of
+    the last two axes): those axes are fixed, the others pass through."""
+    x = ctx.args[0]
+    lay = list(ctx.layout(x))
+    nd = len(lay)
+    name = ctx.node.target if isinstance(ctx.node.target, str) else ctx.node.target.__name__
+    if name in ("roll",):
+        dims = _axes_arg(ctx, 2, "dims", nd, None)
+    elif name in ("flip",):
+        dims = _axes_arg(ctx, 1, "dims", nd, None)
+    elif name == "diff":
+        dims = _axes_arg(ctx, 2, "dim", nd, -1)
+    elif name == "rot90":
+        dims = _axes_arg(ctx, 2, "dims", nd, [0, 1])
+    else:  # tril / triu
+        dims = [nd - 2, nd - 1]
+    if dims is None:
+        ctx.block_layout(lay, f"{name} over the flattened tensor")
+        return ctx.fresh(blocked=name)
+    out_shape = ctx.shape()
+    out = list(lay)
+    for d in dims:
+        ctx.block(lay[d], f"{name} moves positions")
+        if out_shape[d] != ctx.sym.size[lay[d]]:
+            out[d] = ctx.new(out_shape[d], name)
+    if name == "rot90":
+        out[dims[0]], out[dims[1]] = ctx.new(out_shape[dims[0]], name), ctx.new(out_shape[dims[1]], name)
+    return out
+
+
+@rule("unfold", F.unfold, F.fold,
+      nn.Unfold, nn.Fold, F.grid_sample, F.affine_grid, torch.fft.fft2, torch.fft.rfft2, torch.fft.irfft2,
       torch.fft.ifft2, torch.fft.rfft, torch.fft.irfft, torch.fft.fft, torch.fft.ifft)
 def _fix_all(ctx):
     """Ops that move entries between positions of their axes in ways that do
