@@ -45,11 +45,11 @@ def map_meta(meta, fn):
 
 
 def layout_symbols(layout) -> list[int]:
+    """Every symbol in a (possibly nested) layout."""
     if layout is None:
         return []
-    if layout and isinstance(layout[0], int) or layout == []:
-        return list(layout) if all(isinstance(s, int) for s in layout) else \
-            [s for x in layout for s in layout_symbols(x)]
+    if isinstance(layout, int):
+        return [layout]
     return [s for x in layout for s in layout_symbols(x)]
 
 
@@ -244,7 +244,12 @@ class GraphInference:
             what = f"module {type(ctx.module).__name__} ({node.target})"
             if self.user_opaque(node.target, ctx.module):
                 return None, what + " marked opaque"
-            return module_rule(ctx.module), what
+            exact = module_rule(ctx.module, exact_only=True)
+            if exact is not None:
+                return exact, what
+            # A subclass may change forward: look inside it first (see opaque),
+            # and only then fall back to the rule of the class it extends.
+            return None, what
         if node.op == "call_method":
             fn = METHOD_RULES.get(node.target)
             if fn is None and node.target in SHAPE_QUERIES:
@@ -274,6 +279,10 @@ class GraphInference:
             inner = self.inline(node, ctx)
             if inner is not None:
                 return inner
+            inherited = module_rule(ctx.module) if node.op == "call_module" and not \
+                self.user_opaque(node.target, ctx.module) else None
+            if inherited is not None:
+                return self._check_layout(node, inherited(ctx))
             reason = f"no rule for {what}"
         self.log.append((node.name, reason))
         for a in tensors:

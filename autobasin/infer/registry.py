@@ -47,10 +47,12 @@ def rule(*keys, inherit: bool = False, params: tuple[str, ...] = ()):
     return register
 
 
-def module_rule(module) -> Callable | None:
+def module_rule(module, exact_only: bool = False) -> Callable | None:
     hit = MODULE_RULES.get(type(module))
     if hit is not None:
         return hit[0]
+    if exact_only:
+        return None
     for base in type(module).__mro__[1:]:
         hit = MODULE_RULES.get(base)
         if hit is None:
