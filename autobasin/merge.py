@@ -80,3 +80,99 @@ def interpolate(a, b, lam: float):
         return interpolate_state_dicts(a, b, lam)
     raise TypeError(f"interpolate needs two nn.Modules or two state dicts, "
                     f"got {type(a).__name__} and {type(b).__name__}")
+
+
+def _average(state_dicts: list[StateDict], weights: list[float]) -> dict[str, torch.Tensor]:
+    """Weighted mean of floating entries (computed in float32/64, cast back);
+    integer buffers such as ``num_batches_tracked`` are taken from the first."""
+    out = {}
+    for key, first in state_dicts[0].items():
+        if not (isinstance(first, torch.Tensor) and _is_interpolable(first)):
+            out[key] = first
+            continue
+        wide = torch.float64 if first.dtype == torch.float64 else torch.float32
+        acc = torch.zeros(first.shape, dtype=wide, device=first.device)
+        for sd, w in zip(state_dicts, weights):
+            acc += w * sd[key].detach().to(first.device, wide)
+        out[key] = acc.to(first.dtype)
+    return out
+
+
+def merge_many(models, method: str = "weight", seed: int = 0, max_rounds: int = 10,
+               data=None, weights=None, spec=None, example_inputs=None, progress: bool = True,
+               stats: dict | None = None):
+    """MergeMany (Ainsworth et al. 2023, Algorithm 3): align N models to a
+    common basin and average them.
+
+    Each round visits the models in a random order (from ``seed``); model i is
+    aligned by weight matching to the (weighted) mean of the others, as
+    currently aligned. Rounds stop when a round changes no permutation, or
+    after ``max_rounds``. The result is the weighted mean of the aligned
+    models (``weights`` default to equal). With ``data``, BatchNorm running
+    statistics of the merged model are recomputed on it.
+
+    ``models``: nn.Modules of one architecture (the first one's class and
+    buffers are used for the result) or state dicts (then ``spec`` is needed
+    and a state dict is returned). Inputs are never modified.
+    """
+    from .match.weight import weight_matching
+    from .permute import apply_permutation, identity_permutation
+
+    if method != "weight":
+        raise ValueError(f"merge_many supports method='weight' (got {method!r})")
+    models = list(models)
+    if len(models) < 2:
+        raise ValueError("merge_many needs at least two models")
+    as_modules = all(isinstance(m, nn.Module) for m in models)
+    sds = [m.state_dict() if isinstance(m, nn.Module) else dict(m) for m in models]
+    for i, sd in enumerate(sds[1:], 1):
+        try:
+            _check_compatible(sds[0], sd)
+        except ValueError as e:
+            raise ValueError(f"model {i} does not match model 0: {e}") from None
+    if weights is None:
+        weights = [1.0 / len(models)] * len(models)
+    total = float(sum(weights))
+    if total <= 0 or any(w < 0 for w in weights) or len(weights) != len(models):
+        raise ValueError("weights must be one non-negative number per model, not all zero")
+    weights = [float(w) / total for w in weights]
+    if spec is None:
+        if not as_modules:
+            raise ValueError("pass spec= when merging state dicts")
+        from .infer import infer_spec
+        spec = infer_spec(models[0], example_inputs)
+
+    perms = [identity_permutation(spec) for _ in models]
+    aligned = list(sds)
+    gen = torch.Generator().manual_seed(seed)
+    rounds = 0
+    for rounds in range(1, max_rounds + 1):
+        changed = False
+        for i in torch.randperm(len(models), generator=gen).tolist():
+            others = [j for j in range(len(models)) if j != i]
+            w_others = [weights[j] for j in others]
+            norm = sum(w_others)
+            w_others = [w / norm for w in w_others] if norm > 0 else [1 / len(others)] * len(others)
+            target = _average([aligned[j] for j in others], w_others)
+            # first visit: weight matching's default start (solves each group
+            # best-determined first); later visits warm-start from the last answer
+            start = "greedy" if rounds == 1 else perms[i]
+            new = weight_matching(spec, target, sds[i], seed=seed + rounds * 1000 + i,
+                                  init=start, progress=False)
+            if any(not torch.equal(new[g], perms[i][g]) for g in new):
+                changed = True
+            perms[i] = new
+            aligned[i] = apply_permutation(spec, new, sds[i])
+        if not changed:
+            break
+    merged_sd = _average(aligned, weights)
+    if stats is not None:
+        stats.update(rounds=rounds, perms=perms)
+    if not as_modules:
+        return merged_sd
+    merged = copy.deepcopy(models[0])
+    merged.load_state_dict(merged_sd)
+    if data is not None:
+        from .repair import reset_bn_stats
+        reset_bn_stats(merged, data)
+    return merged
