@@ -1,15 +1,31 @@
-"""autobasin: align and merge neural networks modulo permutation symmetries."""
-from .spec import Group, Member, PermutationSpec, SpecError
+"""autobasin: align and merge neural networks modulo permutation symmetries.
+
+The pipeline: ``infer_spec`` (trace + infer) -> ``PermutationSpec`` -> a matcher
+(``weight_matching``, ``activation_matching``, ``ste_matching``) -> permutations
+-> ``apply_permutation`` -> ``interpolate`` / ``loss_barrier`` / ``merge_many``.
+``auto_rebasin`` runs it in one call.
+"""
+from .api import ArchitectureMismatchError, RebasinResult, auto_rebasin
+from .barrier import BarrierResult, loss_barrier, plot_barrier
+from .infer import infer_spec, rule
+from .io import CheckpointError, load_into, load_state_dict, save_perms, save_state_dict
+from .match.activation import activation_matching
+from .match.ste import ste_matching
+from .match.weight import weight_matching
+from .merge import interpolate, merge_many
+from .models import ModelSpecError, build_model
 from .permute import (EquivalenceError, apply_permutation, check_equivalence, compose,
                       identity_permutation, invert, permute_model, random_permutation)
-from .match import weight_matching
-from .merge import interpolate
 from .repair import reset_bn_stats
-from .barrier import BarrierResult, loss_barrier, plot_barrier
-from .api import RebasinResult, auto_rebasin
+from .spec import Group, Member, PermutationSpec, SpecError
 
-__all__ = ["Group", "Member", "PermutationSpec", "SpecError", "EquivalenceError",
-           "apply_permutation", "check_equivalence", "compose", "identity_permutation",
-           "invert", "permute_model", "random_permutation",
-           "weight_matching", "auto_rebasin", "RebasinResult", "interpolate", "reset_bn_stats",
-           "loss_barrier", "plot_barrier", "BarrierResult"]
+__all__ = [
+    "infer_spec", "rule", "PermutationSpec", "Group", "Member", "SpecError",
+    "random_permutation", "identity_permutation", "apply_permutation", "invert", "compose",
+    "permute_model", "check_equivalence", "EquivalenceError",
+    "weight_matching", "activation_matching", "ste_matching",
+    "auto_rebasin", "RebasinResult", "ArchitectureMismatchError",
+    "interpolate", "merge_many", "reset_bn_stats", "loss_barrier", "plot_barrier", "BarrierResult",
+    "load_state_dict", "save_state_dict", "load_into", "save_perms", "CheckpointError",
+    "build_model", "ModelSpecError",
+]

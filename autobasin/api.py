@@ -57,6 +57,27 @@ _weight.needs_data = False
 MATCHERS: dict[str, Matcher] = {"weight": _weight}
 
 
+def _activation(spec: PermutationSpec, a: nn.Module, b: nn.Module, data: Iterable | None,
+                seed: int, progress: bool, **kw: Any) -> Perms:
+    from .match.activation import activation_matching
+    return activation_matching(spec, a, b, data, seed=seed, progress=progress, **kw)
+
+
+_activation.needs_data = True
+MATCHERS["activation"] = _activation
+
+
+def _ste(spec: PermutationSpec, a: nn.Module, b: nn.Module, data: Iterable | None,
+         seed: int, progress: bool, **kw: Any) -> Perms:
+    from .match.ste import ste_matching
+    kw.pop("device", None)  # STE runs where model a is
+    return ste_matching(spec, a, b, data, seed=seed, progress=progress, **kw)
+
+
+_ste.needs_data = True
+MATCHERS["ste"] = _ste
+
+
 # ---------------------------------------------------------------------- checks
 def check_same_architecture(a: nn.Module, b: nn.Module) -> None:
     """Raise :class:`ArchitectureMismatchError` naming the first difference."""

@@ -129,6 +129,16 @@ def symbolic_trace(model: nn.Module, opaque: Iterable = (), warn: bool = True
     return gm, dict(tracer.failed)
 
 
+def _tensors_in(obj) -> list:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, (list, tuple)):
+        return [t for o in obj for t in _tensors_in(o)]
+    if isinstance(obj, dict):
+        return [t for o in obj.values() for t in _tensors_in(o)]
+    return []
+
+
 def _prune(gm: fx.GraphModule) -> None:
     """Drop nodes left by a failed attempt to trace into a submodule."""
     try:
@@ -153,6 +163,29 @@ class ExampleRecorder(fx.Interpreter):
         self.captured: dict[fx.Node, tuple[tuple, dict]] = {}
         self.passthrough: dict[fx.Node, int] = {}
 
+    def _always_passes_through(self, n: fx.Node, index: int, trials: int = 4) -> bool:
+        """Seeing a call return its input once proves nothing if it branches
+        on values: re-run it on random inputs of the same shapes (means of
+        both signs) and keep the shortcut only if it passes through each time."""
+        args, kwargs = self.captured[n]
+        target = self.fetch_attr(n.target) if n.op == "call_module" else n.target
+        gen = torch.Generator().manual_seed(0)
+        for trial in range(trials):
+            shift = (-1.0, 1.0, 0.0, 3.0)[trial % 4]
+            new_args, new_kwargs = _redraw(args, gen, shift), _redraw(kwargs, gen, shift)
+            flat = _tensors_in((new_args, new_kwargs))
+            try:
+                with torch.no_grad():
+                    out = target(*new_args, **new_kwargs)
+            except Exception:  # noqa: BLE001
+                return False
+            original = _tensors_in((args, kwargs))
+            ref = self.env.get(n.all_input_nodes[index])
+            k = next((j for j, t in enumerate(original) if t is ref), None)
+            if k is None or out is not flat[k]:
+                return False
+        return True
+
     def run_node(self, n: fx.Node) -> Any:
         if n in self.capture:
             args, kwargs = self.fetch_args_kwargs_from_env(n)
@@ -160,13 +193,23 @@ class ExampleRecorder(fx.Interpreter):
         value = super().run_node(n)
         if n in self.capture and isinstance(value, torch.Tensor):
             # an opaque call that hands back one of its inputs unchanged
-            flat = [a for a in n.all_input_nodes]
-            for i, a in enumerate(flat):
-                if self.env.get(a) is value:
+            for i, a in enumerate(n.all_input_nodes):
+                if self.env.get(a) is value and self._always_passes_through(n, i):
                     self.passthrough[n] = i
                     break
         self.meta[n] = describe(value)
         return value
+
+
+def _redraw(obj, gen, shift):
+    """``obj`` with every floating tensor replaced by random values."""
+    if isinstance(obj, torch.Tensor) and obj.is_floating_point():
+        return (torch.randn(obj.shape, generator=gen) + shift).to(obj.dtype).to(obj.device)
+    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+        return type(obj)(_redraw(o, gen, shift) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _redraw(v, gen, shift) for k, v in obj.items()}
+    return obj
 
 
 def as_args(example_inputs) -> tuple:

@@ -315,3 +315,29 @@ def test_roll_and_flip_fix_only_their_axes():
             return self.b(torch.relu(h)).sum(1)
     spec = exact(M(), torch.randn(2, 5, 3))
     assert group_with(spec, "a.weight")
+
+
+class ScaleIfPositive(nn.Module):
+    """Untraceable (branches on values) and returns its input unchanged on
+    some inputs: that must not be taken for an identity."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.scale = nn.Parameter(torch.rand(c) + 0.5)
+
+    def forward(self, x):
+        if x.mean() > 0:
+            return x * self.scale[:, None, None]
+        return x
+
+
+def test_opaque_module_returning_its_input_once_is_not_an_identity():
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), ScaleIfPositive(16), nn.ReLU(), nn.Conv2d(16, 8, 3)).eval()
+    x = -torch.rand(2, 3, 8, 8) - 1  # mean < 0: the module passes x through here
+    with pytest.warns(UserWarning):
+        spec = infer_spec(model, x)
+    # conv0's output feeds an opaque module whose parameter is unknown to the spec
+    assert not any(m.param == "0.weight" and m.axis == 0 for g in spec.groups.values() for m in g.members)
+    with torch.no_grad():
+        model[0].bias.fill_(5.0)  # now the other branch runs
+    assert check_equivalence(model, spec, torch.rand(2, 3, 8, 8)) <= 1e-4

@@ -20,6 +20,25 @@ where ``A_m = m.gather(A_T)`` (n, rest) and ``B_m`` gathers the same rows of
 A sweep visits all groups in a random order; the descent stops after a sweep
 in which no group improved its objective.
 
+Initialisation. Descent from the identity can stall far from the optimum: with
+every other group wrong, a group's similarity is mostly noise (on random-init
+networks, and wherever heads x head-dim or GroupNorm grids put two groups on
+one axis, B = P(A) is then not recovered). The default ``init="greedy"`` solves
+the groups once each, best-determined first. An axis of a tensor is *known*
+once every group acting on it is solved (axes no group acts on always are), and
+a member is *clean* when every other group that moves its rows ``B_m`` is
+solved. Its term ``A_m @ B_m^T`` is then exact, and if ``B = P(A)`` the true
+permutation maximises the sum of the clean terms (Cauchy-Schwarz), uniquely when
+the rows are distinct. So the greedy repeatedly solves the unsolved group with
+the most clean evidence (columns of its clean members) from its clean members
+alone. When no unsolved group has a clean member (a cycle, e.g. heads and
+head-dim of one axis), it solves the group whose members are closest to clean,
+replacing each unknown axis by a permutation-invariant signature: the tensor is
+sorted along every axis (or grid dimension) an unsolved group acts on. Sorting
+is invariant to any permutation of that axis, so for ``B = P(A)`` the true
+permutation still maximises the similarity. Descent then starts from there; on
+a planted problem it stops after one sweep.
+
 Cost. Only the tensors of ``g``'s members are touched in a step, and only along
 the axes other groups act on (one ``index_select`` per such axis), never the
 whole state dict. Terms that no other group touches (biases, norm scales, BN
@@ -29,6 +48,8 @@ skipped: its assignment would come out the same.
 """
 from __future__ import annotations
 
+import heapq
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Mapping
@@ -43,6 +64,10 @@ from .lap import solve_lap
 Perms = dict[str, torch.Tensor]
 
 _REL_TOL = 1e-12
+# A greedy step with at most this many columns of evidence per row accumulates its
+# similarity in float64: with one or two columns (a bias, a norm scale) the margin
+# of the right assignment over a swap of two close rows is below float32 rounding.
+_FLOAT64_COLS = 64
 
 
 @dataclass
@@ -55,6 +80,10 @@ class _Term:
     same_axis: list[tuple[str, Member]]        # other members on member.axis of this tensor
     other_axes: list[tuple[int, list[tuple[str, Member]]]]  # (axis, members) elsewhere
     deps: frozenset[str] = field(default_factory=frozenset)  # groups whose perms B_m depends on
+
+    @property
+    def cols(self) -> int:
+        return self.a_rows.shape[1]
 
 
 def _validate(spec: PermutationSpec, sd_a: Mapping[str, torch.Tensor],
@@ -102,9 +131,17 @@ def _make_term(gname: str, m: Member, on_tensor: list[tuple[str, Member]], a: to
         if o.axis != m.axis:
             elsewhere.setdefault(o.axis, []).append((h, o))
     whole_axis = m.is_plain and m.size == a.shape[m.axis]
-    return _Term(member=m, a_rows=m.gather(a),
+    mine = torch.zeros(a.shape[m.axis], dtype=torch.bool)
+    mine[m.positions().reshape(-1)] = True
+    # a member of the same axis on other positions (another segment) leaves B_m alone
+    same_axis = [(h, o) for h, o in others
+                 if o.axis == m.axis and bool(mine[o.positions().reshape(-1)].any())]
+    others = same_axis + [(h, o) for h, o in others if o.axis != m.axis]
+    # rows of a whole leading axis are a view of A (no copy); others are gathered
+    a_rows = a.reshape(m.size, -1) if whole_axis and m.axis == 0 else m.gather(a)
+    return _Term(member=m, a_rows=a_rows,
                  rows=None if whole_axis else m.positions().reshape(-1).to(a.device),
-                 same_axis=[(h, o) for h, o in others if o.axis == m.axis],
+                 same_axis=same_axis,
                  other_axes=sorted(elsewhere.items()),
                  deps=frozenset(h for h, _ in others))
 
@@ -113,21 +150,41 @@ def _b_rows(term: _Term, b: torch.Tensor, perms: Perms) -> torch.Tensor:
     """``B_m`` (n, rest): the member's rows of ``b`` with all other members applied.
 
     The row/column layout equals ``term.member.gather`` so it lines up with ``a_rows``.
+    Copies ``b`` once where it can: when axes of size > 1 follow the member's
+    axis, the member's axis is moved to the front first (a view) so that the
+    permuting ``index_select`` already writes the (n, rest) layout.
     """
     m = term.member
-    t = b
-    for axis, members in term.other_axes:
-        t = t.index_select(axis, _axis_perm(t.shape[axis], members, perms, t.device))
     rows = term.rows
     if term.same_axis:
-        idx = _axis_perm(t.shape[m.axis], term.same_axis, perms, t.device)
+        idx = _axis_perm(b.shape[m.axis], term.same_axis, perms, b.device)
         rows = idx if rows is None else idx[rows]
-    if rows is not None:
-        t = t.index_select(m.axis, rows)
-    t = t.movedim(m.axis, 0)
+    if math.prod(b.shape[m.axis + 1:]) > 1 and (term.other_axes or rows is not None):
+        t = b.movedim(m.axis, 0)
+        if rows is not None:
+            t = t.index_select(0, rows)
+        for axis, members in term.other_axes:
+            t = t.index_select(axis + 1 if axis < m.axis else axis,
+                               _axis_perm(b.shape[axis], members, perms, b.device))
+    else:  # the moved axis reshapes as a view: permute in place order, then move
+        t = b
+        for axis, members in term.other_axes:
+            t = t.index_select(axis, _axis_perm(t.shape[axis], members, perms, t.device))
+        if rows is not None:
+            t = t.index_select(m.axis, rows)
+        t = t.movedim(m.axis, 0)
     if len(m.shape) == 1:
         return t.reshape(m.size, -1)
     return t.reshape(*m.shape, -1).movedim(m.dim, 0).reshape(m.size, -1)
+
+
+def _accumulate(c: torch.Tensor | None, a_rows: torch.Tensor, b_rows: torch.Tensor) -> torch.Tensor:
+    """``c + a_rows @ b_rows.T`` (in place where possible); ``c`` may be wider than the rows."""
+    if c is None:
+        return a_rows @ b_rows.T
+    if c.dtype == a_rows.dtype:
+        return c.addmm_(a_rows, b_rows.T)
+    return c.add_(a_rows @ b_rows.T)
 
 
 def _permute_tensor(t: torch.Tensor, members: list[tuple[str, Member]], perms: Perms) -> torch.Tensor:
@@ -139,9 +196,129 @@ def _permute_tensor(t: torch.Tensor, members: list[tuple[str, Member]], perms: P
     return t
 
 
+def _signature_rows(term: _Term, t: torch.Tensor, perms: Perms | None,
+                    unknown: set[str] | frozenset[str]) -> torch.Tensor:
+    """Rows (n, rest) of member ``term.member`` of ``t``, invariant to the groups in ``unknown``.
+
+    Axes (or grid dimensions of the member's own axis) that an ``unknown`` group
+    acts on are sorted, which no permutation of them changes; the other groups
+    are applied at ``perms`` (None: not at all, for A). The member's own rows
+    keep their order, so permuting them permutes the result's rows.
+    """
+    m = term.member
+    for axis, members in term.other_axes:
+        if any(h in unknown for h, _ in members):
+            t = t.sort(dim=axis).values
+        elif perms is not None:
+            t = t.index_select(axis, _axis_perm(t.shape[axis], members, perms, t.device))
+    known = [(h, o) for h, o in term.same_axis if h not in unknown]
+    rows = m.positions().reshape(-1).to(t.device)
+    if known and perms is not None:
+        rows = _axis_perm(t.shape[m.axis], known, perms, t.device)[rows]
+    t = t.index_select(m.axis, rows).movedim(m.axis, 0).reshape(*m.shape, -1)
+    whole_row = False
+    for h, o in term.same_axis:
+        if h not in unknown:
+            continue
+        if (o.offset, o.shape, o.strides) == (m.offset, m.shape, m.strides) and o.dim != m.dim:
+            t = t.sort(dim=o.dim).values  # another dimension of the same grid
+        else:
+            whole_row = True  # overlapping in some other layout: sort whole rows
+    t = t.movedim(m.dim, 0).reshape(m.size, -1)
+    return t.sort(dim=1).values if whole_row else t
+
+
+def _greedy_init(spec: PermutationSpec, static: dict[str, torch.Tensor | None],
+                 static_cols: dict[str, int], dynamic: dict[str, list[_Term]],
+                 a_t: dict[str, torch.Tensor], b_t: dict[str, torch.Tensor], perms: Perms,
+                 device: torch.device) -> tuple[list[str], dict[str, bool], float, float]:
+    """Solve every group once, best-determined first (see the module docstring).
+
+    Updates ``perms`` in place. Returns the order the groups were solved in, for
+    each group whether its similarity was complete (every term exact, so equal
+    to what descent would compute at these perms), and the seconds spent on
+    similarities and on assignments.
+    """
+    names = list(spec.groups)
+    index = {g: i for i, g in enumerate(names)}
+    solved: set[str] = set()
+    waiting: dict[str, list[_Term]] = {g: [] for g in names}  # terms that wait on group g
+    unknown_deps: dict[int, int] = {}                          # id(term) -> unsolved deps
+    clean: dict[str, list[_Term]] = {g: [] for g in names}
+    cols = dict(static_cols)                                   # clean evidence per group
+    for g in names:
+        for term in dynamic[g]:
+            unknown_deps[id(term)] = len(term.deps)
+            for d in term.deps:
+                waiting[d].append(term)
+    owner = {id(t): g for g in names for t in dynamic[g]}
+    heap = [(-cols[g], index[g], g) for g in names]
+    heapq.heapify(heap)
+    order: list[str] = []
+    complete: dict[str, bool] = {}
+    sim_s = lap_s = 0.0
+
+    def mark_solved(g: str) -> None:
+        solved.add(g)
+        for term in waiting[g]:
+            unknown_deps[id(term)] -= 1
+            if unknown_deps[id(term)] == 0:
+                h = owner[id(term)]
+                clean[h].append(term)
+                if h not in solved:
+                    cols[h] += term.cols
+                    heapq.heappush(heap, (-cols[h], index[h], h))
+
+    for g in names:  # nothing to solve: size 0 or 1, or no members
+        if spec.groups[g].size <= 1 or (static[g] is None and not dynamic[g]):
+            complete[g] = True
+            mark_solved(g)
+
+    while len(solved) < len(names):
+        while heap and (heap[0][2] in solved or -heap[0][0] != cols[heap[0][2]]):
+            heapq.heappop(heap)
+        if heap and heap[0][0] < 0:
+            g = heap[0][2]
+            signature = False
+        else:  # no clean member anywhere: take the group closest to clean
+            def closeness(h: str) -> tuple[float, int]:
+                near = sum(t.cols / (1 + unknown_deps[id(t)]) for t in dynamic[h])
+                return near, -index[h]
+            g = max((h for h in names if h not in solved), key=closeness)
+            signature = True
+        t0 = time.perf_counter()
+        pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for term in clean[g]:
+            pairs.append((term.a_rows, _b_rows(term, b_t[term.member.param], perms)))
+        if signature:
+            unknown = {h for h in names if h not in solved}
+            chosen = {id(t) for t in clean[g]}
+            for term in dynamic[g]:
+                if id(term) not in chosen:
+                    p = term.member.param
+                    pairs.append((_signature_rows(term, a_t[p], None, unknown),
+                                  _signature_rows(term, b_t[p], perms, unknown)))
+        wide = static_cols[g] + sum(a.shape[1] for a, _ in pairs) > _FLOAT64_COLS
+        c = static[g].clone() if static[g] is not None else None
+        if c is not None and not wide:
+            c = c.double()
+        for a_rows, b_rows in pairs:
+            if not wide:
+                a_rows, b_rows = a_rows.double(), b_rows.double()
+            c = _accumulate(c, a_rows, b_rows)
+        complete[g] = len(clean[g]) == len(dynamic[g])
+        t1 = time.perf_counter()
+        sim_s += t1 - t0
+        perms[g] = solve_lap(c.double(), name=g).to(device)
+        lap_s += time.perf_counter() - t1
+        order.append(g)
+        mark_solved(g)
+    return order, complete, sim_s, lap_s
+
+
 def weight_matching(spec: PermutationSpec, state_dict_a: Mapping[str, torch.Tensor],
                     state_dict_b: Mapping[str, torch.Tensor], max_iter: int = 100, seed: int = 0,
-                    init: Mapping[str, torch.Tensor] | None = None, progress: bool = True,
+                    init: Mapping[str, torch.Tensor] | str | None = "greedy", progress: bool = True,
                     device: torch.device | str | None = None,
                     stats: dict | None = None) -> dict[str, torch.Tensor]:
     """Permutations of B's groups that maximise its inner product with A.
@@ -152,14 +329,22 @@ def weight_matching(spec: PermutationSpec, state_dict_a: Mapping[str, torch.Tens
             names must be in both, with equal shapes. Neither is modified.
         max_iter: most sweeps over all groups.
         seed: seeds the random group order of each sweep; equal seeds give equal results.
-        init: starting permutations, ``{group: LongTensor (n,)}``; groups left out
-            start at the identity.
+        init: where descent starts. ``"greedy"`` (default): solve each group once,
+            best-determined first (see the module docstring); recovers ``B = P(A)``
+            exactly. ``None`` or ``"identity"``: the identity. A mapping
+            ``{group: LongTensor (n,)}``: those permutations, groups left out
+            at the identity.
         progress: show a tqdm bar over sweeps.
         device: where to compute (default: the device of A's tensors).
-        stats: if a dict is given, it receives ``sweeps`` (int), ``objective_history``
-            (the objective ``sum_T <A_T, P(B_T)>`` after each sweep, floats),
-            ``initial_objective``, ``converged`` (bool) and the seconds spent in
-            ``similarity_seconds`` and ``lap_seconds`` and in all, ``seconds``.
+        stats: if a dict is given, it receives ``sweeps`` (int, descent sweeps
+            after the initialisation), ``objective_history`` (the objective
+            ``sum_T <A_T, P(B_T)>`` after each sweep, floats),
+            ``initial_objective`` (at the start of descent, after the
+            initialisation), ``converged`` (bool), ``init`` (``"greedy"``,
+            ``"identity"`` or ``"given"``), ``init_order`` (groups in the order the
+            greedy solved them) and the seconds spent in ``init_seconds``,
+            ``similarity_seconds`` and ``lap_seconds`` (both including the
+            initialisation's) and in all, ``seconds``.
 
     Returns:
         ``{group name: CPU LongTensor (n,)}``; apply it to B with
@@ -171,8 +356,16 @@ def weight_matching(spec: PermutationSpec, state_dict_a: Mapping[str, torch.Tens
     start = time.perf_counter()
     _validate(spec, state_dict_a, state_dict_b)
     names = list(spec.groups)
-    if init is not None:
-        unknown = [k for k in init if k not in spec.groups]
+    if isinstance(init, str):
+        if init not in ("greedy", "identity"):
+            raise ValueError(f"init must be 'greedy', 'identity', None or a mapping of "
+                             f"permutations, not {init!r}")
+        mode, given = init, {}
+    elif init is None:
+        mode, given = "identity", {}
+    else:
+        mode, given = "given", init
+        unknown = [k for k in given if k not in spec.groups]
         if unknown:
             raise SpecError(f"init has a permutation for {unknown[0]!r}, which is not a group of the spec")
     by_param = spec.members_by_param()
@@ -187,25 +380,30 @@ def weight_matching(spec: PermutationSpec, state_dict_a: Mapping[str, torch.Tens
 
         perms: Perms = {}
         for name, g in spec.groups.items():
-            p = _check_perm(name, init[name], g.size) if init is not None and name in init \
-                else torch.arange(g.size)
+            p = _check_perm(name, given[name], g.size) if name in given else torch.arange(g.size)
             perms[name] = p.to(device)
 
         # Per group: the static part of C and the terms that depend on other groups.
         static: dict[str, torch.Tensor | None] = {}
+        static_cols: dict[str, int] = {}
         dynamic: dict[str, list[_Term]] = {}
         deps: dict[str, tuple[str, ...]] = {}
         for gname, g in spec.groups.items():
             static[gname] = None
             dynamic[gname] = []
+            fixed = []
             for m in g.members:
                 term = _make_term(gname, m, by_param[m.param], a_t[m.param])
                 if term.deps:
                     dynamic[gname].append(term)
                 else:
-                    b_rows = _b_rows(term, b_t[m.param], perms)
-                    static[gname] = term.a_rows @ b_rows.T if static[gname] is None \
-                        else static[gname].addmm_(term.a_rows, b_rows.T)
+                    fixed.append(term)
+            static_cols[gname] = sum(t.cols for t in fixed)
+            for term in fixed:  # few columns (biases, norms): float64, see _FLOAT64_COLS
+                a_rows, b_rows = term.a_rows, _b_rows(term, b_t[term.member.param], perms)
+                if static_cols[gname] <= _FLOAT64_COLS:
+                    a_rows, b_rows = a_rows.double(), b_rows.double()
+                static[gname] = _accumulate(static[gname], a_rows, b_rows)
             deps[gname] = tuple(sorted(frozenset().union(*(t.deps for t in dynamic[gname]))))
 
         def objective() -> float:
@@ -217,10 +415,22 @@ def weight_matching(spec: PermutationSpec, state_dict_a: Mapping[str, torch.Tens
 
         version = dict.fromkeys(names, 0)
         solved_at: dict[str, tuple[int, ...] | None] = dict.fromkeys(names)
+        sim_s = lap_s = init_s = 0.0
+        order: list[str] = []
+        if mode == "greedy":
+            t0 = time.perf_counter()
+            order, complete, sim_s, lap_s = _greedy_init(spec, static, static_cols, dynamic,
+                                                         a_t, b_t, perms, device)
+            for gname in names:
+                version[gname] = 0 if torch.equal(perms[gname].cpu(), torch.arange(perms[gname].numel())) else 1
+            for gname in names:  # solved from its full similarity at these perms: descent may skip it
+                if complete[gname]:
+                    solved_at[gname] = tuple(version[d] for d in deps[gname])
+            init_s = time.perf_counter() - t0
+
         gen = torch.Generator().manual_seed(seed)
         history: list[float] = []
         initial = objective() if stats is not None else float("nan")
-        sim_s = lap_s = 0.0
         sweeps = 0
         converged = False
         bar = tqdm(total=max_iter, desc="weight matching", unit="sweep", disable=not progress)
@@ -236,8 +446,7 @@ def weight_matching(spec: PermutationSpec, state_dict_a: Mapping[str, torch.Tens
                 t0 = time.perf_counter()
                 c = static[gname].clone() if static[gname] is not None else None
                 for term in dynamic[gname]:
-                    b_rows = _b_rows(term, b_t[term.member.param], perms)
-                    c = term.a_rows @ b_rows.T if c is None else c.addmm_(term.a_rows, b_rows.T)
+                    c = _accumulate(c, term.a_rows, _b_rows(term, b_t[term.member.param], perms))
                 if c is None:  # a group without members: nothing to align
                     solved_at[gname] = key
                     continue
@@ -266,6 +475,7 @@ def weight_matching(spec: PermutationSpec, state_dict_a: Mapping[str, torch.Tens
     result = {name: p.cpu() for name, p in perms.items()}
     if stats is not None:
         stats.update(sweeps=sweeps, objective_history=history, initial_objective=initial,
-                     converged=converged, similarity_seconds=sim_s, lap_seconds=lap_s,
+                     converged=converged, init=mode, init_order=order, init_seconds=init_s,
+                     similarity_seconds=sim_s, lap_seconds=lap_s,
                      seconds=time.perf_counter() - start)
     return result

@@ -1,0 +1,902 @@
+"""The ``autobasin`` command line.
+
+::
+
+    autobasin inspect MODEL [--input-size C H W] [--json SPEC.json] [--plot SPEC.png]
+    autobasin align   MODEL --a A --b B --out OUT [--method weight] [--data DATA] [--perms P]
+    autobasin merge   MODEL CKPT CKPT ... --out OUT
+    autobasin barrier MODEL --a A --b B --data DATA [--plot FILE.png] [--reset-bn] [--lambdas 25]
+    autobasin demo    [--out DIR] [--quick]
+
+MODEL is ``timm:NAME``, ``torchvision:NAME`` or ``path/to/file.py:factory``
+(:func:`autobasin.models.build_model`). Checkpoints are ``.safetensors`` or
+PyTorch files (:mod:`autobasin.io`). DATA is an image folder, a folder holding
+the MNIST IDX test files, ``digits`` (scikit-learn's bundled digits) or
+``module:function`` / ``file.py:function`` returning a DataLoader.
+
+Every input is checked (files exist, checkpoints load into the architecture,
+data yields batches the model accepts) before any long computation. Exit
+codes: 0 success, 2 usage or input error, 3 checkpoint/architecture mismatch,
+4 verification failed (the aligned model computes something else), 1
+unexpected error. Expected errors print one line ``autobasin: error: ...``.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import copy
+import inspect as _inspect
+import json
+import math
+import os
+import random
+import sys
+import time
+import traceback
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import nn
+
+PROG = "autobasin"
+
+EXIT_OK, EXIT_UNEXPECTED, EXIT_USAGE, EXIT_MISMATCH, EXIT_VERIFY = 0, 1, 2, 3, 4
+
+
+class UsageError(ValueError):
+    """Bad arguments or unreadable inputs (exit code 2)."""
+
+
+class DataError(UsageError):
+    """The DATA argument names nothing usable (exit code 2)."""
+
+
+# ---------------------------------------------------------------------- logging
+class _Log:
+    def __init__(self, quiet: bool = False):
+        self.quiet = quiet
+
+    def __call__(self, msg: str) -> None:
+        if not self.quiet:
+            print(msg, file=sys.stderr, flush=True)
+
+
+def _out(msg: str = "") -> None:
+    print(msg, flush=True)
+
+
+# ------------------------------------------------------------------- arguments
+def _model_kwargs(items: Sequence[str] | None) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--model-kwargs expects KEY=VALUE, got {item!r}")
+        try:
+            kwargs[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            kwargs[key] = value
+    return kwargs
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise UsageError(f"--device {name!r}: {e}") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available on this machine")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {name}: MPS is not available on this machine")
+    return device
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+        np.random.seed(seed % 2**32)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def _existing_file(path: str, what: str) -> Path:
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise UsageError(f"{what} {p}: no such file")
+    if not p.is_file():
+        raise UsageError(f"{what} {p} is not a file")
+    return p
+
+
+def _output_path(path: str, what: str) -> Path:
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise UsageError(f"{what} {p} is a folder; give a file name")
+    parent = p.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not os.access(parent, os.W_OK):
+        raise UsageError(f"{what} {p}: cannot write to {parent}")
+    return p
+
+
+# ----------------------------------------------------------------------- models
+def _build(args) -> nn.Module:
+    from .models import build_model
+    return build_model(args.model, num_classes=args.num_classes,
+                       **_model_kwargs(args.model_kwargs))
+
+
+def _example_inputs(model: nn.Module, input_size: Sequence[int] | None, batch: int = 2):
+    from .trace import default_inputs
+    if input_size:
+        gen = torch.Generator().manual_seed(0)
+        param = next(model.parameters(), None)
+        dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+        return (torch.randn(batch, *input_size, generator=gen).to(dtype),)
+    try:
+        return default_inputs(model, batch=batch)
+    except ValueError as e:
+        raise UsageError(f"{e}; or pass --input-size with the input shape (no batch dim)") from e
+
+
+def _load_checkpoint(model: nn.Module, path: Path, key: str | None, log: _Log,
+                     in_place: bool = False) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """``model`` (a copy unless ``in_place``) holding ``path``'s weights, and the stored
+    state dict (its own dtypes)."""
+    from .io import load_into, load_state_dict
+    log(f"loading {path}")
+    sd = load_state_dict(path, key=key)
+    out = model if in_place else copy.deepcopy(model)
+    load_into(out, sd, source=path)
+    return out.eval(), sd
+
+
+# ------------------------------------------------------------------------- data
+@dataclass
+class DataSource:
+    """Resolved DATA: ``eval`` batches for the chosen split, ``train`` batches for
+    matching and BatchNorm resets (the training split when the source has one)."""
+
+    description: str
+    eval: Iterable
+    train: Iterable
+    has_train_split: bool
+
+
+def _dataloader(dataset, args, shuffle: bool = False):
+    from torch.utils.data import DataLoader
+    return DataLoader(dataset, batch_size=args.batch_size, shuffle=shuffle,
+                      num_workers=args.workers,
+                      generator=torch.Generator().manual_seed(args.seed))
+
+
+def _to_rgb(image):
+    return image.convert("RGB")
+
+
+def _image_transform(model: nn.Module, input_size: Sequence[int] | None):
+    from torchvision import transforms as T
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    torchvision_model = type(model).__module__.startswith("torchvision.models")
+    if input_size:
+        if len(input_size) != 3:
+            raise UsageError(f"--input-size for image data is C H W, got {list(input_size)}")
+        c, h, w = input_size
+    elif cfg.get("input_size"):
+        c, h, w = cfg["input_size"][-3:]
+    elif torchvision_model:
+        c, h, w = 3, 224, 224
+    else:
+        raise DataError(f"cannot tell what image size {type(model).__name__} expects: "
+                        "pass --input-size C H W")
+    mean, std = cfg.get("mean"), cfg.get("std")
+    if mean is None and torchvision_model:
+        mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    crop_pct = cfg.get("crop_pct")
+    steps: list = []
+    if c == 1:
+        steps.append(T.Grayscale(1))
+    elif c == 3:
+        steps.append(T.Lambda(_to_rgb))
+    if crop_pct:
+        steps += [T.Resize(int(math.floor(min(h, w) / crop_pct))), T.CenterCrop((h, w))]
+    else:
+        steps.append(T.Resize((h, w)))
+    steps.append(T.ToTensor())
+    if mean is not None and std is not None and len(mean) == c:
+        steps.append(T.Normalize(mean, std))
+    return T.Compose(steps), (c, h, w)
+
+
+_TRAIN_DIRS = ("train", "training")
+_HELDOUT_DIRS = ("val", "validation", "valid", "test", "heldout")
+
+
+def _image_folder(root: Path, model, args) -> DataSource:
+    from torchvision.datasets import ImageFolder
+    transform, size = _image_transform(model, args.input_size)
+    train_dir = next((root / d for d in _TRAIN_DIRS if (root / d).is_dir()), None)
+    held_dir = next((root / d for d in _HELDOUT_DIRS if (root / d).is_dir()), None)
+    if train_dir is not None and held_dir is not None:
+        eval_dir = held_dir if args.split == "heldout" else train_dir
+    else:
+        train_dir = eval_dir = root
+
+    def folder(path: Path):
+        try:
+            return ImageFolder(str(path), transform=transform)
+        except (FileNotFoundError, RuntimeError, OSError) as e:
+            raise DataError(f"image folder {path}: {e}") from e
+
+    eval_ds = folder(eval_dir)
+    train_ds = eval_ds if train_dir == eval_dir else folder(train_dir)
+    desc = (f"image folder {eval_dir} ({len(eval_ds)} images, {len(eval_ds.classes)} classes, "
+            f"resized to {size[0]}x{size[1]}x{size[2]})")
+    return DataSource(desc, _dataloader(eval_ds, args), _dataloader(train_ds, args),
+                      has_train_split=train_dir != eval_dir)
+
+
+def _from_function(target: str, args) -> DataSource:
+    from torch.utils.data import Dataset
+    from .models import ModelSpecError, load_callable
+    try:
+        fn = load_callable(target, what="function")
+    except ModelSpecError as e:
+        raise DataError(f"DATA {target!r}: {e}") from e
+
+    def call(split: str):
+        try:
+            params = _inspect.signature(fn).parameters
+        except (TypeError, ValueError):
+            params = {}
+        kwargs = {"split": split} if "split" in params else {}
+        obj = fn(**kwargs)
+        if isinstance(obj, Dataset) and not isinstance(obj, torch.utils.data.IterableDataset):
+            obj = _dataloader(obj, args)
+        try:
+            if iter(obj) is obj:  # a one-shot iterator: keep its batches, they are read many times
+                obj = list(obj)
+        except TypeError as e:
+            raise DataError(f"DATA {target!r} returned a {type(obj).__name__}, "
+                            "not a DataLoader or an iterable of batches") from e
+        return obj
+
+    eval_data = call(args.split)
+    takes_split = "split" in getattr(_safe_signature(fn), "parameters", {})
+    train_data = call("train") if takes_split and args.split != "train" else eval_data
+    return DataSource(f"{target} ({args.split})", eval_data, train_data,
+                      has_train_split=takes_split)
+
+
+def _safe_signature(fn):
+    try:
+        return _inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+
+
+def resolve_data(spec: str, model: nn.Module, args) -> DataSource:
+    """Turn a DATA argument into batches (see the module docstring)."""
+    from .data import MNIST_IMAGES, digits_split, mnist_split
+    path = Path(spec).expanduser()
+    if spec == "digits" and not path.exists():
+        train, held = digits_split(seed=0)
+        eval_ds = held if args.split == "heldout" else train
+        return DataSource(f"sklearn digits, {args.split} split ({len(eval_ds)} images)",
+                          _dataloader(eval_ds, args), _dataloader(train, args), True)
+    if path.is_dir():
+        if (path / MNIST_IMAGES).is_file():
+            try:
+                train, held = mnist_split(path)
+            except (OSError, ValueError) as e:  # missing labels, bad checksum, malformed IDX
+                raise DataError(f"MNIST data {path}: {e}") from e
+            eval_ds = held if args.split == "heldout" else train
+            return DataSource(f"MNIST IDX {path}, {args.split} split ({len(eval_ds)} images)",
+                              _dataloader(eval_ds, args), _dataloader(train, args), True)
+        return _image_folder(path, model, args)
+    if path.exists():
+        raise DataError(f"DATA {path} is a file; DATA is an image folder, an MNIST IDX folder, "
+                        "'digits', or module:function")
+    if ":" in spec:
+        return _from_function(spec, args)
+    raise DataError(f"DATA {spec!r}: no such folder; DATA is an image folder, an MNIST IDX "
+                    "folder, 'digits', or module:function returning a DataLoader")
+
+
+def _first_batch(data: Iterable, what: str):
+    try:
+        return next(iter(data))
+    except StopIteration:
+        raise DataError(f"{what} yielded no batches") from None
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001 - unreadable images, bad files, user code
+        raise DataError(f"reading the first batch of {what} failed: {type(e).__name__}: {e}") from e
+
+
+def _check_batch(model: nn.Module, batch, what: str, need_target: bool) -> torch.Tensor:
+    """The input of ``batch``; the model must accept it (and a target exist if needed)."""
+    from .barrier import _batch_target
+    from .repair import batch_input
+    try:
+        x = batch_input(batch)
+    except TypeError as e:
+        raise DataError(f"{what}: {e}") from e
+    if need_target:
+        try:
+            _batch_target(batch)
+        except TypeError as e:
+            raise DataError(f"{what}: batches must be (input, target) pairs to score a loss") from e
+    try:
+        was = model.training
+        model.eval()
+        with torch.no_grad():
+            model(x[:2])
+        model.train(was)
+    except Exception as e:  # noqa: BLE001
+        raise DataError(f"the model cannot run on a batch of {what} (input shape "
+                        f"{tuple(x.shape)}): {type(e).__name__}: {str(e).splitlines()[0]}") from e
+    return x
+
+
+# ------------------------------------------------------------------------ plots
+def plot_spec(spec, path: str | os.PathLike | None = None, title: str | None = None):
+    """Draw a spec's groups over the model's tensors; returns the matplotlib Figure.
+
+    Tensors (state_dict order) sit on a horizontal line, left to right; each
+    group is a coloured hub above them, joined to the tensors it permutes: a
+    solid edge for axis 0 (outputs), dashed for axis 1 (inputs), dotted for
+    other axes. Parameters no group touches are red; buffers are small grey
+    squares. Saved to ``path`` (PNG) when given.
+    """
+    import networkx as nx
+    from matplotlib import colormaps
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    names = [n for n, info in spec.tensors.items() if info.floating]
+    index = {n: i for i, n in enumerate(names)}
+    by_param = spec.members_by_param()
+    graph = nx.MultiGraph()
+    pos: dict = {}
+    for n in names:
+        graph.add_node(("t", n))
+        pos[("t", n)] = (float(index[n]), 0.0)
+
+    groups = [g for g in spec.groups.values() if any(m.param in index for m in g.members)]
+    hub_x = {g.name: sum(index[m.param] for m in g.members if m.param in index)
+             / sum(1 for m in g.members if m.param in index) for g in groups}
+    groups.sort(key=lambda g: hub_x[g.name])
+    levels = max(1, min(5, math.ceil(2.5 * len(groups) / max(len(names), 1))))
+    levels = max(levels, min(len(groups), 3))
+    cmap = colormaps["tab20"]
+    # dark tab20 shades first, so neighbouring hubs differ clearly
+    colour = {g.name: cmap((2 * i) % 20 + (i // 10) % 2) for i, g in enumerate(groups)}
+    for k, g in enumerate(groups):
+        node = ("g", g.name)
+        graph.add_node(node)
+        pos[node] = (hub_x[g.name], 1.0 + 0.6 * (k % levels))
+        for m in g.members:
+            if m.param in index:
+                graph.add_edge(node, ("t", m.param), axis=m.axis, group=g.name)
+
+    width = min(80.0, max(8.0, 0.2 * len(names) + 2))
+    height = 3.0 + 0.6 * levels
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    styles = {0: "solid", 1: "dashed"}
+    for style in ("solid", "dashed", "dotted"):
+        edges = [(u, v) for u, v, d in graph.edges(data=True)
+                 if styles.get(d["axis"], "dotted") == style]
+        if edges:
+            cols = [colour[(u if u[0] == "g" else v)[1]] for u, v in edges]
+            nx.draw_networkx_edges(graph, pos, edgelist=edges, edge_color=cols, style=style,
+                                   width=1.3, alpha=0.8, ax=ax)
+    params = [("t", n) for n in names if spec.tensors[n].is_parameter]
+    covered = [t for t in params if t[1] in by_param]
+    uncovered = [t for t in params if t[1] not in by_param]
+    buffers = [("t", n) for n in names if not spec.tensors[n].is_parameter]
+    nx.draw_networkx_nodes(graph, pos, nodelist=covered, node_size=40, node_color="#9ecae1",
+                           edgecolors="k", linewidths=0.5, ax=ax)
+    if uncovered:
+        nx.draw_networkx_nodes(graph, pos, nodelist=uncovered, node_size=40,
+                               node_color="#fb6a4a", edgecolors="k", linewidths=0.5, ax=ax)
+    if buffers:
+        nx.draw_networkx_nodes(graph, pos, nodelist=buffers, node_size=18, node_shape="s",
+                               node_color="#d9d9d9", edgecolors="#737373", linewidths=0.5, ax=ax)
+    hubs = [("g", g.name) for g in groups]
+    nx.draw_networkx_nodes(graph, pos, nodelist=hubs, node_size=110,
+                           node_color=[colour[h[1]] for h in hubs], edgecolors="k",
+                           linewidths=0.6, ax=ax)
+    label_size = 7 if len(names) < 80 else 5
+    for n in names:
+        ax.text(index[n], -0.08, n, rotation=90, ha="center", va="top", fontsize=label_size)
+    for g in groups:
+        x, y = pos[("g", g.name)]
+        ax.text(x, y + 0.1, f"{g.name} ({g.size})", rotation=30, ha="left", va="bottom",
+                fontsize=label_size, color="k")
+    ax.set_xlim(-1, max(len(names), 2))
+    ax.set_ylim(-0.3, 1.9 + 0.6 * levels)
+    ax.axis("off")
+    handles = [Line2D([], [], color="k", linestyle="solid", label="axis 0 (outputs)"),
+               Line2D([], [], color="k", linestyle="dashed", label="axis 1 (inputs)"),
+               Line2D([], [], color="k", linestyle="dotted", label="other axis"),
+               Line2D([], [], marker="o", linestyle="", markerfacecolor="#9ecae1",
+                      markeredgecolor="k", label="parameter, permuted"),
+               Line2D([], [], marker="o", linestyle="", markerfacecolor="#fb6a4a",
+                      markeredgecolor="k", label="parameter, fixed"),
+               Line2D([], [], marker="s", linestyle="", markerfacecolor="#d9d9d9",
+                      markeredgecolor="#737373", label="buffer")]
+    ax.legend(handles=handles, loc="upper left", fontsize=7, frameon=False, ncol=6)
+    ax.set_title(title or f"{len(spec.groups)} permutation groups over {len(names)} tensors, "
+                 f"coverage {spec.coverage():.3f}", fontsize=9)
+    fig.tight_layout()
+    if path is not None:
+        from .io import atomic_write
+        dest = Path(path)
+        atomic_write(dest, lambda tmp: fig.savefig(tmp, dpi=100, format="png",
+                                                      bbox_inches="tight"))
+    return fig
+
+
+# -------------------------------------------------------------------- commands
+def cmd_inspect(args, log: _Log) -> int:
+    from .infer import infer_spec
+    from .permute import check_equivalence
+    json_out = _output_path(args.json, "--json") if args.json else None
+    plot_out = _output_path(args.plot, "--plot") if args.plot else None
+    model = _build(args)
+    example = _example_inputs(model, args.input_size)
+    log(f"tracing {args.model} ({type(model).__name__}, "
+        f"{sum(p.numel() for p in model.parameters()):,} parameters)")
+    spec = infer_spec(model, example)
+    _out(str(spec))
+    n_params = sum(1 for i in spec.tensors.values() if i.is_parameter)
+    touched = set(spec.members_by_param())
+    fixed = [n for n, i in spec.tensors.items()
+             if i.is_parameter and i.floating and n not in touched]
+    _out("")
+    _out(f"coverage: {spec.coverage():.4f} of parameter elements are permuted; "
+         f"{len(spec.groups)} groups over {n_params} parameters "
+         f"({len(fixed)} fixed{': ' + ', '.join(fixed[:6]) if fixed else ''}"
+         f"{', ...' if len(fixed) > 6 else ''})")
+    if spec.blocked:
+        shown = spec.blocked if args.all else spec.blocked[:20]
+        _out(f"blocked ops ({len(spec.blocked)}), where inference left axes unpermuted:")
+        for name, reason in shown:
+            _out(f"  {name}: {reason}")
+        if len(shown) < len(spec.blocked):
+            _out(f"  ... {len(spec.blocked) - len(shown)} more (--all lists them)")
+    else:
+        _out("blocked ops: none")
+    if args.verify and spec.groups:
+        from .testing import randomize_state_
+        probe = randomize_state_(copy.deepcopy(model), seed=args.seed)
+        err = check_equivalence(probe, spec, example, seed=args.seed)
+        _out(f"verified: a random permutation of every group leaves the outputs unchanged "
+             f"(relative error {err:.2e})")
+    if json_out is not None:
+        from .io import atomic_write
+        text = spec.to_json()
+        atomic_write(json_out, lambda tmp: Path(tmp).write_text(text))
+        log(f"wrote {json_out}")
+    if plot_out is not None:
+        plot_spec(spec, plot_out, title=f"{args.model}: {len(spec.groups)} groups, "
+                                        f"coverage {spec.coverage():.3f}")
+        log(f"wrote {plot_out}")
+    return EXIT_OK
+
+
+def _matcher_needs_data(method: str) -> bool:
+    from .api import MATCHERS
+    return bool(getattr(MATCHERS[method], "needs_data", False))
+
+
+def _distance(sd_a: dict, sd_b: dict) -> float:
+    total = 0.0
+    for k, ta in sd_a.items():
+        tb = sd_b[k]
+        if ta.is_floating_point():
+            total += float((ta.double() - tb.double()).pow(2).sum())
+    return math.sqrt(total)
+
+
+def _load_spec(path: str | None):
+    if not path:
+        return None
+    from .spec import PermutationSpec, SpecError
+    p = _existing_file(path, "--spec")
+    try:
+        return PermutationSpec.from_json(p.read_text())
+    except (ValueError, KeyError, TypeError, SpecError) as e:
+        raise UsageError(f"--spec {p}: not an autobasin spec JSON ({e})") from e
+
+
+def _align(args, log: _Log, model_a: nn.Module, model_b: nn.Module, example,
+           data: DataSource | None, device: torch.device, spec=None):
+    from .api import auto_rebasin
+    t0 = time.perf_counter()
+    log(f"aligning B to A ({args.method} matching)")
+    result = auto_rebasin(model_a, model_b, example_inputs=example, method=args.method,
+                          data=data.train if data is not None else None, seed=args.seed,
+                          spec=spec,
+                          max_iter=args.max_iter, progress=not args.quiet, device=device)
+    return result, time.perf_counter() - t0
+
+
+def _prepare_pair(args, log: _Log, need_data: bool, need_target: bool):
+    """Check every input and load A and B; nothing long has run yet."""
+    from .api import MATCHERS
+    if args.method not in MATCHERS:
+        raise UsageError(f"unknown --method {args.method!r}; available: {sorted(MATCHERS)}")
+    path_a = _existing_file(args.a, "--a")
+    path_b = _existing_file(args.b, "--b")
+    device = _device(args.device)
+    spec = _load_spec(getattr(args, "spec", None))
+    model = _build(args)
+    model_b, raw_b = _load_checkpoint(model, path_b, args.checkpoint_key, log)
+    model_a, _ = _load_checkpoint(model, path_a, args.checkpoint_key, log, in_place=True)
+    data = None
+    if need_data and not args.data:
+        raise UsageError(f"--method {args.method} needs --data")
+    if args.data:
+        data = resolve_data(args.data, model_a, args)
+        log(f"data: {data.description}")
+        x = _check_batch(model_a, _first_batch(data.eval, f"DATA {args.data}"),
+                         f"DATA {args.data}", need_target)
+        if data.train is not data.eval:
+            _check_batch(model_a, _first_batch(data.train, f"DATA {args.data} (train split)"),
+                         f"DATA {args.data} (train split)", False)
+        example = (x[:2].to(torch.float32) if x.is_floating_point() else x[:2],)
+        if args.input_size:
+            example = _example_inputs(model_a, args.input_size)
+    else:
+        example = _example_inputs(model_a, args.input_size)
+    if spec is not None:  # a spec from another model fails here, not after the long part
+        from .spec import SpecError
+        sd = model_a.state_dict()
+        for g in spec.groups.values():
+            for m in g.members:
+                if m.param not in sd:
+                    raise SpecError(f"--spec {args.spec}: group {g.name!r} names {m.param!r}, "
+                                    f"which {args.model} does not have")
+                if m.axis >= sd[m.param].dim() or \
+                        int(m.positions().max()) >= sd[m.param].shape[m.axis]:
+                    raise SpecError(f"--spec {args.spec}: group {g.name!r} does not fit "
+                                    f"{m.param!r} of shape {tuple(sd[m.param].shape)}")
+    return model_a, model_b, raw_b, data, example, device, spec
+
+
+def cmd_align(args, log: _Log) -> int:
+    from .io import save_perms, save_state_dict
+    from .permute import apply_permutation
+    out = _output_path(args.out, "--out")
+    perms_out = _output_path(args.perms, "--perms") if args.perms else \
+        out.with_name(out.stem + ".perms.safetensors")
+    model_a, model_b, raw_b, data, example, device, spec = _prepare_pair(
+        args, log, need_data=_matcher_needs_data(args.method), need_target=False)
+    result, seconds = _align(args, log, model_a, model_b, example, data, device, spec)
+    # permute B's stored tensors, so the file keeps B's dtypes exactly
+    aligned_sd = apply_permutation(result.spec, result.perms, raw_b)
+    sd_a, sd_b = model_a.state_dict(), model_b.state_dict()
+    before, after = _distance(sd_a, sd_b), _distance(sd_a, result.state_dict)
+    save_state_dict(aligned_sd, out, metadata={"autobasin": "aligned", "method": args.method,
+                                               "reference": str(args.a), "source": str(args.b)})
+    save_perms(result.perms, perms_out, metadata={"method": args.method})
+    stats = result.stats
+    _out(f"spec: {len(result.spec.groups)} groups, coverage {result.spec.coverage():.4f}")
+    extra = f", {stats['sweeps']} sweeps" if stats.get("sweeps") else ""
+    _out(f"aligned with {args.method} matching in {seconds:.2f} s{extra} "
+         "(spec inference, matching and verification)")
+    if "verify_error" in stats:
+        _out(f"verified: aligned B computes what B computes (relative error "
+             f"{stats['verify_error']:.2e})")
+    _out(f"L2 distance to A: B {before:.4f} -> aligned B {after:.4f}")
+    _out(f"wrote {out}")
+    _out(f"wrote {perms_out}")
+    return EXIT_OK
+
+
+def cmd_barrier(args, log: _Log) -> int:
+    from .barrier import loss_barrier, plot_barrier
+    from .demo import barrier_table
+    plot_out = _output_path(args.plot, "--plot") if args.plot else None
+    json_out = _output_path(args.json, "--json") if args.json else None
+    if args.lambdas < 2:
+        raise UsageError(f"--lambdas must be at least 2, got {args.lambdas}")
+    model_a, model_b, _, data, example, device, spec = _prepare_pair(args, log, need_data=True,
+                                                                     need_target=True)
+    if args.reset_bn and not data.has_train_split:
+        log("note: --reset-bn recomputes BatchNorm statistics on the evaluation data itself "
+            "(DATA has no separate training split)")
+    reset = data.train if args.reset_bn else None
+    log("naive interpolation")
+    naive = loss_barrier(model_a, model_b, data.eval, lambdas=args.lambdas, reset_bn=reset,
+                         device=device, progress=not args.quiet)
+    result, seconds = _align(args, log, model_a, model_b, example, data, device, spec)
+    log("aligned interpolation")
+    aligned = loss_barrier(model_a, result.model, data.eval, lambdas=args.lambdas,
+                           reset_bn=reset, device=device, progress=not args.quiet)
+    label = f"{args.method} matching"
+    _out(f"data: {data.description}{'; BatchNorm statistics reset' if args.reset_bn else ''}")
+    _out(barrier_table({"naive": (naive, 0.0), label: (aligned, seconds)}))
+    if plot_out is not None:
+        from .io import atomic_write
+        fig = plot_barrier({"naive": naive, label: aligned},
+                           title=f"{args.model}: loss along the path A -> B")
+        atomic_write(plot_out, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+        _out(f"wrote {plot_out}")
+    if json_out is not None:
+        from .io import atomic_write
+        text = json.dumps({"naive": asdict(naive), args.method: asdict(aligned),
+                           "matching_seconds": seconds, "data": data.description}, indent=1)
+        atomic_write(json_out, lambda tmp: Path(tmp).write_text(text))
+        _out(f"wrote {json_out}")
+    return EXIT_OK
+
+
+def cmd_merge(args, log: _Log) -> int:
+    try:
+        from . import merge_many  # type: ignore[attr-defined]
+    except ImportError:
+        raise UsageError("merge_many is not available yet in this version of autobasin") from None
+    from .io import save_state_dict
+    from .repair import reset_bn_stats
+    out = _output_path(args.out, "--out")
+    if len(args.checkpoints) < 2:
+        raise UsageError(f"merge needs at least 2 checkpoints, got {len(args.checkpoints)}")
+    paths = [_existing_file(p, "checkpoint") for p in args.checkpoints]
+    if args.reset_bn and not args.data:
+        raise UsageError("--reset-bn needs --data")
+    device = _device(args.device)
+    model = _build(args)
+    loaded = [_load_checkpoint(model, p, args.checkpoint_key, log) for p in paths]
+    models = [m for m, _ in loaded]
+    data = None
+    if args.data:
+        data = resolve_data(args.data, models[0], args)
+        _check_batch(models[0], _first_batch(data.train, f"DATA {args.data}"),
+                     f"DATA {args.data}", False)
+    example = _example_inputs(models[0], args.input_size)
+    offered = {"seed": args.seed, "progress": not args.quiet, "device": device,
+               "example_inputs": example, "max_iter": args.max_iter,
+               "data": data.train if data is not None else None}
+    try:
+        params = _inspect.signature(merge_many).parameters
+        accepts_all = any(p.kind is p.VAR_KEYWORD for p in params.values())
+        kwargs = {k: v for k, v in offered.items() if accepts_all or k in params}
+    except (TypeError, ValueError):
+        kwargs = {}
+    log(f"merging {len(models)} models")
+    merged = merge_many(models, **kwargs)
+    if isinstance(merged, nn.Module):
+        merged_model = merged
+    elif hasattr(merged, "model") and isinstance(merged.model, nn.Module):
+        merged_model = merged.model
+    else:
+        sd = merged.state_dict if hasattr(merged, "state_dict") and \
+            not callable(merged.state_dict) else merged
+        merged_model = copy.deepcopy(models[0])
+        merged_model.load_state_dict(dict(sd))
+    if args.reset_bn:
+        reset_bn_stats(merged_model, data.train, device=device)
+    first = loaded[0][1]
+    sd = {k: (v.to(first[k].dtype) if k in first and v.is_floating_point() else v)
+          for k, v in merged_model.state_dict().items()}
+    save_state_dict(sd, out, metadata={"autobasin": "merged",
+                                       "sources": ",".join(str(p) for p in paths)})
+    _out(f"wrote {out}")
+    return EXIT_OK
+
+
+def cmd_demo(args, log: _Log) -> int:
+    from .demo import main as demo_main
+    argv = ["--out", str(args.out), "--lambdas", str(args.lambdas)]
+    if args.quick:
+        argv.append("--quick")
+    if args.epochs is not None:
+        argv += ["--epochs", str(args.epochs)]
+    demo_main(argv)
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------- parser
+def _methods() -> list[str]:
+    from .api import MATCHERS
+    return sorted(MATCHERS)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    g = common.add_argument_group("common options")
+    g.add_argument("--device", default="auto",
+                   help="cpu, cuda, cuda:1, mps, or auto (cuda when available; default)")
+    g.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    g.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress bars or progress messages")
+    g.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's choice; 1 is often fastest "
+                        "for small models on a busy machine)")
+
+    model_opts = argparse.ArgumentParser(add_help=False)
+    g = model_opts.add_argument_group("model options")
+    g.add_argument("model", metavar="MODEL",
+                   help="timm:NAME, torchvision:NAME, or path/to/file.py:factory")
+    g.add_argument("--num-classes", type=int, default=None,
+                   help="number of classes of the classifier head (passed to the constructor)")
+    g.add_argument("--model-kwargs", nargs="*", metavar="KEY=VALUE", default=[],
+                   help="more constructor arguments, e.g. --model-kwargs drop_rate=0.1")
+    g.add_argument("--input-size", type=int, nargs="+", metavar="N", default=None,
+                   help="input shape without the batch dimension, e.g. 3 224 224 "
+                        "(default: the model's pretrained_cfg, or a guess)")
+
+    ckpt_opts = argparse.ArgumentParser(add_help=False)
+    g = ckpt_opts.add_argument_group("checkpoint options")
+    g.add_argument("--checkpoint-key", default=None, metavar="KEY",
+                   help="entry of the checkpoint that holds the weights, e.g. state_dict_ema "
+                        "(default: state_dict, model, module, ... whichever is there)")
+
+    data_opts = argparse.ArgumentParser(add_help=False)
+    g = data_opts.add_argument_group("data options")
+    g.add_argument("--split", choices=["train", "heldout"], default="heldout",
+                   help="which part of DATA to evaluate on (default heldout)")
+    g.add_argument("-b", "--batch-size", type=int, default=128, help="batch size (default 128)")
+    g.add_argument("-j", "--workers", type=int, default=0,
+                   help="data loading worker processes (default 0: load in the main process)")
+
+    data_help = ("an image folder (class subfolders; train/ and val/ subfolders are used "
+                 "as splits), a folder holding the MNIST IDX files (t10k-images-idx3-ubyte.gz), "
+                 "'digits' (scikit-learn's digits), or module:function / file.py:function "
+                 "returning a DataLoader (called with split=... if it takes it)")
+
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Align and merge neural networks modulo permutation symmetry "
+                               "(Git Re-Basin), for any PyTorch model.",
+        epilog="exit codes: 0 ok, 2 usage or input error, 3 checkpoint/architecture mismatch, "
+               "4 verification failed, 1 unexpected error")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("inspect", parents=[model_opts, common],
+                       help="infer and show a model's permutation spec",
+                       description="Infer which parameter axes can be permuted together, show "
+                                   "the groups, coverage and blocked ops, and check the spec.")
+    p.add_argument("--json", metavar="OUT.json", help="write the spec as JSON")
+    p.add_argument("--plot", metavar="OUT.png", help="draw the groups over the model's tensors")
+    p.add_argument("--all", action="store_true", help="list every blocked op")
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip the check that random permutations leave the outputs unchanged")
+    p.set_defaults(func=cmd_inspect)
+
+    methods = _methods()
+    p = sub.add_parser("align", parents=[model_opts, ckpt_opts, data_opts, common],
+                       help="permute checkpoint B to line up with checkpoint A",
+                       description="Write B permuted to line up with A (it computes what B "
+                                   "computes, in B's dtypes), and the permutations.")
+    p.add_argument("--a", required=True, metavar="A", help="reference checkpoint")
+    p.add_argument("--b", required=True, metavar="B", help="checkpoint to permute")
+    p.add_argument("--out", required=True, metavar="OUT",
+                   help="aligned B (.safetensors; .pt/.pth/.bin for torch.save)")
+    p.add_argument("--method", default="weight", choices=methods, help="matching method")
+    p.add_argument("--data", metavar="DATA", help="batches for data-based methods: " + data_help)
+    p.add_argument("--perms", metavar="PERMS",
+                   help="where to write the permutations (.safetensors or .json; default "
+                        "OUT's name with .perms.safetensors)")
+    p.add_argument("--spec", metavar="SPEC.json",
+                   help="use this spec (from inspect --json) instead of inferring one")
+    p.add_argument("--max-iter", type=int, default=100, help="most matching sweeps (default 100)")
+    p.set_defaults(func=cmd_align)
+
+    p = sub.add_parser("merge", parents=[model_opts, ckpt_opts, data_opts, common],
+                       help="merge several checkpoints (MergeMany)",
+                       description="Align and average several checkpoints of one architecture.")
+    p.add_argument("checkpoints", nargs="+", metavar="CKPT")
+    p.add_argument("--out", required=True, metavar="OUT", help="merged checkpoint")
+    p.add_argument("--data", metavar="DATA", help="batches for BatchNorm resets: " + data_help)
+    p.add_argument("--reset-bn", action="store_true",
+                   help="recompute BatchNorm statistics of the merged model on DATA")
+    p.add_argument("--max-iter", type=int, default=100, help="most matching sweeps (default 100)")
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("barrier", parents=[model_opts, ckpt_opts, data_opts, common],
+                       help="loss barrier between A and B, naive and aligned",
+                       description="Evaluate the straight line between A and B before and after "
+                                   "aligning B to A; print a table, optionally plot it.")
+    p.add_argument("--a", required=True, metavar="A", help="checkpoint A")
+    p.add_argument("--b", required=True, metavar="B", help="checkpoint B")
+    p.add_argument("--data", required=True, metavar="DATA", help=data_help)
+    p.add_argument("--plot", metavar="FILE.png", help="plot both loss curves")
+    p.add_argument("--json", metavar="OUT.json", help="write both curves as JSON")
+    p.add_argument("--reset-bn", action="store_true",
+                   help="recompute BatchNorm statistics at every point (on the training split)")
+    p.add_argument("--lambdas", type=int, default=25,
+                   help="number of interpolation points in [0, 1] (default 25)")
+    p.add_argument("--method", default="weight", choices=methods, help="matching method")
+    p.add_argument("--spec", metavar="SPEC.json",
+                   help="use this spec (from inspect --json) instead of inferring one")
+    p.add_argument("--max-iter", type=int, default=100, help="most matching sweeps (default 100)")
+    p.set_defaults(func=cmd_barrier)
+
+    p = sub.add_parser("demo", help="train two MLPs on sklearn digits, align, compare barriers",
+                       description="The one-minute demo (autobasin.demo).")
+    p.add_argument("--out", type=Path, default=Path("autobasin-demo"),
+                   help="folder for barrier.png (default ./autobasin-demo)")
+    p.add_argument("--quick", action="store_true", help="3 training epochs (a few seconds)")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs per model")
+    p.add_argument("--lambdas", type=int, default=25, help="interpolation points (default 25)")
+    p.add_argument("-q", "--quiet", action="store_true", help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+# ------------------------------------------------------------------------ main
+def _exit_code(exc: BaseException) -> int | None:
+    """The exit code for an expected error, or None for an unexpected one."""
+    from .api import ArchitectureMismatchError
+    from .io import CheckpointMismatchError, CheckpointReadError
+    from .models import ModelSpecError
+    from .permute import EquivalenceError
+    from .spec import SpecError
+    from .trace import TraceError
+    if isinstance(exc, (CheckpointMismatchError, ArchitectureMismatchError, SpecError)):
+        return EXIT_MISMATCH
+    if isinstance(exc, EquivalenceError):
+        return EXIT_VERIFY
+    if isinstance(exc, (UsageError, ModelSpecError, CheckpointReadError, FileNotFoundError,
+                        NotADirectoryError, IsADirectoryError, PermissionError)):
+        return EXIT_USAGE
+    if isinstance(exc, TraceError):
+        return EXIT_UNEXPECTED
+    return None
+
+
+def _error(msg: str) -> None:
+    print(f"{PROG}: error: {msg}", file=sys.stderr, flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code (see the module docstring)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse: --help (0) or a usage error (2), already printed
+        return int(e.code) if isinstance(e.code, int) else EXIT_USAGE
+    log = _Log(getattr(args, "quiet", False))
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if not log.quiet:
+            print(f"{PROG}: warning: {message}", file=sys.stderr, flush=True)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        try:
+            if hasattr(args, "seed"):
+                _seed_everything(args.seed)
+            if getattr(args, "threads", None):
+                torch.set_num_threads(args.threads)
+            return args.func(args, log)
+        except KeyboardInterrupt:
+            _error("interrupted; no output was written partially")
+            return 130
+        except Exception as e:  # noqa: BLE001 - mapped to exit codes below
+            code = _exit_code(e)
+            if code is None:
+                traceback.print_exc()
+                _error(f"unexpected {type(e).__name__}: {e}")
+                return EXIT_UNEXPECTED
+            _error(str(e).strip() if str(e).strip() else type(e).__name__)
+            return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

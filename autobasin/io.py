@@ -1,0 +1,320 @@
+"""Checkpoint files: load, check against an architecture, save atomically.
+
+* :func:`load_state_dict` reads ``.safetensors`` and PyTorch pickles
+  (``.pt``, ``.pth``, ``.bin``, ``.ckpt``, ``.tar``) with ``weights_only=True``,
+  unwraps the usual training-checkpoint layouts (``{"state_dict": ...}``,
+  ``{"model": ...}``, ``{"module": ...}``, ...), and strips the ``module.``
+  (DataParallel/DDP) and ``_orig_mod.`` (torch.compile) prefixes. Tensors keep
+  the dtype they were stored with.
+* :func:`load_into` copies a state dict into a model strictly; a
+  :class:`CheckpointMismatchError` names the missing and unexpected keys and
+  every shape mismatch.
+* :func:`save_state_dict` and :func:`save_perms` write to a temporary file in
+  the destination folder and rename it into place, so an interrupted run never
+  leaves a half-written output.
+
+Errors are :class:`CheckpointError` (a ``ValueError``): :class:`CheckpointReadError`
+for a missing, unreadable or corrupt file, :class:`CheckpointMismatchError` for
+a checkpoint that does not fit the architecture. Both name the file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+
+__all__ = ["CheckpointError", "CheckpointReadError", "CheckpointMismatchError",
+           "load_state_dict", "save_state_dict", "load_into", "save_perms", "load_perms",
+           "atomic_write"]
+
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar")
+# Keys under which training scripts nest the model's state, most specific first.
+# EMA weights are only taken when nothing else is there (timm's default too).
+WRAPPER_KEYS = ("state_dict", "model_state_dict", "model_state", "model", "module", "net",
+                "network", "params", "weights", "state_dict_ema", "model_ema", "ema")
+STRIP_PREFIXES = ("module.", "_orig_mod.")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file cannot be used: unreadable, or it does not fit the model."""
+
+
+class CheckpointReadError(CheckpointError):
+    """A checkpoint file is missing, unreadable, corrupt, or holds no tensors."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """A checkpoint's keys or shapes do not match the architecture it is loaded into."""
+
+
+# ---------------------------------------------------------------------- loading
+def _sniff(path: Path) -> str:
+    """``"safetensors"`` or ``"torch"`` from the file's first bytes."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head[:2] == b"PK" or head[:1] == b"\x80":  # torch zip archive / legacy pickle
+        return "torch"
+    if len(head) == 9 and head[8:9] == b"{":       # u64 header length, then JSON
+        return "safetensors"
+    return "torch"
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and bool(obj) and all(
+        isinstance(k, str) for k in obj) and any(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _unwrap(obj: Any, path: Path, key: str | None) -> dict[str, torch.Tensor]:
+    if key is not None:
+        for part in key.split("."):
+            if not isinstance(obj, Mapping) or part not in obj:
+                have = list(obj)[:10] if isinstance(obj, Mapping) else type(obj).__name__
+                raise CheckpointReadError(f"{path}: no entry {part!r} (from key {key!r}); "
+                                          f"top-level entries: {have}")
+            obj = obj[part]
+    for _ in range(4):  # nested wrappers: {"model": {"state_dict": ...}}
+        if not isinstance(obj, Mapping):
+            break
+        inner = next((obj[k] for k in WRAPPER_KEYS if k in obj and _is_state_dict(obj[k])), None)
+        if inner is None:
+            inner = next((obj[k] for k in WRAPPER_KEYS if k in obj and isinstance(obj[k], Mapping)
+                          and any(isinstance(v, Mapping) for v in obj[k].values())), None)
+        if inner is None:
+            break
+        obj = inner
+    if isinstance(obj, nn.Module):
+        obj = obj.state_dict()
+    if not _is_state_dict(obj):
+        what = (f"top-level entries: {list(obj)[:10]}" if isinstance(obj, Mapping)
+                else f"it holds a {type(obj).__name__}")
+        raise CheckpointReadError(f"{path}: found no state dict of tensors ({what}); "
+                                  "pass key=... to pick the entry that holds the weights")
+    sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    changed = True
+    while changed:
+        changed = False
+        for prefix in STRIP_PREFIXES:
+            if sd and all(k.startswith(prefix) for k in sd):
+                sd = {k[len(prefix):]: v for k, v in sd.items()}
+                changed = True
+    return sd
+
+
+def _unpickling_reason(e: Exception) -> str:
+    """The useful line of torch's long weights_only message."""
+    text = str(e)
+    m = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\n|$)", text, re.S)
+    reason = " ".join(m.group(1).split()) if m else (text.strip().splitlines() or [""])[0]
+    return reason.split(" was not an allowed global")[0][:200] or type(e).__name__
+
+
+def load_state_dict(path: str | os.PathLike, key: str | None = None,
+                    map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Read the model state stored in a checkpoint file.
+
+    Args:
+        path: a ``.safetensors`` file or a PyTorch file saved with ``torch.save``
+            (any other suffix is recognised by its first bytes).
+        key: dotted path of the entry holding the weights (e.g. ``"state_dict_ema"``);
+            by default the common wrapper keys are tried (:data:`WRAPPER_KEYS`).
+        map_location: where the tensors go (CPU by default).
+
+    Returns:
+        ``{name: tensor}`` with the dtypes stored in the file, ``module.`` and
+        ``_orig_mod.`` prefixes removed when every key carries them.
+
+    Raises:
+        CheckpointReadError: the file is missing, corrupt, not a checkpoint, holds
+            pickled objects other than tensors, or holds no tensors.
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise CheckpointReadError(f"no such file: {path}")
+    if not path.is_file():
+        raise CheckpointReadError(f"{path} is not a file")
+    fmt = "safetensors" if path.suffix == ".safetensors" else (
+        "torch" if path.suffix in TORCH_SUFFIXES else _sniff(path))
+    if fmt == "safetensors":
+        from safetensors.torch import load_file
+        try:
+            obj = load_file(str(path), device=str(map_location))
+        except Exception as e:  # noqa: BLE001 - SafetensorsError, OSError, ...
+            raise CheckpointReadError(f"{path}: not a readable safetensors file "
+                                      f"({type(e).__name__}: {e})") from e
+        if not obj:
+            raise CheckpointReadError(f"{path}: the safetensors file holds no tensors")
+    else:
+        with open(path, "rb") as f:
+            head = f.read(2)
+        if head[:2] != b"PK" and head[:1] != b"\x80":
+            raise CheckpointReadError(f"{path}: not a PyTorch checkpoint (it starts with neither "
+                                      "a zip nor a pickle header): corrupt, or another format")
+        try:
+            with warnings.catch_warnings():  # torch's pickle-protocol chatter on odd files
+                warnings.filterwarnings("ignore", message=".*pickle protocol.*")
+                obj = torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise CheckpointReadError(
+                f"{path}: torch.load(weights_only=True) refused it ({_unpickling_reason(e)}); "
+                "the file is corrupt or pickles Python objects besides tensors. Re-save just "
+                "the weights: torch.save(model.state_dict(), path)") from e
+        except (RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError,
+                ImportError, IndexError, TypeError, UnicodeDecodeError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointReadError(f"{path}: not a readable PyTorch checkpoint, corrupt or "
+                                      f"truncated ({type(e).__name__}: {first})") from e
+    return _unwrap(obj, path, key)
+
+
+def load_into(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
+              source: str | os.PathLike | None = None, max_listed: int = 5) -> nn.Module:
+    """Copy ``state_dict`` into ``model`` (in place), strictly; returns the model.
+
+    Values are cast to the model's dtypes by ``load_state_dict``'s copy; the
+    caller's tensors are not modified.
+
+    Raises:
+        CheckpointMismatchError: naming ``source`` (the file), the first
+            ``max_listed`` missing and unexpected keys, and every shape mismatch
+            (key, checkpoint shape, model shape).
+    """
+    where = f"{source}" if source is not None else "the checkpoint"
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    shapes = [(k, tuple(state_dict[k].shape), tuple(t.shape)) for k, t in expected.items()
+              if k in state_dict and isinstance(t, torch.Tensor)
+              and tuple(state_dict[k].shape) != tuple(t.shape)]
+    if missing or unexpected or shapes:
+        def listed(keys):
+            more = f" (+{len(keys) - max_listed} more)" if len(keys) > max_listed else ""
+            return ", ".join(repr(k) for k in keys[:max_listed]) + more
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} keys of the model are missing from it: {listed(missing)}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} of its keys are not in the model: "
+                         f"{listed(unexpected)}")
+        for k, got, want in shapes[:max_listed]:
+            parts.append(f"{k!r} has shape {got} in the checkpoint but {want} in the model")
+        if len(shapes) > max_listed:
+            parts.append(f"(+{len(shapes) - max_listed} more shape mismatches)")
+        raise CheckpointMismatchError(f"{where} does not fit {type(model).__name__}: "
+                                      + "; ".join(parts))
+    try:
+        model.load_state_dict(dict(state_dict), strict=True)
+    except RuntimeError as e:  # e.g. a dtype that cannot be copied into the parameter
+        raise CheckpointMismatchError(f"{where} does not load into {type(model).__name__}: "
+                                      f"{str(e).strip().splitlines()[-1]}") from e
+    return model
+
+
+# ----------------------------------------------------------------------- saving
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it to ``path``.
+
+    ``os.replace`` is atomic within one file system, so readers see the old file
+    or the complete new one, never a partial write; on any exception (Ctrl-C
+    included) the temporary file is removed and ``path`` is left as it was.
+    The parent folder is created if needed.
+    """
+    path = Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file normal permissions
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return path
+
+
+def _safetensors_ready(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Detached, contiguous CPU tensors, none sharing memory with another."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for k, t in sd.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"state dict entry {k!r} is a {type(t).__name__}, not a tensor")
+        t = t.detach().cpu().contiguous()
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        whole = t.storage_offset() == 0 and t.numel() * t.element_size() == storage.nbytes()
+        if ptr in seen or not whole:
+            t = t.clone()
+            ptr = t.untyped_storage().data_ptr()
+        if t.numel():
+            seen.add(ptr)
+        out[k] = t
+    return out
+
+
+def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike,
+                    metadata: Mapping[str, str] | None = None) -> Path:
+    """Write a state dict atomically; returns the path written.
+
+    ``.pt``/``.pth``/``.bin``/``.ckpt`` get ``torch.save``; anything else
+    (``.safetensors`` recommended) a safetensors file, with ``metadata``
+    (string to string) in its header. Dtypes are written as they are.
+    """
+    path = Path(path).expanduser()
+    if path.suffix in TORCH_SUFFIXES:
+        sd = {k: v.detach().cpu() for k, v in state_dict.items()}
+        return atomic_write(path, lambda tmp: torch.save(sd, tmp))
+    from safetensors.torch import save_file
+    sd = _safetensors_ready(state_dict)
+    meta = {"format": "pt", **{str(k): str(v) for k, v in (metadata or {}).items()}}
+    return atomic_write(path, lambda tmp: save_file(sd, tmp, metadata=meta))
+
+
+PERMS_FORMAT = "autobasin.perms/1"
+
+
+def save_perms(perms: Mapping[str, torch.Tensor], path: str | os.PathLike,
+               metadata: Mapping[str, str] | None = None) -> Path:
+    """Write ``{group: LongTensor (n,)}`` atomically as JSON (``.json``) or safetensors."""
+    path = Path(path).expanduser()
+    perms = {k: torch.as_tensor(v).long().cpu() for k, v in perms.items()}
+    if path.suffix == ".json":
+        doc = {"format": PERMS_FORMAT, **({"metadata": dict(metadata)} if metadata else {}),
+               "perms": {k: v.tolist() for k, v in perms.items()}}
+        text = json.dumps(doc)
+        return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    if path.suffix in TORCH_SUFFIXES:
+        return atomic_write(path, lambda tmp: torch.save(perms, tmp))
+    from safetensors.torch import save_file
+    meta = {"format": PERMS_FORMAT, **{str(k): str(v) for k, v in (metadata or {}).items()}}
+    sd = {k: v.contiguous().clone() for k, v in perms.items()}
+    return atomic_write(path, lambda tmp: save_file(sd, tmp, metadata=meta))
+
+
+def load_perms(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read permutations written by :func:`save_perms`."""
+    path = Path(path).expanduser()
+    if path.suffix == ".json":
+        if not path.is_file():
+            raise CheckpointReadError(f"no such file: {path}")
+        try:
+            doc = json.loads(path.read_text())
+            return {k: torch.tensor(v, dtype=torch.long) for k, v in doc["perms"].items()}
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointReadError(f"{path}: not an autobasin permutations file ({e})") from e
+    return {k: v.long() for k, v in load_state_dict(path).items()}

@@ -1,0 +1,424 @@
+"""The command line end to end, through real files: inspect, align, barrier, merge, demo,
+and every expected failure (exit code, one-line message naming the culprit)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import autobasin
+from autobasin import PermutationSpec, apply_permutation
+from autobasin.cli import main
+from autobasin.io import (CheckpointMismatchError, CheckpointReadError, load_into, load_perms,
+                          load_state_dict, save_perms, save_state_dict)
+from autobasin.models import ModelSpecError, build_model
+from autobasin.testing import randomize_state_
+
+MLP_SOURCE = '''
+from collections import OrderedDict
+from torch import nn
+
+
+def mlp(hidden=32, num_classes=10):
+    return nn.Sequential(OrderedDict(
+        flatten=nn.Flatten(), fc1=nn.Linear(64, hidden), relu1=nn.ReLU(),
+        fc2=nn.Linear(hidden, hidden), relu2=nn.ReLU(), fc3=nn.Linear(hidden, num_classes)))
+'''
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Small models run fastest on one thread, and far faster on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path | str]:
+    """A file-factory MLP with two trained checkpoints, a narrower one, and test_resnet pair."""
+    from autobasin.data import digits_split
+    from autobasin.demo import train_classifier
+
+    root = tmp_path_factory.mktemp("cli")
+    (root / "models.py").write_text(MLP_SOURCE)
+    mlp = f"{root / 'models.py'}:mlp"
+    train, _ = digits_split(seed=0)
+    out: dict[str, Path | str] = {"root": root, "mlp": mlp}
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model = build_model(mlp)
+        train_classifier(model, train, epochs=2, lr=3e-3, batch_size=64, seed=seed)
+        out[f"mlp{seed}"] = model
+    # A as safetensors; B as a training checkpoint: wrapped, DataParallel prefix, fp16
+    save_state_dict(out["mlp0"].state_dict(), root / "a.safetensors")
+    torch.save({"epoch": 2, "state_dict": {f"module.{k}": v.half()
+                                           for k, v in out["mlp1"].state_dict().items()}},
+               root / "b.pt")
+    out["a"], out["b"] = root / "a.safetensors", root / "b.pt"
+    narrow = build_model(mlp, hidden=16)
+    torch.save(narrow.state_dict(), root / "narrow.pt")
+    out["narrow"] = root / "narrow.pt"
+    for name, seed, fname in (("ra", 0, "ra.pth"), ("rb", 1, "rb.safetensors")):
+        torch.manual_seed(seed)
+        model = randomize_state_(build_model("timm:test_resnet"), seed=seed, scale=0.05)
+        save_state_dict(model.state_dict(), root / fname)
+        out[name] = root / fname
+    return out
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def outputs(model, x):
+    with torch.no_grad():
+        return model.eval()(x)
+
+
+# ------------------------------------------------------------------- inspect
+def test_inspect_mlp_json_and_plot(files, tmp_path, capsys):
+    code, out, err = run(capsys, "inspect", files["mlp"], "--json", tmp_path / "spec.json",
+                         "--plot", tmp_path / "spec.png", "--quiet")
+    assert code == 0, err
+    assert "fc1:out" in out and "fc2:out" in out and "coverage" in out and "verified" in out
+    spec = PermutationSpec.from_json((tmp_path / "spec.json").read_text())
+    assert set(spec.groups) == {"fc1:out", "fc2:out"}
+    assert spec.groups["fc1:out"].size == 32
+    png = (tmp_path / "spec.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5_000
+    assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temp files
+
+
+def test_inspect_timm(files, tmp_path, capsys):
+    code, out, err = run(capsys, "inspect", "timm:test_resnet", "--input-size", 3, 64, 64,
+                         "--json", tmp_path / "r.json",
+                         "--plot", tmp_path / "r.png", "-q")
+    assert code == 0, err
+    assert "blocked ops" in out and "layer4.0.conv2:out" in out
+    spec = PermutationSpec.from_json((tmp_path / "r.json").read_text())
+    assert len(spec.groups) >= 10 and spec.coverage() > 0.99
+    assert (tmp_path / "r.png").stat().st_size > 10_000
+
+
+def test_console_script_subprocess(files, tmp_path):
+    """``python -m autobasin.cli`` as a real process: the exit code and a one-line error."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    bad = subprocess.run([sys.executable, "-m", "autobasin.cli", "align", str(files["mlp"]),
+                          "--a", str(files["a"]), "--b", str(files["narrow"]),
+                          "--out", str(tmp_path / "o.safetensors")],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert bad.returncode == 3, bad.stderr
+    last = bad.stderr.strip().splitlines()[-1]
+    assert last.startswith("autobasin: error: ") and "narrow.pt" in last and "'fc1.weight'" in last
+    assert "Traceback" not in bad.stderr and not (tmp_path / "o.safetensors").exists()
+
+
+# --------------------------------------------------------------------- align
+def test_align_timm_safetensors(files, tmp_path, capsys):
+    out = tmp_path / "aligned" / "rb_aligned.safetensors"
+    code, stdout, err = run(capsys, "align", "timm:test_resnet", "--a", files["ra"],
+                            "--b", files["rb"], "--out", out, "-q", "--device", "cpu",
+                            "--input-size", 3, 64, 64)
+    assert code == 0, err
+    assert "verified" in stdout
+    perms_path = tmp_path / "aligned" / "rb_aligned.perms.safetensors"
+    assert out.is_file() and perms_path.is_file()
+
+    model = build_model("timm:test_resnet")
+    a = load_into(build_model("timm:test_resnet"), load_state_dict(files["ra"]))
+    b = load_into(build_model("timm:test_resnet"), load_state_dict(files["rb"]))
+    aligned_sd = load_state_dict(out)
+    aligned = load_into(model, aligned_sd)
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(outputs(aligned, x), outputs(b, x), rtol=1e-4, atol=1e-5)
+
+    def dist(m):
+        with torch.no_grad():
+            return sum(float((p - q).pow(2).sum()) for p, q in zip(a.parameters(), m.parameters()))
+    assert dist(aligned) < dist(b)
+    # the permutations reproduce the file from B
+    from autobasin.infer import infer_spec
+    spec = infer_spec(a, torch.randn(2, 3, 64, 64))
+    again = apply_permutation(spec, load_perms(perms_path), load_state_dict(files["rb"]))
+    for k, v in aligned_sd.items():
+        assert torch.equal(v, again[k]), k
+
+
+def test_align_mlp_pt_keeps_dtype(files, tmp_path, capsys):
+    out = tmp_path / "b_aligned.pt"
+    perms = tmp_path / "perms.json"
+    code, stdout, err = run(capsys, "align", files["mlp"], "--a", files["a"], "--b", files["b"],
+                            "--out", out, "--perms", perms, "--seed", "3", "-q")
+    assert code == 0, err
+    sd = torch.load(out, weights_only=True)
+    assert all(v.dtype == torch.float16 for v in sd.values())   # B was stored in fp16
+    assert set(json.loads(perms.read_text())["perms"]) == {"fc1:out", "fc2:out"}
+    b = load_into(build_model(files["mlp"]), load_state_dict(files["b"]))
+    aligned = load_into(build_model(files["mlp"]), sd)
+    x = torch.randn(5, 1, 8, 8)
+    torch.testing.assert_close(outputs(aligned, x), outputs(b, x))
+    a = files["mlp0"]
+    before = float((a.fc1.weight - b.fc1.weight).norm().detach())
+    after = float((a.fc1.weight - aligned.fc1.weight).norm().detach())
+    assert after < before
+    line = next(l for l in stdout.splitlines() if l.startswith("L2 distance"))
+    d_before, d_after = (float(t) for t in line.replace("->", " ").split()[-4::3])
+    assert d_after < d_before
+
+
+def test_align_wrong_spec_fails_verification(files, tmp_path, capsys):
+    """A spec that forgets a member (fc2's input columns) breaks B: exit code 4, nothing written."""
+    code, _, err = run(capsys, "inspect", files["mlp"], "--json", tmp_path / "spec.json", "-q",
+                       "--no-verify")
+    assert code == 0, err
+    doc = json.loads((tmp_path / "spec.json").read_text())
+    group = next(g for g in doc["groups"] if g["name"] == "fc1:out")
+    group["members"] = [m for m in group["members"] if m["param"] != "fc2.weight"]
+    (tmp_path / "wrong.json").write_text(json.dumps(doc))
+    out = tmp_path / "o.safetensors"
+    code, _, err = run(capsys, "align", files["mlp"], "--a", files["a"], "--b", files["b"],
+                       "--out", out, "--spec", tmp_path / "wrong.json", "-q")
+    assert code == 4, err
+    assert "computes something else" in err and "Traceback" not in err and not out.exists()
+    (tmp_path / "other.json").write_text(json.dumps({**doc, "groups": [
+        {**group, "members": [{**group["members"][0], "param": "fc9.weight"}]}]}))
+    code, _, err = run(capsys, "align", files["mlp"], "--a", files["a"], "--b", files["b"],
+                       "--out", out, "--spec", tmp_path / "other.json", "-q")
+    assert code == 3 and "'fc9.weight'" in err
+
+
+@pytest.mark.parametrize("method", ["activation"])
+def test_align_data_method(files, tmp_path, capsys, method):
+    from autobasin.api import MATCHERS
+    if method not in MATCHERS:
+        pytest.skip(f"method {method!r} is not available")
+    out = tmp_path / "b_aligned.safetensors"
+    code, _, err = run(capsys, "align", files["mlp"], "--a", files["a"], "--b", files["b"],
+                       "--out", out, "--method", method, "-q")
+    assert code == 2 and f"--method {method} needs --data" in err and not out.exists()
+    code, stdout, err = run(capsys, "align", files["mlp"], "--a", files["a"], "--b", files["b"],
+                            "--out", out, "--method", method, "--data", "digits", "-q")
+    assert code == 0, err
+    b = load_into(build_model(files["mlp"]), load_state_dict(files["b"]))
+    aligned = load_into(build_model(files["mlp"]), load_state_dict(out))
+    x = torch.randn(5, 1, 8, 8)
+    torch.testing.assert_close(outputs(aligned, x), outputs(b, x))
+
+
+# ------------------------------------------------------------------- barrier
+def test_barrier_digits(files, tmp_path, capsys):
+    code, stdout, err = run(capsys, "barrier", files["mlp"], "--a", files["a"], "--b", files["b"],
+                            "--data", "digits", "--lambdas", "5", "--plot", tmp_path / "b.png",
+                            "--json", tmp_path / "b.json", "-q")
+    assert code == 0, err
+    assert "| naive |" in stdout and "| weight matching |" in stdout
+    assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
+    doc = json.loads((tmp_path / "b.json").read_text())
+    naive, aligned = doc["naive"], doc["weight"]
+    assert len(naive["losses"]) == len(aligned["losses"]) == 5
+    # same endpoints (aligned B computes what B computes), lower barrier after alignment
+    assert aligned["losses"][0] == pytest.approx(naive["losses"][0])
+    assert aligned["losses"][-1] == pytest.approx(naive["losses"][-1], rel=1e-4)
+    assert aligned["barrier"] < naive["barrier"]
+
+
+def test_barrier_module_function_data(files, tmp_path, capsys):
+    (tmp_path / "mydata.py").write_text(
+        "import torch\nfrom torch.utils.data import TensorDataset\n"
+        "def data(split='heldout'):\n"
+        "    g = torch.Generator().manual_seed(0 if split == 'train' else 1)\n"
+        "    return TensorDataset(torch.randn(20, 64, generator=g),\n"
+        "                         torch.randint(0, 10, (20,), generator=g))\n")
+    code, stdout, err = run(capsys, "barrier", files["mlp"], "--a", files["a"], "--b", files["b"],
+                            "--data", f"{tmp_path / 'mydata.py'}:data", "--lambdas", "3", "-q")
+    assert code == 0, err
+    assert "mydata.py:data (heldout)" in stdout
+
+
+def test_barrier_image_folder_reset_bn(files, tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for label in ("cat", "dog"):
+            (tmp_path / "imgs" / split / label).mkdir(parents=True)
+            for i in range(2):
+                Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(
+                    tmp_path / "imgs" / split / label / f"{i}.png")
+    code, stdout, err = run(capsys, "barrier", "timm:test_resnet", "--a", files["ra"],
+                            "--b", files["rb"], "--data", tmp_path / "imgs", "--input-size", 3, 32,
+                            32, "--lambdas", 3, "--reset-bn", "-q", "--batch-size", 4)
+    assert code == 0, err
+    assert "imgs/val (4 images, 2 classes, resized to 3x32x32)" in stdout
+    assert "BatchNorm statistics reset" in stdout
+
+
+def test_mnist_idx_data(tmp_path):
+    import gzip
+    import struct
+    from types import SimpleNamespace
+    from autobasin.cli import resolve_data
+    from autobasin.data import MNIST_IMAGES, MNIST_LABELS
+    n = 8_010
+    for name, shape in ((MNIST_IMAGES, (n, 28, 28)), (MNIST_LABELS, (n,))):
+        header = struct.pack(">HBB", 0, 0x08, len(shape)) + struct.pack(f">{len(shape)}I", *shape)
+        with gzip.open(tmp_path / name, "wb", compresslevel=1) as f:
+            f.write(header + bytes(int(torch.tensor(shape).prod())))
+    args = SimpleNamespace(split="heldout", batch_size=16, workers=0, seed=0, input_size=None)
+    data = resolve_data(str(tmp_path), torch.nn.Identity(), args)
+    assert "heldout split (10 images)" in data.description and data.has_train_split
+    x, y = next(iter(data.eval))
+    assert x.shape == (10, 1, 28, 28) and y.shape == (10,)
+
+
+# --------------------------------------------------------------- merge, demo
+def test_merge(files, tmp_path, capsys):
+    out = tmp_path / "merged.safetensors"
+    code, _, err = run(capsys, "merge", files["mlp"], files["a"], files["b"], "--out", out, "-q")
+    if hasattr(autobasin, "merge_many"):
+        assert code == 0, err
+        load_into(build_model(files["mlp"]), load_state_dict(out))
+    else:
+        assert code == 2
+        assert "merge_many is not available yet" in err and not out.exists()
+
+
+def test_merge_calls_merge_many(files, tmp_path, capsys, monkeypatch):
+    """With an ``autobasin.merge_many`` present, merge loads every checkpoint and saves its result."""
+    seen = {}
+
+    def fake_merge_many(models, seed=0, progress=True):
+        seen.update(n=len(models), seed=seed)
+        sds = [m.state_dict() for m in models]
+        return {k: sum(sd[k] for sd in sds) / len(sds) for k in sds[0]}
+
+    monkeypatch.setattr(autobasin, "merge_many", fake_merge_many, raising=False)
+    out = tmp_path / "merged.safetensors"
+    code, _, err = run(capsys, "merge", files["mlp"], files["a"], files["b"], files["a"],
+                       "--out", out, "--seed", 5, "-q")
+    assert code == 0, err
+    assert seen == {"n": 3, "seed": 5}
+    merged = load_state_dict(out)
+    assert merged["fc1.weight"].dtype == torch.float32   # the first checkpoint's dtype
+    load_into(build_model(files["mlp"]), merged)
+
+
+def test_demo_quick(tmp_path, capsys):
+    code, stdout, err = run(capsys, "demo", "--quick", "--epochs", 1, "--out", tmp_path / "demo",
+                             "--lambdas", "5")
+    assert code == 0, err
+    assert (tmp_path / "demo" / "barrier.png").is_file()
+    assert "naive" in stdout
+
+
+# ------------------------------------------------------------------ failures
+def _bad_files(files, tmp_path):
+    mlp_sd = files["mlp0"].state_dict()
+    renamed = {("fc2.w" if k == "fc2.weight" else k): v for k, v in mlp_sd.items()}
+    save_state_dict(renamed, tmp_path / "renamed.safetensors")
+    (tmp_path / "corrupt.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    good = (Path(files["a"])).read_bytes()
+    (tmp_path / "truncated.safetensors").write_bytes(good[: len(good) // 2])
+    (tmp_path / "corrupt.pt").write_bytes(b"this is not a checkpoint")
+
+
+@pytest.mark.parametrize("argv, code, needles", [
+    (["align", "{mlp}", "--a", "{a}", "--b", "{tmp}/missing.pt", "--out", "{tmp}/o.safetensors"],
+     2, ["missing.pt", "no such file"]),
+    (["align", "{mlp}", "--a", "{a}", "--b", "{narrow}", "--out", "{tmp}/o.safetensors"],
+     3, ["narrow.pt", "'fc1.weight' has shape (16, 64) in the checkpoint but (32, 64)"]),
+    (["align", "{mlp}", "--a", "{a}", "--b", "{rb}", "--out", "{tmp}/o.safetensors"],
+     3, ["rb.safetensors", "missing from it: 'fc1.weight'", "92 of its keys are not in the model"]),
+    (["align", "{mlp}", "--a", "{tmp}/renamed.safetensors", "--b", "{b}", "--out", "{tmp}/o.pt"],
+     3, ["renamed.safetensors", "'fc2.weight'", "'fc2.w'"]),
+    (["align", "{mlp}", "--a", "{a}", "--b", "{tmp}/corrupt.safetensors", "--out", "{tmp}/o.pt"],
+     2, ["corrupt.safetensors", "not a readable safetensors file"]),
+    (["align", "{mlp}", "--a", "{tmp}/truncated.safetensors", "--b", "{b}", "--out", "{tmp}/o.pt"],
+     2, ["truncated.safetensors"]),
+    (["barrier", "{mlp}", "--a", "{a}", "--b", "{tmp}/corrupt.pt", "--data", "digits"],
+     2, ["corrupt.pt", "not a PyTorch checkpoint"]),
+    (["inspect", "timm:resnet19"], 2, ["unknown timm model 'resnet19'", "resnet18"]),
+    (["inspect", "torchvision:resnt18"], 2, ["unknown torchvision model", "resnet18"]),
+    (["inspect", "{root}/models.py:mlpp"], 2, ["models.py has no factory named 'mlpp'", "mlp"]),
+    (["inspect", "{tmp}/nope.py:f"], 2, ["no such file", "nope.py"]),
+    (["barrier", "{mlp}", "--a", "{a}", "--b", "{b}", "--data", "{tmp}/no_such_folder"],
+     2, ["no_such_folder", "no such folder"]),
+    (["barrier", "timm:test_resnet", "--a", "{ra}", "--b", "{rb}", "--data", "digits"],
+     2, ["cannot run on a batch of DATA digits", "(128, 1, 8, 8)"]),
+    (["align", "{mlp}", "--a", "{a}", "--b", "{b}", "--out", "{tmp}/o.pt", "--device", "nonsense"],
+     2, ["--device"]),
+    (["align", "{mlp}", "--a", "{a}", "--b", "{b}", "--out", "{tmp}/o.pt", "--method", "nope"],
+     2, ["invalid choice: 'nope'"]),
+])
+def test_failures(files, tmp_path, capsys, argv, code, needles):
+    _bad_files(files, tmp_path)
+    subs = {k: str(v) for k, v in files.items() if isinstance(v, (str, Path))}
+    subs["tmp"] = str(tmp_path)
+    got, out, err = run(capsys, *[a.format(**subs) for a in argv])
+    assert got == code, err
+    for needle in needles:
+        assert needle in err, (needle, err)
+    assert "Traceback" not in err
+    if code != 2 or "invalid choice" not in err:  # argparse prints its own usage
+        assert err.strip().splitlines()[-1].startswith("autobasin: error: ")
+    assert not (tmp_path / "o.safetensors").exists() and not (tmp_path / "o.pt").exists()
+
+
+# --------------------------------------------------------------- io, models
+def test_io_layouts_and_atomic_save(tmp_path):
+    sd = {"w": torch.randn(3, 2).bfloat16(), "b": torch.arange(3)}
+    tied = {"emb": sd["w"], "head": sd["w"], "view": sd["w"].float()[:, 0]}
+    save_state_dict(tied, tmp_path / "tied.safetensors")   # shared and partial tensors are cloned
+    back = load_state_dict(tmp_path / "tied.safetensors")
+    assert back["emb"].dtype == torch.bfloat16 and torch.equal(back["head"], sd["w"])
+    for layout in ({"model": {"_orig_mod.module.w": sd["w"]}, "optimizer": {}},
+                   {"state_dict_ema": {"w": sd["w"]}}, {"module.w": sd["w"]}):
+        torch.save(layout, tmp_path / "x.pth")
+        assert list(load_state_dict(tmp_path / "x.pth")) == ["w"]
+    torch.save({"state_dict": {"w": sd["w"]}, "state_dict_ema": {"w": sd["w"] * 0}},
+               tmp_path / "ema.pt")
+    assert torch.equal(load_state_dict(tmp_path / "ema.pt")["w"], sd["w"])
+    assert torch.equal(load_state_dict(tmp_path / "ema.pt", key="state_dict_ema")["w"],
+                       sd["w"] * 0)
+
+    def interrupted(tmp):
+        Path(tmp).write_bytes(b"partial")
+        raise KeyboardInterrupt
+    from autobasin.io import atomic_write
+    (tmp_path / "out.safetensors").write_bytes(b"old")
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(tmp_path / "out.safetensors", interrupted)
+    assert (tmp_path / "out.safetensors").read_bytes() == b"old"
+    assert not list(tmp_path.glob(".*.tmp"))
+
+    perms = {"g:out": torch.randperm(5)}
+    for name in ("p.safetensors", "p.json"):
+        save_perms(perms, tmp_path / name)
+        assert torch.equal(load_perms(tmp_path / name)["g:out"], perms["g:out"])
+    with pytest.raises(CheckpointReadError, match="garbage.bin"):
+        (tmp_path / "garbage.bin").write_bytes(b"\x80garbage")
+        load_state_dict(tmp_path / "garbage.bin")
+    model = torch.nn.Linear(2, 3)
+    with pytest.raises(CheckpointMismatchError,
+                       match=r"f.pt does not fit Linear: 'bias' has shape \(4,\) in the "):
+        load_into(model, {"weight": torch.zeros(3, 2), "bias": torch.zeros(4)}, source="f.pt")
+
+
+def test_build_model_errors(tmp_path):
+    assert isinstance(build_model("torchvision:resnet18", num_classes=3).fc, torch.nn.Linear)
+    with pytest.raises(ModelSpecError, match="did you mean"):
+        build_model("timm:vit_tiny_patch16_22")
+    (tmp_path / "m.py").write_text("x = 1\ndef f():\n    return 3\n")
+    with pytest.raises(ModelSpecError, match="returned a int"):
+        build_model(f"{tmp_path / 'm.py'}:f")
+    with pytest.raises(ModelSpecError, match="name the factory"):
+        build_model(str(tmp_path / "m.py"))
