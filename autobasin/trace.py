@@ -139,12 +139,32 @@ def _tensors_in(obj) -> list:
     return []
 
 
+def _may_mutate(n: fx.Node) -> bool:
+    """Could this node change a tensor in place (so it matters with no users)?"""
+    if n.op in ("placeholder", "output", "call_module"):
+        return True
+    name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
+    if name in ("setitem", "__setitem__") or (name.endswith("_") and not name.endswith("__")):
+        return True
+    if name.startswith("i") and getattr(n.target, "__module__", "") in ("_operator", "operator"):
+        return True  # operator.iadd and friends
+    return n.op == "call_function" and n.is_impure()
+
+
 def _prune(gm: fx.GraphModule) -> None:
-    """Drop nodes left by a failed attempt to trace into a submodule."""
-    try:
-        gm.graph.eliminate_dead_code()
-    except Exception:  # noqa: BLE001 - keeping dead nodes is harmless
-        return
+    """Drop unused nodes left by a failed attempt to trace into a submodule.
+
+    fx's own dead-code elimination would also drop in-place writes whose
+    result is unused (``x[...] = v``), changing what the graph computes; only
+    nodes that cannot mutate anything are removed here.
+    """
+    changed = True
+    while changed:
+        changed = False
+        for n in reversed(list(gm.graph.nodes)):
+            if not n.users and not _may_mutate(n):
+                gm.graph.erase_node(n)
+                changed = True
     gm.recompile()
 
 
@@ -174,6 +194,7 @@ class ExampleRecorder(fx.Interpreter):
             shift = (-1.0, 1.0, 0.0, 3.0)[trial % 4]
             new_args, new_kwargs = _redraw(args, gen, shift), _redraw(kwargs, gen, shift)
             flat = _tensors_in((new_args, new_kwargs))
+            before = [t.clone() for t in flat]
             try:
                 with torch.no_grad():
                     out = target(*new_args, **new_kwargs)
@@ -183,6 +204,9 @@ class ExampleRecorder(fx.Interpreter):
             ref = self.env.get(n.all_input_nodes[index])
             k = next((j for j, t in enumerate(original) if t is ref), None)
             if k is None or out is not flat[k]:
+                return False
+            # handing back the same object after writing into it is no identity
+            if any(not torch.equal(t, b) for t, b in zip(flat, before)):
                 return False
         return True
 

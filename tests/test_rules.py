@@ -341,3 +341,33 @@ def test_opaque_module_returning_its_input_once_is_not_an_identity():
     with torch.no_grad():
         model[0].bias.fill_(5.0)  # now the other branch runs
     assert check_equivalence(model, spec, torch.rand(2, 3, 8, 8)) <= 1e-4
+
+
+class AddRelInPlace(nn.Module):
+    """Untraceable (item assignment on a proxy); returns its input object,
+    but written into: that is not an identity."""
+
+    def __init__(self):
+        super().__init__()
+        self.rel = nn.Parameter(torch.randn(8))
+
+    def forward(self, h):
+        h[:, 1:] = h[:, 1:] + self.rel
+        return h
+
+
+def test_opaque_call_that_mutates_its_input_is_not_a_pass_through():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.c = nn.Linear(3, 8), nn.Linear(8, 2)
+            self.inplace = AddRelInPlace()
+
+        def forward(self, x):
+            return self.c(torch.relu(self.inplace(self.a(x))))
+    model = M().eval()
+    with pytest.warns(UserWarning, match="inplace"):
+        spec = infer_spec(model, torch.randn(2, 4, 3))
+    assert not any(m.param == "inplace.rel" for g in spec.groups.values() for m in g.members)
+    assert not any(m.param == "a.weight" and m.axis == 0 for g in spec.groups.values() for m in g.members)
+    assert check_equivalence(model, spec, torch.randn(2, 4, 3)) <= 1e-4

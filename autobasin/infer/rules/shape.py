@@ -355,3 +355,28 @@ def _index_select(ctx):
     out = list(lay)
     out[dim] = ctx.new(ctx.shape()[dim], "indexed by a tensor")
     return out
+
+
+@rule(operator.setitem)
+def _setitem(ctx):
+    """``x[idx] = v`` writes ``v`` into a slice of ``x`` in place: ``v`` must
+    be permuted as that slice is (broadcasting like an elementwise op)."""
+    x, idx, v = ctx.args[0], ctx.args[1], ctx.args[2]
+    if not ctx.is_tensor(x):
+        raise ValueError("setitem on a non-tensor")
+    slice_lay = _index_tensor(ctx, x, idx)
+    if ctx.is_tensor(v):
+        lv, sv = ctx.layout(v), ctx.shape(v)
+        target = _slice_shape(ctx, x, idx)
+        off = len(target) - len(sv)
+        for j, (s, n) in enumerate(zip(lv, sv)):
+            k = j + off
+            if k >= 0 and n == target[k] and n > 1:
+                ctx.union(s, slice_lay[k])
+    return None
+
+
+def _slice_shape(ctx, x, idx):
+    shape = ctx.shape(x)
+    probe = torch.empty(shape, device="meta")
+    return tuple(probe[ctx.value(idx)].shape)
