@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .match.weight import weight_matching
+from .merge import state_dict_mismatch
 from .permute import EquivalenceError, apply_permutation, relative_error
 from .spec import PermutationSpec
 
@@ -84,22 +85,9 @@ def check_same_architecture(a: nn.Module, b: nn.Module) -> None:
     if type(a) is not type(b):
         raise ArchitectureMismatchError(f"models are of different types: "
                                         f"{type(a).__qualname__} and {type(b).__qualname__}")
-    sd_a, sd_b = a.state_dict(), b.state_dict()
-    for key in sd_a:
-        if key not in sd_b:
-            raise ArchitectureMismatchError(f"{key!r} is in a's state_dict but missing from b's")
-    for key in sd_b:
-        if key not in sd_a:
-            raise ArchitectureMismatchError(f"{key!r} is in b's state_dict but missing from a's")
-    for key, ta in sd_a.items():
-        tb = sd_b[key]
-        if not (isinstance(ta, torch.Tensor) and isinstance(tb, torch.Tensor)):
-            continue
-        if ta.shape != tb.shape:
-            raise ArchitectureMismatchError(f"{key!r} has shape {tuple(ta.shape)} in a "
-                                            f"but {tuple(tb.shape)} in b")
-        if ta.dtype != tb.dtype:
-            raise ArchitectureMismatchError(f"{key!r} has dtype {ta.dtype} in a but {tb.dtype} in b")
+    problem = state_dict_mismatch(a.state_dict(), b.state_dict(), dtypes=True)
+    if problem:
+        raise ArchitectureMismatchError(problem)
 
 
 def _as_args(example_inputs) -> tuple:

@@ -11,17 +11,30 @@ StateDict = Mapping[str, torch.Tensor]
 M = TypeVar("M", bound=nn.Module)
 
 
-def _check_compatible(sd_a: StateDict, sd_b: StateDict) -> None:
+def state_dict_mismatch(sd_a: StateDict, sd_b: StateDict, dtypes: bool = False) -> str | None:
+    """The first difference in keys, shapes (and dtypes) of two state dicts,
+    as a sentence naming the key, or None when they match."""
     for key in sd_a:
         if key not in sd_b:
-            raise ValueError(f"key {key!r} is in a but not in b")
+            return f"{key!r} is in a's state_dict but missing from b's"
     for key in sd_b:
         if key not in sd_a:
-            raise ValueError(f"key {key!r} is in b but not in a")
+            return f"{key!r} is in b's state_dict but missing from a's"
     for key, ta in sd_a.items():
         tb = sd_b[key]
-        if isinstance(ta, torch.Tensor) and isinstance(tb, torch.Tensor) and ta.shape != tb.shape:
-            raise ValueError(f"{key!r} has shape {tuple(ta.shape)} in a but {tuple(tb.shape)} in b")
+        if not (isinstance(ta, torch.Tensor) and isinstance(tb, torch.Tensor)):
+            continue
+        if ta.shape != tb.shape:
+            return f"{key!r} has shape {tuple(ta.shape)} in a but {tuple(tb.shape)} in b"
+        if dtypes and ta.dtype != tb.dtype:
+            return f"{key!r} has dtype {ta.dtype} in a but {tb.dtype} in b"
+    return None
+
+
+def _check_compatible(sd_a: StateDict, sd_b: StateDict) -> None:
+    problem = state_dict_mismatch(sd_a, sd_b)
+    if problem:
+        raise ValueError(problem)
 
 
 def _is_interpolable(t: torch.Tensor) -> bool:

@@ -13,25 +13,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..registry import rule
-from .common import norm_dim
+from .common import broadcast_layouts, norm_dim
 
 
 def _broadcast_batch(ctx, la, sa, lb, sb, out_batch_shape):
-    out = []
-    nd = len(out_batch_shape)
-    for j, n in enumerate(out_batch_shape):
-        syms = []
-        for lay, shape in ((la, sa), (lb, sb)):
-            k = j - (nd - len(shape))
-            if k >= 0 and shape[k] == n:
-                syms.append(lay[k])
-        if not syms or n <= 1:
-            out.append(ctx.new(n))
-            continue
-        for s in syms[1:]:
-            ctx.union(syms[0], s)
-        out.append(syms[0])
-    return out
+    return broadcast_layouts(ctx, [(la, sa), (lb, sb)], out_batch_shape)
 
 
 @rule(torch.matmul, operator.matmul, "matmul", torch.bmm, "bmm", torch.mm, "mm")

@@ -8,16 +8,16 @@ def norm_dim(d: int, ndim: int) -> int:
     return d + ndim if d < 0 else d
 
 
-def broadcast(ctx: Context, tensors: list, out_shape: tuple[int, ...]) -> list[int]:
-    """Output layout of a broadcasting op: axes of equal non-trivial size are
-    the same axis; size-1 axes broadcast and constrain nothing."""
+def broadcast_layouts(ctx: Context, operands: list[tuple[list[int], tuple[int, ...]]],
+                      out_shape) -> list[int]:
+    """Output layout of a broadcast over ``(layout, shape)`` operands: axes of
+    equal non-trivial size are the same axis; size-1 axes broadcast and
+    constrain nothing."""
     out = []
     nd = len(out_shape)
-    for j in range(nd):
-        size = out_shape[j]
+    for j, size in enumerate(out_shape):
         syms = []
-        for t in tensors:
-            lay, shape = ctx.layout(t), ctx.shape(t)
+        for lay, shape in operands:
             k = j - (nd - len(shape))
             if k >= 0 and shape[k] == size:
                 syms.append(lay[k])
@@ -28,6 +28,11 @@ def broadcast(ctx: Context, tensors: list, out_shape: tuple[int, ...]) -> list[i
             ctx.union(syms[0], s)
         out.append(syms[0])
     return out
+
+
+def broadcast(ctx: Context, tensors: list, out_shape: tuple[int, ...]) -> list[int]:
+    """:func:`broadcast_layouts` over tensor argument nodes."""
+    return broadcast_layouts(ctx, [(ctx.layout(t), ctx.shape(t)) for t in tensors], out_shape)
 
 
 def first_tensor(ctx: Context):
