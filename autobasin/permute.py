@@ -135,6 +135,25 @@ def relative_error(a, b) -> float:
     return worst
 
 
+def _float64_confirms(model: torch.nn.Module, spec: PermutationSpec, perms: Perms, args: tuple,
+                      rtol: float) -> bool:
+    """Re-run the check in float64: True if the permuted model agrees there.
+
+    A deep random-init network can amplify float32 rounding (the permuted
+    model sums in another order) beyond any fixed tolerance; exactness is a
+    property of the spec, so it is judged in float64.
+    """
+    params = list(model.parameters()) + list(model.buffers())
+    if any(p.dtype == torch.float64 for p in params if p.is_floating_point()):
+        return False
+    wide = copy.deepcopy(model).double().eval()
+    wide_permuted = permute_model(wide, spec, perms).eval()
+    wide_args = tuple(a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                      for a in args)
+    with torch.no_grad():
+        return relative_error(wide(*wide_args), wide_permuted(*wide_args)) <= rtol
+
+
 def check_equivalence(model: torch.nn.Module, spec: PermutationSpec, example_inputs=None,
                       seed: int = 0, rtol: float = 1e-4) -> float:
     """Permute every group at random and check the model computes the same.
@@ -143,7 +162,9 @@ def check_equivalence(model: torch.nn.Module, spec: PermutationSpec, example_inp
     (a tensor, a tuple of positional inputs, or None to use the inputs the spec
     was inferred with) and on a permuted copy. Returns the relative L2 error of
     the outputs; raises :class:`EquivalenceError` above ``rtol``, naming the
-    first graph node whose value moved when the spec was traced.
+    first graph node whose value moved when the spec was traced. An error
+    above ``rtol`` that vanishes in float64 is rounding, not a wrong spec: it
+    is returned with a warning.
     """
     from .trace import as_args, default_inputs
 
@@ -163,6 +184,12 @@ def check_equivalence(model: torch.nn.Module, spec: PermutationSpec, example_inp
     finally:
         model.train(was_training)
     err = relative_error(ref, out)
+    if not err <= rtol and _float64_confirms(model, spec, perms, args, rtol):
+        import warnings
+        warnings.warn(f"check_equivalence: float32 outputs moved by {err:.3g} (> {rtol:g}) under "
+                      "the permutation, but in float64 they agree: that is rounding in a "
+                      "badly conditioned model, not a wrong spec", stacklevel=2)
+        return err
     if not err <= rtol:
         where = ""
         if inference is not None:

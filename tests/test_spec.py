@@ -107,3 +107,22 @@ def test_tied_weights_share_symbols():
     assert check_equivalence(model, spec, x) <= 1e-5
     tied = [g for g in spec.groups.values() if any(m.param == "emb.weight" for m in g.members)]
     assert tied and any(m.param == "out.weight" for m in tied[0].members)
+
+
+def test_float32_rounding_is_not_mistaken_for_a_wrong_spec():
+    from autobasin import check_equivalence
+    torch.manual_seed(0)
+    # a deep net that amplifies float32 rounding of reordered sums
+    layers = []
+    for _ in range(12):
+        layers += [nn.Linear(64, 64), nn.Tanh()]
+    model = nn.Sequential(*layers, nn.Linear(64, 1))
+    with torch.no_grad():
+        for m in model:
+            if isinstance(m, nn.Linear):
+                m.weight.mul_(12.0)
+    x = torch.randn(4, 64)
+    spec = infer_spec(model, x)
+    with pytest.warns(UserWarning, match="rounding"):
+        err = check_equivalence(model, spec, x, rtol=1e-9)
+    assert err > 1e-9
