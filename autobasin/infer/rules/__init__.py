@@ -1,2 +1,2 @@
 """Built-in rules, one file per op family. Importing registers them."""
-from . import attention, elementwise, linear, norm, reduce, shape  # noqa: F401
+from . import attention, elementwise, linear, norm, reduce, shape, extra  # noqa: F401
