@@ -71,8 +71,8 @@ def rebasin(method: str, uses_data: bool = False) -> Aligner:
 METHODS: dict[str, Aligner] = {
     "naive": naive,
     "weight": rebasin("weight"),
-    # "activation": rebasin("activation", uses_data=True),
-    # "ste": rebasin("ste", uses_data=True),
+    "activation": rebasin("activation", uses_data=True),
+    "ste": rebasin("ste", uses_data=True),
 }
 
 

@@ -49,6 +49,7 @@ positions, at most the axis width) and, per batch, A's gathered activations.
 """
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -375,7 +376,8 @@ def _graph_module(model: nn.Module, gm: fx.GraphModule) -> fx.GraphModule:
                 for part in n.target.split("."):
                     obj = getattr(obj, part)
             root[n.target] = obj
-    return fx.GraphModule(root, gm.graph)
+    # a copy of the graph (same node names): a GraphModule takes ownership of its graph
+    return fx.GraphModule(root, copy.deepcopy(gm.graph))
 
 
 class _Tap(fx.Interpreter):
@@ -621,12 +623,15 @@ def activation_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, data:
                 got_a: dict[int, torch.Tensor] = {}
 
                 def tap_a(name, value):
-                    for e in by_node[name]:
-                        got_a[id(e)] = e.gather(value)
+                    if isinstance(value, torch.Tensor):
+                        for e in by_node[name]:
+                            got_a[id(e)] = e.gather(value)
 
                 def tap_b(name, value):
                     for e in by_node[name]:
-                        e.moments.update(got_a.pop(id(e)), e.gather(value))
+                        xa = got_a.pop(id(e), None)
+                        if xa is not None and isinstance(value, torch.Tensor):
+                            e.moments.update(xa, e.gather(value))
 
                 _Tap(gm_a, names, tap_a).run(*[_to(t, dev_a) for t in args])
                 _Tap(gm_b, names, tap_b).run(*[_to(t, dev_b) for t in args])

@@ -64,7 +64,7 @@ def _key(perms: Perms) -> tuple:
 def ste_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, data: Iterable,
                  loss_fn: Callable | None = None, epochs: int = 1, lr: float = 1e-3,
                  seed: int = 0, progress: bool = True, stats: dict | None = None,
-                 max_steps: int | None = None, *, eval_batches: int = 4, eval_every: int = 10,
+                 max_steps: int | None = None, *, eval_batches: int = 8, eval_every: int = 10,
                  init: Mapping[str, torch.Tensor] | None = None, max_iter: int = 100,
                  input_fn: Callable | None = None, target_fn: Callable | None = None
                  ) -> dict[str, torch.Tensor]:
