@@ -1,0 +1,377 @@
+"""Weight matching speed: autobasin vs its own floor vs the ``rebasin`` package.
+
+For each timm model, A and B are two random initialisations (``torch.manual_seed``
+0 and 1 before ``timm.create_model``), so they are independent networks. We
+align B to A three ways, each in a fresh subprocess (so memory peaks do not
+mix) with ``torch.set_num_threads(THREADS)``:
+
+* ``autobasin``: ``weight_matching(infer_spec(A), A.state_dict(), B.state_dict())``
+  with the default greedy initialisation; its wall time, the descent sweeps it
+  took (``stats["sweeps"]``) and the greedy initialisation's share of the time;
+* the *floor*: the same spec's pure work for one sweep -- for every group, the
+  products ``A_m @ B_m^T`` of its members (rows pre-gathered, contiguous) and one
+  ``scipy.optimize.linear_sum_assignment`` -- with nothing else, times the sweeps
+  autobasin took (the greedy initialisation is not counted in the floor).
+  Measured in the same process as autobasin, the two alternated twice, best
+  of each, so that both see the same machine load;
+* ``rebasin`` (snimu/rebasin from PyPI): ``PermutationCoordinateDescent(A, B',
+  x)`` then ``.rebasin()``, where ``x`` is one random 224x224 image; its time is
+  split into the constructor (tracing, the analogue of our ``infer_spec``) and
+  ``rebasin()`` (the matching).
+
+Distances are ``||A - B||`` over every floating state_dict entry, before and
+after alignment; each aligned B is checked to compute what B computes. Peak
+memory is the growth of the process's peak resident set during the call:
+``/proc/self/clear_refs`` resets ``VmHWM`` just before, and we report
+``VmHWM`` after minus ``VmRSS`` before, against the two models' state size.
+
+Usage::
+
+    python benchmarks/weight_matching_speed.py [--models resnet18,resnet50,...]
+        [--threads 2] [--out docs/] [--rebasin-timeout 1500]
+
+Prints a markdown table and writes ``OUT/performance.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+MODELS = ["resnet18", "resnet50", "vit_small_patch16_224", "convnext_tiny"]
+SEEDS = (0, 1)
+
+
+# ------------------------------------------------------------------ helpers
+def _proc_status() -> dict[str, int]:
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("VmRSS", "VmHWM")):
+                key, value = line.split(":")
+                out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+class PeakMemory:
+    """Growth of the peak resident set over a ``with`` block, in bytes."""
+
+    def __enter__(self):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current VmRSS
+        self.before = _proc_status()["VmRSS"]
+        return self
+
+    def __exit__(self, *exc):
+        self.peak = _proc_status()["VmHWM"] - self.before
+        return False
+
+
+def _models(name: str):
+    import timm
+    import torch
+    out = []
+    for seed in SEEDS:
+        torch.manual_seed(seed)
+        out.append(timm.create_model(name, pretrained=False).eval())
+    return out
+
+
+def _distance(sd_a, sd_b) -> float:
+    total = 0.0
+    for k, v in sd_a.items():
+        if v.is_floating_point():
+            total += float((v.double() - sd_b[k].double()).pow(2).sum())
+    return total ** 0.5
+
+
+def _state_bytes(model) -> int:
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+def _function_error(b, aligned) -> float:
+    import torch
+    from autobasin.permute import relative_error
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return relative_error(b(x), aligned(x))
+
+
+# ------------------------------------------------------------------ workers
+def floor_sweep(spec, sd_a, sd_b) -> dict:
+    """One sweep's products and assignments with nothing else around them.
+
+    Every group's member rows are gathered (contiguous, float32) beforehand; the
+    timed part is ``C = sum_m A_m @ B_m^T`` and one ``linear_sum_assignment(C)``
+    per group of size > 1.
+    """
+    import numpy as np  # noqa: F401  (scipy needs it; imported outside the timing)
+    from scipy.optimize import linear_sum_assignment
+    work = []
+    for g in spec.groups.values():
+        if g.size > 1 and g.members:
+            work.append([(m.gather(sd_a[m.param].float()).contiguous(),
+                          m.gather(sd_b[m.param].float()).contiguous()) for m in g.members])
+    mm = lap = 0.0
+    for mats in work:
+        t0 = time.perf_counter()
+        c = None
+        for am, bm in mats:
+            c = am @ bm.T if c is None else c.addmm_(am, bm.T)
+        t1 = time.perf_counter()
+        linear_sum_assignment(c.double().numpy(), maximize=True)
+        t2 = time.perf_counter()
+        mm += t1 - t0
+        lap += t2 - t1
+    del work
+    return dict(sweep_seconds=mm + lap, products_seconds=mm, lap_seconds=lap)
+
+
+def work_autobasin(name: str, repeats: int = 2) -> dict:
+    """weight_matching and its floor, alternated ``repeats`` times in one process (best of each)."""
+    import copy
+    from autobasin.infer import infer_spec
+    from autobasin.match.weight import weight_matching
+    from autobasin.permute import apply_permutation
+    a, b = _models(name)
+    t0 = time.perf_counter()
+    spec = infer_spec(a)
+    infer_s = time.perf_counter() - t0
+    sd_a, sd_b = a.state_dict(), b.state_dict()
+    best = None
+    floors = []
+    for i in range(repeats):
+        stats: dict = {}
+        with PeakMemory() as mem:
+            t0 = time.perf_counter()
+            perms = weight_matching(spec, sd_a, sd_b, progress=False, stats=stats)
+            seconds = time.perf_counter() - t0
+        if best is None or seconds < best[0]:
+            best = (seconds, stats, perms)
+        if i == 0:  # later runs start with the floor's freed buffers in the allocator
+            peak = mem.peak
+        floors.append(floor_sweep(spec, sd_a, sd_b))
+    seconds, stats, perms = best
+    floor = min(floors, key=lambda f: f["sweep_seconds"])
+    aligned_sd = apply_permutation(spec, perms, sd_b)
+    aligned = copy.deepcopy(b)
+    aligned.load_state_dict(aligned_sd)
+    return dict(seconds=seconds, infer_seconds=infer_s, sweeps=stats["sweeps"],
+                init_seconds=stats["init_seconds"], similarity_seconds=stats["similarity_seconds"],
+                lap_seconds=stats["lap_seconds"], converged=stats["converged"],
+                groups=len(spec.groups), coverage=spec.coverage(),
+                floor_sweep_seconds=floor["sweep_seconds"], floor_products_seconds=floor["products_seconds"],
+                floor_lap_seconds=floor["lap_seconds"],
+                dist_before=_distance(sd_a, sd_b), dist_after=_distance(sd_a, aligned_sd),
+                function_error=_function_error(b, aligned), peak_bytes=peak,
+                models_bytes=_state_bytes(a) + _state_bytes(b))
+
+
+def work_rebasin(name: str) -> dict:
+    import copy
+    import torch
+    import rebasin
+    a, b = _models(name)
+    sd_a = a.state_dict()
+    dist_before = _distance(sd_a, b.state_dict())
+    aligned = copy.deepcopy(b)
+    torch.manual_seed(0)  # rebasin draws its group order from the global RNG
+    x = torch.randn(1, 3, 224, 224)
+    with PeakMemory() as mem:
+        t0 = time.perf_counter()
+        pcd = rebasin.PermutationCoordinateDescent(a, aligned, x)
+        t1 = time.perf_counter()
+        pcd.rebasin()
+        t2 = time.perf_counter()
+    return dict(init_seconds=t1 - t0, rebasin_seconds=t2 - t1, seconds=t2 - t0,
+                dist_before=dist_before, dist_after=_distance(sd_a, aligned.state_dict()),
+                function_error=_function_error(b, aligned), peak_bytes=mem.peak)
+
+
+WORKERS = {"autobasin": work_autobasin, "rebasin": work_rebasin}
+
+
+def _worker_main(method: str, name: str, threads: int) -> None:
+    import warnings
+    import torch
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(threads)
+    try:
+        load = os.getloadavg()[0]
+        result = {"ok": True, **WORKERS[method](name)}
+        result["load"] = (load, os.getloadavg()[0])
+    except Exception as e:  # report, never crash the table
+        result = {"ok": False, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
+    print("RESULT " + json.dumps(result))
+
+
+def run_worker(method: str, name: str, threads: int, timeout: float) -> dict:
+    cmd = [sys.executable, __file__, "--worker", method, name, "--threads", str(threads)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"ok": False, "error": f"timed out after {timeout:.0f} s"}
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+    return {"ok": False, "error": f"exit {proc.returncode}: {tail[0][:200]}"}
+
+
+# ------------------------------------------------------------------ report
+def _mb(x: float) -> str:
+    return f"{x / 2**20:.0f}"
+
+
+def _versions() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    parts = [f"python {platform.python_version()}"]
+    for pkg in ("autobasin", "torch", "timm", "scipy", "rebasin"):
+        try:
+            parts.append(f"{pkg} {version(pkg)}")
+        except PackageNotFoundError:
+            parts.append(f"{pkg} (not installed)")
+    return ", ".join(parts)
+
+
+def _cpu() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def table(rows: list[dict]) -> str:
+    head = ("| model | params (M) | autobasin s (init s) | sweeps | floor s | autobasin / floor "
+            "| rebasin s (trace + match) | speed-up, match only | speed-up, end to end "
+            "| ‖A−B‖ before | after: autobasin | after: rebasin | peak MB: autobasin / rebasin "
+            "| two models MB | peak / models |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        ours, rb = r["autobasin"], r["rebasin"]
+        if not ours.get("ok"):
+            lines.append(f"| {r['model']} | | autobasin failed: {ours.get('error')} |" + " |" * 12)
+            continue
+        floor_s = ours["floor_sweep_seconds"] * ours["sweeps"]
+        if rb.get("ok"):
+            rb_s = f"{rb['seconds']:.1f} ({rb['init_seconds']:.1f} + {rb['rebasin_seconds']:.1f})"
+            sp_match = f"{rb['rebasin_seconds'] / ours['seconds']:.1f}×"
+            sp_all = f"{rb['seconds'] / (ours['seconds'] + ours['infer_seconds']):.1f}×"
+            rb_after = f"{rb['dist_after']:.2f}"
+            rb_mem = _mb(rb["peak_bytes"])
+        else:
+            rb_s = f"failed: {rb.get('error')}"
+            sp_match = sp_all = rb_after = rb_mem = "–"
+        lines.append(
+            f"| {r['model']} | {r['params'] / 1e6:.1f} | {ours['seconds']:.2f} ({ours['init_seconds']:.2f}) "
+            f"| {ours['sweeps']} | {floor_s:.2f} | {ours['seconds'] / floor_s:.2f} | {rb_s} "
+            f"| {sp_match} | {sp_all} | {ours['dist_before']:.2f} | {ours['dist_after']:.2f} "
+            f"| {rb_after} | {_mb(ours['peak_bytes'])} / {rb_mem} | {_mb(ours['models_bytes'])} "
+            f"| {ours['peak_bytes'] / ours['models_bytes']:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default=None, help="folder to write performance.md into")
+    p.add_argument("--no-rebasin", action="store_true")
+    p.add_argument("--rebasin-timeout", type=float, default=1500.0)
+    p.add_argument("--worker", nargs=2, metavar=("METHOD", "MODEL"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        _worker_main(args.worker[0], args.worker[1], args.threads)
+        return []
+
+    import timm
+    load_start = os.getloadavg()
+    started = time.strftime("%Y-%m-%d %H:%M")
+    rows = []
+    for name in args.models.split(","):
+        params = sum(p.numel() for p in timm.create_model(name, pretrained=False).parameters())
+        row = {"model": name, "params": params}
+        row["autobasin"] = run_worker("autobasin", name, args.threads, 3600)
+        row["rebasin"] = ({"ok": False, "error": "not run (--no-rebasin)"} if args.no_rebasin else
+                          run_worker("rebasin", name, args.threads, args.rebasin_timeout))
+        rows.append(row)
+        print(f"{name}: " + json.dumps({k: row[k] for k in ("autobasin", "rebasin")}),
+              file=sys.stderr, flush=True)
+    load_end = os.getloadavg()
+    md = table(rows)
+    notes = []
+    for r in rows:
+        for method in ("autobasin", "rebasin"):
+            res = r[method]
+            if res.get("ok") and not res["function_error"] <= 1e-4:
+                notes.append(f"- {r['model']}: {method}'s aligned B computes something else "
+                             f"(relative output error {res['function_error']:.2g}).")
+            if not res.get("ok"):
+                notes.append(f"- {r['model']}: {method} failed: {res.get('error')}")
+    command = "python " + " ".join(shlex.quote(a) for a in
+                                   ["benchmarks/weight_matching_speed.py", *(argv or sys.argv[1:])])
+    load = (f"load average (1/5/15 min) {load_start[0]:.2f}/{load_start[1]:.2f}/{load_start[2]:.2f} "
+            f"at the start, {load_end[0]:.2f}/{load_end[1]:.2f}/{load_end[2]:.2f} at the end")
+    print(md)
+    print(load)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        text = f"""# Weight matching speed
+
+Two independent random initialisations (seeds 0 and 1) of each timm model; B is
+aligned to A by autobasin's `weight_matching` (default greedy initialisation,
+then permutation coordinate descent) and by the `rebasin` package's
+`PermutationCoordinateDescent` (snimu/rebasin, from PyPI).
+
+{md}
+
+Columns:
+
+- **autobasin s (init s)**: wall time of `weight_matching` (the spec is
+  inferred beforehand and not counted; inference took
+  {", ".join(f"{r['model']} {r['autobasin']['infer_seconds']:.1f} s" for r in rows if r['autobasin'].get('ok'))});
+  in brackets the greedy initialisation's share.
+- **sweeps**: coordinate-descent sweeps after the initialisation (the last one
+  finds nothing to improve).
+- **floor s**: one sweep's pure work -- every group's products `A_m @ B_m^T` on
+  pre-gathered contiguous rows plus one `linear_sum_assignment` -- times the
+  sweeps taken. The greedy initialisation is extra work the floor leaves out;
+  groups whose inputs did not change are skipped by autobasin but counted in the floor.
+- **rebasin s**: its constructor (tracing the model with torchview, the analogue
+  of our spec inference) plus `rebasin()` (the matching). *Speed-up, match
+  only* is `rebasin()` over `weight_matching`; *end to end* is rebasin's total
+  over `infer_spec` + `weight_matching`.
+- **‖A−B‖**: L2 distance over every floating state_dict entry, before and after
+  alignment (autobasin's and rebasin's B' both compute what B computes{"" if not notes else ", except as noted below"}).
+- **peak MB**: growth of the process's peak resident set (`VmHWM` after the
+  call, reset through `/proc/self/clear_refs` just before, minus `VmRSS`
+  before), each method in its own fresh process; **two models MB** is the
+  state_dict size of A and B together.
+{chr(10).join(notes)}
+
+Command: `{command}`
+
+Machine: {_cpu()}, {os.cpu_count()} cores, CPU only, `torch.set_num_threads({args.threads})`;
+{load} (other jobs may have shared the machine; timings taken under load
+are pessimistic for every column alike). Run {started}.
+
+Versions: {_versions()}.
+"""
+        (out / "performance.md").write_text(text)
+        print(f"wrote {out / 'performance.md'}", file=sys.stderr)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
