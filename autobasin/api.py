@@ -10,12 +10,15 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
+from .guard import check_model_finite, check_model_materialized, unwrap_model
 from .match.weight import weight_matching
 from .merge import state_dict_mismatch
 from .permute import EquivalenceError, apply_permutation, relative_error
 from .spec import PermutationSpec
 
 Perms = dict[str, torch.Tensor]
+_DEFAULT = type("_Default", (), {"__repr__": lambda self: "<as given to auto_rebasin>"})()
+REPAIRS = (None, "reset_bn", "repair", "rescale")
 
 
 class ArchitectureMismatchError(ValueError):
@@ -31,6 +34,10 @@ class RebasinResult:
     with ``model``). ``perms`` maps each group of ``spec`` to a CPU LongTensor
     (n,). ``stats`` holds what the matcher reported (e.g. ``sweeps``) plus
     ``seconds`` and, when verified, ``verify_error``.
+
+    ``reference`` is model A itself (not a copy) and ``repair`` /
+    ``repair_data`` what :func:`auto_rebasin` was given for them: the defaults
+    of :meth:`interpolate` and :meth:`loss_barrier`.
     """
 
     model: nn.Module
@@ -39,6 +46,44 @@ class RebasinResult:
     state_dict: dict[str, torch.Tensor]
     method: str
     stats: dict = field(default_factory=dict)
+    reference: nn.Module | None = field(default=None, repr=False)
+    repair: str | None = None
+    repair_data: Iterable | None = field(default=None, repr=False)
+
+    def _repair_args(self, repair: str | None | type, data: Iterable | None) -> tuple:
+        repair = self.repair if repair is _DEFAULT else repair
+        data = self.repair_data if data is None else data
+        if repair is not None and data is None:
+            raise ValueError(f"repair={repair!r} needs data=<batches>")
+        if self.reference is None:
+            raise ValueError("this result holds no reference model A")
+        return repair, data
+
+    def interpolate(self, lam: float = 0.5, data: Iterable | None = None,
+                    repair: str | None | type = _DEFAULT) -> nn.Module:
+        """The model ``(1 - lam) * A + lam * aligned B``, repaired.
+
+        ``repair`` (default: the one given to :func:`auto_rebasin`) is None,
+        ``"reset_bn"``, ``"repair"`` or ``"rescale"`` (see :func:`autobasin.repair`,
+        with A and aligned B as endpoints and alphas ``(1 - lam, lam)``), done on
+        ``data`` (default: auto_rebasin's ``data``). A and B are not modified.
+        """
+        from .merge import interpolate
+        from .repair import repair as repair_model
+        repair, data = self._repair_args(repair, data)
+        mixed = interpolate(self.reference, self.model, lam)
+        if repair is None:
+            return mixed
+        return repair_model(mixed, [self.reference, self.model], data, alphas=lam, mode=repair)
+
+    def loss_barrier(self, eval_fn_or_data, data: Iterable | None = None,
+                     repair: str | None | type = _DEFAULT, **kwargs: Any):
+        """:func:`autobasin.loss_barrier` between A and aligned B, every point repaired
+        as in :meth:`interpolate`; ``kwargs`` go to ``loss_barrier``."""
+        from .barrier import loss_barrier
+        repair, data = self._repair_args(repair, data)
+        return loss_barrier(self.reference, self.model, eval_fn_or_data, repair=repair,
+                            repair_data=data, **kwargs)
 
 
 # --------------------------------------------------------------------- matchers
@@ -118,11 +163,41 @@ def outputs_relative_error(reference: nn.Module, other: nn.Module, example_input
     return relative_error(ref, out)
 
 
+def verify_error(reference: nn.Module, other: nn.Module, example_inputs,
+                 rtol: float = 1e-4) -> tuple[float, torch.dtype | None]:
+    """:func:`outputs_relative_error`, judged in float32 or wider.
+
+    Permuting hidden units changes the order of sums, so half-precision
+    outputs differ by rounding (1e-3 on a bf16 ResNet): a model with float16 /
+    bfloat16 tensors is compared on float32 copies. An error above ``rtol``
+    is re-judged on float64 copies, as :func:`autobasin.check_equivalence`
+    does: a deep network can amplify float32 rounding. Returns the error and
+    the dtype it was computed in (None: the models' own).
+    """
+    dtypes = {t.dtype for m in (reference, other) for t in (*m.parameters(), *m.buffers())
+              if t.is_floating_point()}
+    low = any(d.itemsize < 4 for d in dtypes)
+    err = float("inf")
+    if not low:
+        err = outputs_relative_error(reference, other, example_inputs)
+        if err <= rtol or dtypes == {torch.float64}:
+            return err, None
+    for wide in ((torch.float32, torch.float64) if low else (torch.float64,)):
+        args = tuple(t.to(wide) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+                     for t in _as_args(example_inputs))
+        err = outputs_relative_error(copy.deepcopy(reference).to(wide),
+                                     copy.deepcopy(other).to(wide), args)
+        if err <= rtol:
+            break
+    return err, wide
+
+
 # ------------------------------------------------------------------------ main
 def auto_rebasin(a: nn.Module, b: nn.Module, example_inputs=None, method: str = "weight",
                  data: Iterable | None = None, seed: int = 0, verify: bool = True,
                  spec: PermutationSpec | None = None, max_iter: int = 100, progress: bool = True,
-                 device: torch.device | str | None = None, **matcher_kwargs: Any) -> RebasinResult:
+                 device: torch.device | str | None = None, repair: str | None = None,
+                 **matcher_kwargs: Any) -> RebasinResult:
     """Permute B's hidden units to line up with A's; A and B are left untouched.
 
     Args:
@@ -131,24 +206,47 @@ def auto_rebasin(a: nn.Module, b: nn.Module, example_inputs=None, method: str = 
         example_inputs: inputs to trace ``a`` with when inferring the spec, and to
             verify with (a tensor or a tuple of positional inputs).
         method: a key of :data:`MATCHERS` (``"weight"``).
-        data: batches for matchers that need data.
+        data: batches for matchers that need data, and for ``repair``.
         seed: seeds the matcher.
         verify: check that the aligned B computes what B computes on the example
             inputs (relative error at most 1e-4, else :class:`EquivalenceError`);
             skipped with a warning when there are no example inputs.
         spec: the permutation spec; inferred from ``a`` when None.
         max_iter, progress, device, **matcher_kwargs: passed to the matcher.
+        repair: how to treat models interpolated from A and aligned B: None,
+            ``"reset_bn"`` (recompute BatchNorm statistics), ``"repair"`` (REPAIR:
+            every hidden channel gets the interpolated mean and std of A's and B's)
+            or ``"rescale"`` (std only); see :func:`autobasin.repair`. The aligned
+            model itself computes what B computes and needs no repair, so this sets
+            the default of ``result.interpolate(lam)`` and ``result.loss_barrier(...)``,
+            which use ``data``; it needs ``data``.
 
     Returns:
         a :class:`RebasinResult` whose ``model`` is the aligned copy of B.
+
+    Refused up front, naming the tensor: a NaN or Inf in a parameter
+    (:class:`~autobasin.guard.NonFiniteWeightError`), a model on the ``meta``
+    device (:class:`~autobasin.guard.MetaTensorError`). ``nn.DataParallel``,
+    ``DistributedDataParallel`` and ``torch.compile`` wrappers are removed
+    (:func:`~autobasin.guard.unwrap_model`): ``model`` is then an aligned copy
+    of the inner model, and the state_dict keys carry no ``module.`` /
+    ``_orig_mod.`` prefix.
     """
     start = time.perf_counter()
+    a, b = unwrap_model(a), unwrap_model(b)
     if method not in MATCHERS:
         raise ValueError(f"unknown method {method!r}; known methods: {sorted(MATCHERS)}")
     matcher = MATCHERS[method]
+    if repair not in REPAIRS:
+        raise ValueError(f"repair must be one of {REPAIRS}, got {repair!r}")
+    if repair is not None and data is None:
+        raise ValueError(f"repair={repair!r} needs data=<iterable of batches>")
     if getattr(matcher, "needs_data", False) and data is None:
         raise ValueError(f"method {method!r} needs data: pass data=<iterable of batches>")
     check_same_architecture(a, b)
+    for label, model in (("a", a), ("b", b)):
+        check_model_materialized(model, "auto_rebasin", f"model {label}")
+        check_model_finite(model, label)
     if spec is None:
         from .infer import infer_spec
         spec = infer_spec(a, example_inputs)
@@ -162,7 +260,8 @@ def auto_rebasin(a: nn.Module, b: nn.Module, example_inputs=None, method: str = 
     aligned.load_state_dict(state)
     # the aligned model's own tensors: no aliasing with b's
     result = RebasinResult(model=aligned, perms=perms, spec=spec, state_dict=aligned.state_dict(),
-                           method=method, stats=stats)
+                           method=method, stats=stats, reference=a, repair=repair,
+                           repair_data=data)
 
     if verify:
         inference = getattr(spec, "_inference", None)
@@ -173,8 +272,10 @@ def auto_rebasin(a: nn.Module, b: nn.Module, example_inputs=None, method: str = 
             warnings.warn("auto_rebasin: no example inputs, so the aligned model was not "
                           "verified; pass example_inputs=... to check it", stacklevel=2)
         else:
-            err = outputs_relative_error(b, aligned, inputs)
+            err, wide = verify_error(b, aligned, inputs)
             stats["verify_error"] = err
+            if wide is not None:
+                stats["verify_dtype"] = str(wide).removeprefix("torch.")
             if not err <= 1e-4:
                 raise EquivalenceError(
                     f"the aligned model computes something else than b: relative error "

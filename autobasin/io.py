@@ -5,7 +5,9 @@
   unwraps the usual training-checkpoint layouts (``{"state_dict": ...}``,
   ``{"model": ...}``, ``{"module": ...}``, ...), and strips the ``module.``
   (DataParallel/DDP) and ``_orig_mod.`` (torch.compile) prefixes. Tensors keep
-  the dtype they were stored with.
+  the dtype they were stored with. The ``argparse.Namespace`` of training
+  arguments that timm's ``train.py`` and torchvision's reference scripts store
+  under ``"args"`` is allowed (with ``pathlib`` paths inside it).
 * :func:`load_into` copies a state dict into a model strictly; a
   :class:`CheckpointMismatchError` names the missing and unexpected keys and
   every shape mismatch.
@@ -19,8 +21,11 @@ a checkpoint that does not fit the architecture. Both name the file.
 """
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
 import os
+import pathlib
 import pickle
 import re
 import tempfile
@@ -41,6 +46,15 @@ TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar")
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model_state", "model", "module", "net",
                 "network", "params", "weights", "state_dict_ema", "model_ema", "ema")
 STRIP_PREFIXES = ("module.", "_orig_mod.")
+# Plain-data classes that training checkpoints pickle besides tensors: timm's train.py
+# and torchvision's references/classification/train.py both save ``"args": Namespace``.
+SAFE_GLOBALS = (argparse.Namespace, pathlib.PosixPath, pathlib.WindowsPath,
+                pathlib.PurePosixPath, pathlib.PureWindowsPath)
+
+
+def _safe_globals():
+    allow = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
+    return allow(list(SAFE_GLOBALS)) if allow is not None else contextlib.nullcontext()
 
 
 class CheckpointError(ValueError):
@@ -160,7 +174,8 @@ def load_state_dict(path: str | os.PathLike, key: str | None = None,
         try:
             with warnings.catch_warnings():  # torch's pickle-protocol chatter on odd files
                 warnings.filterwarnings("ignore", message=".*pickle protocol.*")
-                obj = torch.load(path, map_location=map_location, weights_only=True)
+                with _safe_globals():
+                    obj = torch.load(path, map_location=map_location, weights_only=True)
         except pickle.UnpicklingError as e:
             raise CheckpointReadError(
                 f"{path}: torch.load(weights_only=True) refused it ({_unpickling_reason(e)}); "

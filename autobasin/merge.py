@@ -1,4 +1,4 @@
-"""Merge models in weight space: linear interpolation."""
+"""Merge models in weight space: linear interpolation, and MergeMany for N models."""
 from __future__ import annotations
 
 import copy
@@ -6,6 +6,8 @@ from typing import Mapping, TypeVar, overload
 
 import torch
 from torch import nn
+
+from .permute import with_metadata
 
 StateDict = Mapping[str, torch.Tensor]
 M = TypeVar("M", bound=nn.Module)
@@ -62,7 +64,7 @@ def interpolate_state_dicts(sd_a: StateDict, sd_b: StateDict, lam: float) -> dic
             out[key] = ta.detach().clone()
         else:
             out[key] = copy.deepcopy(ta)
-    return out
+    return with_metadata(out, sd_a)
 
 
 @overload
@@ -108,12 +110,13 @@ def _average(state_dicts: list[StateDict], weights: list[float]) -> dict[str, to
         for sd, w in zip(state_dicts, weights):
             acc += w * sd[key].detach().to(first.device, wide)
         out[key] = acc.to(first.dtype)
-    return out
+    return with_metadata(out, state_dicts[0])
 
 
 def merge_many(models, method: str = "weight", seed: int = 0, max_rounds: int = 10,
                data=None, weights=None, spec=None, example_inputs=None, progress: bool = True,
-               stats: dict | None = None):
+               stats: dict | None = None, repair: str | None = None,
+               num_batches: int | None = None):
     """MergeMany (Ainsworth et al. 2023, Algorithm 3): align N models to a
     common basin and average them.
 
@@ -121,18 +124,34 @@ def merge_many(models, method: str = "weight", seed: int = 0, max_rounds: int = 
     aligned by weight matching to the (weighted) mean of the others, as
     currently aligned. Rounds stop when a round changes no permutation, or
     after ``max_rounds``. The result is the weighted mean of the aligned
-    models (``weights`` default to equal). With ``data``, BatchNorm running
-    statistics of the merged model are recomputed on it.
+    models (``weights``: one non-negative number per model, normalized to sum
+    1; default equal).
+
+    After the average, with ``data`` (batches as for :func:`autobasin.reset_bn_stats`;
+    at most ``num_batches`` of them), the merged model is repaired:
+
+    - ``repair=None`` (default) or ``"reset_bn"``: BatchNorm running statistics are
+      recomputed on ``data`` (:func:`autobasin.reset_bn_stats`); a model without
+      BatchNorm is unchanged.
+    - ``"repair"`` / ``"rescale"``: :func:`autobasin.repair` with the aligned
+      models as endpoints and ``weights`` as alphas: every hidden channel gets the
+      weighted mean of the parents' activation mean and std (``"rescale"``: std only).
 
     ``models``: nn.Modules of one architecture (the first one's class and
-    buffers are used for the result) or state dicts (then ``spec`` is needed
-    and a state dict is returned). Inputs are never modified.
+    buffers are used for the result) or state dicts (then ``spec`` is needed,
+    a state dict is returned and ``data``/``repair`` do not apply). Inputs are
+    never modified. ``stats``, if a dict, receives ``rounds`` and ``perms`` (the
+    permutation applied to each model).
     """
     from .match.weight import weight_matching
     from .permute import apply_permutation, identity_permutation
 
     if method != "weight":
         raise ValueError(f"merge_many supports method='weight' (got {method!r})")
+    if repair not in (None, "reset_bn", "repair", "rescale"):
+        raise ValueError(f"repair must be None, 'reset_bn', 'repair' or 'rescale', got {repair!r}")
+    if repair is not None and data is None:
+        raise ValueError(f"repair={repair!r} needs data=<batches>")
     models = list(models)
     if len(models) < 2:
         raise ValueError("merge_many needs at least two models")
@@ -185,7 +204,16 @@ def merge_many(models, method: str = "weight", seed: int = 0, max_rounds: int = 
         return merged_sd
     merged = copy.deepcopy(models[0])
     merged.load_state_dict(merged_sd)
-    if data is not None:
-        from .repair import reset_bn_stats
-        reset_bn_stats(merged, data)
-    return merged
+    if data is None:
+        return merged
+    from .repair import repair as repair_model
+    from .repair import reset_bn_stats
+    if repair in (None, "reset_bn"):
+        return reset_bn_stats(merged, data, num_batches=num_batches)
+    endpoints = []
+    for model, sd in zip(models, aligned):
+        endpoint = copy.deepcopy(model)
+        endpoint.load_state_dict(sd)
+        endpoints.append(endpoint)
+    return repair_model(merged, endpoints, data, alphas=weights, mode=repair,
+                        num_batches=num_batches)

@@ -6,6 +6,7 @@ position ``p[i]``.
 """
 from __future__ import annotations
 
+import collections
 import copy
 from typing import Mapping
 
@@ -63,6 +64,21 @@ def axis_index(length: int, members: list[tuple[Member, torch.Tensor]]) -> torch
     return idx
 
 
+def with_metadata(out: dict, source: Mapping) -> dict:
+    """Give ``out`` the ``_metadata`` of the state dict it was made from.
+
+    ``nn.Module.state_dict()`` records each module's version there, and some
+    modules' ``_load_from_state_dict`` need it (torchvision's MNASNet refuses a
+    state dict without it). Returns ``out``.
+    """
+    meta = getattr(source, "_metadata", None)
+    if meta is None:
+        return out
+    out = collections.OrderedDict(out)  # a plain dict cannot carry attributes
+    out._metadata = copy.deepcopy(meta)  # type: ignore[attr-defined]
+    return out
+
+
 def apply_permutation(spec: PermutationSpec, perms: Mapping[str, torch.Tensor],
                       state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Return a new state_dict with every member permuted; inputs untouched.
@@ -92,7 +108,7 @@ def apply_permutation(spec: PermutationSpec, perms: Mapping[str, torch.Tensor],
             idx = axis_index(t.shape[axis], ms).to(t.device)
             t = t.index_select(axis, idx)
         out[param] = t
-    return out
+    return with_metadata(out, state_dict)
 
 
 def permute_model(model: torch.nn.Module, spec: PermutationSpec, perms: Perms) -> torch.nn.Module:
@@ -166,23 +182,19 @@ def check_equivalence(model: torch.nn.Module, spec: PermutationSpec, example_inp
     above ``rtol`` that vanishes in float64 is rounding, not a wrong spec: it
     is returned with a warning.
     """
+    from .guard import check_model_materialized, eval_mode
     from .trace import as_args, default_inputs
 
     inference = spec._inference
     if example_inputs is None:
         example_inputs = inference.example_inputs if inference is not None else default_inputs(model)
     args = as_args(example_inputs)
+    check_model_materialized(model, "check_equivalence", "the model")
     perms = random_permutation(spec, seed)
     permuted = permute_model(model, spec, perms)
-    was_training = model.training
-    model.eval()
-    permuted.eval()
-    try:
-        with torch.no_grad():
-            ref = model(*args)
-            out = permuted(*args)
-    finally:
-        model.train(was_training)
+    with torch.no_grad(), eval_mode(model, permuted):  # every submodule's mode restored
+        ref = model(*args)
+        out = permuted(*args)
     err = relative_error(ref, out)
     if not err <= rtol and _float64_confirms(model, spec, perms, args, rtol):
         import warnings

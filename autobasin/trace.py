@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import inspect
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterable
@@ -78,6 +79,9 @@ class AutoLeafTracer(fx.Tracer):
         self.opaque_types = tuple(o for o in opaque if isinstance(o, type))
         self.inline = set(inline)
         self.failed: dict[str, str] = {}
+        # nodes recorded while tracing into a module that then failed: the module
+        # runs whole as a leaf, so they never run (see _prune)
+        self.abandoned: set[fx.Node] = set()
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if qualname in self.inline:
@@ -95,6 +99,7 @@ class AutoLeafTracer(fx.Tracer):
         if self.is_leaf_module(m, qualname):
             return super().call_module(m, forward, args, kwargs)
         stack = list(self.module_stack.items())
+        last = self.graph._root.prev  # the graph's last node before the attempt
         try:
             return super().call_module(m, forward, args, kwargs)
         except Exception as e:  # noqa: BLE001 - any failure makes the module opaque
@@ -102,16 +107,44 @@ class AutoLeafTracer(fx.Tracer):
             self.module_stack.update(stack)
             if not qualname:
                 raise
+            node = self.graph._root.prev
+            while node is not last:
+                self.abandoned.add(node)
+                node = node.prev
             self.failed[qualname] = f"{type(e).__name__}: {e}".splitlines()[0][:200]
             return super().call_module(m, forward, args, kwargs)
 
 
-def symbolic_trace(model: nn.Module, opaque: Iterable = (), warn: bool = True
-                   ) -> tuple[fx.GraphModule, dict[str, str]]:
-    """Trace ``model``; return the GraphModule and the modules made opaque."""
+def _defaults_after(model: nn.Module, n_given: int | None) -> dict:
+    """The forward parameters after the first ``n_given`` that have defaults,
+    with those defaults: they are fixed while tracing, as the model runs with
+    them. Tracing them as inputs would take ``if mask is not None:`` branches
+    the example never runs (timm's Hiera)."""
+    if n_given is None:
+        return {}
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    fixed = {}
+    for p in params[n_given:]:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        if p.default is p.empty:
+            return {}  # a required input the example does not give: let fx report it
+        fixed[p.name] = p.default
+    return fixed
+
+
+def symbolic_trace(model: nn.Module, opaque: Iterable = (), warn: bool = True,
+                   n_inputs: int | None = None) -> tuple[fx.GraphModule, dict[str, str]]:
+    """Trace ``model``; return the GraphModule and the modules made opaque.
+
+    ``n_inputs``: how many positional inputs the model will be run with; the
+    defaulted parameters after them are traced with their default values."""
     tracer = AutoLeafTracer(opaque)
     try:
-        graph = tracer.trace(model)
+        graph = tracer.trace(model, concrete_args=_defaults_after(model, n_inputs) or None)
     except Exception as e:  # noqa: BLE001
         raise TraceError(
             f"torch.fx cannot trace the top-level forward of {type(model).__name__}: "
@@ -120,7 +153,7 @@ def symbolic_trace(model: nn.Module, opaque: Iterable = (), warn: bool = True
             "data-dependent part into a submodule, or wrap the function with "
             "torch.fx.wrap / timm.layers.register_notrace_function.") from e
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
-    _prune(gm)
+    _prune(gm, tracer.abandoned)
     if warn:
         for name, why in tracer.failed.items():
             warnings.warn(f"autobasin: submodule {name!r} ({type(gm.get_submodule(name)).__name__}) "
@@ -151,18 +184,25 @@ def _may_mutate(n: fx.Node) -> bool:
     return n.op == "call_function" and n.is_impure()
 
 
-def _prune(gm: fx.GraphModule) -> None:
+def _prune(gm: fx.GraphModule, abandoned: Iterable[fx.Node] = ()) -> None:
     """Drop unused nodes left by a failed attempt to trace into a submodule.
 
     fx's own dead-code elimination would also drop in-place writes whose
     result is unused (``x[...] = v``), changing what the graph computes; only
-    nodes that cannot mutate anything are removed here.
+    nodes that cannot mutate anything are removed here, and the ``abandoned``
+    ones: recorded inside a module that then failed to trace and runs whole as
+    a leaf. Those never run, whatever they are; kept, a submodule call among
+    them would get axes of its own (a wrong spec) and an in-place write would
+    happen twice.
     """
+    abandoned = set(abandoned)
     changed = True
     while changed:
         changed = False
         for n in reversed(list(gm.graph.nodes)):
-            if not n.users and not _may_mutate(n):
+            if n.users or n.op in ("placeholder", "output"):
+                continue
+            if n in abandoned or not _may_mutate(n):
                 gm.graph.erase_node(n)
                 changed = True
     gm.recompile()
@@ -188,6 +228,8 @@ class ExampleRecorder(fx.Interpreter):
         on values: re-run it on random inputs of the same shapes (means of
         both signs) and keep the shortcut only if it passes through each time."""
         args, kwargs = self.captured[n]
+        if any(t.is_meta for t in _tensors_in((args, kwargs))):
+            return False  # no values to compare on the meta device: assume it computes
         target = self.fetch_attr(n.target) if n.op == "call_module" else n.target
         gen = torch.Generator().manual_seed(0)
         for trial in range(trials):

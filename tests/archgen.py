@@ -2,8 +2,10 @@
 
 ``ConvNet`` stacks channel-first pieces (residual, concat, split, grouped
 and depthwise conv, BatchNorm/GroupNorm/LayerNorm2d, squeeze-excite gates,
-free per-channel parameters); ``TokenNet`` stacks token pieces (attention
-with fused qkv, MLP, RMSNorm/LayerNorm, layer scale, gating).
+free per-channel parameters, a submodule with data-dependent control flow,
+in-place ops, one conv applied twice); ``TokenNet`` stacks token pieces
+(attention with fused qkv or nn.MultiheadAttention, MLP, RMSNorm/LayerNorm,
+layer scale, gating, a custom autograd.Function, in-place ops).
 """
 from __future__ import annotations
 
@@ -13,8 +15,37 @@ from hypothesis import strategies as st
 from torch import nn
 
 CONV_PIECES = ["conv", "residual", "concat", "split", "grouped", "depthwise", "se", "scale", "gn",
-               "ln2d", "bn_act"]
-TOKEN_PIECES = ["attn", "attn_sdpa", "mlp", "glu", "scale", "rms", "chunk"]
+               "ln2d", "bn_act", "branch", "inplace", "shared"]
+TOKEN_PIECES = ["attn", "attn_sdpa", "mlp", "glu", "scale", "rms", "chunk", "mha", "fn", "inplace"]
+
+
+class DataDependent(nn.Module):
+    """A conv whose sign depends on the data: fx cannot trace it, so it is an opaque leaf."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        if x.mean() > 0:
+            return y
+        return -y
+
+
+class Swish(torch.autograd.Function):
+    """A custom autograd.Function (elementwise)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * torch.sigmoid(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        s = torch.sigmoid(x)
+        return grad * (s + x * s * (1 - s))
 
 
 def _norm(kind: str, c: int) -> nn.Module:
@@ -65,6 +96,15 @@ class ConvPiece(nn.Module):
             from timm.layers import BatchNormAct2d
             self.n = BatchNormAct2d(c)
             self.out_c = c
+        elif kind == "branch":
+            self.a, self.gate, self.b = nn.Conv2d(c, width, 1), DataDependent(width), nn.Conv2d(width, c, 1)
+            self.out_c = c
+        elif kind == "inplace":
+            self.a, self.b = nn.Conv2d(c, width, 3, padding=1), nn.Conv2d(width, c, 1)
+            self.out_c = c
+        elif kind == "shared":
+            self.a = nn.Conv2d(c, c, 3, padding=1)
+            self.out_c = c
 
     def forward(self, x):
         k = self.kind
@@ -84,6 +124,16 @@ class ConvPiece(nn.Module):
             return x * torch.sigmoid(self.b(F.relu(self.a(s))))
         if k == "scale":
             return x * self.gamma + self.beta
+        if k == "branch":
+            return x + self.b(self.gate(F.relu(self.a(x))))
+        if k == "inplace":
+            h = self.a(x)
+            h.relu_()
+            out = self.b(h)
+            out += x
+            return out.mul_(0.5)
+        if k == "shared":
+            return self.a(F.relu(self.a(x)))
         return self.n(x)
 
 
@@ -119,6 +169,10 @@ class TokenPiece(nn.Module):
             self.norm = nn.RMSNorm(d)
         elif kind == "chunk":
             self.fc = nn.Linear(d, 2 * d)
+        elif kind == "mha":
+            self.mha = nn.MultiheadAttention(d, heads, batch_first=True)
+        elif kind in ("fn", "inplace"):
+            self.fc1, self.fc2 = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
 
     def forward(self, x):
         k = self.kind
@@ -140,6 +194,16 @@ class TokenPiece(nn.Module):
             return x * self.gamma
         if k == "rms":
             return self.norm(x)
+        if k == "mha":
+            return x + self.mha(x, x, x, need_weights=False)[0]
+        if k == "fn":
+            return x + self.fc2(Swish.apply(self.fc1(x)))
+        if k == "inplace":
+            h = self.fc1(x)
+            h.tanh_()
+            out = self.fc2(h)
+            out.add_(x)
+            return out
         p, q = self.fc(x).chunk(2, dim=-1)
         return p + torch.tanh(q)
 

@@ -8,6 +8,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from ..guard import eval_mode, is_meta_model, unwrap_model
 from ..spec import Group, Member, PermutationSpec, TensorInfo
 from ..trace import ExampleRecorder, as_args, default_inputs, symbolic_trace
 from . import rules as _rules  # noqa: F401 - registers the built-in rules
@@ -18,6 +19,21 @@ from .symbols import Symbols
 __all__ = ["infer_spec", "rule", "Inference"]
 
 
+class ExampleInputError(ValueError):
+    """The model cannot run on the example inputs it was given to trace with."""
+
+    def __init__(self, model: nn.Module, example_inputs: tuple, error: Exception):
+        shapes = ", ".join(str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
+                           for t in example_inputs)
+        lines = str(error).strip().splitlines()
+        node = next((ln.strip() for ln in lines if ln.startswith("While executing")), "")
+        where = f" ({node})" if node else ""
+        first = lines[0] if lines else type(error).__name__
+        super().__init__(f"{type(model).__name__} cannot run on the example inputs of shapes "
+                         f"[{shapes}]{where}: {type(error).__name__}: {first}. Pass example_inputs "
+                         f"that forward accepts: a tensor or a tuple of positional inputs")
+
+
 class Inference:
     """Everything inference learned about one model: the traced graph, each
     node's axis symbols, and which symbol class became which group. Kept on the
@@ -25,17 +41,15 @@ class Inference:
 
     def __init__(self, model: nn.Module, example_inputs: tuple, opaque: Iterable = ()):
         self.example_inputs = example_inputs
-        self.gm, self.opaque_modules = symbolic_trace(model, opaque)
+        self.gm, self.opaque_modules = symbolic_trace(model, opaque, n_inputs=len(example_inputs))
         capture = {n for n in self.gm.graph.nodes
                    if n.op == "call_module" or (n.op == "call_function" and inspect.isfunction(n.target))}
         rec = ExampleRecorder(self.gm, capture)
-        with torch.no_grad():
-            was = model.training
-            model.eval()
+        with torch.no_grad(), eval_mode(model):
             try:
                 rec.run(*example_inputs)
-            finally:
-                model.train(was)
+            except Exception as e:  # noqa: BLE001 - name the model, inputs and node
+                raise ExampleInputError(model, example_inputs, e) from e
         self.sym = Symbols()
         self.table = TensorTable(model, self.sym, opaque)
         self.model_state_names = list(model.state_dict().keys())
@@ -116,7 +130,7 @@ class Inference:
         permuted value of ``model``'s (relative L2 above ``rtol``)."""
         gm_a = self.gm
         gm_b = fx.GraphModule(permuted, self.gm.graph)
-        env_a = _record_all(gm_a, args, model.training)
+        env_a = _record_all(gm_a, args)
         result = [None]
         layouts = self.graph.layouts
         # values of a cut qkv before the cut carry factors that were replaced
@@ -143,17 +157,12 @@ class Inference:
                         if err > rtol:
                             result[0] = f"{n.name} ({n.op} {_target_name(n)}), relative error {float(err):.3g}"
                 return value
-        with torch.no_grad():
-            was = permuted.training
-            permuted.eval()
-            try:
-                Compare(gm_b).run(*args)
-            finally:
-                permuted.train(was)
+        with torch.no_grad(), eval_mode(permuted, gm_b):
+            Compare(gm_b).run(*args)
         return result[0]
 
 
-def _record_all(gm, args, training):
+def _record_all(gm, args):
     env = {}
 
     class Rec(fx.Interpreter):
@@ -162,12 +171,9 @@ def _record_all(gm, args, training):
             # a clone: a later in-place op must not rewrite what was recorded
             env[n] = v.clone() if isinstance(v, torch.Tensor) else v
             return v
-    with torch.no_grad():
-        gm.eval()
-        try:
-            Rec(gm).run(*args)
-        finally:
-            gm.train(training)
+    # gm's submodules are the model's own: every one gets its mode back
+    with torch.no_grad(), eval_mode(gm):
+        Rec(gm).run(*args)
     return env
 
 
@@ -209,9 +215,20 @@ def infer_spec(model: nn.Module, example_inputs=None, *, opaque: Iterable = (),
 
     Returns:
         A :class:`PermutationSpec`. The model is run once in eval mode on the
-        example inputs to learn shapes; its state and mode are unchanged.
+        example inputs to learn shapes; its state and every submodule's mode
+        are unchanged.
+
+    ``nn.DataParallel``, ``DistributedDataParallel`` and ``torch.compile``
+    wrappers are looked through (:func:`autobasin.guard.unwrap_model`): the
+    spec names the inner model's tensors, without ``module.``/``_orig_mod.``.
+    A model on the ``meta`` device (built under ``torch.device("meta")``) can be
+    inspected: tensor inputs are moved to ``meta`` and nothing is computed.
     """
+    model = unwrap_model(model)
     if example_inputs is None:
         example_inputs = default_inputs(model)
-    inference = Inference(model, as_args(example_inputs), opaque)
+    args = as_args(example_inputs)
+    if is_meta_model(model):
+        args = tuple(t.to("meta") if isinstance(t, torch.Tensor) else t for t in args)
+    inference = Inference(model, args, opaque)
     return inference.spec(fixed)

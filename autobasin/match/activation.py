@@ -60,6 +60,7 @@ import torch.fx as fx
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..guard import check_model_finite, check_model_materialized
 from ..permute import apply_permutation
 from ..repair import batch_input, model_device
 from ..spec import PermutationSpec, SpecError
@@ -591,13 +592,16 @@ def activation_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, data:
         raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
     if num_batches is not None and num_batches < 1:
         raise ValueError(f"num_batches must be at least 1, got {num_batches}")
+    for label, model in (("a", a), ("b", b)):
+        check_model_materialized(model, "activation matching", f"model {label}")
+        check_model_finite(model, label)
     dev_a, dev_b = model_device(a), model_device(b)
     stat_device = torch.device(device) if device is not None else dev_a
 
     entries: list[ActivationEntry] | None = None
     by_node: dict[str, list[ActivationEntry]] = {}
     gm_a = gm_b = None
-    batches = samples = 0
+    batches = samples = empty = 0
     modes = {m: m.training for model in (a, b) for m in model.modules()}
     try:
         a.eval()
@@ -611,6 +615,11 @@ def activation_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, data:
                 if num_batches is not None and i >= num_batches:
                     break
                 args = _as_args(batch, input_fn)
+                first = next((t for t in args if isinstance(t, torch.Tensor)), None)
+                if first is not None and first.dim() and first.shape[0] == 0:
+                    empty += 1  # an empty batch has no samples to correlate
+                    bar.update(1)
+                    continue
                 if entries is None:
                     _ensure_inference(spec, a, args)
                     entries, levels = activation_entries(spec, nodes)
@@ -633,10 +642,12 @@ def activation_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, data:
                         if xa is not None and isinstance(value, torch.Tensor):
                             e.moments.update(xa, e.gather(value))
 
-                _Tap(gm_a, names, tap_a).run(*[_to(t, dev_a) for t in args])
-                _Tap(gm_b, names, tap_b).run(*[_to(t, dev_b) for t in args])
+                for label, gm, dev, tap in (("a", gm_a, dev_a, tap_a), ("b", gm_b, dev_b, tap_b)):
+                    try:
+                        _Tap(gm, names, tap).run(*[_to(t, dev) for t in args])
+                    except Exception as e:  # noqa: BLE001 - say which batch, and what was expected
+                        raise _batch_error(label, i, args, spec, e) from e
                 batches += 1
-                first = next((t for t in args if isinstance(t, torch.Tensor)), None)
                 samples += int(first.shape[0]) if first is not None and first.dim() else 1
                 bar.update(1)
         bar.close()
@@ -644,6 +655,9 @@ def activation_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, data:
         for m, training in modes.items():
             m.training = training
     if entries is None:
+        if empty:
+            raise ValueError(f"activation matching got no samples from data: all {empty} "
+                             f"batches were empty")
         raise ValueError("activation matching got no batches from data")
 
     used = [e for e in entries if e.moments.count > 0]
@@ -680,6 +694,22 @@ def activation_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, data:
         if fallback:
             stats["weight_matching"] = wm_stats
     return result
+
+
+def _shapes(args) -> str:
+    return ", ".join(str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
+                     for t in args)
+
+
+def _batch_error(label: str, index: int, args: tuple, spec: PermutationSpec,
+                 error: Exception) -> ValueError:
+    """A ValueError naming the batch, its input shapes and those the spec was traced with."""
+    traced = getattr(getattr(spec, "_inference", None), "example_inputs", None)
+    expected = f"; the spec was traced with inputs of shapes {_shapes(traced)}" if traced else ""
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return ValueError(f"activation matching: model {label} failed on batch {index} (inputs of "
+                      f"shapes {_shapes(args)}): {type(error).__name__}: {first}{expected}. Is each "
+                      f"batch the model input or (input, target, ...)? Else pass input_fn=...")
 
 
 def _all_zero(entries, sims, g) -> bool:

@@ -43,6 +43,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from tqdm.auto import tqdm
 
 from ..barrier import _batch_target
+from ..guard import check_model_finite, check_model_materialized
 from ..permute import _check_perm, apply_permutation
 from ..repair import batch_input, model_device
 from ..spec import PermutationSpec, SpecError
@@ -103,8 +104,19 @@ def ste_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, data: Iterab
     start = time.perf_counter()
     if epochs < 1:
         raise ValueError(f"epochs must be at least 1, got {epochs}")
+    for label, model in (("a", a), ("b", b)):
+        check_model_materialized(model, "STE matching", f"model {label}")
+        check_model_finite(model, label)
     loss_fn = F.cross_entropy if loss_fn is None else loss_fn
-    target_fn = _batch_target if target_fn is None else target_fn
+    if target_fn is None:
+        def target_fn(batch):
+            try:
+                return _batch_target(batch)
+            except TypeError:
+                raise TypeError(f"STE matching computes a loss, so it needs (input, target) "
+                                f"batches (or a dict with a 'target'/'label' key); got a "
+                                f"{type(batch).__name__}: pass target_fn=... (and input_fn=...)"
+                                ) from None
     device = model_device(a)
     sd_a = {k: v.detach() for k, v in a.state_dict().items()}
     sd_b = {k: v.detach().to(device) for k, v in b.state_dict().items()}

@@ -59,6 +59,7 @@ from typing import Mapping
 import torch
 from tqdm.auto import tqdm
 
+from ..guard import check_finite, check_materialized
 from ..permute import _check_perm, axis_index
 from ..spec import Member, PermutationSpec, SpecError
 from .lap import solve_lap
@@ -192,6 +193,30 @@ def _accumulate(c: torch.Tensor | None, a_rows: torch.Tensor, b_rows: torch.Tens
     return c.add_(a_rows @ b_rows.T)
 
 
+@dataclass
+class _LowRank:
+    """The static part of a group's similarity as factors ``a @ b.T``, each (n, k).
+
+    With k columns (a bias, a norm scale, BatchNorm statistics: k <= 4 per
+    layer) far below n, the (n, n) product would be the largest thing weight
+    matching holds: 128 MiB per 4096-wide MLP group in float64, 3 GiB for
+    ViT-L/16 (2.7x the model). The factors cost n * k; the product is formed
+    when the group is solved.
+    """
+
+    a: torch.Tensor
+    b: torch.Tensor
+
+
+def _static_matrix(static: torch.Tensor | _LowRank | None) -> torch.Tensor | None:
+    """A fresh (n, n) matrix holding the static similarity (None: there is none)."""
+    if static is None:
+        return None
+    if isinstance(static, _LowRank):
+        return static.a @ static.b.T
+    return static.clone()
+
+
 def _permute_tensor(t: torch.Tensor, members: list[tuple[str, Member]], perms: Perms) -> torch.Tensor:
     per_axis: dict[int, list[tuple[str, Member]]] = {}
     for g, m in members:
@@ -233,7 +258,7 @@ def _signature_rows(term: _Term, t: torch.Tensor, perms: Perms | None,
     return t.sort(dim=1).values if whole_row else t
 
 
-def _greedy_init(spec: PermutationSpec, static: dict[str, torch.Tensor | None],
+def _greedy_init(spec: PermutationSpec, static: dict[str, torch.Tensor | _LowRank | None],
                  static_cols: dict[str, int], dynamic: dict[str, list[_Term]],
                  a_t: dict[str, torch.Tensor], b_t: dict[str, torch.Tensor], perms: Perms,
                  device: torch.device) -> tuple[list[str], dict[str, bool], float, float]:
@@ -292,22 +317,23 @@ def _greedy_init(spec: PermutationSpec, static: dict[str, torch.Tensor | None],
             g = max((h for h in names if h not in solved), key=closeness)
             signature = True
         t0 = time.perf_counter()
-        pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
-        for term in clean[g]:
-            pairs.append((term.a_rows, _b_rows(term, b_t[term.member.param], perms)))
-        if signature:
-            unknown = {h for h in names if h not in solved}
-            chosen = {id(t) for t in clean[g]}
-            for term in dynamic[g]:
-                if id(term) not in chosen:
-                    p = term.member.param
-                    pairs.append((_signature_rows(term, a_t[p], None, unknown),
-                                  _signature_rows(term, b_t[p], perms, unknown)))
-        wide = static_cols[g] + sum(a.shape[1] for a, _ in pairs) > _FLOAT64_COLS
-        c = static[g].clone() if static[g] is not None else None
+        unknown = {h for h in names if h not in solved} if signature else set()
+        chosen = {id(t) for t in clean[g]}
+        rough = [t for t in dynamic[g] if id(t) not in chosen] if signature else []
+
+        def pairs():  # one term's rows at a time: never all of B's rows at once
+            for term in clean[g]:
+                yield term.a_rows, _b_rows(term, b_t[term.member.param], perms)
+            for term in rough:
+                p = term.member.param
+                yield (_signature_rows(term, a_t[p], None, unknown),
+                       _signature_rows(term, b_t[p], perms, unknown))
+        # a signature row holds the same elements as the member's row, sorted
+        wide = static_cols[g] + sum(t.cols for t in (*clean[g], *rough)) > _FLOAT64_COLS
+        c = _static_matrix(static[g])
         if c is not None and not wide:
             c = c.double()
-        for a_rows, b_rows in pairs:
+        for a_rows, b_rows in pairs():
             if not wide:
                 a_rows, b_rows = a_rows.double(), b_rows.double()
             c = _accumulate(c, a_rows, b_rows)
@@ -360,9 +386,19 @@ def weight_matching(spec: PermutationSpec, state_dict_a: Mapping[str, torch.Tens
 
     Similarities are computed in float32 (float64 when the tensor is float64),
     on ``device``; assignments are solved in float64.
+
+    Raises :class:`~autobasin.guard.NonFiniteWeightError` (a ``ValueError``)
+    naming the entry when a permuted tensor holds NaN or Inf, and
+    :class:`~autobasin.guard.MetaTensorError` when one is on the meta device.
     """
     start = time.perf_counter()
     _validate(spec, state_dict_a, state_dict_b)
+    by_param = spec.members_by_param()
+    groups_of = {p: "permuted by group " + ", ".join(repr(g) for g in sorted({g for g, _ in ms}))
+                 for p, ms in by_param.items()}
+    for label, sd in (("a", state_dict_a), ("b", state_dict_b)):
+        check_materialized({p: sd[p] for p in by_param}, "weight matching", f"state_dict {label}")
+        check_finite(sd, by_param, where=f"state_dict {label}'s entry", notes=groups_of)
     names = list(spec.groups)
     if isinstance(init, str):
         if init not in ("greedy", "identity"):
@@ -392,7 +428,7 @@ def weight_matching(spec: PermutationSpec, state_dict_a: Mapping[str, torch.Tens
             perms[name] = p.to(device)
 
         # Per group: the static part of C and the terms that depend on other groups.
-        static: dict[str, torch.Tensor | None] = {}
+        static: dict[str, torch.Tensor | _LowRank | None] = {}
         static_cols: dict[str, int] = {}
         dynamic: dict[str, list[_Term]] = {}
         deps: dict[str, tuple[str, ...]] = {}
@@ -407,10 +443,17 @@ def weight_matching(spec: PermutationSpec, state_dict_a: Mapping[str, torch.Tens
                 else:
                     fixed.append(term)
             static_cols[gname] = sum(t.cols for t in fixed)
+            pairs = []
             for term in fixed:  # few columns (biases, norms): float64, see _FLOAT64_COLS
                 a_rows, b_rows = term.a_rows, _b_rows(term, b_t[term.member.param], perms)
                 if static_cols[gname] <= _FLOAT64_COLS:
                     a_rows, b_rows = a_rows.double(), b_rows.double()
+                pairs.append((a_rows, b_rows))
+            if pairs and 2 * static_cols[gname] < g.size:
+                # low rank: keep the factors, not the (n, n) product (see _static_matrix)
+                static[gname] = _LowRank(torch.cat([a for a, _ in pairs], 1),
+                                         torch.cat([b for _, b in pairs], 1))
+            for a_rows, b_rows in (pairs if not isinstance(static[gname], _LowRank) else []):
                 static[gname] = _accumulate(static[gname], a_rows, b_rows)
             deps[gname] = tuple(sorted(frozenset().union(*(t.deps for t in dynamic[gname]))))
 
@@ -476,7 +519,7 @@ def weight_matching(spec: PermutationSpec, state_dict_a: Mapping[str, torch.Tens
                 if n <= 1 or solved_at[gname] == key:
                     continue  # same inputs as last time: same assignment
                 t0 = time.perf_counter()
-                c = static[gname].clone() if static[gname] is not None else None
+                c = _static_matrix(static[gname])
                 for term in dynamic[gname]:
                     c = _accumulate(c, term.a_rows, _b_rows(term, b_t[term.member.param], perms))
                 if c is None:  # a group without members: nothing to align
