@@ -7,6 +7,8 @@ The pipeline: ``infer_spec`` (trace + infer) -> ``PermutationSpec`` -> a matcher
 """
 from .api import ArchitectureMismatchError, RebasinResult, auto_rebasin
 from .barrier import BarrierResult, loss_barrier, plot_barrier
+from .calibration import (CalibrationResult, expected_calibration_error, reliability,
+                          reliability_plot)
 from .infer import infer_spec, rule
 from .io import CheckpointError, load_into, load_state_dict, save_perms, save_state_dict
 from .match.activation import activation_matching
@@ -16,7 +18,7 @@ from .merge import interpolate, merge_many
 from .models import ModelSpecError, build_model
 from .permute import (EquivalenceError, apply_permutation, check_equivalence, compose,
                       identity_permutation, invert, permute_model, random_permutation)
-from .repair import reset_bn_stats
+from .repair import ChannelStats, channel_stats, repair, reset_bn_stats
 from .spec import Group, Member, PermutationSpec, SpecError
 
 __all__ = [
@@ -28,4 +30,6 @@ __all__ = [
     "interpolate", "merge_many", "reset_bn_stats", "loss_barrier", "plot_barrier", "BarrierResult",
     "load_state_dict", "save_state_dict", "load_into", "save_perms", "CheckpointError",
     "build_model", "ModelSpecError",
+    "repair", "channel_stats", "ChannelStats",
+    "expected_calibration_error", "reliability", "CalibrationResult", "reliability_plot",
 ]

@@ -12,7 +12,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .merge import interpolate_state_dicts
-from .repair import batch_input, model_device, reset_bn_stats
+from .repair import REPAIR_MODES, _InputBatches, batch_input, channel_stats, model_device
+from .repair import repair as repair_model
+from .repair import reset_bn_stats
 
 
 @dataclass
@@ -90,7 +92,9 @@ def evaluate(model: nn.Module, data: Iterable, loss_fn: Callable = F.cross_entro
 def loss_barrier(a: nn.Module, b: nn.Module, eval_fn_or_data: Callable | Iterable,
                  lambdas: int | Sequence[float] = 25, reset_bn: Iterable | None = None,
                  loss_fn: Callable = F.cross_entropy, device: torch.device | str | None = None,
-                 progress: bool = True) -> BarrierResult:
+                 progress: bool = True, repair: str | None = None,
+                 repair_data: Iterable | None = None,
+                 repair_batches: int | None = None) -> BarrierResult:
     """Evaluate the models on the segment ``(1 - lam) * a + lam * b``.
 
     Args:
@@ -104,10 +108,28 @@ def loss_barrier(a: nn.Module, b: nn.Module, eval_fn_or_data: Callable | Iterabl
         reset_bn: if an iterable of batches, BatchNorm statistics are recomputed on
             it (:func:`autobasin.reset_bn_stats`) at *every* lambda, the endpoints
             included, so all points of the curve are treated alike.
+        repair: ``"reset_bn"``, ``"repair"`` or ``"rescale"``: every point of the path,
+            the endpoints included, is first repaired with :func:`autobasin.repair`
+            (``alphas = (1 - lam, lam)``, endpoints ``a`` and ``b``) on ``repair_data``
+            (default: the ``reset_bn`` batches), using at most ``repair_batches``
+            batches. At ``lam = 0`` and ``1`` REPAIR changes nothing (up to rounding);
+            BatchNorm models get their statistics reset. The endpoints' channel
+            statistics are measured once for the whole sweep.
+        repair_data: batches for ``repair`` (typically training data).
         device: where to evaluate (default: ``a``'s device).
         progress: show a tqdm bar over lambdas.
     """
     grid = _lambda_grid(lambdas)
+    if repair is not None:
+        if repair not in REPAIR_MODES:
+            raise ValueError(f"repair must be one of {REPAIR_MODES} or None, got {repair!r}")
+        repair_data = repair_data if repair_data is not None else reset_bn
+        if repair_data is None:
+            raise ValueError(f"repair={repair!r} needs repair_data=<batches>")
+        repair_data = _InputBatches(repair_data, repair_batches)
+        endpoint_stats = None
+        if repair != "reset_bn":
+            endpoint_stats = [channel_stats(m, repair_data) for m in (a, b)]
     sd_a, sd_b = a.state_dict(), b.state_dict()
     model = copy.deepcopy(a)
     if device is not None:
@@ -116,12 +138,16 @@ def loss_barrier(a: nn.Module, b: nn.Module, eval_fn_or_data: Callable | Iterabl
     accuracies: list[float] | None = []
     for lam in tqdm(grid, desc="loss barrier", disable=not progress):
         model.load_state_dict(interpolate_state_dicts(sd_a, sd_b, lam))
-        if reset_bn is not None:
+        point = model
+        if repair is not None:
+            point = repair_model(model, endpoint_stats or [], repair_data, alphas=(1 - lam, lam),
+                                 mode=repair, device=device)
+        elif reset_bn is not None:
             reset_bn_stats(model, reset_bn, device=device)
         if callable(eval_fn_or_data):
-            out = eval_fn_or_data(model)
+            out = eval_fn_or_data(point)
         else:
-            out = evaluate(model, eval_fn_or_data, loss_fn=loss_fn, device=device)
+            out = evaluate(point, eval_fn_or_data, loss_fn=loss_fn, device=device)
         if isinstance(out, (tuple, list)):
             loss, acc = float(out[0]), float(out[1])
         else:

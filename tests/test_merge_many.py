@@ -51,3 +51,92 @@ def test_merge_many_weights_and_errors():
     c = nn.Sequential(nn.Linear(4, 9), nn.ReLU(), nn.Linear(9, 2))
     with pytest.raises(ValueError, match="model 1"):
         merge_many([a, c], spec=spec)
+
+
+def _mlp(bias=True, bn=False, seed=0):
+    torch.manual_seed(seed)
+    layers = [nn.Linear(6, 16, bias=bias)]
+    if bn:
+        layers.append(nn.BatchNorm1d(16))
+    layers += [nn.ReLU(), nn.Linear(16, 12, bias=bias), nn.ReLU(), nn.Linear(12, 3, bias=bias)]
+    return nn.Sequential(*layers).eval()
+
+
+def test_merging_permuted_mlp_copies_is_function_exact():
+    model = _mlp()
+    x = torch.randn(32, 6)
+    spec = infer_spec(model, x[:2])
+    models = _copies(model, spec, 5)
+    info = {}
+    merged = merge_many(models, spec=spec, progress=False, stats=info, weights=[1, 2, 3, 4, 5])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x), model(x), rtol=0, atol=1e-6)
+    assert info["rounds"] >= 1 and len(info["perms"]) == 5
+    # the permutations found bring every copy onto one and the same state
+    aligned = [apply_permutation(spec, p, m.state_dict()) for p, m in zip(info["perms"], models)]
+    for state in aligned[1:]:
+        for key, value in aligned[0].items():
+            assert torch.equal(state[key], value), key
+
+
+def test_merging_permuted_and_scaled_copies():
+    """Copies that differ by a permutation and a positive global scale c_i: matching is
+    scale-free, so the merge is mean(c) * model; a bias-free ReLU MLP of depth 3 then
+    computes mean(c)**3 * model(x)."""
+    model = _mlp(bias=False)
+    x = torch.randn(32, 6)
+    spec = infer_spec(model, x[:2])
+    scales = [1.0, 0.5, 2.0, 1.5]
+    models = []
+    for copy_, c in zip(_copies(model, spec, 4), scales):
+        scaled = copy.deepcopy(copy_)
+        with torch.no_grad():
+            for p in scaled.parameters():
+                p.mul_(c)
+        models.append(scaled)
+    merged = merge_many(models, spec=spec, progress=False)
+    c = sum(scales) / len(scales)
+    for key, value in model.state_dict().items():  # a permuted copy of c * model
+        torch.testing.assert_close(merged.state_dict()[key].norm(), c * value.norm())
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x), c ** 3 * model(x), rtol=1e-5, atol=1e-6)
+    # unweighted by scale, naive averaging of the same copies is something else
+    naive = copy.deepcopy(model)
+    naive.load_state_dict({k: sum(m.state_dict()[k] for m in models) / 4 for k in model.state_dict()})
+    with torch.no_grad():
+        assert not torch.allclose(naive(x), c ** 3 * model(x), atol=1e-3)
+
+
+def test_merge_many_data_resets_batchnorm_and_repairs():
+    from autobasin import repair, reset_bn_stats
+    model = _mlp(bn=True)
+    x = torch.randn(64, 6) * 3 + 1
+    data = [x[:32], x[32:]]
+    spec = infer_spec(model, x[:2])
+    models = _copies(model, spec, 3)
+    merged = merge_many(models, spec=spec, progress=False, data=data)
+    reference = reset_bn_stats(copy.deepcopy(model), data)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x), reference(x), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(model[1].running_mean, reference[1].running_mean)  # input kept
+
+    plain = _mlp(seed=0)
+    others = [_mlp(seed=s) for s in (1, 2)]
+    spec = infer_spec(plain, x[:2])
+    info = {}
+    avg = merge_many([plain, *others], spec=spec, progress=False, stats=info)
+    fixed = merge_many([plain, *others], spec=spec, progress=False, data=data, repair="repair")
+    # the same as repairing the merge with the aligned models as endpoints
+    endpoints = []
+    for m, perm in zip([plain, *others], info["perms"]):
+        e = copy.deepcopy(m)
+        e.load_state_dict(apply_permutation(spec, perm, m.state_dict()))
+        endpoints.append(e)
+    expected = repair(avg, endpoints, data)
+    with torch.no_grad():
+        torch.testing.assert_close(fixed(x), expected(x))
+        assert not torch.allclose(fixed(x), avg(x), atol=1e-4)
+    with pytest.raises(ValueError, match="needs data"):
+        merge_many([plain, *others], spec=spec, repair="repair")
+    with pytest.raises(ValueError, match="repair must be"):
+        merge_many([plain, *others], spec=spec, repair="bn", data=data)
