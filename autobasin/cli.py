@@ -4,7 +4,7 @@
 
     autobasin inspect MODEL [--input-size C H W] [--json SPEC.json] [--plot SPEC.png]
     autobasin align   MODEL --a A --b B --out OUT [--method weight] [--data DATA] [--perms P]
-    autobasin merge   MODEL CKPT CKPT ... --out OUT
+    autobasin merge   MODEL CKPT CKPT ... --out OUT [--data DATA --reset-bn]
     autobasin barrier MODEL --a A --b B --data DATA [--plot FILE.png] [--reset-bn] [--lambdas 25]
     autobasin demo    [--out DIR] [--quick]
 
@@ -16,9 +16,10 @@ the MNIST IDX test files, ``digits`` (scikit-learn's bundled digits) or
 
 Every input is checked (files exist, checkpoints load into the architecture,
 data yields batches the model accepts) before any long computation. Exit
-codes: 0 success, 2 usage or input error, 3 checkpoint/architecture mismatch,
-4 verification failed (the aligned model computes something else), 1
-unexpected error. Expected errors print one line ``autobasin: error: ...``.
+codes (:data:`EXIT_CODES_HELP`, shown by ``autobasin --help``): 0 success,
+2 usage or input error, 3 checkpoint/architecture mismatch, 4 verification
+failed (the aligned model computes something else), 1 unexpected error, 130
+interrupted. Expected errors print one line ``autobasin: error: ...``.
 """
 from __future__ import annotations
 
@@ -44,6 +45,18 @@ from torch import nn
 PROG = "autobasin"
 
 EXIT_OK, EXIT_UNEXPECTED, EXIT_USAGE, EXIT_MISMATCH, EXIT_VERIFY = 0, 1, 2, 3, 4
+EXIT_INTERRUPTED = 130  # the shell's convention for SIGINT (128 + 2)
+
+EXIT_CODES_HELP = """exit codes:
+  0    success
+  1    unexpected error (with a traceback), or a model torch.fx cannot trace
+  2    usage or input error: bad option, missing or corrupt file, unknown model,
+       unreadable DATA
+  3    a checkpoint does not fit MODEL (missing/unexpected keys, shapes), or a
+       --spec names tensors MODEL does not have
+  4    verification failed: the aligned model computes something else
+  130  interrupted (Ctrl-C); no output file is left half-written
+"""
 
 
 class UsageError(ValueError):
@@ -91,6 +104,10 @@ def _device(name: str) -> torch.device:
         raise UsageError(f"--device {name!r}: {e}") from e
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {name}: CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is not None \
+            and device.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} "
+                         "CUDA devices")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise UsageError(f"--device {name}: MPS is not available on this machine")
     return device
@@ -135,16 +152,31 @@ def _build(args) -> nn.Module:
 
 
 def _example_inputs(model: nn.Module, input_size: Sequence[int] | None, batch: int = 2):
+    """Inputs to trace and verify with (``--input-size`` or the model's own); the model is run
+    on them once here, so a wrong shape is an input error before anything long starts."""
     from .trace import default_inputs
     if input_size:
         gen = torch.Generator().manual_seed(0)
         param = next(model.parameters(), None)
         dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-        return (torch.randn(batch, *input_size, generator=gen).to(dtype),)
-    try:
-        return default_inputs(model, batch=batch)
-    except ValueError as e:
-        raise UsageError(f"{e}; or pass --input-size with the input shape (no batch dim)") from e
+        example = (torch.randn(batch, *input_size, generator=gen).to(dtype),)
+        what = f"--input-size {' '.join(map(str, input_size))}"
+    else:
+        try:
+            example = default_inputs(model, batch=batch)
+        except ValueError as e:
+            raise UsageError(f"{e}; or pass --input-size with the input shape (no batch dim)") \
+                from e
+        what = "the default example input"
+    failure = _run_naming_layer(model, example)
+    if failure is not None:
+        layer, e = failure
+        shapes = ", ".join(str(tuple(t.shape)) for t in example if isinstance(t, torch.Tensor))
+        at = f" at layer {layer!r}" if layer else ""
+        hint = "" if input_size else "; pass --input-size with the input shape (no batch dim)"
+        raise UsageError(f"{type(model).__name__} cannot run on {what} (shape {shapes}){at}: "
+                         f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}{hint}")
+    return example
 
 
 def _load_checkpoint(model: nn.Module, path: Path, key: str | None, log: _Log,
@@ -335,16 +367,45 @@ def _check_batch(model: nn.Module, batch, what: str, need_target: bool) -> torch
             _batch_target(batch)
         except TypeError as e:
             raise DataError(f"{what}: batches must be (input, target) pairs to score a loss") from e
+    layer = _run_naming_layer(model, (x[:2],))
+    if layer is not None:
+        where, e = layer
+        at = f" at layer {where!r}" if where else ""
+        raise DataError(f"the model cannot run on a batch of {what} (input shape "
+                        f"{tuple(x.shape)}){at}: {type(e).__name__}: "
+                        f"{(str(e).strip().splitlines() or [''])[0]}") from e
+    return x
+
+
+def _run_naming_layer(model: nn.Module, inputs: tuple) -> tuple[str, Exception] | None:
+    """Run ``model(*inputs)`` in eval mode without grad; on failure, the qualified name of the
+    innermost module that was running ("" for the top level) and the exception."""
+    names = {m: n for n, m in model.named_modules()}
+    running: list[str] = []
+    failed: list[str] = []
+
+    def enter(module, args):
+        running.append(names.get(module, ""))
+
+    def leave(module, args, output):
+        running.pop()
+
+    hooks = [m.register_forward_pre_hook(enter) for m in names] + \
+        [m.register_forward_hook(leave) for m in names]
+    modes = {m: m.training for m in model.modules()}
     try:
-        was = model.training
         model.eval()
         with torch.no_grad():
-            model(x[:2])
-        model.train(was)
-    except Exception as e:  # noqa: BLE001
-        raise DataError(f"the model cannot run on a batch of {what} (input shape "
-                        f"{tuple(x.shape)}): {type(e).__name__}: {str(e).splitlines()[0]}") from e
-    return x
+            model(*inputs)
+        return None
+    except Exception as e:  # noqa: BLE001 - reported as a DataError by the caller
+        failed.extend(running)
+        return (failed[-1] if failed else ""), e
+    finally:
+        for h in hooks:
+            h.remove()
+        for m, training in modes.items():
+            m.training = training
 
 
 # ------------------------------------------------------------------------ plots
@@ -667,10 +728,14 @@ def cmd_merge(args, log: _Log) -> int:
         data = resolve_data(args.data, models[0], args)
         _check_batch(models[0], _first_batch(data.train, f"DATA {args.data}"),
                      f"DATA {args.data}", False)
+        if not args.reset_bn:
+            log("note: DATA is only used to recompute BatchNorm statistics; add --reset-bn")
     example = _example_inputs(models[0], args.input_size)
+    stats: dict = {}
+    # BatchNorm statistics are reset below (on --device), not by merge_many: once, and
+    # only when asked for
     offered = {"seed": args.seed, "progress": not args.quiet, "device": device,
-               "example_inputs": example, "max_iter": args.max_iter,
-               "data": data.train if data is not None else None}
+               "example_inputs": example, "max_rounds": args.max_rounds, "stats": stats}
     try:
         params = _inspect.signature(merge_many).parameters
         accepts_all = any(p.kind is p.VAR_KEYWORD for p in params.values())
@@ -678,7 +743,9 @@ def cmd_merge(args, log: _Log) -> int:
     except (TypeError, ValueError):
         kwargs = {}
     log(f"merging {len(models)} models")
+    t0 = time.perf_counter()
     merged = merge_many(models, **kwargs)
+    seconds = time.perf_counter() - t0
     if isinstance(merged, nn.Module):
         merged_model = merged
     elif hasattr(merged, "model") and isinstance(merged.model, nn.Module):
@@ -689,12 +756,16 @@ def cmd_merge(args, log: _Log) -> int:
         merged_model = copy.deepcopy(models[0])
         merged_model.load_state_dict(dict(sd))
     if args.reset_bn:
+        log("recomputing BatchNorm statistics")
         reset_bn_stats(merged_model, data.train, device=device)
     first = loaded[0][1]
     sd = {k: (v.to(first[k].dtype) if k in first and v.is_floating_point() else v)
           for k, v in merged_model.state_dict().items()}
     save_state_dict(sd, out, metadata={"autobasin": "merged",
                                        "sources": ",".join(str(p) for p in paths)})
+    rounds = f", {stats['rounds']} rounds" if stats.get("rounds") else ""
+    _out(f"merged {len(models)} checkpoints (MergeMany, weight matching{rounds}) in "
+         f"{seconds:.2f} s{'; BatchNorm statistics reset' if args.reset_bn else ''}")
     _out(f"wrote {out}")
     return EXIT_OK
 
@@ -762,12 +833,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description="Align and merge neural networks modulo permutation symmetry "
                                "(Git Re-Basin), for any PyTorch model.",
-        epilog="exit codes: 0 ok, 2 usage or input error, 3 checkpoint/architecture mismatch, "
-               "4 verification failed, 1 unexpected error")
+        epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub_kwargs = {"epilog": EXIT_CODES_HELP,
+                  "formatter_class": argparse.RawDescriptionHelpFormatter}
     sub.required = True
 
-    p = sub.add_parser("inspect", parents=[model_opts, common],
+    p = sub.add_parser("inspect", **sub_kwargs, parents=[model_opts, common],
                        help="infer and show a model's permutation spec",
                        description="Infer which parameter axes can be permuted together, show "
                                    "the groups, coverage and blocked ops, and check the spec.")
@@ -779,7 +851,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_inspect)
 
     methods = _methods()
-    p = sub.add_parser("align", parents=[model_opts, ckpt_opts, data_opts, common],
+    p = sub.add_parser("align", **sub_kwargs, parents=[model_opts, ckpt_opts, data_opts, common],
                        help="permute checkpoint B to line up with checkpoint A",
                        description="Write B permuted to line up with A (it computes what B "
                                    "computes, in B's dtypes), and the permutations.")
@@ -797,7 +869,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-iter", type=int, default=100, help="most matching sweeps (default 100)")
     p.set_defaults(func=cmd_align)
 
-    p = sub.add_parser("merge", parents=[model_opts, ckpt_opts, data_opts, common],
+    p = sub.add_parser("merge", **sub_kwargs, parents=[model_opts, ckpt_opts, data_opts, common],
                        help="merge several checkpoints (MergeMany)",
                        description="Align and average several checkpoints of one architecture.")
     p.add_argument("checkpoints", nargs="+", metavar="CKPT")
@@ -805,10 +877,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", metavar="DATA", help="batches for BatchNorm resets: " + data_help)
     p.add_argument("--reset-bn", action="store_true",
                    help="recompute BatchNorm statistics of the merged model on DATA")
-    p.add_argument("--max-iter", type=int, default=100, help="most matching sweeps (default 100)")
+    p.add_argument("--max-rounds", type=int, default=10,
+                   help="most MergeMany rounds over all checkpoints (default 10)")
     p.set_defaults(func=cmd_merge)
 
-    p = sub.add_parser("barrier", parents=[model_opts, ckpt_opts, data_opts, common],
+    p = sub.add_parser("barrier", **sub_kwargs, parents=[model_opts, ckpt_opts, data_opts, common],
                        help="loss barrier between A and B, naive and aligned",
                        description="Evaluate the straight line between A and B before and after "
                                    "aligning B to A; print a table, optionally plot it.")
@@ -827,7 +900,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-iter", type=int, default=100, help="most matching sweeps (default 100)")
     p.set_defaults(func=cmd_barrier)
 
-    p = sub.add_parser("demo", help="train two MLPs on sklearn digits, align, compare barriers",
+    p = sub.add_parser("demo", **sub_kwargs,
+                       help="train two MLPs on sklearn digits, align, compare barriers",
                        description="The one-minute demo (autobasin.demo).")
     p.add_argument("--out", type=Path, default=Path("autobasin-demo"),
                    help="folder for barrier.png (default ./autobasin-demo)")
@@ -843,6 +917,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _exit_code(exc: BaseException) -> int | None:
     """The exit code for an expected error, or None for an unexpected one."""
     from .api import ArchitectureMismatchError
+    try:
+        from .infer import ExampleInputError
+    except ImportError:  # pragma: no cover - older inference module
+        ExampleInputError = ()  # noqa: N806 - an empty tuple matches nothing in isinstance
     from .io import CheckpointMismatchError, CheckpointReadError
     from .models import ModelSpecError
     from .permute import EquivalenceError
@@ -852,8 +930,9 @@ def _exit_code(exc: BaseException) -> int | None:
         return EXIT_MISMATCH
     if isinstance(exc, EquivalenceError):
         return EXIT_VERIFY
-    if isinstance(exc, (UsageError, ModelSpecError, CheckpointReadError, FileNotFoundError,
-                        NotADirectoryError, IsADirectoryError, PermissionError)):
+    if isinstance(exc, (UsageError, ModelSpecError, CheckpointReadError, ExampleInputError,
+                        FileNotFoundError, NotADirectoryError, IsADirectoryError,
+                        PermissionError)):
         return EXIT_USAGE
     if isinstance(exc, TraceError):
         return EXIT_UNEXPECTED
@@ -875,7 +954,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def show(message, category, filename, lineno, file=None, line=None):
         if not log.quiet:
-            print(f"{PROG}: warning: {message}", file=sys.stderr, flush=True)
+            text = str(message)
+            if text.startswith(f"{PROG}: "):
+                text = text[len(PROG) + 2:]
+            print(f"{PROG}: warning: {text}", file=sys.stderr, flush=True)
 
     with warnings.catch_warnings():
         warnings.showwarning = show
@@ -887,7 +969,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return args.func(args, log)
         except KeyboardInterrupt:
             _error("interrupted; no output was written partially")
-            return 130
+            return EXIT_INTERRUPTED
         except Exception as e:  # noqa: BLE001 - mapped to exit codes below
             code = _exit_code(e)
             if code is None:

@@ -353,11 +353,19 @@ def _bad_files(files, tmp_path):
     (["barrier", "{mlp}", "--a", "{a}", "--b", "{b}", "--data", "{tmp}/no_such_folder"],
      2, ["no_such_folder", "no such folder"]),
     (["barrier", "timm:test_resnet", "--a", "{ra}", "--b", "{rb}", "--data", "digits"],
-     2, ["cannot run on a batch of DATA digits", "(128, 1, 8, 8)"]),
+     2, ["cannot run on a batch of DATA digits", "(128, 1, 8, 8)", "at layer 'conv1.0'"]),
     (["align", "{mlp}", "--a", "{a}", "--b", "{b}", "--out", "{tmp}/o.pt", "--device", "nonsense"],
      2, ["--device"]),
     (["align", "{mlp}", "--a", "{a}", "--b", "{b}", "--out", "{tmp}/o.pt", "--method", "nope"],
      2, ["invalid choice: 'nope'"]),
+    (["align", "{mlp}", "--a", "{a}", "--b", "{b}", "--out", "{tmp}/o.pt", "--device", "cuda:99"],
+     2, ["--device cuda:99"]),
+    (["merge", "{mlp}", "{a}", "{narrow}", "--out", "{tmp}/o.safetensors"],
+     3, ["narrow.pt", "'fc1.weight' has shape (16, 64)"]),
+    (["merge", "{mlp}", "{a}", "{tmp}/corrupt.pt", "--out", "{tmp}/o.safetensors"],
+     2, ["corrupt.pt"]),
+    (["merge", "{mlp}", "{a}", "--out", "{tmp}/o.safetensors"], 2, ["at least 2 checkpoints"]),
+    (["align", "{mlp}", "--a", "{a}", "--b", "{b}", "--out", "{tmp}"], 2, ["is a folder"]),
 ])
 def test_failures(files, tmp_path, capsys, argv, code, needles):
     _bad_files(files, tmp_path)
@@ -422,3 +430,225 @@ def test_build_model_errors(tmp_path):
         build_model(f"{tmp_path / 'm.py'}:f")
     with pytest.raises(ModelSpecError, match="name the factory"):
         build_model(str(tmp_path / "m.py"))
+
+
+# ------------------------------------------------------- audit of the issue
+def test_help_documents_exit_codes(capsys):
+    from importlib.metadata import entry_points
+    scripts = {e.name: e.value for e in entry_points(group="console_scripts")}
+    assert scripts.get("autobasin") == "autobasin.cli:main"     # the `autobasin` command
+    for argv in (["--help"], ["align", "--help"]):
+        code, out, _ = run(capsys, *argv)
+        assert code == 0
+        assert "exit codes:" in out
+        for line in ("0    success", "2    usage or input error", "3    a checkpoint",
+                     "4    verification failed", "130  interrupted"):
+            assert line in out, (argv, line)
+
+
+def test_quiet_silences_progress_and_seed_is_reproducible(files, tmp_path, capsys):
+    common = ["align", files["mlp"], "--a", files["a"], "--b", files["b"], "--seed", 7]
+    code, out_loud, err = run(capsys, *common, "--out", tmp_path / "loud.safetensors")
+    assert code == 0, err
+    assert "weight matching:" in err and "sweep" in err      # the tqdm bar
+    assert "loading" in err and "aligning B to A" in err      # progress messages
+    code, out_quiet, err = run(capsys, *common, "--out", tmp_path / "quiet.safetensors", "-q")
+    assert code == 0, err
+    assert err == ""
+    assert "verified" in out_quiet                            # results still on stdout
+    assert out_loud.replace("loud", "quiet").splitlines()[-2:] == out_quiet.splitlines()[-2:]
+    loud = load_perms(tmp_path / "loud.perms.safetensors")
+    quiet = load_perms(tmp_path / "quiet.perms.safetensors")
+    assert loud.keys() == quiet.keys()
+    assert all(torch.equal(loud[k], quiet[k]) for k in loud)
+
+
+def test_checks_run_before_the_long_part(files, tmp_path, capsys, monkeypatch):
+    """Bad inputs are reported before matching or interpolation starts."""
+    import autobasin.api
+    import autobasin.barrier
+
+    def never(*args, **kwargs):
+        raise AssertionError("the long part started before the inputs were checked")
+    monkeypatch.setattr(autobasin.api, "auto_rebasin", never)
+    monkeypatch.setattr(autobasin.barrier, "loss_barrier", never)
+    monkeypatch.setattr(autobasin, "merge_many", never)
+    out = tmp_path / "o.safetensors"
+    cases = [
+        (["align", files["mlp"], "--a", files["narrow"], "--b", files["b"], "--out", out],
+         3, "narrow.pt"),                                   # A is bad, B is good
+        (["align", files["mlp"], "--a", files["a"], "--b", files["b"], "--out", out,
+          "--method", "activation", "--data", tmp_path / "nowhere"], 2, "nowhere"),
+        (["barrier", files["mlp"], "--a", files["a"], "--b", files["b"], "--data", "digits",
+          "--plot", tmp_path], 2, "--plot"),
+        (["barrier", "timm:test_resnet", "--a", files["ra"], "--b", files["rb"],
+          "--data", "digits"], 2, "cannot run on a batch"),
+        (["barrier", files["mlp"], "--a", files["a"], "--b", files["b"], "--data", "digits",
+          "--input-size", 3, 8, 8], 2, "cannot run on --input-size 3 8 8 (shape (2, 3, 8, 8)) "
+                                      "at layer 'fc1'"),
+        (["merge", files["mlp"], files["a"], files["b"], "--out", out, "--input-size", 3, 8, 8],
+         2, "at layer 'fc1'"),
+    ]
+    for argv, want, needle in cases:
+        code, _, err = run(capsys, *argv, "-q")
+        assert code == want and needle in err, (argv, err)
+        assert "AssertionError" not in err and not out.exists()
+
+
+INSPECT_SOURCE = '''
+import torch
+from torch import nn
+
+
+class CheckedScale(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.scale = nn.Parameter(torch.rand(channels) + 0.5)
+
+    def forward(self, x):
+        if not torch.isfinite(x).all():
+            raise ValueError("non-finite input")
+        return x * self.scale[:, None, None]
+
+
+class Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = self.fc(x)
+        return h * 2 if h.sum() > 0 else h
+
+
+def blocked():
+    return nn.Sequential(nn.Conv2d(3, 8, 3), CheckedScale(8), nn.ReLU(), nn.Conv2d(8, 4, 3))
+
+
+def untraceable():
+    return Branchy()
+'''
+
+
+def test_inspect_shows_blocked_ops_and_why(tmp_path, capsys):
+    (tmp_path / "odd.py").write_text(INSPECT_SOURCE)
+    code, out, err = run(capsys, "inspect", f"{tmp_path / 'odd.py'}:blocked",
+                         "--input-size", 3, 12, 12, "--plot", tmp_path / "odd.png")
+    assert code == 0, err
+    assert "blocked ops (2), where inference left axes unpermuted:" in out
+    assert "no rule for module CheckedScale" in out
+    assert "opaque module: TraceError" in out
+    assert "0 groups over 5 parameters (5 fixed" in out
+    assert "autobasin: warning: submodule '1' (CheckedScale) cannot be traced" in err
+    assert (tmp_path / "odd.png").read_bytes()[:4] == b"\x89PNG"
+    # the top-level forward itself cannot be traced: exit code 1, one line naming it
+    code, _, err = run(capsys, "inspect", f"{tmp_path / 'odd.py'}:untraceable",
+                       "--input-size", 4, "-q")
+    assert code == 1
+    assert "Traceback" not in err
+    assert err.strip().startswith("autobasin: error: torch.fx cannot trace") and "Branchy" in err
+
+
+def test_training_checkpoint_layouts_keep_dtype(files, tmp_path, capsys):
+    """timm's train.py and torchvision's reference scripts pickle their argparse Namespace
+    next to the weights; bf16 B stays bf16 in a .safetensors output."""
+    import argparse
+    b_sd = {k: v.bfloat16() for k, v in files["mlp1"].state_dict().items()}
+    train_args = argparse.Namespace(model="mlp", lr=0.1, data_dir=Path("/data"), epochs=2)
+    optimizer = torch.optim.SGD(files["mlp1"].parameters(), lr=0.1).state_dict()
+    torch.save({"epoch": 2, "arch": "mlp", "version": 2, "metric": 0.5, "args": train_args,
+                "optimizer": optimizer,
+                "state_dict": {f"module.{k}": v for k, v in b_sd.items()},
+                "state_dict_ema": {k: torch.zeros_like(v) for k, v in b_sd.items()}},
+               tmp_path / "timm_b.pth.tar")
+    torch.save({"model": files["mlp0"].state_dict(), "optimizer": optimizer, "epoch": 2,
+                "lr_scheduler": {"last_epoch": 2}, "args": train_args}, tmp_path / "tv_a.pth")
+    out = tmp_path / "b_aligned.safetensors"
+    code, stdout, err = run(capsys, "align", files["mlp"], "--a", tmp_path / "tv_a.pth",
+                            "--b", tmp_path / "timm_b.pth.tar", "--out", out, "-q")
+    assert code == 0, err
+    aligned = load_state_dict(out)
+    assert aligned.keys() == b_sd.keys()
+    for k, v in aligned.items():
+        assert v.dtype == torch.bfloat16, k
+        # a permutation of B's stored values, bit for bit
+        assert torch.equal(v.flatten().sort().values, b_sd[k].flatten().sort().values), k
+    assert not torch.equal(aligned["fc1.weight"], b_sd["fc1.weight"])
+    code, _, err = run(capsys, "align", files["mlp"], "--a", tmp_path / "tv_a.pth",
+                       "--b", tmp_path / "timm_b.pth.tar", "--out", out, "-q",
+                       "--checkpoint-key", "nothing_here")
+    assert code == 2 and "timm_b.pth.tar" in err and "'nothing_here'" in err
+
+
+DATA_MODULE = '''
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+
+def images(split="heldout"):
+    g = torch.Generator().manual_seed(0 if split == "train" else 1)
+    data = TensorDataset(torch.randn(16, 3, 32, 32, generator=g) * 2 + 1,
+                         torch.randint(0, 10, (16,), generator=g))
+    return DataLoader(data, batch_size=8)
+'''
+
+
+def test_merge_reset_bn_with_module_function_data(files, tmp_path, capsys, monkeypatch):
+    """merge on a BatchNorm net with ``module:function`` DATA: statistics are recomputed once,
+    on that data (the same numbers reset_bn_stats gives the plain merge)."""
+    from autobasin.repair import reset_bn_stats
+    (tmp_path / "cli_test_images.py").write_text(DATA_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    common = ["merge", "timm:test_resnet", files["ra"], files["rb"], "--input-size", 3, 32, 32,
+              "-q"]
+    code, stdout, err = run(capsys, *common, "--out", tmp_path / "plain.safetensors")
+    assert code == 0, err
+    assert "merged 2 checkpoints" in stdout
+    code, stdout, err = run(capsys, *common, "--out", tmp_path / "reset.safetensors",
+                            "--data", "cli_test_images:images", "--reset-bn")
+    assert code == 0, err
+    assert "BatchNorm statistics reset" in stdout
+    plain = load_into(build_model("timm:test_resnet"),
+                      load_state_dict(tmp_path / "plain.safetensors"))
+    reset = load_state_dict(tmp_path / "reset.safetensors")
+    sys.modules.pop("cli_test_images", None)
+    from cli_test_images import images  # noqa: E402 - the module the CLI imported
+    expected = reset_bn_stats(plain, images(split="train")).state_dict()
+    stats = [k for k in expected if k.endswith("running_var")]
+    assert stats
+    for k in stats:
+        torch.testing.assert_close(reset[k], expected[k])
+    assert not torch.allclose(reset[stats[0]],
+                              load_state_dict(tmp_path / "plain.safetensors")[stats[0]])
+    weights = [k for k in reset if k.endswith("weight")]
+    assert weights and all(torch.equal(reset[k], plain.state_dict()[k]) for k in weights)
+
+
+def test_barrier_on_mnist_idx_folder(tmp_path, capsys):
+    """DATA as a folder of MNIST IDX files, end to end through the command line."""
+    import gzip
+    import struct
+    from autobasin.data import MNIST_IMAGES, MNIST_LABELS
+    n = 8_016
+    gen = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (n, 28, 28), generator=gen, dtype=torch.uint8)
+    labels = torch.randint(0, 10, (n,), generator=gen, dtype=torch.uint8)
+    for name, values in ((MNIST_IMAGES, pixels), (MNIST_LABELS, labels)):
+        header = struct.pack(">HBB", 0, 0x08, values.dim()) + struct.pack(
+            f">{values.dim()}I", *values.shape)
+        with gzip.open(tmp_path / name, "wb", compresslevel=1) as f:
+            f.write(header + values.numpy().tobytes())
+    (tmp_path / "mnist_mlp.py").write_text(
+        "from autobasin.demo import make_mlp\n"
+        "def mlp(seed=0):\n    return make_mlp(784, [32], 10, seed=seed)\n")
+    factory = f"{tmp_path / 'mnist_mlp.py'}:mlp"
+    for seed in (0, 1):
+        save_state_dict(build_model(factory, seed=seed).state_dict(),
+                        tmp_path / f"m{seed}.safetensors")
+    code, stdout, err = run(capsys, "barrier", factory, "--a", tmp_path / "m0.safetensors",
+                            "--b", tmp_path / "m1.safetensors", "--data", tmp_path,
+                            "--lambdas", 3, "--json", tmp_path / "curve.json", "-q")
+    assert code == 0, err
+    assert f"MNIST IDX {tmp_path}, heldout split (16 images)" in stdout
+    doc = json.loads((tmp_path / "curve.json").read_text())
+    assert len(doc["naive"]["losses"]) == 3 and doc["naive"]["accuracies"] is not None
