@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 MNIST_IMAGES = "t10k-images-idx3-ubyte.gz"
 MNIST_LABELS = "t10k-labels-idx1-ubyte.gz"
@@ -138,6 +138,21 @@ def mnist_split(root: str | Path, normalize: bool = True,
         x = (x - MNIST_MEAN) / MNIST_STD
     return (TensorDataset(x[:train_size], labels[:train_size]),
             TensorDataset(x[train_size:], labels[train_size:]))
+
+
+def mnist_benchmark_split(root: str | Path, limit: int | None = None, prog: str = "benchmark"
+                          ) -> tuple[Dataset, Dataset]:
+    """:func:`mnist_split` for a command-line benchmark: a missing or corrupt
+    folder exits with a message naming it, and ``limit`` keeps the first
+    ``limit`` images of each part (smoke tests)."""
+    try:
+        train_set, heldout_set = mnist_split(root)
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"{prog}: {err}") from err
+    if limit is not None:
+        train_set = Subset(train_set, range(min(limit, len(train_set))))
+        heldout_set = Subset(heldout_set, range(min(limit, len(heldout_set))))
+    return train_set, heldout_set
 
 
 def digits_split(seed: int = 0, train_size: int = DIGITS_TRAIN_SIZE

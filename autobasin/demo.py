@@ -66,6 +66,30 @@ def train_classifier(model: nn.Module, dataset: Dataset, epochs: int, lr: float 
     return epoch_losses
 
 
+def train_or_load(model: nn.Module, dataset: Dataset, epochs: int, lr: float = 1e-3,
+                  batch_size: int = 128, seed: int = 0, cache: Path | None = None,
+                  key: str = "model") -> tuple[nn.Module, float]:
+    """:func:`train_classifier`, or load the result a previous run saved under ``cache``.
+
+    The file is ``cache/{key}_seed{seed}_ep{epochs}_n{len(dataset)}.pt`` (``key``
+    names the architecture and the data). Returns (model in eval mode, training
+    seconds; 0.0 when loaded).
+    """
+    path = None
+    if cache is not None:
+        path = Path(cache) / f"{key}_seed{seed}_ep{epochs}_n{len(dataset)}.pt"
+        if path.is_file():
+            model.load_state_dict(torch.load(path, weights_only=True))
+            return model.eval(), 0.0
+    t0 = time.perf_counter()
+    train_classifier(model, dataset, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
+    seconds = time.perf_counter() - t0
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), path)
+    return model.eval(), seconds
+
+
 def _pct(x: float) -> str:
     return f"{100.0 * float(x):.2f}%"
 

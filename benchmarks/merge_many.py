@@ -51,8 +51,8 @@ except ImportError:  # running from a checkout that is not pip-installed
     import autobasin
 
 from autobasin.calibration import predict
-from autobasin.data import loader, mnist_split
-from autobasin.demo import make_mlp, train_classifier
+from autobasin.data import loader, mnist_benchmark_split
+from autobasin.demo import make_mlp, train_or_load
 from autobasin.infer import infer_spec
 
 HIDDEN = (512, 512, 512)
@@ -105,20 +105,8 @@ def trained_mlp(tag: str, seed: int, train_set, epochs: int, cache: Path | None
     """An MLP trained from ``seed`` on ``train_set``; from ``cache`` when there.
 
     Returns (model, training seconds; 0 when cached)."""
-    model = make_mlp(28 * 28, HIDDEN, 10, seed=seed)
-    path = None
-    if cache is not None:
-        path = cache / f"mergemany_{tag}_seed{seed}_ep{epochs}_n{len(train_set)}.pt"
-        if path.is_file():
-            model.load_state_dict(torch.load(path, weights_only=True))
-            return model.eval(), 0.0
-    t0 = time.perf_counter()
-    train_classifier(model, train_set, epochs=epochs, lr=LR, batch_size=BATCH_SIZE, seed=seed)
-    seconds = time.perf_counter() - t0
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(model.state_dict(), path)
-    return model.eval(), seconds
+    return train_or_load(make_mlp(28 * 28, HIDDEN, 10, seed=seed), train_set, epochs, LR,
+                         BATCH_SIZE, seed, cache, key=f"mergemany_{tag}")
 
 
 def mean_state(models: Sequence[nn.Module]) -> nn.Module:
@@ -331,13 +319,7 @@ def plot_patching(curves: dict, path: Path, title: str) -> None:
 def main(argv: Sequence[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    try:
-        train_set, heldout_set = mnist_split(args.data)
-    except (FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"merge_many: {err}") from err
-    if args.limit is not None:
-        train_set = Subset(train_set, range(min(args.limit, len(train_set))))
-        heldout_set = Subset(heldout_set, range(min(args.limit, len(heldout_set))))
+    train_set, heldout_set = mnist_benchmark_split(args.data, args.limit, "merge_many")
     started = time.perf_counter()
     stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     print(f"MNIST: {len(train_set)} train / {len(heldout_set)} held-out images; "

@@ -40,8 +40,8 @@ except ImportError:  # running from a checkout that is not pip-installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import autobasin
 
-from autobasin.data import loader, mnist_split
-from autobasin.demo import barrier_table, train_classifier
+from autobasin.data import loader, mnist_benchmark_split
+from autobasin.demo import barrier_table, train_or_load
 
 WIDTHS = (16, 32, 64)
 BLOCKS = (1, 1, 1)
@@ -162,21 +162,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def trained_endpoint(seed: int, train_set, epochs: int, cache: Path | None) -> tuple[nn.Module, float]:
-    model = make_resnet(seed)
-    path = None
-    if cache is not None:
-        tag = "x".join(map(str, WIDTHS)) + "_b" + "".join(map(str, BLOCKS))
-        path = cache / f"mnist_resnet_{tag}_seed{seed}_ep{epochs}_n{len(train_set)}.pt"
-        if path.is_file():
-            model.load_state_dict(torch.load(path, weights_only=True))
-            return model.eval(), 0.0
-    t0 = time.perf_counter()
-    train_classifier(model, train_set, epochs=epochs, lr=LR, batch_size=BATCH_SIZE, seed=seed)
-    seconds = time.perf_counter() - t0
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(model.state_dict(), path)
-    return model.eval(), seconds
+    tag = "x".join(map(str, WIDTHS)) + "_b" + "".join(map(str, BLOCKS))
+    return train_or_load(make_resnet(seed), train_set, epochs, LR, BATCH_SIZE, seed, cache,
+                         key=f"mnist_resnet_{tag}")
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -184,13 +172,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     started = time.perf_counter()
-    try:
-        train_set, heldout_set = mnist_split(args.data)
-    except (FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"mnist_resnet: {err}") from err
-    if args.limit is not None:
-        train_set = Subset(train_set, range(min(args.limit, len(train_set))))
-        heldout_set = Subset(heldout_set, range(min(args.limit, len(heldout_set))))
+    train_set, heldout_set = mnist_benchmark_split(args.data, args.limit, "mnist_resnet")
     n_params = sum(p.numel() for p in make_resnet(0).parameters())
     print(f"MNIST: {len(train_set)} train / {len(heldout_set)} held-out images; ResNet widths "
           f"{WIDTHS}, blocks {BLOCKS} ({n_params:,} parameters), Adam lr {LR:g}, batch "

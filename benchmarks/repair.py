@@ -1,11 +1,12 @@
 """REPAIR on MNIST networks without normalization (Jordan et al. 2022 setting).
 
-Two networks without any normalization layer are trained twice each (seeds 0 and 1)
+Three networks without any normalization layer are trained twice each (seeds 0 and 1)
 on the first 8,000 images of the MNIST test set (the last 2,000 are held out):
 
 * a deep narrow MLP, 784 -> 8 hidden layers of 128 -> 10 (ReLU);
 * a small CNN: four 3x3 convolutions (32, 64, 64, 128 channels, the last three with
-  stride 2), ReLU, global average pooling, a linear classifier.
+  stride 2), ReLU, global average pooling, a linear classifier;
+* a deeper VGG-style CNN: eight 3x3 convolutions (32, 32, 64, 64, 128 x 4), same head.
 
 Model B is aligned to model A (weight matching by default; ``--methods`` adds
 activation matching). At the midpoint ``(A + B') / 2`` we report held-out accuracy
@@ -39,7 +40,6 @@ from typing import Callable, Sequence
 
 import torch
 from torch import nn
-from torch.utils.data import Subset
 
 try:
     import autobasin
@@ -48,8 +48,8 @@ except ImportError:  # running from a checkout that is not pip-installed
     import autobasin
 
 from autobasin.barrier import evaluate
-from autobasin.data import loader, mnist_split
-from autobasin.demo import make_mlp, train_classifier
+from autobasin.data import loader, mnist_benchmark_split
+from autobasin.demo import make_mlp, train_or_load
 
 LR = 1e-3
 BATCH_SIZE = 128
@@ -76,9 +76,26 @@ def make_cnn(seed: int) -> nn.Module:
     return nn.Sequential(OrderedDict(layers))
 
 
+def make_deep_cnn(seed: int) -> nn.Module:
+    """VGG-style, no norm: eight 3x3 convs in pairs of 32, 64, 128, 128 channels (the
+    first conv of each pair after the first has stride 2), ReLU, global mean pool, linear."""
+    widths = [1, 32, 32, 64, 64, 128, 128, 128, 128]
+    layers: list[tuple[str, nn.Module]] = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for i, (w_in, w_out) in enumerate(zip(widths[:-1], widths[1:]), start=1):
+            stride = 2 if i in (3, 5, 7) else 1
+            layers.append((f"conv{i}", nn.Conv2d(w_in, w_out, 3, stride=stride, padding=1)))
+            layers.append((f"relu{i}", nn.ReLU()))
+        layers += [("pool", nn.AdaptiveAvgPool2d(1)), ("flatten", nn.Flatten()),
+                   ("fc", nn.Linear(widths[-1], 10))]
+    return nn.Sequential(OrderedDict(layers))
+
+
 NETS: dict[str, tuple[str, Callable[[int], nn.Module]]] = {
     "mlp": ("deep narrow MLP 784-128x8-10", make_deep_mlp),
     "cnn": ("small CNN 32-64-64-128, no norm", make_cnn),
+    "deepcnn": ("VGG-style CNN, 8 convs 32-32-64-64-128x4, no norm", make_deep_cnn),
 }
 
 
@@ -99,7 +116,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=20, help="training epochs per model (default 20)")
     parser.add_argument("--out", type=Path, default=Path("docs"),
                         help="folder for repair.md, the plots and results.md (default docs/)")
-    parser.add_argument("--nets", default="mlp,cnn", help=f"comma-separated, from {', '.join(NETS)}")
+    parser.add_argument("--nets", default="mlp,cnn,deepcnn", help=f"comma-separated, from {', '.join(NETS)}")
     parser.add_argument("--methods", default="weight",
                         help="matching methods, comma-separated: weight, activation (default weight)")
     parser.add_argument("--lambdas", type=int, default=11, help="points on the plotted path (default 11)")
@@ -119,20 +136,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def trained(net: str, seed: int, train_set, epochs: int, cache: Path | None) -> tuple[nn.Module, float]:
-    model = NETS[net][1](seed)
-    path = None
-    if cache is not None:
-        path = cache / f"repair_{net}_seed{seed}_ep{epochs}_n{len(train_set)}.pt"
-        if path.is_file():
-            model.load_state_dict(torch.load(path, weights_only=True))
-            return model.eval(), 0.0
-    t0 = time.perf_counter()
-    train_classifier(model, train_set, epochs=epochs, lr=LR, batch_size=BATCH_SIZE, seed=seed)
-    seconds = time.perf_counter() - t0
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(model.state_dict(), path)
-    return model.eval(), seconds
+    return train_or_load(NETS[net][1](seed), train_set, epochs, LR, BATCH_SIZE, seed, cache,
+                         key=f"repair_{net}")
 
 
 def _pct(x: float) -> str:
@@ -269,13 +274,7 @@ def plot_variance(results: dict, path: Path) -> None:
 def main(argv: Sequence[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    try:
-        train_set, heldout_set = mnist_split(args.data)
-    except (FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"repair: {err}") from err
-    if args.limit is not None:
-        train_set = Subset(train_set, range(min(args.limit, len(train_set))))
-        heldout_set = Subset(heldout_set, range(min(args.limit, len(heldout_set))))
+    train_set, heldout_set = mnist_benchmark_split(args.data, args.limit, "repair")
     started = time.perf_counter()
     stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     print(f"MNIST: {len(train_set)} train / {len(heldout_set)} held-out images; Adam lr {LR:g}, "
