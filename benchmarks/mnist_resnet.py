@@ -97,7 +97,7 @@ def make_resnet(seed: int) -> ResNet:
     """The benchmark's ResNet initialised from ``seed`` (global RNG untouched)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return ResNet()
+        return ResNet(widths=WIDTHS, blocks=BLOCKS)
 
 
 # ----------------------------------------------------------------- methods
@@ -136,6 +136,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--data", type=Path, required=True,
                         help="folder holding t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz")
     parser.add_argument("--epochs", type=int, default=2, help="training epochs per model (default 2)")
+    parser.add_argument("--widths", default=",".join(map(str, WIDTHS)),
+                        help=f"channels of the three stages (default {','.join(map(str, WIDTHS))}); "
+                             f"wider networks have lower barriers")
     parser.add_argument("--out", type=Path, default=Path("docs"),
                         help="folder for mnist_resnet.md and mnist_resnet_barrier.png (default docs/)")
     parser.add_argument("--methods", default="naive,weight,activation,ste",
@@ -171,6 +174,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     """Run the benchmark; returns ``{row label: (BarrierResult, matching seconds)}``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    global WIDTHS
+    try:
+        WIDTHS = tuple(int(w) for w in args.widths.split(","))
+    except ValueError:
+        raise SystemExit(f"mnist_resnet: --widths takes three integers, got {args.widths!r}")
+    if len(WIDTHS) != 3 or min(WIDTHS) < 1:
+        raise SystemExit(f"mnist_resnet: --widths takes three positive integers, got {args.widths!r}")
     started = time.perf_counter()
     train_set, heldout_set = mnist_benchmark_split(args.data, args.limit, "mnist_resnet")
     n_params = sum(p.numel() for p in make_resnet(0).parameters())

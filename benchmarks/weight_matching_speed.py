@@ -170,7 +170,23 @@ def work_autobasin(name: str, repeats: int = 2) -> dict:
                 floor_lap_seconds=floor["lap_seconds"],
                 dist_before=_distance(sd_a, sd_b), dist_after=_distance(sd_a, aligned_sd),
                 function_error=_function_error(b, aligned), peak_bytes=peak,
-                models_bytes=_state_bytes(a) + _state_bytes(b))
+                models_bytes=_state_bytes(a) + _state_bytes(b),
+                sweep_seconds=stats["sweep_seconds"],
+                objectives=[stats["initial_objective"], *stats["objective_history"]])
+
+
+def distance_curve(ours: dict) -> list[tuple[float, float]]:
+    """(seconds into weight_matching, ||A - P(B)||) after the initialisation and
+    after each sweep. Permutations keep ||B||, so ``d^2 = d_final^2 + 2 (J_final - J)``
+    for the objective ``J = <A, P(B)>``."""
+    objs, final = ours["objectives"], ours["dist_after"] ** 2
+    return [(t, max(final + 2 * (objs[-1] - j), 0.0) ** 0.5)
+            for t, j in zip(ours["sweep_seconds"], objs)]
+
+
+def time_to_distance(ours: dict, target: float) -> float | None:
+    """Seconds until autobasin's distance is at most ``target`` (None: never)."""
+    return next((t for t, d in distance_curve(ours) if d <= target * (1 + 1e-9)), None)
 
 
 def work_rebasin(name: str) -> dict:
@@ -254,13 +270,14 @@ def _cpu() -> str:
 def table(rows: list[dict]) -> str:
     head = ("| model | params (M) | autobasin s (init s) | sweeps | floor s | autobasin / floor "
             "| rebasin s (trace + match) | speed-up, match only | speed-up, end to end "
+            "| autobasin s to rebasin's ‖A−B‖ | speed-up at equal ‖A−B‖ "
             "| ‖A−B‖ before | after: autobasin | after: rebasin | peak MB: autobasin / rebasin "
             "| two models MB | peak / models |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         ours, rb = r["autobasin"], r["rebasin"]
         if not ours.get("ok"):
-            lines.append(f"| {r['model']} | | autobasin failed: {ours.get('error')} |" + " |" * 12)
+            lines.append(f"| {r['model']} | | autobasin failed: {ours.get('error')} |" + " |" * 14)
             continue
         floor_s = ours["floor_sweep_seconds"] * ours["sweeps"]
         if rb.get("ok"):
@@ -269,16 +286,47 @@ def table(rows: list[dict]) -> str:
             sp_all = f"{rb['seconds'] / (ours['seconds'] + ours['infer_seconds']):.1f}×"
             rb_after = f"{rb['dist_after']:.2f}"
             rb_mem = _mb(rb["peak_bytes"])
+            reach = time_to_distance(ours, rb["dist_after"])
+            reach_s = f"{reach:.2f}" if reach is not None else "never"
+            sp_equal = f"{rb['rebasin_seconds'] / reach:.1f}×" if reach else "–"
         else:
             rb_s = f"failed: {rb.get('error')}"
-            sp_match = sp_all = rb_after = rb_mem = "–"
+            sp_match = sp_all = rb_after = rb_mem = reach_s = sp_equal = "–"
         lines.append(
             f"| {r['model']} | {r['params'] / 1e6:.1f} | {ours['seconds']:.2f} ({ours['init_seconds']:.2f}) "
             f"| {ours['sweeps']} | {floor_s:.2f} | {ours['seconds'] / floor_s:.2f} | {rb_s} "
-            f"| {sp_match} | {sp_all} | {ours['dist_before']:.2f} | {ours['dist_after']:.2f} "
+            f"| {sp_match} | {sp_all} | {reach_s} | {sp_equal} | {ours['dist_before']:.2f} | {ours['dist_after']:.2f} "
             f"| {rb_after} | {_mb(ours['peak_bytes'])} / {rb_mem} | {_mb(ours['models_bytes'])} "
             f"| {ours['peak_bytes'] / ours['models_bytes']:.2f} |")
     return "\n".join(lines)
+
+
+def targets(rows: list[dict]) -> list[str]:
+    """Yes/NO lines for the targets: resnet50 at least 5x faster than rebasin with
+    at least its distance reduction, within 2x of the floor, and every model's
+    peak memory under 3x the two models' size."""
+    lines = []
+    for r in rows:
+        ours, rb = r["autobasin"], r["rebasin"]
+        if not ours.get("ok"):
+            lines.append(f"- {r['model']}: autobasin failed, no target can be met")
+            continue
+        ratio = ours["seconds"] / (ours["floor_sweep_seconds"] * ours["sweeps"])
+        mem = ours["peak_bytes"] / ours["models_bytes"]
+        line = (f"- {r['model']}: within 2x of the floor: {'yes' if ratio <= 2 else 'NO'} "
+                f"({ratio:.2f}x); peak memory under 3x the two models: "
+                f"{'yes' if mem < 3 else 'NO'} ({mem:.2f}x)")
+        if rb.get("ok"):
+            full = rb["rebasin_seconds"] / ours["seconds"]
+            reach = time_to_distance(ours, rb["dist_after"])
+            equal = rb["rebasin_seconds"] / reach if reach else 0.0
+            closer = ours["dist_after"] <= rb["dist_after"]
+            line += (f"; at least rebasin's distance reduction: {'yes' if closer else 'NO'}; "
+                     f"5x faster than rebasin, run to convergence: {'yes' if full >= 5 else 'NO'} "
+                     f"({full:.1f}x); to rebasin's distance: {'yes' if equal >= 5 else 'NO'} "
+                     f"({equal:.1f}x)")
+        lines.append(line)
+    return lines
 
 
 def main(argv=None) -> list[dict]:
@@ -322,7 +370,9 @@ def main(argv=None) -> list[dict]:
                                    ["benchmarks/weight_matching_speed.py", *(argv or sys.argv[1:])])
     load = (f"load average (1/5/15 min) {load_start[0]:.2f}/{load_start[1]:.2f}/{load_start[2]:.2f} "
             f"at the start, {load_end[0]:.2f}/{load_end[1]:.2f}/{load_end[2]:.2f} at the end")
+    checks = targets(rows)
     print(md)
+    print("\n".join(checks))
     print(load)
     if args.out:
         out = Path(args.out)
@@ -335,6 +385,10 @@ then permutation coordinate descent) and by the `rebasin` package's
 `PermutationCoordinateDescent` (snimu/rebasin, from PyPI).
 
 {md}
+
+Targets (2-core CPU):
+
+{chr(10).join(checks)}
 
 Columns:
 
@@ -352,6 +406,12 @@ Columns:
   of our spec inference) plus `rebasin()` (the matching). *Speed-up, match
   only* is `rebasin()` over `weight_matching`; *end to end* is rebasin's total
   over `infer_spec` + `weight_matching`.
+- **autobasin s to rebasin's ‖A−B‖**: the time into `weight_matching` at the
+  end of the first stage (the greedy initialisation, then each sweep) whose
+  distance is at most rebasin's final distance; descent goes on from there
+  until a sweep improves nothing. *Speed-up at equal ‖A−B‖* is `rebasin()`
+  over that time. `weight_matching(..., tol=1e-4)` stops once a sweep gains
+  less than that share of the objective.
 - **‖A−B‖**: L2 distance over every floating state_dict entry, before and after
   alignment (autobasin's and rebasin's B' both compute what B computes{"" if not notes else ", except as noted below"}).
 - **peak MB**: growth of the process's peak resident set (`VmHWM` after the

@@ -233,6 +233,28 @@ def test_stats_and_objective_history_track_true_objective():
     assert all(y >= x - 1e-6 for x, y in zip(history, history[1:]))
     assert history[-1] >= stats["initial_objective"] - 1e-6
     assert history[-1] == pytest.approx(objective(spec, a, b, perms), rel=1e-5)
+    times = stats["sweep_seconds"]
+    assert len(times) == len(history) + 1  # the end of the initialisation, then each sweep
+    assert all(0 <= x <= y for x, y in zip(times, times[1:])) and times[-1] <= stats["seconds"]
+
+
+def test_tol_stops_early_and_is_validated():
+    spec = mlp_spec(make_mlp((20, 64, 64, 5)))
+    a, b = make_mlp((20, 64, 64, 5), 1).state_dict(), make_mlp((20, 64, 64, 5), 2).state_dict()
+    full: dict = {}
+    weight_matching(spec, a, b, progress=False, stats=full, init=None)
+    assert full["sweeps"] >= 3  # from the identity, descent has work to do
+    loose: dict = {}
+    weight_matching(spec, a, b, progress=False, stats=loose, init=None, tol=1e-2)
+    h = [loose["initial_objective"], *loose["objective_history"]]
+    gains = [y - x for x, y in zip(h, h[1:])]
+    assert loose["converged"] and loose["sweeps"] < full["sweeps"]
+    assert gains[-1] <= 1e-2 * abs(h[-1])                        # it stopped for the tolerance
+    assert all(g > 1e-2 * abs(y) for g, y in zip(gains[:-1], h[1:-1]))  # and not before
+    assert h[1:] == full["objective_history"][:len(h) - 1]       # the same sweeps until then
+    for bad in (-1e-3, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="tol"):
+            weight_matching(spec, a, b, progress=False, tol=bad)
 
 
 def test_deterministic_for_a_seed_and_init_is_respected():
