@@ -1,7 +1,7 @@
 """MNIST ResNet with BatchNorm: loss barrier of naive vs weight vs activation vs STE
 alignment, each with and without resetting the BatchNorm statistics.
 
-A small ResNet (3x3 stem, three stages of BasicBlocks of widths 16/32/64 with
+A small ResNet (3x3 stem, three stages of BasicBlocks of widths 64/128/256 (``--widths``) with
 stride 2 between stages, BatchNorm everywhere, global average pooling, one
 Linear) is trained from seeds 0 and 1 with Adam (lr 1e-3, batch 128) on the
 first 8,000 images of the MNIST test set; the last 2,000 are held out (the
@@ -15,7 +15,11 @@ each method, and the held-out loss is measured along ``(1 - lam) A + lam B'``:
 Usage::
 
     python benchmarks/mnist_resnet.py --data ../shared/data/mnist [--epochs 2] \\
-        [--out docs/] [--methods naive,weight,activation,ste] [--cache DIR]
+        [--out docs/] [--methods naive,weight,activation,ste] [--widths 64,128,256] [--cache DIR]
+
+Narrow networks keep high barriers even when aligned (Git Re-Basin's width
+study): with widths 16/32/64 the best aligned barrier after BN reset is 0.59
+(activation matching); at 64/128/256 it is 0.09.
 
 Writes ``OUT/mnist_resnet.md`` (table and command) and
 ``OUT/mnist_resnet_barrier.png`` (held-out loss vs lam, BN reset and not).
@@ -43,7 +47,7 @@ except ImportError:  # running from a checkout that is not pip-installed
 from autobasin.data import loader, mnist_benchmark_split
 from autobasin.demo import barrier_table, train_or_load
 
-WIDTHS = (16, 32, 64)
+WIDTHS = (64, 128, 256)
 BLOCKS = (1, 1, 1)
 LR = 1e-3
 BATCH_SIZE = 128
