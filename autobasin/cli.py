@@ -4,8 +4,8 @@
 
     autobasin inspect MODEL [--input-size C H W] [--json SPEC.json] [--plot SPEC.png]
     autobasin align   MODEL --a A --b B --out OUT [--method weight] [--data DATA] [--perms P]
-    autobasin merge   MODEL CKPT CKPT ... --out OUT [--data DATA --reset-bn]
-    autobasin barrier MODEL --a A --b B --data DATA [--plot FILE.png] [--reset-bn] [--lambdas 25]
+    autobasin merge   MODEL CKPT CKPT ... --out OUT [--data DATA --reset-bn | --repair repair]
+    autobasin barrier MODEL --a A --b B --data DATA [--plot FILE.png] [--reset-bn | --repair repair] [--lambdas 25]
     autobasin demo    [--out DIR] [--quick]
 
 MODEL is ``timm:NAME``, ``torchvision:NAME`` or ``path/to/file.py:factory``
@@ -680,16 +680,21 @@ def cmd_barrier(args, log: _Log) -> int:
     if args.reset_bn and not data.has_train_split:
         log("note: --reset-bn recomputes BatchNorm statistics on the evaluation data itself "
             "(DATA has no separate training split)")
+    if args.reset_bn and args.repair:
+        raise UsageError("--repair already recomputes BatchNorm statistics; drop --reset-bn")
     reset = data.train if args.reset_bn else None
+    fix = dict(repair=args.repair, repair_data=data.train) if args.repair else {}
     log("naive interpolation")
     naive = loss_barrier(model_a, model_b, data.eval, lambdas=args.lambdas, reset_bn=reset,
-                         device=device, progress=not args.quiet)
+                         device=device, progress=not args.quiet, **fix)
     result, seconds = _align(args, log, model_a, model_b, example, data, device, spec)
     log("aligned interpolation")
     aligned = loss_barrier(model_a, result.model, data.eval, lambdas=args.lambdas,
-                           reset_bn=reset, device=device, progress=not args.quiet)
+                           reset_bn=reset, device=device, progress=not args.quiet, **fix)
     label = f"{args.method} matching"
-    _out(f"data: {data.description}{'; BatchNorm statistics reset' if args.reset_bn else ''}")
+    how = {None: "", "repair": "; every point REPAIRed", "rescale": "; every point rescaled"}
+    how = "; BatchNorm statistics reset" if args.reset_bn else how[args.repair]
+    _out(f"data: {data.description}{how}")
     _out(barrier_table({"naive": (naive, 0.0), label: (aligned, seconds)}))
     if plot_out is not None:
         from .io import atomic_write
@@ -707,18 +712,19 @@ def cmd_barrier(args, log: _Log) -> int:
 
 
 def cmd_merge(args, log: _Log) -> int:
-    try:
-        from . import merge_many  # type: ignore[attr-defined]
-    except ImportError:
-        raise UsageError("merge_many is not available yet in this version of autobasin") from None
     from .io import save_state_dict
-    from .repair import reset_bn_stats
+    from .merge import merge_many
     out = _output_path(args.out, "--out")
     if len(args.checkpoints) < 2:
         raise UsageError(f"merge needs at least 2 checkpoints, got {len(args.checkpoints)}")
     paths = [_existing_file(p, "checkpoint") for p in args.checkpoints]
-    if args.reset_bn and not args.data:
-        raise UsageError("--reset-bn needs --data")
+    if args.reset_bn and args.repair:
+        raise UsageError("--repair already recomputes BatchNorm statistics; drop --reset-bn")
+    repair = "reset_bn" if args.reset_bn else args.repair
+    if repair and not args.data:
+        raise UsageError(f"--{'reset-bn' if args.reset_bn else 'repair'} needs --data")
+    if args.max_rounds < 1:
+        raise UsageError(f"--max-rounds must be at least 1, got {args.max_rounds}")
     device = _device(args.device)
     model = _build(args)
     loaded = [_load_checkpoint(model, p, args.checkpoint_key, log) for p in paths]
@@ -728,44 +734,28 @@ def cmd_merge(args, log: _Log) -> int:
         data = resolve_data(args.data, models[0], args)
         _check_batch(models[0], _first_batch(data.train, f"DATA {args.data}"),
                      f"DATA {args.data}", False)
-        if not args.reset_bn:
-            log("note: DATA is only used to recompute BatchNorm statistics; add --reset-bn")
+        if not repair:
+            log("note: DATA is only used to repair the merged model; add --reset-bn or --repair")
     example = _example_inputs(models[0], args.input_size)
     stats: dict = {}
-    # BatchNorm statistics are reset below (on --device), not by merge_many: once, and
-    # only when asked for
-    offered = {"seed": args.seed, "progress": not args.quiet, "device": device,
-               "example_inputs": example, "max_rounds": args.max_rounds, "stats": stats}
-    try:
-        params = _inspect.signature(merge_many).parameters
-        accepts_all = any(p.kind is p.VAR_KEYWORD for p in params.values())
-        kwargs = {k: v for k, v in offered.items() if accepts_all or k in params}
-    except (TypeError, ValueError):
-        kwargs = {}
     log(f"merging {len(models)} models")
     t0 = time.perf_counter()
-    merged = merge_many(models, **kwargs)
+    if device is not None:
+        models = [m.to(device) for m in models]  # the loaded copies are ours to move
+    merged_model = merge_many(models, seed=args.seed, progress=not args.quiet,
+                              example_inputs=example, max_rounds=args.max_rounds, stats=stats,
+                              data=data.train if repair else None, repair=repair)
     seconds = time.perf_counter() - t0
-    if isinstance(merged, nn.Module):
-        merged_model = merged
-    elif hasattr(merged, "model") and isinstance(merged.model, nn.Module):
-        merged_model = merged.model
-    else:
-        sd = merged.state_dict if hasattr(merged, "state_dict") and \
-            not callable(merged.state_dict) else merged
-        merged_model = copy.deepcopy(models[0])
-        merged_model.load_state_dict(dict(sd))
-    if args.reset_bn:
-        log("recomputing BatchNorm statistics")
-        reset_bn_stats(merged_model, data.train, device=device)
     first = loaded[0][1]
-    sd = {k: (v.to(first[k].dtype) if k in first and v.is_floating_point() else v)
-          for k, v in merged_model.state_dict().items()}
+    sd = {k: (v.detach().cpu().to(first[k].dtype) if k in first and v.is_floating_point()
+              else v.detach().cpu()) for k, v in merged_model.state_dict().items()}
     save_state_dict(sd, out, metadata={"autobasin": "merged",
                                        "sources": ",".join(str(p) for p in paths)})
     rounds = f", {stats['rounds']} rounds" if stats.get("rounds") else ""
+    how = {None: "", "reset_bn": "; BatchNorm statistics reset",
+           "repair": "; REPAIRed (channel mean and std)", "rescale": "; rescaled (channel std)"}
     _out(f"merged {len(models)} checkpoints (MergeMany, weight matching{rounds}) in "
-         f"{seconds:.2f} s{'; BatchNorm statistics reset' if args.reset_bn else ''}")
+         f"{seconds:.2f} s{how[repair]}")
     _out(f"wrote {out}")
     return EXIT_OK
 
@@ -877,6 +867,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", metavar="DATA", help="batches for BatchNorm resets: " + data_help)
     p.add_argument("--reset-bn", action="store_true",
                    help="recompute BatchNorm statistics of the merged model on DATA")
+    p.add_argument("--repair", choices=("repair", "rescale"),
+                   help="REPAIR the merged model on DATA: every hidden channel gets the parents' "
+                        "mean activation mean and std ('rescale': std only); BatchNorm "
+                        "statistics are recomputed too")
     p.add_argument("--max-rounds", type=int, default=10,
                    help="most MergeMany rounds over all checkpoints (default 10)")
     p.set_defaults(func=cmd_merge)
@@ -892,6 +886,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="OUT.json", help="write both curves as JSON")
     p.add_argument("--reset-bn", action="store_true",
                    help="recompute BatchNorm statistics at every point (on the training split)")
+    p.add_argument("--repair", choices=("repair", "rescale"),
+                   help="REPAIR every point of both paths on the training split (channel mean "
+                        "and std interpolated from A's and B's; 'rescale': std only)")
     p.add_argument("--lambdas", type=int, default=25,
                    help="number of interpolation points in [0, 1] (default 25)")
     p.add_argument("--method", default="weight", choices=methods, help="matching method")

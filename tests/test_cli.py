@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import autobasin
 from autobasin import PermutationSpec, apply_permutation
 from autobasin.cli import main
 from autobasin.io import (CheckpointMismatchError, CheckpointReadError, load_into, load_perms,
@@ -284,32 +283,61 @@ def test_mnist_idx_data(tmp_path):
 def test_merge(files, tmp_path, capsys):
     out = tmp_path / "merged.safetensors"
     code, _, err = run(capsys, "merge", files["mlp"], files["a"], files["b"], "--out", out, "-q")
-    if hasattr(autobasin, "merge_many"):
-        assert code == 0, err
-        load_into(build_model(files["mlp"]), load_state_dict(out))
-    else:
-        assert code == 2
-        assert "merge_many is not available yet" in err and not out.exists()
+    assert code == 0, err
+    load_into(build_model(files["mlp"]), load_state_dict(out))
 
 
 def test_merge_calls_merge_many(files, tmp_path, capsys, monkeypatch):
-    """With an ``autobasin.merge_many`` present, merge loads every checkpoint and saves its result."""
+    """merge loads every checkpoint, hands them to merge_many with the options, saves its result."""
+    import copy
+
+    import autobasin.merge
     seen = {}
 
-    def fake_merge_many(models, seed=0, progress=True):
-        seen.update(n=len(models), seed=seed)
+    def fake_merge_many(models, seed=0, max_rounds=10, repair=None, data=None, **kwargs):
+        seen.update(n=len(models), seed=seed, max_rounds=max_rounds, repair=repair)
         sds = [m.state_dict() for m in models]
-        return {k: sum(sd[k] for sd in sds) / len(sds) for k in sds[0]}
+        merged = copy.deepcopy(models[0])
+        merged.load_state_dict({k: sum(sd[k] for sd in sds) / len(sds) for k in sds[0]})
+        return merged
 
-    monkeypatch.setattr(autobasin, "merge_many", fake_merge_many, raising=False)
+    monkeypatch.setattr(autobasin.merge, "merge_many", fake_merge_many)
     out = tmp_path / "merged.safetensors"
     code, _, err = run(capsys, "merge", files["mlp"], files["a"], files["b"], files["a"],
-                       "--out", out, "--seed", 5, "-q")
+                       "--out", out, "--seed", 5, "--max-rounds", 3, "-q")
     assert code == 0, err
-    assert seen == {"n": 3, "seed": 5}
+    assert seen == {"n": 3, "seed": 5, "max_rounds": 3, "repair": None}
     merged = load_state_dict(out)
     assert merged["fc1.weight"].dtype == torch.float32   # the first checkpoint's dtype
     load_into(build_model(files["mlp"]), merged)
+
+
+def test_merge_and_barrier_with_repair(files, tmp_path, capsys):
+    common = [files["mlp"], files["a"], files["b"], "-q"]
+    out = tmp_path / "merged.safetensors"
+    code, _, err = run(capsys, "merge", *common, "--out", out, "--repair", "repair")
+    assert code == 2 and "--repair needs --data" in err and not out.exists()
+    code, _, err = run(capsys, "merge", *common, "--out", out, "--repair", "repair",
+                       "--reset-bn", "--data", "digits")
+    assert code == 2 and "drop --reset-bn" in err and not out.exists()
+    code, stdout, err = run(capsys, "merge", *common, "--out", out, "--repair", "repair",
+                            "--data", "digits")
+    assert code == 0, err
+    assert "REPAIRed" in stdout
+    plain = tmp_path / "plain.safetensors"
+    assert run(capsys, "merge", *common, "--out", plain)[0] == 0
+    repaired, merged = load_state_dict(out), load_state_dict(plain)
+    assert set(repaired) == set(merged)                         # same architecture
+    assert not torch.allclose(repaired["fc1.weight"], merged["fc1.weight"])  # hidden layer fixed
+
+    code, stdout, err = run(capsys, "barrier", files["mlp"], "--a", files["a"], "--b", files["b"],
+                            "--data", "digits", "--lambdas", "3", "--repair", "repair",
+                            "--json", tmp_path / "r.json", "-q")
+    assert code == 0, err
+    assert "every point REPAIRed" in stdout
+    doc = json.loads((tmp_path / "r.json").read_text())
+    # REPAIR leaves an endpoint as it is: both paths start at A's loss
+    assert doc["weight"]["losses"][0] == pytest.approx(doc["naive"]["losses"][0], rel=1e-5)
 
 
 def test_demo_quick(tmp_path, capsys):
