@@ -126,3 +126,33 @@ def test_float32_rounding_is_not_mistaken_for_a_wrong_spec():
     with pytest.warns(UserWarning, match="rounding"):
         err = check_equivalence(model, spec, x, rtol=1e-9)
     assert err > 1e-9
+
+
+def test_in_place_permutation_matches_apply_permutation_with_tied_weights():
+    """The float64 re-check permutes its one copy in place; a tied tensor (one
+    Parameter under two names) must be permuted once, as apply_permutation does."""
+    from autobasin.permute import _permute_model_, permute_model, random_permutation
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 8)
+            self.mid = nn.Linear(8, 8)
+            self.out = nn.Linear(8, 10, bias=False)
+            self.out.weight = self.emb.weight
+
+        def forward(self, x):
+            return self.out(torch.relu(self.mid(self.emb(x))))
+
+    torch.manual_seed(0)
+    model = Tied()
+    spec = infer_spec(model, torch.randint(0, 10, (2, 5)))
+    perms = random_permutation(spec, seed=3)
+    expected = permute_model(model, spec, perms).state_dict()
+    in_place = Tied()
+    in_place.load_state_dict(model.state_dict())
+    _permute_model_(in_place, spec, perms)
+    assert in_place.out.weight is in_place.emb.weight
+    for key, value in expected.items():
+        assert torch.equal(in_place.state_dict()[key], value), key
+    assert any(not torch.equal(model.state_dict()[k], v) for k, v in expected.items())
