@@ -400,6 +400,11 @@ def _why(row: dict) -> str:
         if not parts and row.get("blocked"):
             parts = [f"{n}: {r}" for n, r in row["blocked"][:2]]
         return "; ".join(parts)
+    err = row.get("err")
+    if isinstance(err, float) and err > RTOL:
+        # check_equivalence passed: the float32 error vanished when re-run in float64
+        return (f"float32 error {err:.1e} is rounding: re-run in float64 the permuted model "
+                f"agrees within {RTOL:g}")
     return ""
 
 
@@ -420,7 +425,10 @@ def _stats(rows: list[dict]) -> dict:
 
 
 def write_report(rows: list[dict], out: Path, stem: str, argv: list[str], elapsed: float,
-                 jobs: int) -> None:
+                 jobs: int, base: dict | None = None) -> None:
+    """Write OUT/{stem}.md and .json. ``base``: the meta of the sweep that
+    ``rows`` update (``--update``): its command, date and time stay the page's,
+    and this run is listed under the re-runs."""
     import timm
     import torch
     import torchvision
@@ -432,6 +440,12 @@ def write_report(rows: list[dict], out: Path, stem: str, argv: list[str], elapse
     caught = st_timm["caught"] + st_tv["caught"]
     date = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     cmd = "python benchmarks/zoo.py" + (" " + shlex.join(argv) if argv else "")
+    reruns = []
+    if base is not None:
+        rerun_models = sorted(r["model"] for r in rows if r.get("rerun"))
+        reruns = base.get("reruns", []) + [{"command": cmd, "date": date, "models": rerun_models}]
+        cmd, date = base["command"], base["date"]
+        elapsed, jobs = base.get("elapsed_min", float("nan")) * 60, base.get("jobs", jobs)
 
     def cov(x):
         return f"{x:.3f}" if isinstance(x, float) else "n/a"
@@ -466,6 +480,9 @@ def write_report(rows: list[dict], out: Path, stem: str, argv: list[str], elapse
         cmd,
         "```",
         "",
+        *[f"Rows re-run since, with `{r['command']}` ({r['date']}): "
+          + ", ".join(f"`{m}`" for m in r["models"]) + "." for r in reruns],
+        *([""] if reruns else []),
         f"{date}; timm {timm.__version__}, torch {torch.__version__}, torchvision "
         f"{torchvision.__version__}, Python {platform.python_version()}, {platform.machine()}, "
         f"{os.cpu_count()} CPU cores, {jobs} parallel job(s); sweep took {elapsed / 60:.1f} min.",
@@ -501,6 +518,7 @@ def write_report(rows: list[dict], out: Path, stem: str, argv: list[str], elapse
     (out / f"{stem}.md").write_text("\n".join(lines))
     meta = {"command": cmd, "date": date, "timm": timm.__version__, "torch": torch.__version__,
             "torchvision": torchvision.__version__, "rtol": RTOL, "seeds": list(SEEDS),
+            "elapsed_min": elapsed / 60, "jobs": jobs, "reruns": reruns,
             "summary": {"timm": st_timm, "torchvision": st_tv, "caught": caught}}
     (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": timm_rows + tv_rows},
                                                  indent=1) + "\n")
@@ -519,6 +537,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=240.0, help="seconds per model")
     p.add_argument("--mem-gb", type=float, default=0.0,
                    help="kill a worker above this resident memory (default: 20 GiB / jobs)")
+    p.add_argument("--update", action="store_true",
+                   help="with --only: replace those rows in OUT/zoo.json and rewrite OUT/zoo.md "
+                        "(the page lists the re-run)")
     p.add_argument("--refresh-models", action="store_true",
                    help="recompute the smallest timm variants instead of using the cache")
     p.add_argument("--worker", nargs=2, metavar=("SOURCE", "NAME"), help=argparse.SUPPRESS)
@@ -540,6 +561,15 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     partial = bool(args.only or args.limit or args.timm_only or args.torchvision_only)
     stem = "zoo_partial" if partial else "zoo"
+    base = None
+    if args.update:
+        if not args.only:
+            p.error("--update needs --only: the models to re-run")
+        try:
+            base = json.loads((out / "zoo.json").read_text())
+        except (OSError, ValueError) as e:
+            p.error(f"--update: cannot read {out / 'zoo.json'} ({e}); run the full sweep first")
+        stem = "zoo"
     t0 = time.monotonic()
     entries = build_entries(args, out)
     jobs = max(1, args.jobs)
@@ -557,7 +587,15 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['status']} coverage={cov if cov is None else round(cov, 4)} "
                   f"groups={r.get('groups')} infer={r.get('infer_s')}s wall={r['wall_s']}s "
                   f"rss={r['peak_rss_gb']}G {_why(r)[:200]}", file=sys.stderr, flush=True)
-    write_report(rows, out, stem, argv, time.monotonic() - t0, jobs)
+    if base is not None:
+        for r in rows:
+            r["rerun"] = True
+        new = {(r["source"], r["model"]) for r in rows}
+        kept = [{k: v for k, v in r.items() if k != "rerun"} for r in base["rows"]
+                if (r["source"], r["model"]) not in new]
+        rows = kept + rows
+    write_report(rows, out, stem, argv, time.monotonic() - t0, jobs,
+                 base["meta"] if base is not None else None)
     st = _stats([r for r in rows if r["source"] == "timm"])
     print(f"wrote {out / (stem + '.md')}: timm exact {st['exact']}/{st['total']}, "
           f"caught {sum(r['status'] == 'caught' for r in rows)}", file=sys.stderr)
