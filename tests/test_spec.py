@@ -89,17 +89,21 @@ def test_coverage_counts_permuted_parameter_elements():
     assert spec.coverage() == pytest.approx((32 + 8 + 16) / (32 + 8 + 16 + 2))
 
 
-def test_tied_weights_share_symbols():
-    class Tied(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb = nn.Embedding(10, 6)
-            self.mid = nn.Linear(6, 6)
-            self.out = nn.Linear(6, 10, bias=False)
-            self.out.weight = self.emb.weight
+class Tied(nn.Module):
+    """Embedding and unembedding share one Parameter."""
 
-        def forward(self, idx):
-            return self.out(torch.relu(self.mid(self.emb(idx))))
+    def __init__(self, width: int = 6):
+        super().__init__()
+        self.emb = nn.Embedding(10, width)
+        self.mid = nn.Linear(width, width)
+        self.out = nn.Linear(width, 10, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, idx):
+        return self.out(torch.relu(self.mid(self.emb(idx))))
+
+
+def test_tied_weights_share_symbols():
     from autobasin import check_equivalence
     model = Tied()
     x = torch.randint(0, 10, (2, 5))
@@ -133,23 +137,12 @@ def test_in_place_permutation_matches_apply_permutation_with_tied_weights():
     Parameter under two names) must be permuted once, as apply_permutation does."""
     from autobasin.permute import _permute_model_, permute_model, random_permutation
 
-    class Tied(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb = nn.Embedding(10, 8)
-            self.mid = nn.Linear(8, 8)
-            self.out = nn.Linear(8, 10, bias=False)
-            self.out.weight = self.emb.weight
-
-        def forward(self, x):
-            return self.out(torch.relu(self.mid(self.emb(x))))
-
     torch.manual_seed(0)
-    model = Tied()
+    model = Tied(8)
     spec = infer_spec(model, torch.randint(0, 10, (2, 5)))
     perms = random_permutation(spec, seed=3)
     expected = permute_model(model, spec, perms).state_dict()
-    in_place = Tied()
+    in_place = Tied(8)
     in_place.load_state_dict(model.state_dict())
     _permute_model_(in_place, spec, perms)
     assert in_place.out.weight is in_place.emb.weight
