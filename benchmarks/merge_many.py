@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import importlib.util
 import platform
 import shlex
 import sys
@@ -50,6 +49,9 @@ except ImportError:  # running from a checkout that is not pip-installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import autobasin
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # results_doc.py sits beside this script
+import results_doc  # noqa: E402
+
 from autobasin.calibration import predict
 from autobasin.data import loader, mnist_benchmark_split
 from autobasin.demo import make_mlp, train_or_load
@@ -59,14 +61,6 @@ HIDDEN = (512, 512, 512)
 LR = 1e-3
 BATCH_SIZE = 128
 N_BINS = 15
-
-
-def _results_doc():
-    path = Path(__file__).resolve().parent / "results_doc.py"
-    spec = importlib.util.spec_from_file_location("autobasin_results_doc", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -411,7 +405,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                   for setting, p in patches.items())
         + ".", ""])
     (args.out / "merge_many.md").write_text(report)
-    results = _results_doc().write_results(args.out)
+    results = results_doc.write_results(args.out)
     print(f"\nwrote {(args.out / 'merge_many.md').resolve()} and {results.resolve()} "
           f"in {total:.0f} s")
     return {"merge": merge, "patching": patch}

@@ -30,3 +30,14 @@ def test_both_benchmarks_write_their_part_and_results_md(tmp_path):
     assert "| **MergeMany** |" in results and "recovered by REPAIR" in results
     assert "(merge_many_reliability.png)" in results and "(repair_path.png)" in results
     assert results.count("\n## ") >= 2  # both parts, headings nested under '# Results'
+
+
+def test_repair_check_explains_a_small_midpoint_loss():
+    checks = load("repair").checks
+    small = {"recovery": -0.15, "lost": 0.017, "heldout": 2000,
+             "variance": {"matched midpoint": {"conv1": 0.93, "conv4": 0.78}}}
+    large = dict(small, lost=0.30)
+    (line_small,), (line_large,) = checks({("cnn", "weight"): small}), checks({("mlp", "weight"): large})
+    assert ": NO (-15% of 1.70 points)" in line_small
+    assert "at least 0.78 of their std" in line_small and "one image = 0.05 points" in line_small
+    assert line_large.endswith("NO (-15% of 30.00 points)")  # a real miss is not explained away

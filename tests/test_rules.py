@@ -231,28 +231,6 @@ def test_untraceable_submodule_becomes_opaque_with_warning():
     assert any("weird" in name for name, _ in spec.blocked)
 
 
-def test_unknown_op_fails_closed():
-    class Flip(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x):
-            return x.flip(-1)
-
-        @staticmethod
-        def backward(ctx, g):
-            return g.flip(-1)
-
-    class M(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = nn.Linear(3, 6), nn.Linear(6, 2)
-
-        def forward(self, x):
-            return self.b(Flip.apply(self.a(x)))
-    model = M()
-    spec = infer_spec(model, torch.randn(2, 3))
-    assert len(spec.groups) == 0  # flip reverses positions: the hidden axis is fixed
-
-
 def test_op_without_rule_fails_closed_and_says_why():
     class M(nn.Module):
         def __init__(self):
