@@ -12,6 +12,10 @@ TEST_ZOO_EXTRA = [
     "levit_128s", "swin_tiny_patch4_window7_224", "poolformerv2_s12",
     "torchvision:resnet18", "torchvision:vgg11_bn", "torchvision:mobilenet_v3_small",
     "torchvision:shufflenet_v2_x0_5", "torchvision:vit_b_16",
+    # found by the zoo sweep: a wrapped function with shape-dependent control flow
+    # (swin v2's shifted_window_attention), a fused qkv both sliced and reshaped into
+    # heads (coat, swin v2), a zero k_bias buffer outside the state_dict (dinov3)
+    "torchvision:swin_v2_t", "coat_tiny", "vit_tiny_patch16_dinov3_qkvb",
 ]
 
 

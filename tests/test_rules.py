@@ -145,6 +145,117 @@ def test_multihead_attention_rule():
     assert sizes == [4, 4, 4]
 
 
+
+def test_multihead_attention_with_other_key_and_value_sizes():
+    """kdim/vdim: separate q/k/v projection weights; the key/value inputs'
+    features are their own group."""
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.kv = nn.Linear(4, 16), nn.Linear(4, 6)
+            self.mha = nn.MultiheadAttention(16, 4, kdim=6, vdim=6, batch_first=True)
+            self.out = nn.Linear(16, 2)
+
+        def forward(self, x):
+            kv = self.kv(x)
+            return self.out(self.mha(self.q(x), kv, kv, need_weights=False)[0])
+    spec = exact(M(), torch.randn(2, 5, 4), min_groups=5)
+    assert not spec.blocked
+    assert sorted(g.size for g in group_with(spec, "mha.q_proj_weight", 0)) == [4, 4]
+    assert [g.size for g in group_with(spec, "mha.k_proj_weight", 1)] == [6]
+
+
+def test_a_failing_module_rule_leaves_every_tensor_of_the_module_fixed():
+    """A rule that relates some axes and then raises must not leave those
+    relations behind: the module's parameters stay out of every group."""
+    from autobasin.infer.registry import rule
+
+    class Half(nn.Linear):
+        def forward(self, x):
+            if not torch.isfinite(x).all():  # reads values: an opaque leaf for fx
+                raise ValueError("non-finite input")
+            return super().forward(x)
+
+    @rule(Half)
+    def _half_then_fail(ctx):
+        w = ctx.param("weight")
+        ctx.union(w[0], ctx.layout(ctx.args[0])[-1])  # a wrong relation...
+        raise RuntimeError("...and then the rule fails")
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.h, self.b = nn.Linear(3, 6), Half(6, 6), nn.Linear(6, 2)
+
+        def forward(self, x):
+            return self.b(self.h(self.a(x)))
+    spec = exact(M(), torch.randn(4, 3), min_groups=0)
+    assert any("and then the rule fails" in reason for _, reason in spec.blocked)
+    assert not any(m.param.startswith("h.") for g in spec.groups.values() for m in g.members)
+
+
+class BiasFromBuffers(nn.Module):
+    """EVA-style attention: the qkv bias is cat(q_bias, k_bias, v_bias) with
+    k_bias a buffer outside the state_dict (zero unless ``k_bias`` is given)."""
+
+    def __init__(self, k_bias=None):
+        super().__init__()
+        self.inp, self.qkv, self.out = nn.Linear(4, 8), nn.Linear(8, 24, bias=False), nn.Linear(8, 2)
+        self.q_bias, self.v_bias = nn.Parameter(torch.randn(8)), nn.Parameter(torch.randn(8))
+        self.register_buffer("k_bias", torch.zeros(8) if k_bias is None else k_bias,
+                             persistent=False)
+
+    def forward(self, x):
+        h = self.inp(x)
+        bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
+        q, k, v = F.linear(h, self.qkv.weight, bias).reshape(2, 5, 3, 2, 4).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(2, 5, 8)
+        return self.out(a)
+
+
+class HeadGroups(nn.Module):
+    """coat-style: attention values of 6 heads x 4 dims, merged back into
+    channels and split into groups of 2, 1 and 3 heads, each scaled by its own
+    parameter (coat's per-group convolutions)."""
+
+    def __init__(self):
+        super().__init__()
+        self.qk, self.v, self.out = nn.Linear(4, 48), nn.Linear(4, 24), nn.Linear(24, 2)
+        self.scales = nn.ParameterList([nn.Parameter(torch.randn(n)) for n in (8, 4, 12)])
+
+    def forward(self, x):
+        qk = self.qk(x).reshape(2, 5, 2, 6, 4).permute(2, 0, 3, 1, 4)
+        q, k = qk[0], qk[1]
+        v = self.v(x).reshape(2, 5, 6, 4).transpose(1, 2)
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(2, 5, 24)
+        parts = torch.split(a, [8, 4, 12], dim=-1)
+        scaled = [parts[i] * self.scales[i] for i in range(3)]
+        return self.out(torch.cat(scaled, dim=-1))
+
+
+def test_heads_split_into_groups_move_within_their_group():
+    spec = exact(HeadGroups(), torch.randn(2, 5, 4))
+    # v's output: head-dim (4), and heads 0-1 and 3-5 permuted within their
+    # groups (the single head 2 stays)
+    assert sorted(g.size for g in group_with(spec, "v.weight", 0)) == [2, 3, 4]
+
+def test_a_constant_buffer_outside_the_state_dict_does_not_fix_its_axis():
+    x = torch.randn(2, 5, 4)
+    free = BiasFromBuffers().eval()  # no randomize_state_: it would perturb the zero k_bias
+    spec = infer_spec(free, x)
+    for seed in range(3):
+        assert check_equivalence(free, spec, x, seed=seed) <= 1e-4
+    # heads, and one head-dim permutation shared by q, k and v (the bias is a
+    # concatenation of the three, so each segment must take the same one)
+    assert sorted(g.size for g in group_with(spec, "qkv.weight", 0)) == [2, 4]
+    # a k_bias that varies along the axis fixes it (and stays exact)
+    fixed = BiasFromBuffers(torch.randn(8)).eval()
+    spec = infer_spec(fixed, x)
+    for seed in range(3):
+        assert check_equivalence(fixed, spec, x, seed=seed) <= 1e-4
+    assert not any(m.param == "qkv.weight" and m.axis == 0
+                   for g in spec.groups.values() for m in g.members)
+
 class Gates(nn.Module):
     """Squeeze-excite gate, layer scale, einsum, RMSNorm, ConvTranspose, embedding."""
 

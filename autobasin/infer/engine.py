@@ -219,7 +219,19 @@ class GraphInference:
             reason = f"rule for {what} failed: {type(e).__name__}: {e}"
             self.log.append((node.name, reason))
             ctx.block_layout([self.layouts.get(a) for a in ctx.tensor_args()], reason)
+            if node.op == "call_module":
+                # the rule may have related some of the module's tensors before
+                # it failed: none of them may move
+                self.block_module_tensors(ctx.module, reason)
             return ctx.fresh(blocked=reason)
+
+    def block_module_tensors(self, module: nn.Module, reason: str) -> None:
+        """Block every axis of every parameter and buffer of ``module``."""
+        table = getattr(self.tensors, "table", self.tensors)
+        for t in module.state_dict(keep_vars=True).values():
+            for name in table.by_id.get(id(t), []):
+                for s in table.syms.get(name, []):
+                    self.sym.block(s, reason)
 
     def _check_layout(self, node, layout):
         meta = self.meta.get(node)
@@ -277,6 +289,11 @@ class GraphInference:
             if node in self.passthrough:
                 return list(self.layouts[node.all_input_nodes[self.passthrough[node]]])
             inner = self.inline(node, ctx)
+            if inner is None and node.op == "call_function":
+                # shape-dependent control flow in a wrapped function (torchvision's
+                # shifted_window_attention): trace it again with the shapes fixed
+                from .rules.extra import inline_concrete
+                inner = inline_concrete(ctx)
             if inner is not None:
                 return inner
             inherited = module_rule(ctx.module) if node.op == "call_module" and not \
@@ -495,7 +512,7 @@ class TensorTable:
     Tied tensors (one Parameter under two names) share symbols. A tensor that
     is not in the state_dict (a non-persistent buffer, a constant) or is not
     floating point can never be permuted through a state_dict: its axes are
-    blocked.
+    blocked, except (outside the state_dict) an axis along which it is constant.
     """
 
     def __init__(self, model: nn.Module, sym: Symbols, opaque=()):
@@ -531,7 +548,11 @@ class TensorTable:
             reason = f"{name} is not in the state_dict"
         elif not t.is_floating_point():
             reason = f"{canon} is not floating point"
-        syms = [self.sym.new(n, reason) for n in shape]
+        # a tensor outside the state_dict that is the same along an axis (a zero
+        # k_bias buffer) leaves that axis free: permuting it changes nothing
+        syms = [self.sym.new(n, None if reason is None or not names and _constant_along(t, axis)
+                             else reason)
+                for axis, n in enumerate(shape)]
         for n in set(names) | {name}:
             self.syms[n] = syms
         return syms
@@ -543,6 +564,15 @@ class TensorTable:
             if ref.kind == "product" and sym.find(ref.children[0]) == rx and sym.find(r) == r:
                 return r, ref.children
         return None
+
+
+def _constant_along(t, axis: int) -> bool:
+    """Whether every slice of ``t`` along ``axis`` is the same, so that
+    permuting the axis leaves ``t`` as it is. False on ``meta`` (unknown)."""
+    if not isinstance(t, torch.Tensor) or t.is_meta or t.shape[axis] <= 1:
+        return False
+    with torch.no_grad():
+        return bool((t == t.narrow(axis, 0, 1)).all())
 
 
 class TensorTableView:

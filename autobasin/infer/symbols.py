@@ -169,6 +169,9 @@ class Symbols:
         if cur.kind == kind and cur_sizes == sizes:
             return list(cur.children)
         if cur.kind != kind:
+            both = self._concat_of_products(r, cur, sizes, kind)
+            if both is not None:
+                return both
             self.block(r, f"axis needed as both a {cur.kind} and a {kind}")
             return [self.new(n, "conflicting structure") for n in sizes]
         if kind == "product":
@@ -194,6 +197,53 @@ class Symbols:
                 out.append(f)
             i += len(run)
         return out
+
+    def _concat_of_products(self, r: int, cur: Refinement, sizes: list[int],
+                            kind: str) -> list[int] | None:
+        """An axis cut into segments and also viewed as a grid (g0, *inner).
+        Both views hold when every segment is a whole number of rows of the
+        grid: the rows permute only within their segment, and every segment
+        takes the same permutation of ``inner``. A fused qkv whose bias is
+        sliced into q, k and v while its output is reshaped to (3, heads,
+        head_dim): q, k and v stay in place and share head-dim permutations
+        (I_3 (x) P is blockdiag(P, P, P)); heads reshaped from channels that are
+        split into groups of heads (coat's conv position encoding): heads move
+        within their group. With several outer factors (g0 * g1 rows) only
+        segments of exactly one row are handled, outer factors fixed.
+        Returns the children for the view asked for, or None."""
+        if kind == "product":
+            grid, lengths = list(sizes), [self.size[c] for c in cur.children]
+            segments = list(cur.children)
+        else:
+            grid, lengths = [self.size[c] for c in cur.children], list(sizes)
+            segments = [self.new(n) for n in lengths]
+        if len(lengths) < 2:
+            return None
+        k = next((i for i in range(1, len(grid))
+                  if all(n % math.prod(grid[i:]) == 0 for n in lengths)), None)
+        if k is None:
+            return None
+        row = math.prod(grid[k:])
+        rows = [n // row for n in lengths]
+        if k > 1 and any(m != 1 for m in rows):
+            return None
+        reason = "segments of the axis stay in place"
+        if kind == "product":
+            outer = [self.new(g, reason if k > 1 else None) for g in grid[:k]]
+            inner = [self.new(g) for g in grid[k:]]
+        else:
+            outer, inner = list(cur.children[:k]), list(cur.children[k:])
+            if k > 1:
+                for c in outer:
+                    self.block(c, reason)
+        outer_rows = self.refine_concat(outer[0], rows) if k == 1 else [None] * len(rows)
+        for seg, m, o in zip(segments, rows, outer_rows):
+            kids = self.refine_product(seg, [m, *grid[k:]])
+            if o is not None:
+                self.union(kids[0], o)
+            for a, b in zip(kids[1:], inner):
+                self.union(a, b)
+        return outer + inner if kind == "product" else segments
 
     # -------------------------------------------------------------- read-out
     def leaves(self, s: int, offset: int = 0, shape: tuple[int, ...] | None = None,

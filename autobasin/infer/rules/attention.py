@@ -137,7 +137,6 @@ def _mha(ctx):
         w = ctx.param("in_proj_weight")
         for lay in (lq, lk, lv):
             ctx.union(lay[-1], w[1])
-        segs = [w[0]]
         parts = sym.refine_concat(w[0], [e, e, e])
         if m.in_proj_bias is not None:
             ctx.union(ctx.param("in_proj_bias")[0], w[0])
@@ -151,7 +150,6 @@ def _mha(ctx):
             bias = ctx.param("in_proj_bias")
             for a, b in zip(sym.refine_concat(bias[0], [e, e, e]), parts):
                 ctx.union(a, b)
-        del segs
     q_hd = sym.refine_product(parts[0], [h, d])
     k_hd = sym.refine_product(parts[1], [h, d])
     v_hd = sym.refine_product(parts[2], [h, d])

@@ -16,6 +16,7 @@ it cannot describe.
 """
 from __future__ import annotations
 
+import inspect
 import operator
 
 import torch
@@ -273,20 +274,28 @@ def _view(engine, node, gm) -> TensorTableView:
 
 
 def inline_concrete(ctx):
-    """Infer through the body of this call_module node, traced with the
-    example shapes fixed. Returns the output layout, or None when the body
-    cannot be traced that way (nothing is constrained then)."""
+    """Infer through the body of this call (a leaf module, or a function that
+    fx leaves whole, such as one registered with ``torch.fx.wrap``), traced
+    with the example shapes fixed. Returns the output layout, or None when the
+    body cannot be traced that way (nothing is constrained then)."""
     engine, node = ctx.engine, ctx.node
-    if engine.depth >= MAX_INLINE_DEPTH or node not in engine.captured or node.op != "call_module":
+    is_module = node.op == "call_module"
+    if engine.depth >= MAX_INLINE_DEPTH or node not in engine.captured or not (
+            is_module or node.op == "call_function" and inspect.isfunction(node.target)):
         return None
     from ..engine import GraphInference
     args, kwargs = engine.captured[node]
-    module = ctx.module
-    was = module.training
-    module.eval()
+    module = ctx.module if is_module else None
+    was = module.training if is_module else None
+    if is_module:
+        module.eval()
     try:
-        call = _inline_call(module, args, kwargs, True)
-        tracer = ConcreteTracer(call.tensors, inline={"m"})
+        if is_module:
+            call = _inline_call(module, args, kwargs, True)
+            tracer = ConcreteTracer(call.tensors, inline={"m"})
+        else:
+            call = _inline_call(node.target, args, kwargs, False)
+            tracer = ConcreteTracer(call.tensors, inline=set(), skip_autowrap=(node.target,))
         graph = tracer.trace(call)
         gm = fx.GraphModule(tracer.root, graph)
         _prune(gm)
@@ -298,20 +307,19 @@ def inline_concrete(ctx):
     except Exception:  # noqa: BLE001 - not traceable even with fixed shapes
         return None
     finally:
-        module.train(was)
-    sub = GraphInference(gm, engine.sym, _view(engine, node, gm), rec.meta,
+        if is_module:
+            module.train(was)
+    view = _view(engine, node, gm) if is_module else engine.tensors.view(gm, engine.prefix)
+    sub = GraphInference(gm, engine.sym, view, rec.meta,
                          rec.captured, "", engine.depth + 1, engine.log, engine.distributions,
                          rec.passthrough)
     try:
         out = sub.run(in_layouts, block_io=False)
         return engine._check_layout(node, out)
     except Exception as e:  # noqa: BLE001 - constraints may be half applied: fix everything
-        reason = f"inference inside failed: {type(e).__name__}: {e}"
-        table = getattr(engine.tensors, "table", engine.tensors)
-        for t in module.state_dict(keep_vars=True).values():
-            for name in table.by_id.get(id(t), []):
-                for s in table.syms.get(name, []):
-                    ctx.block(s, reason)
+        if not is_module:
+            raise  # the engine blocks every tensor argument, parameters included
+        engine.block_module_tensors(module, f"inference inside failed: {type(e).__name__}: {e}")
         raise
 
 
