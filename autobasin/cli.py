@@ -588,10 +588,11 @@ def _align(args, log: _Log, model_a: nn.Module, model_b: nn.Module, example,
     from .api import auto_rebasin
     t0 = time.perf_counter()
     log(f"aligning B to A ({args.method} matching)")
+    extra = {"tol": args.tol} if args.tol else {}
     result = auto_rebasin(model_a, model_b, example_inputs=example, method=args.method,
                           data=data.train if data is not None else None, seed=args.seed,
-                          spec=spec,
-                          max_iter=args.max_iter, progress=not args.quiet, device=device)
+                          spec=spec, max_iter=args.max_iter, progress=not args.quiet,
+                          device=device, **extra)
     return result, time.perf_counter() - t0
 
 
@@ -600,6 +601,10 @@ def _prepare_pair(args, log: _Log, need_data: bool, need_target: bool):
     from .api import MATCHERS
     if args.method not in MATCHERS:
         raise UsageError(f"unknown --method {args.method!r}; available: {sorted(MATCHERS)}")
+    if not 0 <= args.tol < math.inf:
+        raise UsageError(f"--tol must be a finite number >= 0, got {args.tol}")
+    if args.tol and args.method != "weight":
+        raise UsageError(f"--tol applies to weight matching only, not --method {args.method}")
     path_a = _existing_file(args.a, "--a")
     path_b = _existing_file(args.b, "--b")
     device = _device(args.device)
@@ -840,8 +845,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the check that random permutations leave the outputs unchanged")
     p.set_defaults(func=cmd_inspect)
 
-    methods = _methods()
-    p = sub.add_parser("align", **sub_kwargs, parents=[model_opts, ckpt_opts, data_opts, common],
+    match_opts = argparse.ArgumentParser(add_help=False)
+    g = match_opts.add_argument_group("matching options")
+    g.add_argument("--method", default="weight", choices=_methods(), help="matching method")
+    g.add_argument("--spec", metavar="SPEC.json",
+                   help="use this spec (from inspect --json) instead of inferring one")
+    g.add_argument("--max-iter", type=int, default=100, help="most matching sweeps (default 100)")
+    g.add_argument("--tol", type=float, default=0.0,
+                   help="weight matching: stop after a sweep that raises the objective by at "
+                        "most this fraction (default 0: until a sweep changes nothing)")
+    p = sub.add_parser("align", **sub_kwargs,
+                       parents=[model_opts, ckpt_opts, data_opts, match_opts, common],
                        help="permute checkpoint B to line up with checkpoint A",
                        description="Write B permuted to line up with A (it computes what B "
                                    "computes, in B's dtypes), and the permutations.")
@@ -849,14 +863,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--b", required=True, metavar="B", help="checkpoint to permute")
     p.add_argument("--out", required=True, metavar="OUT",
                    help="aligned B (.safetensors; .pt/.pth/.bin for torch.save)")
-    p.add_argument("--method", default="weight", choices=methods, help="matching method")
     p.add_argument("--data", metavar="DATA", help="batches for data-based methods: " + data_help)
     p.add_argument("--perms", metavar="PERMS",
                    help="where to write the permutations (.safetensors or .json; default "
                         "OUT's name with .perms.safetensors)")
-    p.add_argument("--spec", metavar="SPEC.json",
-                   help="use this spec (from inspect --json) instead of inferring one")
-    p.add_argument("--max-iter", type=int, default=100, help="most matching sweeps (default 100)")
     p.set_defaults(func=cmd_align)
 
     p = sub.add_parser("merge", **sub_kwargs, parents=[model_opts, ckpt_opts, data_opts, common],
@@ -875,7 +885,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="most MergeMany rounds over all checkpoints (default 10)")
     p.set_defaults(func=cmd_merge)
 
-    p = sub.add_parser("barrier", **sub_kwargs, parents=[model_opts, ckpt_opts, data_opts, common],
+    p = sub.add_parser("barrier", **sub_kwargs,
+                       parents=[model_opts, ckpt_opts, data_opts, match_opts, common],
                        help="loss barrier between A and B, naive and aligned",
                        description="Evaluate the straight line between A and B before and after "
                                    "aligning B to A; print a table, optionally plot it.")
@@ -891,10 +902,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "and std interpolated from A's and B's; 'rescale': std only)")
     p.add_argument("--lambdas", type=int, default=25,
                    help="number of interpolation points in [0, 1] (default 25)")
-    p.add_argument("--method", default="weight", choices=methods, help="matching method")
-    p.add_argument("--spec", metavar="SPEC.json",
-                   help="use this spec (from inspect --json) instead of inferring one")
-    p.add_argument("--max-iter", type=int, default=100, help="most matching sweeps (default 100)")
     p.set_defaults(func=cmd_barrier)
 
     p = sub.add_parser("demo", **sub_kwargs,

@@ -195,6 +195,25 @@ def test_align_wrong_spec_fails_verification(files, tmp_path, capsys):
     assert code == 3 and "'fc9.weight'" in err
 
 
+def test_align_tol_stops_early_and_stays_exact(files, tmp_path, capsys):
+    runs = {}
+    for tol in ("0", "0.5"):
+        out = tmp_path / f"tol{tol}.safetensors"
+        code, stdout, err = run(capsys, "align", "timm:test_resnet", "--a", files["ra"],
+                                "--b", files["rb"], "--out", out, "--tol", tol, "--device", "cpu",
+                                "--input-size", 3, 64, 64)
+        assert code == 0, err
+        runs[tol] = int(stdout.split(" sweeps")[0].rsplit(" ", 1)[-1])
+        assert "verified" in stdout  # B's function is kept either way
+    assert runs["0.5"] < runs["0"]  # a large tol ends after the first sweeps
+    out = tmp_path / "o.safetensors"
+    code, _, err = run(capsys, "align", files["mlp"], "--a", files["a"], "--b", files["b"],
+                       "--out", out, "--tol", "0.01", "--method", "activation", "--data", "digits")
+    assert code == 2 and "--tol applies to weight matching only" in err and not out.exists()
+    code, _, err = run(capsys, "align", files["mlp"], "--a", files["a"], "--b", files["b"],
+                       "--out", out, "--tol", "-1")
+    assert code == 2 and "--tol must be" in err
+
 @pytest.mark.parametrize("method", ["activation"])
 def test_align_data_method(files, tmp_path, capsys, method):
     from autobasin.api import MATCHERS
