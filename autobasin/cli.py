@@ -730,6 +730,8 @@ def cmd_merge(args, log: _Log) -> int:
         raise UsageError(f"--{'reset-bn' if args.reset_bn else 'repair'} needs --data")
     if args.max_rounds < 1:
         raise UsageError(f"--max-rounds must be at least 1, got {args.max_rounds}")
+    if args.method == "activation" and not args.data:
+        raise UsageError("--method activation needs --data")
     device = _device(args.device)
     model = _build(args)
     loaded = [_load_checkpoint(model, p, args.checkpoint_key, log) for p in paths]
@@ -739,7 +741,10 @@ def cmd_merge(args, log: _Log) -> int:
         data = resolve_data(args.data, models[0], args)
         _check_batch(models[0], _first_batch(data.train, f"DATA {args.data}"),
                      f"DATA {args.data}", False)
-        if not repair:
+        if args.method == "activation" and not repair:
+            repair = "reset_bn"  # merge_many recomputes BatchNorm statistics whenever it has data
+            log("note: BatchNorm statistics of the merged model are recomputed on DATA")
+        elif not repair:
             log("note: DATA is only used to repair the merged model; add --reset-bn or --repair")
     example = _example_inputs(models[0], args.input_size)
     stats: dict = {}
@@ -747,8 +752,8 @@ def cmd_merge(args, log: _Log) -> int:
     t0 = time.perf_counter()
     if device is not None:
         models = [m.to(device) for m in models]  # the loaded copies are ours to move
-    merged_model = merge_many(models, seed=args.seed, progress=not args.quiet,
-                              example_inputs=example, max_rounds=args.max_rounds, stats=stats,
+    merged_model = merge_many(models, method=args.method, seed=args.seed,
+                              progress=not args.quiet, example_inputs=example, max_rounds=args.max_rounds, stats=stats,
                               data=data.train if repair else None, repair=repair)
     seconds = time.perf_counter() - t0
     first = loaded[0][1]
@@ -759,7 +764,7 @@ def cmd_merge(args, log: _Log) -> int:
     rounds = f", {stats['rounds']} rounds" if stats.get("rounds") else ""
     how = {None: "", "reset_bn": "; BatchNorm statistics reset",
            "repair": "; REPAIRed (channel mean and std)", "rescale": "; rescaled (channel std)"}
-    _out(f"merged {len(models)} checkpoints (MergeMany, weight matching{rounds}) in "
+    _out(f"merged {len(models)} checkpoints (MergeMany, {args.method} matching{rounds}) in "
          f"{seconds:.2f} s{how[repair]}")
     _out(f"wrote {out}")
     return EXIT_OK
@@ -883,6 +888,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "statistics are recomputed too")
     p.add_argument("--max-rounds", type=int, default=10,
                    help="most MergeMany rounds over all checkpoints (default 10)")
+    p.add_argument("--method", default="weight", choices=("weight", "activation"),
+                   help="how each checkpoint is aligned to the mean of the others (default "
+                        "weight; activation needs --data)")
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("barrier", **sub_kwargs,

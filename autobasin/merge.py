@@ -121,8 +121,11 @@ def merge_many(models, method: str = "weight", seed: int = 0, max_rounds: int = 
     common basin and average them.
 
     Each round visits the models in a random order (from ``seed``); model i is
-    aligned by weight matching to the (weighted) mean of the others, as
-    currently aligned. Rounds stop when a round changes no permutation, or
+    aligned to the (weighted) mean of the others, as currently aligned: by
+    weight matching (``method="weight"``, the paper's), or with
+    ``method="activation"`` by activation matching against the model whose
+    weights are that mean, on ``data`` (correlations, so the smaller
+    activations of an averaged model do not matter; modules only). Rounds stop when a round changes no permutation, or
     after ``max_rounds``. The result is the weighted mean of the aligned
     models (``weights``: one non-negative number per model, normalized to sum
     1; default equal).
@@ -143,11 +146,12 @@ def merge_many(models, method: str = "weight", seed: int = 0, max_rounds: int = 
     never modified. ``stats``, if a dict, receives ``rounds`` and ``perms`` (the
     permutation applied to each model).
     """
+    from .match.activation import activation_matching
     from .match.weight import weight_matching
     from .permute import apply_permutation, identity_permutation
 
-    if method != "weight":
-        raise ValueError(f"merge_many supports method='weight' (got {method!r})")
+    if method not in ("weight", "activation"):
+        raise ValueError(f"merge_many supports method='weight' or 'activation' (got {method!r})")
     if repair not in (None, "reset_bn", "repair", "rescale"):
         raise ValueError(f"repair must be None, 'reset_bn', 'repair' or 'rescale', got {repair!r}")
     if repair is not None and data is None:
@@ -168,6 +172,8 @@ def merge_many(models, method: str = "weight", seed: int = 0, max_rounds: int = 
     if total <= 0 or any(w < 0 for w in weights) or len(weights) != len(models):
         raise ValueError("weights must be one non-negative number per model, not all zero")
     weights = [float(w) / total for w in weights]
+    if method == "activation" and (data is None or not as_modules):
+        raise ValueError("method='activation' needs nn.Modules and data=<batches>")
     if spec is None:
         if not as_modules:
             raise ValueError("pass spec= when merging state dicts")
@@ -188,9 +194,16 @@ def merge_many(models, method: str = "weight", seed: int = 0, max_rounds: int = 
             target = _average([aligned[j] for j in others], w_others)
             # first visit: weight matching's default start (solves each group
             # best-determined first); later visits warm-start from the last answer
-            start = "greedy" if rounds == 1 else perms[i]
-            new = weight_matching(spec, target, sds[i], seed=seed + rounds * 1000 + i,
-                                  init=start, progress=False)
+            visit_seed = seed + rounds * 1000 + i
+            if method == "weight":
+                start = "greedy" if rounds == 1 else perms[i]
+                new = weight_matching(spec, target, sds[i], seed=visit_seed, init=start,
+                                      progress=False)
+            else:
+                mean_model = copy.deepcopy(models[0])
+                mean_model.load_state_dict(target)
+                new = activation_matching(spec, mean_model, models[i], data, seed=visit_seed,
+                                          num_batches=num_batches, progress=False)
             if any(not torch.equal(new[g], perms[i][g]) for g in new):
                 changed = True
             perms[i] = new

@@ -166,8 +166,14 @@ def run_merge_many(args, train_set, heldout_set) -> dict:
     t0 = time.perf_counter()
     repaired = autobasin.repair(merged, aligned, train_batches)
     repair_seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    act_info: dict = {}
+    act_merged = autobasin.merge_many(parents, method="activation", data=train_batches, seed=0,
+                                      spec=spec, progress=False, stats=act_info)
+    act_seconds = time.perf_counter() - t0
     print(f"  merge_many: {info['rounds']} rounds in {merge_seconds:.1f} s; "
-          f"REPAIR in {repair_seconds:.1f} s")
+          f"REPAIR in {repair_seconds:.1f} s; by activation matching: {act_info['rounds']} "
+          f"rounds in {act_seconds:.1f} s")
 
     rows: dict[str, dict] = {}
     parent_probs = []
@@ -181,9 +187,11 @@ def run_merge_many(args, train_set, heldout_set) -> dict:
     rows["naive weight average"] = scores(*model_probs(mean_state(parents), heldout_batches))
     rows["**MergeMany**"] = scores(*model_probs(merged, heldout_batches))
     rows["MergeMany + REPAIR"] = scores(*model_probs(repaired, heldout_batches))
+    rows["MergeMany, activation matching"] = scores(*model_probs(act_merged, heldout_batches))
     rows["ensemble (mean of softmax)"] = scores(torch.stack(parent_probs).mean(0), labels)
     return {"rows": rows, "parent_rows": parent_rows, "rounds": info["rounds"],
             "merge_seconds": merge_seconds, "repair_seconds": repair_seconds,
+            "activation_rounds": act_info["rounds"], "activation_seconds": act_seconds,
             "train_seconds": train_seconds, "half": half}
 
 
@@ -388,7 +396,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
         f"{merge['merge_seconds']:.1f} s); REPAIR (`autobasin.repair`, "
         f"{merge['repair_seconds']:.1f} s) sets every hidden channel of the merge to the mean of "
         f"the aligned parents' activation mean and std, measured on the {len(train_set)} training "
-        f"images. The ensemble averages the parents' softmax outputs (five forward passes). Loss is "
+        f"images. \"MergeMany, activation matching\" aligns each parent to the model whose weights "
+        f"are the mean of the others by correlating activations on the training images "
+        f"(`merge_many(..., method=\"activation\")`, {merge['activation_rounds']} rounds, "
+        f"{merge['activation_seconds']:.1f} s). The ensemble averages the parents' softmax outputs (five forward passes). Loss is "
         f"the mean negative log-likelihood; ECE the expected calibration error with "
         f"{N_BINS} equal-width bins on the top-1 confidence.",
         "",

@@ -306,6 +306,18 @@ def test_merge(files, tmp_path, capsys):
     load_into(build_model(files["mlp"]), load_state_dict(out))
 
 
+def test_merge_by_activation_matching(files, tmp_path, capsys):
+    out = tmp_path / "merged.safetensors"
+    code, _, err = run(capsys, "merge", files["mlp"], files["a"], files["b"], "--out", out,
+                       "--method", "activation", "-q")
+    assert code == 2 and "--method activation needs --data" in err and not out.exists()
+    code, stdout, err = run(capsys, "merge", files["mlp"], files["a"], files["b"], "--out", out,
+                            "--method", "activation", "--data", "digits")
+    assert code == 0, err
+    assert "activation matching" in stdout
+    load_into(build_model(files["mlp"]), load_state_dict(out))
+
+
 def test_merge_calls_merge_many(files, tmp_path, capsys, monkeypatch):
     """merge loads every checkpoint, hands them to merge_many with the options, saves its result."""
     import copy
@@ -313,8 +325,9 @@ def test_merge_calls_merge_many(files, tmp_path, capsys, monkeypatch):
     import autobasin.merge
     seen = {}
 
-    def fake_merge_many(models, seed=0, max_rounds=10, repair=None, data=None, **kwargs):
-        seen.update(n=len(models), seed=seed, max_rounds=max_rounds, repair=repair)
+    def fake_merge_many(models, method="weight", seed=0, max_rounds=10, repair=None, data=None,
+                        **kwargs):
+        seen.update(n=len(models), method=method, seed=seed, max_rounds=max_rounds, repair=repair)
         sds = [m.state_dict() for m in models]
         merged = copy.deepcopy(models[0])
         merged.load_state_dict({k: sum(sd[k] for sd in sds) / len(sds) for k in sds[0]})
@@ -325,7 +338,7 @@ def test_merge_calls_merge_many(files, tmp_path, capsys, monkeypatch):
     code, _, err = run(capsys, "merge", files["mlp"], files["a"], files["b"], files["a"],
                        "--out", out, "--seed", 5, "--max-rounds", 3, "-q")
     assert code == 0, err
-    assert seen == {"n": 3, "seed": 5, "max_rounds": 3, "repair": None}
+    assert seen == {"n": 3, "method": "weight", "seed": 5, "max_rounds": 3, "repair": None}
     merged = load_state_dict(out)
     assert merged["fc1.weight"].dtype == torch.float32   # the first checkpoint's dtype
     load_into(build_model(files["mlp"]), merged)

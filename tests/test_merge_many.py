@@ -79,6 +79,23 @@ def test_merging_permuted_mlp_copies_is_function_exact():
             assert torch.equal(state[key], value), key
 
 
+def test_activation_merge_of_permuted_copies_is_function_exact():
+    model = _mlp()
+    x = torch.randn(256, 6)
+    spec = infer_spec(model, x[:2])
+    models = _copies(model, spec, 4)
+    batches = list(x.split(64))
+    info = {}
+    merged = merge_many(models, method="activation", data=batches, spec=spec, progress=False,
+                        stats=info)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x), model(x), rtol=0, atol=1e-5)
+    assert info["rounds"] >= 1
+    with pytest.raises(ValueError, match="needs nn.Modules and data"):
+        merge_many(models, method="activation", spec=spec)
+    with pytest.raises(ValueError, match="'weight' or 'activation'"):
+        merge_many(models, method="ste", spec=spec)
+
 def test_merging_permuted_and_scaled_copies():
     """Copies that differ by a permutation and a positive global scale c_i: matching is
     scale-free, so the merge is mean(c) * model; a bias-free ReLU MLP of depth 3 then
