@@ -180,6 +180,8 @@ def merge_many(models, method: str = "weight", seed: int = 0, max_rounds: int = 
         from .infer import infer_spec
         spec = infer_spec(models[0], example_inputs)
 
+    # activation matching runs the mean of the others as a model: one copy, reloaded per visit
+    mean_model = copy.deepcopy(models[0]) if method == "activation" else None
     perms = [identity_permutation(spec) for _ in models]
     aligned = list(sds)
     gen = torch.Generator().manual_seed(seed)
@@ -200,7 +202,6 @@ def merge_many(models, method: str = "weight", seed: int = 0, max_rounds: int = 
                 new = weight_matching(spec, target, sds[i], seed=visit_seed, init=start,
                                       progress=False)
             else:
-                mean_model = copy.deepcopy(models[0])
                 mean_model.load_state_dict(target)
                 new = activation_matching(spec, mean_model, models[i], data, seed=visit_seed,
                                           num_batches=num_batches, progress=False)

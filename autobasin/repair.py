@@ -17,6 +17,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .guard import eval_mode
+
 _INPUT_KEYS = ("input", "inputs", "x", "image", "images", "img", "pixel_values")
 
 
@@ -250,22 +252,6 @@ def _plan(model: nn.Module, x: torch.Tensor) -> _Plan:
     return _Plan(order, calls, last[0], feeds_bn)
 
 
-class _EvalMode:
-    """Eval mode for the ``with`` block; every submodule's mode restored after."""
-
-    def __init__(self, *models: nn.Module) -> None:
-        self.models = models
-
-    def __enter__(self):
-        self.modes = {m: m.training for model in self.models for m in model.modules()}
-        for model in self.models:
-            model.eval()
-
-    def __exit__(self, *exc):
-        for m, training in self.modes.items():
-            m.training = training
-
-
 def _measure(model: nn.Module, batches: Iterable[torch.Tensor], names: Sequence[str],
              device: torch.device, stop_after: str | None = None) -> dict[str, ChannelStats]:
     """Per-channel statistics of the outputs of the modules ``names`` over
@@ -281,7 +267,7 @@ def _measure(model: nn.Module, batches: Iterable[torch.Tensor], names: Sequence[
                 raise _Stop
         handles.append(modules[name].register_forward_hook(hook))
     try:
-        with _EvalMode(model), torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             for x in batches:
                 try:
                     model(x.to(device))
@@ -313,7 +299,7 @@ def channel_stats(model: nn.Module, data: Iterable, modules: Sequence[str] | Non
         first = next(iter(batches), None)
         if first is None:
             raise ValueError("the data yielded no batches")
-        with _EvalMode(model):
+        with eval_mode(model):
             modules = _plan(model, first.to(device)).order
     return _measure(model, batches, list(modules), device)
 
@@ -463,7 +449,7 @@ def repair(merged: nn.Module, endpoints: Sequence[nn.Module | Mapping[str, Chann
             stats.update(report)
         return model
 
-    with _EvalMode(model):
+    with eval_mode(model):
         plan = _plan(model, first.to(device))
     if modules is None:
         targets = [n for n in plan.order if n != plan.last and n not in plan.feeds_batchnorm]

@@ -330,12 +330,7 @@ class GraphInference:
             graph = tracer.trace(call)
             if tracer.failed:
                 return None
-            gm = fx.GraphModule(tracer.root, graph)
-            _prune(gm)
-            capture = {n for n in gm.graph.nodes if n.op in ("call_module", "call_function")}
-            rec = ExampleRecorder(gm, capture)
-            with torch.no_grad():
-                rec.run(*call.tensors)
+            gm, rec = recorded_body(tracer, graph, call)
         except Exception:  # noqa: BLE001 - not inlinable: the caller blocks
             return None
         sub_tensors = self.tensors.view(gm, prefix, strip="m." if node.op == "call_module" else "")
@@ -419,6 +414,18 @@ def _has_tensor(meta) -> bool:
 
 def _no_constraint(ctx: Context):
     return ctx.fresh(blocked="shape query") if _has_tensor(ctx.meta()) else None
+
+
+def recorded_body(tracer, graph: fx.Graph, call: "_InlineCall"):
+    """The traced body of an inlined call as a pruned GraphModule, and a
+    recorder that has run it on the call's example tensors."""
+    gm = fx.GraphModule(tracer.root, graph)
+    _prune(gm)
+    capture = {n for n in gm.graph.nodes if n.op in ("call_module", "call_function")}
+    rec = ExampleRecorder(gm, capture)
+    with torch.no_grad():
+        rec.run(*call.tensors)
+    return gm, rec
 
 
 class _InlineCall(nn.Module):

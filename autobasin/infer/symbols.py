@@ -169,7 +169,7 @@ class Symbols:
         if cur.kind == kind and cur_sizes == sizes:
             return list(cur.children)
         if cur.kind != kind:
-            both = self._concat_of_products(r, cur, sizes, kind)
+            both = self._concat_of_products(cur, sizes, kind)
             if both is not None:
                 return both
             self.block(r, f"axis needed as both a {cur.kind} and a {kind}")
@@ -198,7 +198,7 @@ class Symbols:
             i += len(run)
         return out
 
-    def _concat_of_products(self, r: int, cur: Refinement, sizes: list[int],
+    def _concat_of_products(self, cur: Refinement, sizes: list[int],
                             kind: str) -> list[int] | None:
         """An axis cut into segments and also viewed as a grid (g0, *inner).
         Both views hold when every segment is a whole number of rows of the

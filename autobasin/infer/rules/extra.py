@@ -23,10 +23,11 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..engine import (MAX_INLINE_DEPTH, TensorTableView, _get_attr, _inline_call, _prune,
-                      is_tensor_meta)
+from ..engine import (MAX_INLINE_DEPTH, TensorTableView, _get_attr, _inline_call,
+                      is_tensor_meta, recorded_body)
 from ..registry import rule
-from ...trace import AutoLeafTracer, ExampleRecorder
+from ...guard import eval_mode
+from ...trace import AutoLeafTracer
 
 
 # ------------------------------------------------------------ recurrent
@@ -273,6 +274,18 @@ def _view(engine, node, gm) -> TensorTableView:
     return _QualifiedView(table, gm, prefix, "m.")
 
 
+def _trace_concrete(node, module, args, kwargs):
+    """Trace the body of a module or function call with the example shapes
+    fixed; return it and its recorded values on the example arguments."""
+    if module is not None:
+        call = _inline_call(module, args, kwargs, True)
+        tracer = ConcreteTracer(call.tensors, inline={"m"})
+    else:
+        call = _inline_call(node.target, args, kwargs, False)
+        tracer = ConcreteTracer(call.tensors, inline=set(), skip_autowrap=(node.target,))
+    return recorded_body(tracer, tracer.trace(call), call)
+
+
 def inline_concrete(ctx):
     """Infer through the body of this call (a leaf module, or a function that
     fx leaves whole, such as one registered with ``torch.fx.wrap``), traced
@@ -286,29 +299,12 @@ def inline_concrete(ctx):
     from ..engine import GraphInference
     args, kwargs = engine.captured[node]
     module = ctx.module if is_module else None
-    was = module.training if is_module else None
-    if is_module:
-        module.eval()
     try:
-        if is_module:
-            call = _inline_call(module, args, kwargs, True)
-            tracer = ConcreteTracer(call.tensors, inline={"m"})
-        else:
-            call = _inline_call(node.target, args, kwargs, False)
-            tracer = ConcreteTracer(call.tensors, inline=set(), skip_autowrap=(node.target,))
-        graph = tracer.trace(call)
-        gm = fx.GraphModule(tracer.root, graph)
-        _prune(gm)
-        capture = {n for n in gm.graph.nodes if n.op in ("call_module", "call_function")}
-        rec = ExampleRecorder(gm, capture)
-        with torch.no_grad():
-            rec.run(*call.tensors)
+        with eval_mode(*([module] if is_module else [])):
+            gm, rec = _trace_concrete(node, module, args, kwargs)
         in_layouts = _paired_layouts(ctx, args, kwargs)
     except Exception:  # noqa: BLE001 - not traceable even with fixed shapes
         return None
-    finally:
-        if is_module:
-            module.train(was)
     view = _view(engine, node, gm) if is_module else engine.tensors.view(gm, engine.prefix)
     sub = GraphInference(gm, engine.sym, view, rec.meta,
                          rec.captured, "", engine.depth + 1, engine.log, engine.distributions,
