@@ -14,11 +14,11 @@ from .guard import check_model_finite, check_model_materialized, unwrap_model
 from .match.weight import weight_matching
 from .merge import state_dict_mismatch
 from .permute import EquivalenceError, apply_permutation, relative_error
+from .repair import check_repair_option
 from .spec import PermutationSpec
 
 Perms = dict[str, torch.Tensor]
 _DEFAULT = type("_Default", (), {"__repr__": lambda self: "<as given to auto_rebasin>"})()
-REPAIRS = (None, "reset_bn", "repair", "rescale")
 
 
 class ArchitectureMismatchError(ValueError):
@@ -237,8 +237,7 @@ def auto_rebasin(a: nn.Module, b: nn.Module, example_inputs=None, method: str = 
     if method not in MATCHERS:
         raise ValueError(f"unknown method {method!r}; known methods: {sorted(MATCHERS)}")
     matcher = MATCHERS[method]
-    if repair not in REPAIRS:
-        raise ValueError(f"repair must be one of {REPAIRS}, got {repair!r}")
+    check_repair_option(repair)
     if repair is not None and data is None:
         raise ValueError(f"repair={repair!r} needs data=<iterable of batches>")
     if getattr(matcher, "needs_data", False) and data is None:

@@ -12,7 +12,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .merge import interpolate_state_dicts
-from .repair import REPAIR_MODES, _InputBatches, batch_input, channel_stats, model_device
+from .repair import (_InputBatches, batch_input, channel_stats, check_repair_option,
+                     model_device)
 from .repair import repair as repair_model
 from .repair import reset_bn_stats
 
@@ -121,8 +122,7 @@ def loss_barrier(a: nn.Module, b: nn.Module, eval_fn_or_data: Callable | Iterabl
     """
     grid = _lambda_grid(lambdas)
     if repair is not None:
-        if repair not in REPAIR_MODES:
-            raise ValueError(f"repair must be one of {REPAIR_MODES} or None, got {repair!r}")
+        check_repair_option(repair)
         repair_data = repair_data if repair_data is not None else reset_bn
         if repair_data is None:
             raise ValueError(f"repair={repair!r} needs repair_data=<batches>")

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .permute import with_metadata
+from .repair import check_repair_option
 
 StateDict = Mapping[str, torch.Tensor]
 M = TypeVar("M", bound=nn.Module)
@@ -152,8 +153,7 @@ def merge_many(models, method: str = "weight", seed: int = 0, max_rounds: int = 
 
     if method not in ("weight", "activation"):
         raise ValueError(f"merge_many supports method='weight' or 'activation' (got {method!r})")
-    if repair not in (None, "reset_bn", "repair", "rescale"):
-        raise ValueError(f"repair must be None, 'reset_bn', 'repair' or 'rescale', got {repair!r}")
+    check_repair_option(repair)
     if repair is not None and data is None:
         raise ValueError(f"repair={repair!r} needs data=<batches>")
     models = list(models)

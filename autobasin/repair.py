@@ -108,6 +108,12 @@ def reset_bn_stats(model: nn.Module, data: Iterable, num_batches: int | None = N
 # unchanged.
 
 REPAIR_MODES = ("repair", "rescale", "reset_bn")
+
+
+def check_repair_option(repair: str | None) -> None:
+    """Raise ValueError unless ``repair`` is None or one of :data:`REPAIR_MODES`."""
+    if repair is not None and repair not in REPAIR_MODES:
+        raise ValueError(f"repair must be None or one of {REPAIR_MODES}, got {repair!r}")
 REPAIRABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d,
               nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
