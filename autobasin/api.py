@@ -10,7 +10,8 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from .guard import check_model_finite, check_model_materialized, unwrap_model
+from .guard import check_model_finite, check_model_materialized, eval_mode, unwrap_model
+from .inputs import as_inputs
 from .match.weight import weight_matching
 from .merge import state_dict_mismatch
 from .permute import EquivalenceError, apply_permutation, relative_error
@@ -135,31 +136,14 @@ def check_same_architecture(a: nn.Module, b: nn.Module) -> None:
         raise ArchitectureMismatchError(problem)
 
 
-def _as_args(example_inputs) -> tuple:
-    try:
-        from .trace import as_args
-    except ImportError:  # the tracer is optional for verification
-        if isinstance(example_inputs, (tuple, list)):
-            return tuple(example_inputs)
-        return (example_inputs,)
-    return as_args(example_inputs)
-
-
 def outputs_relative_error(reference: nn.Module, other: nn.Module, example_inputs) -> float:
     """Relative L2 error of ``other``'s outputs against ``reference``'s, in eval mode.
 
     Both run without grad; every submodule's train/eval mode is restored.
     """
-    args = _as_args(example_inputs)
-    modes = {m: m.training for model in (reference, other) for m in model.modules()}
-    try:
-        reference.eval()
-        other.eval()
-        with torch.no_grad():
-            ref, out = reference(*args), other(*args)
-    finally:
-        for m, training in modes.items():
-            m.training = training
+    inputs = as_inputs(example_inputs, reference)
+    with torch.no_grad(), eval_mode(reference, other):
+        ref, out = inputs.call(reference), inputs.call(other)
     return relative_error(ref, out)
 
 
@@ -183,10 +167,9 @@ def verify_error(reference: nn.Module, other: nn.Module, example_inputs,
         if err <= rtol or dtypes == {torch.float64}:
             return err, None
     for wide in ((torch.float32, torch.float64) if low else (torch.float64,)):
-        args = tuple(t.to(wide) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
-                     for t in _as_args(example_inputs))
+        inputs = as_inputs(example_inputs, reference).to(dtype=wide)
         err = outputs_relative_error(copy.deepcopy(reference).to(wide),
-                                     copy.deepcopy(other).to(wide), args)
+                                     copy.deepcopy(other).to(wide), inputs)
         if err <= rtol:
             break
     return err, wide
@@ -204,7 +187,8 @@ def auto_rebasin(a: nn.Module, b: nn.Module, example_inputs=None, method: str = 
         a, b: two models of the same architecture (same type, state_dict keys,
             shapes and dtypes; else :class:`ArchitectureMismatchError`).
         example_inputs: inputs to trace ``a`` with when inferring the spec, and to
-            verify with (a tensor or a tuple of positional inputs).
+            verify with (a tensor, a tuple of positional inputs, or a dict of
+            keyword inputs).
         method: a key of :data:`MATCHERS` (``"weight"``).
         data: batches for matchers that need data, and for ``repair``.
         seed: seeds the matcher.

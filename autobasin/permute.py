@@ -172,8 +172,8 @@ def relative_error(a, b) -> float:
     return worst
 
 
-def _float64_confirms(model: torch.nn.Module, spec: PermutationSpec, perms: Perms, args: tuple,
-                      rtol: float) -> bool:
+def _float64_confirms(model: torch.nn.Module, spec: PermutationSpec, perms: Perms,
+                      inputs: "ModelInputs", rtol: float) -> bool:
     """Re-run the check in float64: True if the permuted model agrees there.
 
     A deep random-init network can amplify float32 rounding (the permuted
@@ -186,12 +186,11 @@ def _float64_confirms(model: torch.nn.Module, spec: PermutationSpec, perms: Perm
     # one float64 copy, permuted in place between the two runs: a model of 645M
     # parameters (torchvision regnet_y_128gf) is checked without a second copy
     wide = copy.deepcopy(model).double().eval()
-    wide_args = tuple(a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
-                      for a in args)
+    wide_inputs = inputs.to(dtype=torch.float64)
     with torch.no_grad():
-        ref = wide(*wide_args)
+        ref = wide_inputs.call(wide)
         _permute_model_(wide, spec, perms)
-        return relative_error(ref, wide(*wide_args)) <= rtol
+        return relative_error(ref, wide_inputs.call(wide)) <= rtol
 
 
 def check_equivalence(model: torch.nn.Module, spec: PermutationSpec, example_inputs=None,
@@ -199,31 +198,32 @@ def check_equivalence(model: torch.nn.Module, spec: PermutationSpec, example_inp
     """Permute every group at random and check the model computes the same.
 
     Runs ``model`` in eval mode (its mode is restored) on ``example_inputs``
-    (a tensor, a tuple of positional inputs, or None to use the inputs the spec
-    was inferred with) and on a permuted copy. Returns the relative L2 error of
+    (a tensor, a tuple of positional inputs, a dict of keyword inputs, or None
+    to use the inputs the spec was inferred with) and on a permuted copy. Returns the relative L2 error of
     the outputs; raises :class:`EquivalenceError` above ``rtol``, naming the
     first graph node whose value moved when the spec was traced. An error
     above ``rtol`` that vanishes in float64 is rounding, not a wrong spec: it
     is returned with a warning.
     """
     from .guard import check_model_materialized, eval_mode
-    from .trace import as_args, default_inputs
+    from .inputs import as_inputs
+    from .trace import default_inputs
 
     inference = spec._inference
     if example_inputs is None:
         example_inputs = inference.example_inputs if inference is not None else default_inputs(model)
-    args = as_args(example_inputs)
+    inputs = as_inputs(example_inputs, model)
     check_model_materialized(model, "check_equivalence", "the model")
     perms = random_permutation(spec, seed)
     permuted = permute_model(model, spec, perms)
     with torch.no_grad(), eval_mode(model, permuted):  # every submodule's mode restored
-        ref = model(*args)
-        out = permuted(*args)
+        ref = inputs.call(model)
+        out = inputs.call(permuted)
     err = relative_error(ref, out)
     del ref, out
     if not err <= rtol:
         del permuted  # the float64 re-check needs the memory; rebuilt below if it fails
-    if not err <= rtol and _float64_confirms(model, spec, perms, args, rtol):
+    if not err <= rtol and _float64_confirms(model, spec, perms, inputs, rtol):
         import warnings
         warnings.warn(f"check_equivalence: float32 outputs moved by {err:.3g} (> {rtol:g}) under "
                       "the permutation, but in float64 they agree: that is rounding in a "
@@ -233,7 +233,7 @@ def check_equivalence(model: torch.nn.Module, spec: PermutationSpec, example_inp
         where = ""
         if inference is not None:
             permuted = permute_model(model, spec, perms)
-            node = inference.first_divergence(model, permuted, perms, args)
+            node = inference.first_divergence(model, permuted, perms, inputs)
             if node:
                 where = f"; first diverging graph node: {node}"
         raise EquivalenceError(f"permuting by the spec changed the outputs: relative error "

@@ -158,8 +158,41 @@ def symbolic_trace(model: nn.Module, opaque: Iterable = (), warn: bool = True,
         for name, why in tracer.failed.items():
             warnings.warn(f"autobasin: submodule {name!r} ({type(gm.get_submodule(name)).__name__}) "
                           f"cannot be traced by torch.fx and is treated as opaque: {why}",
-                          stacklevel=3)
+                          stacklevel=5)
     return gm, dict(tracer.failed)
+
+
+# ops torch.export leaves in a graph to check shapes and dtypes at run time:
+# they compute nothing, so inference drops them
+_EXPORT_CHECKS = ("_assert_tensor_metadata", "_assert_scalar", "_assert_async",
+                  "sym_constrain_range", "sym_constrain_range_for_size")
+
+
+def export_trace(model: nn.Module, inputs) -> tuple[fx.GraphModule, tuple]:
+    """Capture ``model`` with torch.export (non-strict, ATen level).
+
+    Returns a GraphModule whose placeholders are the flattened example inputs
+    (in the order of the returned tuple) and whose parameters and buffers are
+    ``get_attr`` nodes named by their state_dict names (``ExportedProgram.module()``
+    keeps the model's own tensors under their qualified names), with the
+    export's run-time guards and shape assertions removed.
+    """
+    import torch.fx._pytree as fx_pytree
+    from .guard import eval_mode
+    with eval_mode(model):
+        ep = torch.export.export(model, tuple(inputs.args), dict(inputs.kwargs), strict=False)
+    gm = ep.module()
+    flat = tuple(fx_pytree.tree_flatten_spec((tuple(inputs.args), dict(inputs.kwargs)), gm._in_spec))
+    for n in reversed(list(gm.graph.nodes)):
+        name = getattr(getattr(n.target, "overloadpacket", None), "__name__", "")
+        if (n.op == "call_module" and n.target == "_guards_fn") or \
+                (n.op == "call_function" and name in _EXPORT_CHECKS):
+            if not n.users:
+                gm.graph.erase_node(n)
+    gm.meta["in_spec"] = gm._in_spec  # how (args, kwargs) flatten to the placeholders
+    gm.graph._codegen = fx.graph.CodeGen()  # flat inputs in, flat outputs out
+    gm.recompile()
+    return gm, flat
 
 
 def _tensors_in(obj) -> list:

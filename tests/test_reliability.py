@@ -373,10 +373,20 @@ def test_several_positional_and_defaulted_keyword_inputs():
         infer_spec(a, (x, y, None, 2.0))  # non-tensor inputs passed positionally are traced as inputs
 
 
-def test_keyword_inputs_as_a_dict_are_refused_with_the_fix():
+def test_keyword_inputs_as_a_dict_are_traced_and_checked_in_any_order():
     a = TwoInputs(0)
-    with untouched(a), pytest.raises(TypeError, match="tuple of positional inputs in forward's order"):
-        infer_spec(a, {"x": torch.randn(2, 4), "y": torch.randn(2, 3)})
+    x, y = torch.randn(2, 4), torch.randn(2, 3)
+    positional = infer_spec(a, (x, y))
+    with untouched(a):
+        spec = infer_spec(a, {"y": y, "x": x})  # keyword order differs from forward's
+    assert spec._inference.capture == "fx"
+    assert set(spec.groups) == set(positional.groups)
+    assert ab.check_equivalence(a, spec) <= 1e-5
+    assert ab.check_equivalence(a, spec, {"x": x * 2, "y": y}) <= 1e-5
+    exported = infer_spec(a, {"y": y, "x": x}, capture="export")
+    assert exported._inference.capture == "export"
+    assert set(exported.groups) == set(positional.groups)
+    assert ab.check_equivalence(a, exported) <= 1e-5
 
 
 class DictOut(nn.Module):

@@ -10,7 +10,8 @@ from torch import nn
 
 from ..guard import eval_mode, is_meta_model, unwrap_model
 from ..spec import Group, Member, PermutationSpec, TensorInfo
-from ..trace import ExampleRecorder, as_args, default_inputs, symbolic_trace
+from ..inputs import ModelInputs, as_inputs, positional
+from ..trace import ExampleRecorder, TraceError, default_inputs, export_trace, symbolic_trace
 from . import rules as _rules  # noqa: F401 - registers the built-in rules
 from .engine import GraphInference, TensorTable, layout_symbols, map_meta
 from .registry import FUNCTION_RULES, METHOD_RULES, MODULE_RULES, rule
@@ -22,34 +23,80 @@ __all__ = ["infer_spec", "rule", "Inference"]
 class ExampleInputError(ValueError):
     """The model cannot run on the example inputs it was given to trace with."""
 
-    def __init__(self, model: nn.Module, example_inputs: tuple, error: Exception):
-        shapes = ", ".join(str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
-                           for t in example_inputs)
+    def __init__(self, model: nn.Module, inputs: ModelInputs, error: Exception):
         lines = str(error).strip().splitlines()
         node = next((ln.strip() for ln in lines if ln.startswith("While executing")), "")
         where = f" ({node})" if node else ""
         first = lines[0] if lines else type(error).__name__
-        super().__init__(f"{type(model).__name__} cannot run on the example inputs of shapes "
-                         f"[{shapes}]{where}: {type(error).__name__}: {first}. Pass example_inputs "
-                         f"that forward accepts: a tensor or a tuple of positional inputs")
+        super().__init__(f"{type(model).__name__} cannot run on the example inputs of "
+                         f"shapes [{inputs.describe()}]{where}: {type(error).__name__}: {first}. Pass "
+                         f"example_inputs that forward accepts: a tensor, a tuple of positional "
+                         f"inputs or a dict of keyword inputs")
+
+
+CAPTURES = ("auto", "fx", "export")
+
+
+def capture_graph(model: nn.Module, inputs: ModelInputs, opaque: Iterable = (),
+                  capture: str = "auto") -> tuple[fx.GraphModule, tuple, dict[str, str], str]:
+    """Capture ``model``'s forward as an fx graph.
+
+    ``"fx"``: torch.fx symbolic tracing, with timm's leaves and opaque
+    submodules (module-level rules apply). ``"export"``: torch.export,
+    non-strict, at ATen level (every submodule is looked through; parameters
+    keep their state_dict names). ``"auto"``: fx first, export when fx cannot
+    trace the top-level forward or cannot take the inputs positionally.
+
+    Returns the graph, its flat inputs (one per placeholder), the modules fx
+    made opaque with why, and which front end captured it.
+    """
+    if capture not in CAPTURES:
+        raise ValueError(f"capture={capture!r}; choose one of {CAPTURES}")
+    fx_error: Exception | None = None
+    if capture in ("auto", "fx"):
+        args = positional(model, inputs)
+        if args is None:
+            fx_error = TraceError(f"the keyword inputs {sorted(inputs.kwargs)} cannot be passed "
+                                  f"positionally to {type(model).__name__}.forward")
+        else:
+            try:
+                gm, opaque_modules = symbolic_trace(model, opaque, n_inputs=len(args))
+                return gm, tuple(args), opaque_modules, "fx"
+            except TraceError as e:
+                fx_error = e
+        if capture == "fx":
+            raise fx_error
+    if opaque:
+        raise ValueError("opaque= applies to the fx front end only (capture='fx')")
+    try:
+        gm, flat = export_trace(model, inputs)
+    except Exception as e:  # noqa: BLE001 - say what each front end reported
+        tried = f"torch.fx: {fx_error}; " if fx_error is not None else ""
+        raise TraceError(f"cannot capture {type(model).__name__}: {tried}torch.export "
+                         f"(non-strict): {type(e).__name__}: {str(e).strip().splitlines()[0]}"
+                         if str(e).strip() else f"{type(e).__name__}") from e
+    return gm, flat, {}, "export"
 
 
 class Inference:
-    """Everything inference learned about one model: the traced graph, each
+    """Everything inference learned about one model: the captured graph, each
     node's axis symbols, and which symbol class became which group. Kept on the
     spec (``spec._inference``) to explain failures; not serialised."""
 
-    def __init__(self, model: nn.Module, example_inputs: tuple, opaque: Iterable = ()):
-        self.example_inputs = example_inputs
-        self.gm, self.opaque_modules = symbolic_trace(model, opaque, n_inputs=len(example_inputs))
-        capture = {n for n in self.gm.graph.nodes
-                   if n.op == "call_module" or (n.op == "call_function" and inspect.isfunction(n.target))}
-        rec = ExampleRecorder(self.gm, capture)
+    def __init__(self, model: nn.Module, inputs: ModelInputs, opaque: Iterable = (),
+                 capture: str = "auto"):
+        self.example_inputs = inputs
+        self.gm, self.flat_inputs, self.opaque_modules, self.capture = capture_graph(
+            model, inputs, opaque, capture)
+        capture_nodes = {n for n in self.gm.graph.nodes
+                         if n.op == "call_module" or (n.op == "call_function"
+                                                      and inspect.isfunction(n.target))}
+        rec = ExampleRecorder(self.gm, capture_nodes)
         with torch.no_grad(), eval_mode(model):
             try:
-                rec.run(*example_inputs)
+                rec.run(*self.flat_inputs)
             except Exception as e:  # noqa: BLE001 - name the model, inputs and node
-                raise ExampleInputError(model, example_inputs, e) from e
+                raise ExampleInputError(model, inputs, e) from e
         self.sym = Symbols()
         self.table = TensorTable(model, self.sym, opaque)
         self.model_state_names = list(model.state_dict().keys())
@@ -124,10 +171,25 @@ class Inference:
                 ms.append((Member("", 0, offset, shape, strides, dim), perms[g]))
         return axis_index(n, ms)
 
-    def first_divergence(self, model: nn.Module, permuted: nn.Module, perms, args,
-                         rtol: float = 1e-3) -> str | None:
+    def flat(self, inputs: ModelInputs) -> tuple | None:
+        """``inputs`` as the captured graph's placeholders, or None if they do
+        not fit it (other keywords than the graph was captured with)."""
+        if self.capture == "fx":
+            return positional(self.gm, inputs) if inputs.kwargs else tuple(inputs.args)
+        import torch.fx._pytree as fx_pytree
+        try:
+            return tuple(fx_pytree.tree_flatten_spec((tuple(inputs.args), dict(inputs.kwargs)),
+                                                     self.gm.meta["in_spec"]))
+        except Exception:  # noqa: BLE001 - another input structure
+            return None
+
+    def first_divergence(self, model: nn.Module, permuted: nn.Module, perms,
+                         inputs: ModelInputs, rtol: float = 1e-3) -> str | None:
         """Name the first graph node whose value in ``permuted`` is not the
         permuted value of ``model``'s (relative L2 above ``rtol``)."""
+        args = self.flat(inputs)
+        if args is None:
+            return None
         gm_a = self.gm
         gm_b = fx.GraphModule(permuted, self.gm.graph)
         env_a = _record_all(gm_a, args)
@@ -201,17 +263,23 @@ def _group_name(m: Member, state, used: set) -> str:
 
 
 def infer_spec(model: nn.Module, example_inputs=None, *, opaque: Iterable = (),
-               fixed: Iterable[str] = ()) -> PermutationSpec:
+               fixed: Iterable[str] = (), capture: str = "auto") -> PermutationSpec:
     """Infer which parameter axes of ``model`` can be permuted together.
 
     Args:
-        model: any nn.Module that torch.fx can trace at its top level.
-        example_inputs: a tensor or tuple of positional inputs; for timm and
-            torchvision models it may be omitted (see
-            :func:`autobasin.trace.default_inputs`).
+        model: any nn.Module that torch.fx or torch.export can capture.
+        example_inputs: a tensor, a tuple of positional inputs, or a dict of
+            keyword inputs (``{"input_ids": ids}``); for timm and torchvision
+            models it may be omitted (see :func:`autobasin.trace.default_inputs`).
+            A forward that takes ``use_cache`` is run with ``use_cache=False``
+            unless given (see :func:`autobasin.inputs.as_inputs`).
         opaque: qualified module names or module types to treat as opaque
-            leaves (their axes are blocked unless a rule knows them).
+            leaves (their axes are blocked unless a rule knows them); fx only.
         fixed: group names to leave unpermuted.
+        capture: ``"auto"`` (torch.fx, then torch.export when fx cannot trace
+            the top-level forward), ``"fx"`` or ``"export"``; see
+            :func:`capture_graph`. The spec names tensors by their state_dict
+            names whichever front end captured.
 
     Returns:
         A :class:`PermutationSpec`. The model is run once in eval mode on the
@@ -227,8 +295,8 @@ def infer_spec(model: nn.Module, example_inputs=None, *, opaque: Iterable = (),
     model = unwrap_model(model)
     if example_inputs is None:
         example_inputs = default_inputs(model)
-    args = as_args(example_inputs)
+    inputs = as_inputs(example_inputs, model)
     if is_meta_model(model):
-        args = tuple(t.to("meta") if isinstance(t, torch.Tensor) else t for t in args)
-    inference = Inference(model, args, opaque)
+        inputs = inputs.to("meta")
+    inference = Inference(model, inputs, opaque, capture)
     return inference.spec(fixed)

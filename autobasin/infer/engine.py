@@ -21,7 +21,7 @@ from torch import nn
 
 from ..spec import Group, Member, PermutationSpec, TensorInfo
 from ..trace import AutoLeafTracer, ExampleRecorder, TensorMeta, _prune
-from .registry import FUNCTION_RULES, METHOD_RULES, module_rule
+from .registry import ALIASES, FUNCTION_RULES, METHOD_RULES, module_rule
 from .symbols import Refinement, Symbols
 
 MAX_INLINE_DEPTH = 4
@@ -63,6 +63,20 @@ class Context:
         self.args = node.args
         self.kwargs = node.kwargs
         self.module = engine.gm.get_submodule(node.target) if node.op == "call_module" else None
+        # an ATen op registered as an alias of a torch function is seen as that function
+        self.target = ALIASES.get(getattr(node.target, "overloadpacket", None), node.target)
+
+    @property
+    def op_name(self) -> str:
+        """The op's plain name: ``"transpose"`` for ``Tensor.transpose``,
+        ``torch.transpose`` and ``aten.transpose.int`` alike."""
+        t = self.target
+        if isinstance(t, str):
+            return t
+        packet = getattr(t, "overloadpacket", None)
+        if packet is not None:
+            return packet.__name__
+        return getattr(t, "__name__", str(t))
 
     # -------------------------------------------------------------- reading
     def layout(self, arg):
@@ -267,10 +281,14 @@ class GraphInference:
             if fn is None and node.target in SHAPE_QUERIES:
                 fn = _no_constraint
             return fn, f"method .{node.target}()"
-        target = node.target
-        fn = FUNCTION_RULES.get(target)
+        target = ctx.target
+        fn = METHOD_RULES.get(target) if isinstance(target, str) else FUNCTION_RULES.get(target)
+        if fn is None and hasattr(target, "overloadpacket"):
+            fn = FUNCTION_RULES.get(target.overloadpacket)  # an ATen op, any overload
         if fn is None and target is getattr and len(node.args) > 1 and node.args[1] in SHAPE_QUERIES:
             fn = _no_constraint
+        if hasattr(node.target, "overloadpacket"):
+            return fn, f"ATen op {node.target}"
         name = getattr(target, "__qualname__", None) or getattr(target, "__name__", str(target))
         return fn, f"function {getattr(target, '__module__', '') or ''}.{name}"
 

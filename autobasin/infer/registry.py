@@ -25,6 +25,17 @@ from typing import Callable
 MODULE_RULES: dict[type, tuple[Callable, bool, frozenset]] = {}
 FUNCTION_RULES: dict[object, Callable] = {}
 METHOD_RULES: dict[str, Callable] = {}
+# ATen op (an OpOverloadPacket such as ``torch.ops.aten.conv2d``) -> the torch
+# function whose signature and meaning it shares: the function's rule serves
+# it, and ``ctx.target`` is the function (see :func:`alias`)
+ALIASES: dict[object, Callable] = {}
+
+
+def alias(aten_op, fn: Callable) -> None:
+    """Let ``aten_op`` (graphs captured by torch.export) use the rule of the
+    torch function ``fn``. Only for ops that take the same positional
+    arguments with the same meaning; others get rules of their own."""
+    ALIASES[aten_op] = fn
 
 
 def rule(*keys, inherit: bool = False, params: tuple[str, ...] = ()):

@@ -62,6 +62,7 @@ from tqdm.auto import tqdm
 
 from ..guard import check_model_finite, check_model_materialized
 from ..permute import apply_permutation
+from ..inputs import as_inputs
 from ..repair import batch_input, model_device
 from ..spec import PermutationSpec, SpecError
 from .lap import solve_lap
@@ -644,7 +645,10 @@ def activation_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, data:
 
                 for label, gm, dev, tap in (("a", gm_a, dev_a, tap_a), ("b", gm_b, dev_b, tap_b)):
                     try:
-                        _Tap(gm, names, tap).run(*[_to(t, dev) for t in args])
+                        flat = spec._inference.flat(as_inputs(args, a))
+                        if flat is None:
+                            raise ValueError("the inputs do not fit the captured graph")
+                        _Tap(gm, names, tap).run(*[_to(t, dev) for t in flat])
                     except Exception as e:  # noqa: BLE001 - say which batch, and what was expected
                         raise _batch_error(label, i, args, spec, e) from e
                 batches += 1
@@ -705,7 +709,7 @@ def _batch_error(label: str, index: int, args: tuple, spec: PermutationSpec,
                  error: Exception) -> ValueError:
     """A ValueError naming the batch, its input shapes and those the spec was traced with."""
     traced = getattr(getattr(spec, "_inference", None), "example_inputs", None)
-    expected = f"; the spec was traced with inputs of shapes {_shapes(traced)}" if traced else ""
+    expected = f"; the spec was traced with inputs of shapes {traced.describe()}" if traced else ""
     first = (str(error).strip().splitlines() or [type(error).__name__])[0]
     return ValueError(f"activation matching: model {label} failed on batch {index} (inputs of "
                       f"shapes {_shapes(args)}): {type(error).__name__}: {first}{expected}. Is each "

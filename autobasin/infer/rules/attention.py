@@ -93,7 +93,7 @@ def _sdpa(ctx):
     q, k, v = ctx.arg(0, "query"), ctx.arg(1, "key"), ctx.arg(2, "value")
     lq, lk, lv = ctx.layout(q), ctx.layout(k), ctx.layout(v)
     sq, sk, sv = ctx.shape(q), ctx.shape(k), ctx.shape(v)
-    if ctx.value(ctx.kwargs.get("enable_gqa", False)) and sq[-3] != sk[-3]:
+    if ctx.value(ctx.arg(7, "enable_gqa", False)) and sq[-3] != sk[-3]:
         for lay in (lq, lk, lv):
             ctx.block(lay[-3], "grouped-query attention heads")
     ctx.union(lq[-1], lk[-1])

@@ -93,7 +93,7 @@ CONV_FUNCS = {F.conv1d: (1, False), F.conv2d: (2, False), F.conv3d: (3, False),
 
 @rule(*CONV_FUNCS)
 def _conv_fn(ctx):
-    spatial, transposed = CONV_FUNCS[ctx.node.target]
+    spatial, transposed = CONV_FUNCS[ctx.target]
     b = ctx.arg(2, "bias")
     groups_pos = 7 if transposed else 6
     groups = ctx.value(ctx.arg(groups_pos, "groups", 1))

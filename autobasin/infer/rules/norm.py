@@ -39,9 +39,9 @@ def _batchnorm_module(ctx):
 def _batchnorm_fn(ctx):
     x = ctx.arg(0, "input")
     lay = ctx.layout(x)
-    if ctx.node.target is F.instance_norm:
+    if ctx.target is F.instance_norm:
         names = [(1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias")]
-    elif ctx.node.target is torch.batch_norm:
+    elif ctx.target is torch.batch_norm:
         names = [(1, "weight"), (2, "bias"), (3, "running_mean"), (4, "running_var")]
     else:
         names = [(1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias")]
@@ -71,7 +71,7 @@ def _layernorm_module(ctx):
 def _layernorm_fn(ctx):
     shape = ctx.value(ctx.arg(1, "normalized_shape"))
     k = 1 if isinstance(shape, int) else len(shape)
-    w, b = ctx.arg(2, "weight"), ctx.arg(3, "bias") if ctx.node.target is not F.rms_norm else None
+    w, b = ctx.arg(2, "weight"), ctx.arg(3, "bias") if ctx.target is not F.rms_norm else None
     return layer_norm_rule(ctx, ctx.arg(0, "input"), k,
                            ctx.layout(w) if w is not None else None,
                            ctx.layout(b) if b is not None else None)

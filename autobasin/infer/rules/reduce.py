@@ -29,20 +29,19 @@ def _reduce(ctx):
     axis; the kept axes pass through."""
     x = ctx.args[0]
     lay = ctx.layout(x)
-    target = ctx.node.target
+    target = ctx.target
     if target in (torch.norm, "norm"):
         dim = ctx.arg(2, "dim")
-        keep = ctx.arg(3, "keepdim", False)
     elif target is torch.linalg.vector_norm:
         dim = ctx.arg(2, "dim")
-        keep = ctx.arg(3, "keepdim", False)
     else:
         dim = ctx.arg(1, "dim")
-        keep = ctx.arg(2, "keepdim", False)
     dim = ctx.value(dim)
-    keep = ctx.value(keep)
     dims = _reduced_dims(ctx, dim, len(lay))
     out_shape = ctx.shape()
+    # keepdim from the result's rank: positional arguments differ between
+    # overloads (``var(x, dim, unbiased, keepdim)``, ``var(x, dim, *, keepdim)``)
+    keep = len(out_shape) == len(lay) and len(lay) > 0
     if keep:
         out = [ctx.new(1) if i in dims else s for i, s in enumerate(lay)]
     else:
@@ -76,7 +75,7 @@ def _positional_reduce(ctx):
     """Ops whose result depends on the order along ``dim`` fix that axis."""
     x = ctx.args[0]
     lay = ctx.layout(x)
-    name = getattr(ctx.node.target, "__name__", ctx.node.target)
+    name = ctx.op_name
     pos = 2 if name == "topk" else 1
     dim = ctx.value(ctx.arg(pos, "dim", -1))
     if dim is None:
@@ -118,7 +117,7 @@ def _spatial(ctx):
     (fixed) and act on every channel alike (passed through)."""
     x = ctx.args[0]
     lay = ctx.layout(x)
-    k = POOL_MODULES.get(type(ctx.module)) if ctx.module is not None else POOL_FUNCS[ctx.node.target]
+    k = POOL_MODULES.get(type(ctx.module)) if ctx.module is not None else POOL_FUNCS[ctx.target]
     if k is None:
         k = max(len(lay) - 2, 1)
     out_meta = ctx.meta()
@@ -147,7 +146,7 @@ def _positional(ctx):
     x = ctx.args[0]
     lay = list(ctx.layout(x))
     nd = len(lay)
-    name = ctx.node.target if isinstance(ctx.node.target, str) else ctx.node.target.__name__
+    name = ctx.op_name
     if name in ("roll",):
         dims = _axes_arg(ctx, 2, "dims", nd, None)
     elif name in ("flip",):
@@ -178,7 +177,7 @@ def _positional(ctx):
 def _fix_all(ctx):
     """Ops that move entries between positions of their axes in ways that do
     not commute with permutations: every axis they see is fixed."""
-    name = getattr(ctx.node.target, "__name__", str(ctx.node.target))
+    name = ctx.op_name
     for t in ctx.tensor_args():
         ctx.block_layout(ctx.layout(t), f"{name} mixes positions")
     return ctx.fresh(blocked=f"{name} output")
@@ -199,7 +198,7 @@ def _pad(ctx):
     else:
         pad = list(ctx.value(ctx.arg(1, "pad")))
         mode = ctx.value(ctx.arg(2, "mode", "constant"))
-        if ctx.node.target is torch.constant_pad_nd:
+        if ctx.target is torch.constant_pad_nd:
             mode = "constant"
     out = list(lay)
     for i in range(len(pad) // 2):
@@ -223,7 +222,7 @@ def _pad(ctx):
       nn.CrossMapLRN2d)
 def _channel_mixing(ctx):
     """Ops that move entries between channels and other positions."""
-    name = getattr(ctx.node.target, "__name__", type(ctx.module).__name__ if ctx.module else "op")
+    name = type(ctx.module).__name__ if ctx.module else ctx.op_name
     for t in ctx.tensor_args():
         ctx.block_layout(ctx.layout(t), f"{name} mixes channels")
     return ctx.fresh(blocked=f"{name} output")

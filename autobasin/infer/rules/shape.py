@@ -72,7 +72,7 @@ def _permute(ctx):
     x = ctx.args[0]
     lay = list(ctx.layout(x))
     nd = len(lay)
-    name = ctx.node.target if isinstance(ctx.node.target, str) else ctx.node.target.__name__
+    name = ctx.op_name
     if name == "permute":
         dims = ctx.value(list(ctx.args[1:])) if len(ctx.args) > 1 else ctx.value(ctx.kwargs["dims"])
         if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
@@ -162,7 +162,7 @@ def _split_outputs(ctx, x, dim, lengths, keep_dim=True):
       torch.split_with_sizes, "split_with_sizes")
 def _split(ctx):
     x = ctx.args[0]
-    name = ctx.node.target if isinstance(ctx.node.target, str) else ctx.node.target.__name__
+    name = ctx.op_name
     default = 0
     dim = ctx.value(ctx.arg(2, "dim", default))
     outs = ctx.meta()
@@ -349,7 +349,7 @@ def _index_select(ctx):
     lay = list(ctx.layout(x))
     dim = norm_dim(ctx.value(ctx.arg(1, "dim")), len(lay))
     ctx.block(lay[dim], "indexed by a tensor")
-    if ctx.node.target in (torch.gather, "gather"):
+    if ctx.target in (torch.gather, "gather"):
         ctx.block_layout(lay, "gather")
         return ctx.fresh(blocked="gather")
     out = list(lay)

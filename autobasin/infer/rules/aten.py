@@ -1,0 +1,258 @@
+"""ATen ops, as torch.export captures them.
+
+Most ATen ops take the same positional arguments as the torch function that
+calls them (``aten.conv2d`` is ``F.conv2d``, ``aten.mean.dim`` is
+``torch.mean``): those are aliases, served by the function's rule
+(:func:`~autobasin.infer.registry.alias`). Elementwise, reshape and axis-order
+ops are registered to the shared rules directly. The rest, whose arguments
+differ (``aten.embedding(weight, indices)``, ``aten.slice.Tensor``,
+``aten.index.Tensor``, ``aten.addmm``, the ``native_*`` norms that return
+statistics too), have rules here. An ATen op that appears nowhere in this
+file has no rule and fails closed like any other op.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..registry import alias, rule
+from .common import broadcast_layouts, norm_dim
+from .elementwise import _broadcast, _constant_like, _unary
+from .linear import conv_rule, embedding_rule
+from .norm import group_norm_rule, layer_norm_rule, per_channel
+from .shape import _index_tensor, _permute, _reshape, _split_outputs
+
+aten = torch.ops.aten
+
+
+def _ops(*names: str) -> list:
+    """The ATen op packets of these names that this torch has."""
+    return [getattr(aten, n) for n in names if hasattr(aten, n)]
+
+
+# ------------------------------------------------------------- elementwise
+rule(*_ops(
+    "add", "sub", "rsub", "mul", "div", "true_divide", "floor_divide", "remainder", "fmod", "pow",
+    "float_power", "maximum", "minimum", "fmax", "fmin", "where", "lerp", "addcmul", "addcdiv",
+    "masked_fill", "clamp", "clamp_min", "clamp_max", "clip", "eq", "ne", "lt", "le", "gt", "ge",
+    "logical_and", "logical_or", "logical_xor", "logical_not", "bitwise_and", "bitwise_or",
+    "bitwise_xor", "bitwise_not", "__and__", "__or__", "__xor__", "__invert__", "atan2",
+    "hypot", "copysign", "xlogy",
+    "relu", "relu6", "gelu", "silu", "mish", "sigmoid", "tanh", "hardswish", "hardsigmoid",
+    "hardtanh", "leaky_relu", "elu", "selu", "celu", "softplus", "softshrink", "hardshrink",
+    "log_sigmoid", "threshold", "exp", "exp2", "expm1", "log", "log2", "log10", "log1p", "sqrt",
+    "rsqrt", "abs", "neg", "sign", "sgn", "square", "reciprocal", "erf", "erfc", "erfinv", "sin",
+    "cos", "tan", "asin", "acos", "atan", "sinh", "cosh", "asinh", "acosh", "atanh", "floor",
+    "ceil", "round", "trunc", "frac", "nan_to_num", "isnan", "isinf", "isfinite", "logit",
+    "softmax", "_softmax", "log_softmax", "_log_softmax", "dropout", "feature_dropout",
+    "alpha_dropout", "fill",
+))(_broadcast)
+# the first tensor's layout only: casts, copies, views of the whole tensor
+rule(*_ops("to", "_to_copy", "clone", "contiguous", "alias", "detach", "lift_fresh_copy",
+           "type_as", "_to_dim_order_copy", "view_as_real_copy"))(_unary)
+# tensors of one value everywhere: any permutation leaves them as they are
+rule(*_ops("zeros_like", "ones_like", "full_like", "empty_like", "new_zeros", "new_ones",
+           "new_full", "new_empty", "zeros", "ones", "full", "empty", "scalar_tensor"))(_constant_like)
+
+# ---------------------------------------------------------- shapes and order
+rule(*_ops("view", "reshape", "_unsafe_view", "unsqueeze", "squeeze", "flatten", "unflatten",
+           "view_copy", "ravel"))(_reshape)
+rule(*_ops("permute", "transpose", "swapaxes", "swapdims", "t", "numpy_T", "movedim",
+           "moveaxis"))(_permute)
+for _name, _fn in [("expand", "expand"), ("repeat", "repeat"), ("repeat_interleave", "repeat_interleave"),
+                   ("narrow", "narrow"), ("select", "select"), ("unbind", "unbind"),
+                   ("split", "split"), ("split_with_sizes", "split"), ("chunk", "chunk"),
+                   ("tensor_split", "tensor_split"), ("index_select", "index_select")]:
+    if hasattr(aten, _name):
+        alias(getattr(aten, _name), _fn)
+for _name, _fn in [("cat", torch.cat), ("concat", torch.cat), ("stack", torch.stack),
+                   ("gather", torch.gather), ("roll", torch.roll), ("flip", torch.flip),
+                   ("diff", torch.diff), ("tril", torch.tril), ("triu", torch.triu),
+                   ("rot90", torch.rot90), ("cumsum", torch.cumsum), ("cumprod", torch.cumprod),
+                   ("logcumsumexp", torch.logcumsumexp),
+                   ("argmax", torch.argmax), ("argmin", torch.argmin), ("topk", torch.topk),
+                   ("sort", torch.sort), ("argsort", torch.argsort), ("max", torch.max),
+                   ("min", torch.min),
+                   # reductions over ``dim`` (keepdim is read from the result's rank)
+                   ("mean", torch.mean), ("sum", torch.sum), ("amax", torch.amax),
+                   ("amin", torch.amin), ("var", torch.var), ("std", torch.std),
+                   ("logsumexp", torch.logsumexp), ("prod", torch.prod), ("all", torch.all),
+                   ("any", torch.any), ("nansum", torch.nansum), ("nanmean", torch.nanmean),
+                   ("linalg_vector_norm", torch.linalg.vector_norm), ("norm", torch.norm),
+                   # contractions, layers with the functional signature
+                   ("matmul", torch.matmul), ("bmm", torch.bmm), ("mm", torch.mm),
+                   ("einsum", torch.einsum), ("linear", F.linear),
+                   ("scaled_dot_product_attention", F.scaled_dot_product_attention),
+                   ("conv1d", F.conv1d), ("conv2d", F.conv2d), ("conv3d", F.conv3d),
+                   ("conv_transpose1d", F.conv_transpose1d),
+                   ("conv_transpose2d", F.conv_transpose2d),
+                   ("conv_transpose3d", F.conv_transpose3d),
+                   ("batch_norm", torch.batch_norm), ("instance_norm", torch.batch_norm),
+                   ("layer_norm", torch.layer_norm), ("rms_norm", F.rms_norm),
+                   ("group_norm", torch.group_norm), ("prelu", F.prelu), ("glu", F.glu),
+                   ("pad", F.pad), ("constant_pad_nd", torch.constant_pad_nd),
+                   ("pixel_shuffle", F.pixel_shuffle), ("pixel_unshuffle", F.pixel_unshuffle),
+                   ("channel_shuffle", F.channel_shuffle), ("unfold", F.unfold),
+                   ("max_pool1d", F.max_pool1d), ("max_pool2d", F.max_pool2d),
+                   ("max_pool3d", F.max_pool3d), ("avg_pool1d", F.avg_pool1d),
+                   ("avg_pool2d", F.avg_pool2d), ("avg_pool3d", F.avg_pool3d),
+                   ("max_pool2d_with_indices", F.max_pool2d_with_indices),
+                   ("adaptive_avg_pool1d", F.adaptive_avg_pool1d),
+                   ("adaptive_avg_pool2d", F.adaptive_avg_pool2d),
+                   ("_adaptive_avg_pool2d", F.adaptive_avg_pool2d),
+                   ("adaptive_avg_pool3d", F.adaptive_avg_pool3d),
+                   ("adaptive_max_pool1d", F.adaptive_max_pool1d),
+                   ("adaptive_max_pool2d", F.adaptive_max_pool2d),
+                   ("upsample_nearest1d", F.interpolate), ("upsample_nearest2d", F.interpolate),
+                   ("upsample_nearest3d", F.interpolate), ("upsample_bilinear2d", F.interpolate),
+                   ("upsample_bicubic2d", F.interpolate), ("upsample_linear1d", F.interpolate),
+                   ("_upsample_bilinear2d_aa", F.interpolate),
+                   ("_upsample_nearest_exact2d", F.interpolate),
+                   ("grid_sampler", F.grid_sample), ("affine_grid_generator", F.affine_grid)]:
+    if hasattr(aten, _name):
+        alias(getattr(aten, _name), _fn)
+
+
+@rule(*_ops("slice"))
+def _slice(ctx):
+    """``aten.slice.Tensor(x, dim, start, end, step)``: ``x[..., start:end:step]``."""
+    x = ctx.args[0]
+    shape = ctx.shape(x)
+    dim = norm_dim(ctx.value(ctx.arg(1, "dim", 0)), len(shape))
+    start, end = ctx.value(ctx.arg(2, "start", None)), ctx.value(ctx.arg(3, "end", None))
+    step = ctx.value(ctx.arg(4, "step", 1))
+    n = shape[dim]
+    start, stop, step = slice(start, end, step).indices(n)
+    lay = list(ctx.layout(x))
+    if step == 1 and start == 0 and stop == n:
+        return lay
+    if step == 1 and stop > start:
+        return _split_outputs(ctx, x, dim, [start, stop - start, n - stop])[1]
+    ctx.block(lay[dim], "strided slice")
+    lay[dim] = ctx.new(ctx.shape()[dim], "strided slice")
+    return lay
+
+
+@rule(*_ops("index"))
+def _index(ctx):
+    """``aten.index.Tensor(x, [i0, None, i2, ...])``: ``x[i0, :, i2]``."""
+    indices = ctx.arg(1, "indices")
+    return _index_tensor(ctx, ctx.args[0], tuple(slice(None) if i is None else i for i in indices))
+
+
+@rule(*_ops("index_put", "index_put_", "scatter", "scatter_add", "scatter_reduce",
+            "masked_scatter", "index_fill", "index_copy"))
+def _write_at_positions(ctx):
+    """Writes at positions given by tensors: every axis involved is fixed."""
+    for t in ctx.tensor_args():
+        ctx.block_layout(ctx.layout(t), f"{ctx.op_name} writes at indexed positions")
+    return ctx.fresh(blocked=f"{ctx.op_name} output")
+
+
+@rule(*_ops("index_add"))
+def _index_add(ctx):
+    """``index_add(x, dim, index, source)``: rows of ``source`` are added to the
+    rows of ``x`` that ``index`` names (the dispatch of a sparse mixture of
+    experts). Axis ``dim`` of both is fixed; the others are one axis each."""
+    x, source = ctx.args[0], ctx.arg(3, "source")
+    lay, src = list(ctx.layout(x)), list(ctx.layout(source))
+    dim = norm_dim(ctx.value(ctx.arg(1, "dim")), len(lay))
+    ctx.block(lay[dim], "indexed by a tensor")
+    ctx.block(src[dim], "indexed by a tensor")
+    ctx.block_layout(ctx.layout(ctx.arg(2, "index")), "index")
+    for j, (a, b) in enumerate(zip(lay, src)):
+        if j != dim:
+            ctx.union(a, b)
+    return lay
+
+
+@rule(*_ops("embedding"))
+def _embedding(ctx):
+    """``aten.embedding(weight, indices, ...)``: the functional order swapped."""
+    return embedding_rule(ctx, ctx.arg(1, "indices"), ctx.layout(ctx.arg(0, "weight")))
+
+
+@rule(*_ops("addmm", "baddbmm", "addbmm"))
+def _addmm(ctx):
+    """``addmm(bias, a, b) = bias + a @ b`` (GPT-2's Conv1D, BLOOM's ALiBi)."""
+    bias, a, b = ctx.args[0], ctx.args[1], ctx.args[2]
+    if ctx.op_name == "addbmm":
+        raise ValueError("addbmm sums over the batch")
+    product = _matmul_of(ctx, a, b)
+    if not ctx.is_tensor(bias):
+        return product
+    return _add_broadcast(ctx, bias, product)
+
+
+def _matmul_of(ctx, a, b) -> list[int]:
+    la, lb = list(ctx.layout(a)), list(ctx.layout(b))
+    ctx.union(la[-1], lb[-2])
+    sa, sb = ctx.shape(a), ctx.shape(b)
+    batch = []
+    for x, y, nx, ny in zip(la[:-2], lb[:-2], sa[:-2], sb[:-2]):
+        if nx == ny:
+            ctx.union(x, y)
+        batch.append(x if nx > 1 else y)
+    return batch + [la[-2], lb[-1]]
+
+
+def _add_broadcast(ctx, bias, product: list[int]) -> list[int]:
+    return broadcast_layouts(ctx, [(ctx.layout(bias), ctx.shape(bias)),
+                                   (product, ctx.shape())], ctx.shape())
+
+
+@rule(*_ops("convolution", "_convolution"))
+def _convolution(ctx):
+    """``convolution(input, weight, bias, stride, padding, dilation, transposed,
+    output_padding, groups)``."""
+    x, w, b = ctx.args[0], ctx.args[1], ctx.arg(2, "bias")
+    transposed = bool(ctx.value(ctx.arg(6, "transposed")))
+    groups = ctx.value(ctx.arg(8, "groups", 1))
+    spatial = len(ctx.shape(w)) - 2
+    return conv_rule(ctx, x, ctx.layout(w), ctx.layout(b) if ctx.is_tensor(b) else None,
+                     groups, spatial, transposed)
+
+
+@rule(*_ops("native_layer_norm"))
+def _native_layer_norm(ctx):
+    """``native_layer_norm(x, shape, w, b, eps) -> (y, mean, rstd)``."""
+    shape = ctx.value(ctx.arg(1, "normalized_shape"))
+    w, b = ctx.arg(2, "weight"), ctx.arg(3, "bias")
+    y = layer_norm_rule(ctx, ctx.args[0], len(shape), ctx.layout(w) if ctx.is_tensor(w) else None,
+                        ctx.layout(b) if ctx.is_tensor(b) else None)
+    meta = ctx.meta()
+    return [y] + [ctx.fresh(m, blocked="normalisation statistics") for m in meta[1:]]
+
+
+@rule(*_ops("_native_batch_norm_legit_no_training", "_native_batch_norm_legit",
+            "native_batch_norm", "_native_batch_norm_legit_functional"))
+def _native_batch_norm(ctx):
+    """``(x, weight, bias, running_mean, running_var, ...) -> (y, stats...)``;
+    the statistics it returns are per channel."""
+    x = ctx.args[0]
+    lay = ctx.layout(x)
+    tensors = [ctx.layout(t) for t in ctx.args[1:5] if ctx.is_tensor(t)]
+    y = per_channel(ctx, lay, 1 if len(lay) > 1 else 0, tensors)
+    outs = [y]
+    for m in ctx.meta()[1:]:
+        if hasattr(m, "shape") and len(m.shape) == 1 and m.shape[0] == ctx.sym.size[y[1]]:
+            outs.append([y[1]])
+        else:
+            outs.append(ctx.fresh(m, blocked="normalisation statistics"))
+    return outs
+
+
+@rule(*_ops("native_group_norm"))
+def _native_group_norm(ctx):
+    """``native_group_norm(x, w, b, N, C, HxW, group, eps) -> (y, mean, rstd)``."""
+    w, b = ctx.arg(1, "weight"), ctx.arg(2, "bias")
+    y = group_norm_rule(ctx, ctx.args[0], ctx.value(ctx.arg(6, "group")),
+                        ctx.layout(w) if ctx.is_tensor(w) else None,
+                        ctx.layout(b) if ctx.is_tensor(b) else None)
+    return [y] + [ctx.fresh(m, blocked="normalisation statistics") for m in ctx.meta()[1:]]
+
+
+@rule(*_ops("native_dropout"))
+def _native_dropout(ctx):
+    lay = list(ctx.layout(ctx.args[0]))
+    return [lay, list(lay)]
