@@ -9,8 +9,10 @@ from .api import ArchitectureMismatchError, RebasinResult, auto_rebasin
 from .barrier import BarrierResult, loss_barrier, plot_barrier
 from .calibration import (CalibrationResult, expected_calibration_error, reliability,
                           reliability_plot)
-from .infer import infer_spec, rule
-from .io import CheckpointError, load_into, load_state_dict, save_perms, save_state_dict
+from .guard import MetaTensorError, NonFiniteWeightError
+from .infer import ExampleInputError, infer_spec, rule
+from .inputs import ModelInputs
+from .io import CheckpointError, load_into, load_perms, load_state_dict, save_perms, save_state_dict
 from .match.activation import activation_matching
 from .match.ste import ste_matching
 from .match.weight import weight_matching
@@ -20,15 +22,17 @@ from .permute import (EquivalenceError, apply_permutation, check_equivalence, co
                       identity_permutation, invert, permute_model, random_permutation)
 from .repair import ChannelStats, channel_stats, repair, reset_bn_stats
 from .spec import Group, Member, PermutationSpec, SpecError
+from .trace import TraceError
 
 __all__ = [
-    "infer_spec", "rule", "PermutationSpec", "Group", "Member", "SpecError",
+    "infer_spec", "rule", "PermutationSpec", "Group", "Member", "ModelInputs",
+    "SpecError", "TraceError", "ExampleInputError", "NonFiniteWeightError", "MetaTensorError",
     "random_permutation", "identity_permutation", "apply_permutation", "invert", "compose",
     "permute_model", "check_equivalence", "EquivalenceError",
     "weight_matching", "activation_matching", "ste_matching",
     "auto_rebasin", "RebasinResult", "ArchitectureMismatchError",
     "interpolate", "merge_many", "reset_bn_stats", "loss_barrier", "plot_barrier", "BarrierResult",
-    "load_state_dict", "save_state_dict", "load_into", "save_perms", "CheckpointError",
+    "load_state_dict", "save_state_dict", "load_into", "save_perms", "load_perms", "CheckpointError",
     "build_model", "ModelSpecError",
     "repair", "channel_stats", "ChannelStats",
     "expected_calibration_error", "reliability", "CalibrationResult", "reliability_plot",

@@ -21,6 +21,7 @@ grid dimensions, so they commute and can be applied in any order.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field, asdict
 from typing import Iterable
 
@@ -99,14 +100,21 @@ class PermutationSpec:
     records every state_dict entry the spec was inferred from (shape, whether
     it is a parameter, whether it is floating point), so coverage and
     validation need no model. ``blocked`` lists why axes were left fixed:
-    ``(node or module, reason)`` pairs from inference.
+    ``(node or module, reason)`` pairs from inference, and one
+    ``("name[axis]", reason)`` pair for every hidden axis no group permutes.
+    ``axes`` gives, per tensor, each axis's kind: ``"permuted"``,
+    ``"structural"`` (tied to the model's inputs or outputs, or positions
+    with a meaning, such as a kernel's spatial axes or an embedding's
+    vocabulary rows: no symmetry to find), ``"fixed"`` (a hidden axis left
+    unpermuted) or ``"trivial"`` (length 1); None for a spec made by hand.
     """
 
     def __init__(self, groups: Iterable[Group], tensors: dict[str, TensorInfo],
-                 blocked: Iterable[tuple[str, str]] = ()):
+                 blocked: Iterable[tuple[str, str]] = (), axes: dict[str, list[str]] | None = None):
         self.groups: dict[str, Group] = {g.name: g for g in groups}
         self.tensors = dict(tensors)
         self.blocked = list(blocked)
+        self.axes = dict(axes) if axes is not None else None
         self._inference = None  # set by infer_spec: the traced graph, for diagnosis
 
     # ----------------------------------------------------------------- queries
@@ -117,8 +125,47 @@ class PermutationSpec:
                 out.setdefault(m.param, []).append((g.name, m))
         return out
 
+    def axis_kinds(self, name: str) -> list[str]:
+        """Each axis of tensor ``name`` as in :attr:`axes`; for a spec made by
+        hand, an axis is permuted when a group acts on it, else fixed."""
+        if self.axes is not None and name in self.axes:
+            return list(self.axes[name])
+        shape = self.tensors[name].shape
+        moved = {m.axis for g in self.groups.values() for m in g.members if m.param == name}
+        return ["trivial" if n <= 1 else "permuted" if a in moved else "fixed"
+                for a, n in enumerate(shape)]
+
     def coverage(self) -> float:
-        """Fraction of floating-point parameter elements that some group permutes."""
+        """Share of hidden parameter axes that some group permutes.
+
+        For each floating-point parameter with hidden axes (those neither
+        structural nor trivial, see :attr:`axes`), the fraction of its hidden
+        axes that a group acts on, weighted by the parameter's elements. A
+        model with no hidden axis has coverage 1.0: there is nothing to
+        permute. Every hidden axis left fixed has its reason in
+        :attr:`blocked`. See :meth:`element_coverage` for the share of
+        elements instead."""
+        num = den = 0.0
+        for name, info in self.tensors.items():
+            if not (info.is_parameter and info.floating):
+                continue
+            kinds = self.axis_kinds(name)
+            hidden = [k for k in kinds if k in ("permuted", "fixed")]
+            if not hidden:
+                continue
+            numel = math.prod(info.shape)
+            den += numel
+            num += numel * hidden.count("permuted") / len(hidden)
+        return num / den if den else 1.0
+
+    def fixed_axes(self) -> list[tuple[str, str]]:
+        """``("name[axis]", reason)`` for every hidden axis no group permutes."""
+        return [(n, r) for n, r in self.blocked if n.endswith("]") and "[" in n]
+
+    def element_coverage(self) -> float:
+        """Fraction of floating-point parameter elements that some group
+        permutes along at least one axis (what coverage meant before it
+        counted hidden axes)."""
         total = permuted = 0
         by_param = self.members_by_param()
         for name, info in self.tensors.items():
@@ -145,8 +192,17 @@ class PermutationSpec:
         unknown = [n for n in names if n not in self.groups]
         if unknown:
             raise SpecError(f"no group named {unknown[0]!r}; groups are {list(self.groups)[:8]}...")
-        spec = PermutationSpec([g for n, g in self.groups.items() if n not in names],
-                               self.tensors, self.blocked + [(n, "fixed by user") for n in names])
+        kept = [g for n, g in self.groups.items() if n not in names]
+        axes = None
+        if self.axes is not None:
+            still = {(m.param, m.axis) for g in kept for m in g.members}
+            axes = {t: ["fixed" if k == "permuted" and (t, a) not in still else k
+                        for a, k in enumerate(kinds)] for t, kinds in self.axes.items()}
+        freed = [(f"{m.param}[{m.axis}]", f"fixed by user (group {g.name})")
+                 for g in self.groups.values() if g.name in names for m in g.members
+                 if axes is not None and axes[m.param][m.axis] == "fixed"]
+        spec = PermutationSpec(kept, self.tensors,
+                               self.blocked + [(n, "fixed by user") for n in names] + freed, axes)
         spec._inference = self._inference
         return spec
 
@@ -157,7 +213,7 @@ class PermutationSpec:
 
     def __str__(self) -> str:
         lines = [f"PermutationSpec: {len(self.groups)} groups, "
-                 f"coverage {self.coverage():.3f} of parameter elements"]
+                 f"coverage {self.coverage():.3f} of hidden parameter axes"]
         width = max([len(n) for n in self.groups] + [5])
         lines.append(f"{'group':<{width}}  {'size':>6}  members")
         for g in self.groups.values():
@@ -181,6 +237,7 @@ class PermutationSpec:
             "tensors": {k: {"shape": list(v.shape), "is_parameter": v.is_parameter,
                             "floating": v.floating} for k, v in self.tensors.items()},
             "blocked": [list(b) for b in self.blocked],
+            **({"axes": self.axes} if self.axes is not None else {}),
         }
 
     def to_json(self, indent: int | None = 1) -> str:
@@ -196,7 +253,7 @@ class PermutationSpec:
                   for g in d["groups"]]
         tensors = {k: TensorInfo(tuple(v["shape"]), bool(v["is_parameter"]), bool(v["floating"]))
                    for k, v in d["tensors"].items()}
-        return cls(groups, tensors, [tuple(b) for b in d.get("blocked", [])])
+        return cls(groups, tensors, [tuple(b) for b in d.get("blocked", [])], d.get("axes"))
 
     @classmethod
     def from_json(cls, text: str) -> "PermutationSpec":

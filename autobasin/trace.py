@@ -11,6 +11,8 @@
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import inspect
 import warnings
 from dataclasses import dataclass, field
@@ -44,12 +46,27 @@ def describe(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return type(value)(describe(v) for v in value) if not hasattr(value, "_fields") \
             else tuple(describe(v) for v in value)
-    if isinstance(value, dict):
+    if isinstance(value, dict):  # Hugging Face ModelOutputs are dicts too
         return {k: describe(v) for k, v in value.items()}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: describe(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, (int, float, bool, str, type(None), torch.dtype, torch.device,
                           slice, type(Ellipsis))):
         return value
+    if any(isinstance(v, torch.Tensor) for v in getattr(value, "__dict__", {}).values()):
+        return OPAQUE_VALUE
     return None
+
+
+class _OpaqueValue:
+    """An object holding tensors that inference cannot look into (not a
+    tensor, tuple, list, dict or dataclass): whatever uses it fails closed."""
+
+    def __repr__(self) -> str:
+        return "<object holding tensors>"
+
+
+OPAQUE_VALUE = _OpaqueValue()
 
 
 def _timm_notrace() -> tuple[tuple[type, ...], tuple[Any, ...]]:
@@ -93,6 +110,27 @@ class AutoLeafTracer(fx.Tracer):
         if self.leaf_types and isinstance(m, self.leaf_types):
             return True
         return super().is_leaf_module(m, qualname)
+
+    def getattr(self, attr, attr_val, parameter_proxy_cache):
+        """Buffers in the state_dict are traced like parameters, so that what
+        the model computes from them stays symbolic: fx would otherwise fold
+        ``w * (running_var + eps).rsqrt()`` (torchvision's FrozenBatchNorm2d)
+        into a constant, and a spec would then hold only for the values it was
+        inferred on. Buffers outside the state_dict stay constants."""
+        if isinstance(attr_val, torch.Tensor) and not isinstance(attr_val, nn.Parameter) \
+                and id(attr_val) in self._state_buffers():
+            self.proxy_buffer_attributes = True
+            try:
+                return super().getattr(attr, attr_val, parameter_proxy_cache)
+            finally:
+                self.proxy_buffer_attributes = False
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    def _state_buffers(self) -> set[int]:
+        if getattr(self, "_state_buffer_ids", None) is None:
+            self._state_buffer_ids = {id(t) for t in self.root.state_dict(keep_vars=True).values()
+                                      if not isinstance(t, nn.Parameter)}
+        return self._state_buffer_ids
 
     def call_module(self, m, forward, args, kwargs):
         qualname = self.path_of_module(m)
@@ -168,6 +206,26 @@ _EXPORT_CHECKS = ("_assert_tensor_metadata", "_assert_scalar", "_assert_async",
                   "sym_constrain_range", "sym_constrain_range_for_size")
 
 
+@contextlib.contextmanager
+def _batched_experts(model: nn.Module):
+    """Hugging Face mixtures of experts run their experts one of several ways
+    that compute the same function (``config._experts_implementation``); the
+    default loops over the experts that received tokens, which torch.export
+    cannot capture (the loop depends on the routing). Capture the batched one."""
+    changed = {}
+    for m in model.modules():
+        cfg = getattr(m, "config", None)
+        impl = getattr(cfg, "_experts_implementation", None)
+        if impl is not None and impl != "batched_mm" and id(cfg) not in changed:
+            changed[id(cfg)] = (cfg, impl)
+            cfg._experts_implementation = "batched_mm"
+    try:
+        yield
+    finally:
+        for cfg, impl in changed.values():
+            cfg._experts_implementation = impl
+
+
 def export_trace(model: nn.Module, inputs) -> tuple[fx.GraphModule, tuple]:
     """Capture ``model`` with torch.export (non-strict, ATen level).
 
@@ -179,7 +237,7 @@ def export_trace(model: nn.Module, inputs) -> tuple[fx.GraphModule, tuple]:
     """
     import torch.fx._pytree as fx_pytree
     from .guard import eval_mode
-    with eval_mode(model):
+    with eval_mode(model), _batched_experts(model):
         ep = torch.export.export(model, tuple(inputs.args), dict(inputs.kwargs), strict=False)
     gm = ep.module()
     flat = tuple(fx_pytree.tree_flatten_spec((tuple(inputs.args), dict(inputs.kwargs)), gm._in_spec))

@@ -232,22 +232,123 @@ def test_frozen_batchnorm_inside_a_training_model_keeps_every_mode():
     assert_same_function(b, result.model, IMG)
 
 
-def test_torchvision_frozen_batchnorm_fails_closed():
-    """FrozenBatchNorm2d folds its buffers into constants when traced: its
-    channels stay unpermuted (fail closed), and the result is still exact."""
+def test_torchvision_frozen_batchnorm_is_permuted_and_holds_for_any_buffer_values():
+    """FrozenBatchNorm2d computes its scale from buffers. fx used to fold that
+    into constants outside the state_dict, which at default init are the same
+    for every channel, so the channels moved while the buffers did not: wrong
+    on any trained checkpoint. Buffers in the state_dict are now symbolic."""
     from torchvision.ops import FrozenBatchNorm2d
 
     def make(seed):
         torch.manual_seed(seed)
-        m = nn.Sequential(nn.Conv2d(3, 8, 3), FrozenBatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 1),
-                          nn.ReLU(), nn.Conv2d(8, 4, 1))
-        return randomize_state_(m, seed, 0.3)
-    a, b = make(0), make(1)
+        return nn.Sequential(nn.Conv2d(3, 16, 3), FrozenBatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 4, 3))
+    fresh = make(0)
+    spec = infer_spec(fresh, IMG)           # inferred at default init, as `inspect --json` would
+    on_bn = {m.param for g in spec.groups.values() for m in g.members if m.param.startswith("1.")}
+    assert on_bn == {"1.weight", "1.bias", "1.running_mean", "1.running_var"}
+    trained = randomize_state_(make(0), 0, 0.3)  # other buffer values than at inference
+    assert ab.check_equivalence(trained, spec, IMG) <= 1e-5
+    a, b = randomize_state_(make(0), 0, 0.3), randomize_state_(make(1), 1, 0.3)
     result = rebasin(a, b, IMG)
-    permuted = {m.param for g in result.spec.groups.values() for m in g.members}
-    assert not any(p.startswith("1.") for p in permuted)  # the frozen BN's channels are fixed
-    assert "3.weight" in permuted                         # the rest is still aligned
     assert_same_function(b, result.model, IMG)
+
+
+class _DictBody(nn.Module):
+    """An opaque submodule (shape check fx cannot trace) returning a container."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.fc, self.kind = nn.Linear(8, 16), kind
+
+    def forward(self, x):
+        if x.shape[-1] != 8:
+            raise ValueError("bad input")
+        h = torch.relu(self.fc(x))
+        if self.kind == "dict":
+            return {"hidden": h, "norm": h.norm(dim=-1)}
+        if self.kind == "dataclass":
+            return _Out(h, h.sum(-1))
+        return _Holder(h)
+
+
+@__import__("dataclasses").dataclass
+class _Out:
+    hidden: torch.Tensor
+    total: torch.Tensor
+
+
+class _Holder:
+    def __init__(self, hidden):
+        self.hidden = hidden
+
+
+class _DictNet(nn.Module):
+    def __init__(self, kind, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.body, self.head, self.kind = _DictBody(kind), nn.Linear(16, 3), kind
+
+    def forward(self, x):
+        out = self.body(x)
+        return self.head(out["hidden"] if self.kind == "dict" else out.hidden)
+
+
+@pytest.mark.parametrize("kind", ["dict", "dataclass", "object"])
+def test_axes_flow_through_containers_returned_by_opaque_submodules(kind):
+    """A dict or dataclass returned by an opaque submodule carries its fields'
+    axes (fc's rows and head's columns are one group); an object inference
+    cannot look into fails closed, naming the module. merge_many of a model
+    with a permuted copy of itself gives the model back."""
+    a = _DictNet(kind)
+    x = torch.randn(4, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        spec = infer_spec(a, x)
+    assert ab.check_equivalence(a, spec) <= 1e-5
+    if kind == "object":
+        assert spec.groups == {}
+        assert "body.fc.weight[0]" in dict(spec.fixed_axes())
+        assert "cannot look into" in dict(spec.fixed_axes())["body.fc.weight[0]"]
+        return
+    (group,) = spec.groups.values()
+    assert {(m.param, m.axis) for m in group.members} == {
+        ("body.fc.weight", 0), ("body.fc.bias", 0), ("head.weight", 1)}
+    b = ab.permute_model(a, spec, ab.random_permutation(spec, seed=4))
+    merged = ab.merge_many([a, b], spec=spec, progress=False)
+    assert_same_function(a, merged, x)
+
+
+def test_coverage_counts_hidden_axes_and_every_fixed_one_has_a_reason():
+    """Coverage is over (tensor, axis) pairs of hidden axes, not elements: a
+    fixed hidden axis lowers it even when another axis of its tensor moves,
+    and spec.blocked names why. Axes tied to the inputs and outputs, and
+    kernel axes, are not hidden."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc1, self.fc2 = nn.Conv2d(3, 8, 3), nn.Linear(8, 8), nn.Linear(8, 2)
+
+        def forward(self, x):
+            h = self.conv(x).mean((-1, -2))
+            h = torch.relu(self.fc1(h))
+            return self.fc2(torch.cumsum(h, -1))  # the scan fixes fc1's outputs
+    net = Net()
+    spec = infer_spec(net, IMG)
+    assert spec.axis_kinds("conv.weight") == ["permuted", "structural", "structural", "structural"]
+    assert spec.axis_kinds("fc1.weight") == ["fixed", "permuted"]
+    assert spec.axis_kinds("fc2.weight") == ["structural", "fixed"]
+    reasons = dict(spec.fixed_axes())
+    assert set(reasons) == {"fc1.weight[0]", "fc1.bias[0]", "fc2.weight[1]"}
+    assert all("cumsum" in r for r in reasons.values())
+    numel = {n: t.numel() for n, t in net.named_parameters()}
+    expected = (numel["conv.weight"] + numel["conv.bias"] + numel["fc1.weight"] / 2) / (
+        numel["conv.weight"] + numel["conv.bias"] + numel["fc1.weight"] + numel["fc1.bias"]
+        + numel["fc2.weight"])
+    assert spec.coverage() == pytest.approx(expected)
+    assert spec.element_coverage() > spec.coverage()
+    again = ab.PermutationSpec.from_json(spec.to_json())
+    assert again.coverage() == pytest.approx(spec.coverage())
+    assert again.without("conv:out").axis_kinds("conv.weight")[0] == "fixed"
 
 
 # ================================================================ NaN and Inf

@@ -153,11 +153,46 @@ class Inference:
             groups.append(Group(name, sym.size[root], ms))
         blocked = [(n, r) for n, r in self.graph.log]
         blocked += [(m, f"opaque module: {why}") for m, why in self.opaque_modules.items()]
-        spec = PermutationSpec(groups, tensors, blocked)
+        axes, fixed_axes = self._axis_kinds(state, members)
+        spec = PermutationSpec(groups, tensors, blocked + fixed_axes, axes)
         spec._inference = self
         if fixed:
             spec = spec.without(*fixed)
         return spec
+
+    def _axis_kinds(self, state, members) -> tuple[dict[str, list[str]], list[tuple[str, str]]]:
+        """Each state_dict axis as ``"permuted"`` (some group acts on it),
+        ``"structural"`` (tied to the model's inputs or outputs, or positions
+        with meaning: see :mod:`autobasin.infer.symbols`), ``"fixed"`` (a
+        hidden axis left unpermuted) or ``"trivial"`` (length 1); and the
+        reason of each fixed axis, as ``("name[axis]", reason)``."""
+        sym = self.sym
+        on_axis = {(m.param, m.axis) for ms in members.values() for m in ms}
+        kinds: dict[str, list[str]] = {}
+        reasons: list[tuple[str, str]] = []
+        for name, t in state.items():
+            syms = self.table.syms.get(name)
+            row = []
+            for axis, n in enumerate(t.shape):
+                if n <= 1:
+                    row.append("trivial")
+                elif (name, axis) in on_axis:
+                    row.append("permuted")
+                elif not syms:
+                    row.append("fixed")
+                    reasons.append((f"{name}[{axis}]", self.table.unreached.get(
+                        name, "not used by forward on the example inputs")))
+                else:
+                    leaves = [leaf[0] for leaf in sym.leaves(syms[axis])]
+                    if leaves and all(r in sym.structural for r in leaves):
+                        row.append("structural")
+                        continue
+                    row.append("fixed")
+                    why = next((sym.blocked[r] for r in leaves
+                                if r in sym.blocked and r not in sym.structural), None)
+                    reasons.append((f"{name}[{axis}]", why or "no group"))
+            kinds[name] = row
+        return kinds, reasons
 
     # ------------------------------------------------------------- diagnosis
     def value_index(self, s: int, perms: dict[str, torch.Tensor]) -> torch.Tensor:

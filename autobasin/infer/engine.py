@@ -10,6 +10,7 @@ concrete non-tensor arguments seen on the example inputs).
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 import operator
@@ -20,7 +21,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..spec import Group, Member, PermutationSpec, TensorInfo
-from ..trace import AutoLeafTracer, ExampleRecorder, TensorMeta, _prune
+from ..trace import OPAQUE_VALUE, AutoLeafTracer, ExampleRecorder, TensorMeta, _prune
 from .registry import ALIASES, FUNCTION_RULES, METHOD_RULES, module_rule
 from .symbols import Refinement, Symbols
 
@@ -37,10 +38,14 @@ def is_tensor_meta(m) -> bool:
 
 
 def map_meta(meta, fn):
+    """``fn`` of every tensor description in ``meta``, in the same containers
+    (lists for tuples and lists, dicts for dicts and dataclasses)."""
     if is_tensor_meta(meta):
         return fn(meta)
     if isinstance(meta, (list, tuple)):
         return [map_meta(m, fn) for m in meta]
+    if isinstance(meta, dict):
+        return {k: map_meta(m, fn) for k, m in meta.items()}
     return None
 
 
@@ -50,6 +55,8 @@ def layout_symbols(layout) -> list[int]:
         return []
     if isinstance(layout, int):
         return [layout]
+    if isinstance(layout, dict):
+        return [s for x in layout.values() for s in layout_symbols(x)]
     return [s for x in layout for s in layout_symbols(x)]
 
 
@@ -134,18 +141,24 @@ class Context:
         return self.module is not None and getattr(self.module, name, None) is not None
 
     # -------------------------------------------------------------- writing
-    def new(self, size: int, blocked: str | None = None) -> int:
-        return self.sym.new(size, blocked)
+    def new(self, size: int, blocked: str | None = None, structural: bool = False) -> int:
+        """A new symbol of ``size``, blocked for ``blocked`` if given (see
+        :meth:`block` for ``structural``)."""
+        return self.sym.new(size, f"{self.node.name}: {blocked}" if blocked else None, structural)
 
     def fresh(self, meta=None, blocked: str | None = None):
         meta = self.meta() if meta is None else meta
-        return map_meta(meta, lambda m: [self.sym.new(n, blocked) for n in m.shape])
+        return map_meta(meta, lambda m: [self.new(n, blocked) for n in m.shape])
 
     def union(self, a: int, b: int) -> None:
         self.sym.union(a, b)
 
-    def block(self, s: int, reason: str) -> None:
-        self.sym.block(s, f"{self.node.name}: {reason}")
+    def block(self, s: int, reason: str, structural: bool = False) -> None:
+        """Fix axis ``s``. ``structural``: the axis has no permutation symmetry
+        in any model (spatial, kernel, vocabulary, gate axes), so it is not a
+        hidden axis that coverage counts; otherwise ``reason`` is reported for
+        every parameter axis this leaves unpermuted."""
+        self.sym.block(s, f"{self.node.name}: {reason}", structural)
 
     def block_layout(self, layout, reason: str) -> None:
         for s in layout_symbols(layout):
@@ -192,7 +205,7 @@ class GraphInference:
             if input_layouts is not None and i < len(input_layouts) and input_layouts[i] is not None:
                 self.layouts[node] = input_layouts[i]
             else:
-                self.layouts[node] = map_meta(m, lambda t: [self.sym.new(n, "graph input")
+                self.layouts[node] = map_meta(m, lambda t: [self.sym.new(n, "graph input", True)
                                                             for n in t.shape])
         out_layout = None
         for node in self.gm.graph.nodes:
@@ -202,7 +215,7 @@ class GraphInference:
                 out_layout = self._collect(node.args[0])
                 if block_io:
                     for s in layout_symbols(out_layout):
-                        self.sym.block(s, "graph output")
+                        self.sym.block(s, "graph output", structural=True)
                 continue
             self.layouts[node] = self.visit(node)
         return out_layout
@@ -213,7 +226,7 @@ class GraphInference:
         if isinstance(arg, (list, tuple)):
             return [self._collect(a) for a in arg]
         if isinstance(arg, dict):
-            return [self._collect(arg[k]) for k in arg]
+            return {k: self._collect(v) for k, v in arg.items()}
         return None
 
     def visit(self, node: fx.Node):
@@ -244,6 +257,7 @@ class GraphInference:
         table = getattr(self.tensors, "table", self.tensors)
         for t in module.state_dict(keep_vars=True).values():
             for name in table.by_id.get(id(t), []):
+                table.unreached.setdefault(name, reason)  # in case no symbol exists yet
                 for s in table.syms.get(name, []):
                     self.sym.block(s, reason)
 
@@ -262,6 +276,15 @@ class GraphInference:
                 if l is None or len(l) != len(m):
                     raise ValueError("layout does not fit the output's structure")
                 return [check(a, b) for a, b in zip(m, l)]
+            if isinstance(m, dict):
+                if isinstance(l, (list, tuple)) and len(l) == len(m):
+                    l = dict(zip(m, l))  # a container traced as its values, in order
+                if not isinstance(l, dict) or set(l) != set(m):
+                    raise ValueError("layout does not fit the output's structure")
+                return {k: check(v, l[k]) for k, v in m.items()}
+            if m is OPAQUE_VALUE:
+                raise ValueError("the result is an object holding tensors that inference "
+                                 "cannot look into")
             return None
         return check(meta, layout)
 
@@ -287,6 +310,8 @@ class GraphInference:
             fn = FUNCTION_RULES.get(target.overloadpacket)  # an ATen op, any overload
         if fn is None and target is getattr and len(node.args) > 1 and node.args[1] in SHAPE_QUERIES:
             fn = _no_constraint
+        if fn is None and isinstance(target, type) and dataclasses.is_dataclass(target):
+            fn = _dataclass_construction
         if hasattr(node.target, "overloadpacket"):
             return fn, f"ATen op {node.target}"
         name = getattr(target, "__qualname__", None) or getattr(target, "__name__", str(target))
@@ -423,11 +448,22 @@ class GraphInference:
 
 
 def _has_tensor(meta) -> bool:
-    if is_tensor_meta(meta):
+    if is_tensor_meta(meta) or meta is OPAQUE_VALUE:
         return True
     if isinstance(meta, (list, tuple)):
         return any(_has_tensor(m) for m in meta)
+    if isinstance(meta, dict):
+        return any(_has_tensor(m) for m in meta.values())
     return False
+
+
+def _dataclass_construction(ctx: Context):
+    """``Output(hidden=h, ...)`` (a dataclass, a Hugging Face ModelOutput): a
+    container whose fields carry their values' layouts."""
+    names = [f.name for f in dataclasses.fields(ctx.target)]
+    values = dict(zip(names, ctx.args))
+    values.update(ctx.kwargs)
+    return {k: ctx.layout(values[k]) if k in values else None for k in names}
 
 
 def _no_constraint(ctx: Context):
@@ -550,6 +586,8 @@ class TensorTable:
             self.by_id.setdefault(id(t), []).append(name)
         self.syms: dict[str, list[int]] = {}
         self.parents: dict[int, tuple[int, list[int]]] = {}
+        # tensors blocked whole by a failed call before any op used them
+        self.unreached: dict[str, str] = {}
         self._members: dict[int, int] | None = None
 
     def view(self, gm, prefix: str, strip: str = "") -> "TensorTableView":

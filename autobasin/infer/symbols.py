@@ -11,6 +11,14 @@ A refined symbol allows only the permutations that respect its structure:
 ``diag(P_a, P_b)``. Refinement belongs to an equivalence class, so every axis
 unioned with a refined one is refined the same way, with shared children.
 
+A block is *structural* when the axis has no permutation symmetry to find in
+any model: it is tied to the model's inputs or outputs, or its positions mean
+something (a convolution's spatial and kernel axes, the vocabulary rows of an
+embedding, an RNN's gate blocks, time). Other blocks fix a hidden axis that
+could have moved (an op without a rule, RoPE frequencies, a buffer outside the
+state_dict); coverage counts only hidden axes, and a fixed one always has its
+reason.
+
 The union-find itself is networkx's; this module adds sizes, blocking and
 refinement, which networkx does not have.
 """
@@ -68,15 +76,16 @@ class Symbols:
         self.uf = UnionFind()
         self.size: list[int] = []
         self.blocked: dict[int, str] = {}
+        self.structural: set[int] = set()  # roots of classes with a structural block
         self.refinement: dict[int, Refinement] = {}
 
     # ---------------------------------------------------------------- basics
-    def new(self, size: int, blocked: str | None = None) -> int:
+    def new(self, size: int, blocked: str | None = None, structural: bool = False) -> int:
         s = len(self.size)
         self.size.append(int(size))
         self.uf[s]  # register
         if blocked:
-            self.block(s, blocked)
+            self.block(s, blocked, structural)
         return s
 
     def find(self, s: int) -> int:
@@ -85,23 +94,26 @@ class Symbols:
     def trivial(self, s: int) -> bool:
         return self.size[s] <= 1
 
-    def is_blocked(self, s: int) -> bool:
-        return self.find(s) in self.blocked
-
     def refined(self, s: int) -> Refinement | None:
         return self.refinement.get(self.find(s))
 
-    def block(self, s: int, reason: str) -> None:
+    def block(self, s: int, reason: str, structural: bool = False) -> None:
+        """Fix the class of ``s`` (see the module docstring for ``structural``)."""
         if self.trivial(s):
             return
         r = self.find(s)
-        if r in self.blocked:
+        if structural and r not in self.structural:
+            self.structural.add(r)
+        elif r in self.blocked:
             return
-        self.blocked[r] = reason
+        self.blocked.setdefault(r, reason)
         ref = self.refinement.get(r)
         if ref:
             for c in ref.children:
-                self.block(c, reason)
+                self.block(c, reason, structural)
+
+    def is_structural(self, s: int) -> bool:
+        return self.find(s) in self.structural
 
     def union(self, a: int, b: int) -> None:
         if self.size[a] != self.size[b]:
@@ -114,6 +126,9 @@ class Symbols:
         fa, fb = self.refinement.pop(ra, None), self.refinement.pop(rb, None)
         reason = self.blocked.pop(ra, None) or self.blocked.pop(rb, None)
         self.blocked.pop(rb, None)
+        structural = ra in self.structural or rb in self.structural
+        self.structural.discard(ra)
+        self.structural.discard(rb)
         self.uf.union(ra, rb)
         r = self.find(ra)
         if fa is not None:
@@ -127,7 +142,7 @@ class Symbols:
             for k, c in zip(kids, fb.children):
                 self.union(k, c)
         if reason:
-            self.block(r, reason)
+            self.block(r, reason, structural)
 
     # ------------------------------------------------------------ refinement
     def refine_product(self, s: int, sizes: list[int]) -> list[int]:

@@ -31,7 +31,7 @@ def _ops(*names: str) -> list:
 
 
 # ------------------------------------------------------------- elementwise
-rule(*_ops(
+_ELEMENTWISE = (
     "add", "sub", "rsub", "mul", "div", "true_divide", "floor_divide", "remainder", "fmod", "pow",
     "float_power", "maximum", "minimum", "fmax", "fmin", "where", "lerp", "addcmul", "addcdiv",
     "masked_fill", "clamp", "clamp_min", "clamp_max", "clip", "eq", "ne", "lt", "le", "gt", "ge",
@@ -46,7 +46,10 @@ rule(*_ops(
     "ceil", "round", "trunc", "frac", "nan_to_num", "isnan", "isinf", "isfinite", "logit",
     "softmax", "_softmax", "log_softmax", "_log_softmax", "dropout", "feature_dropout",
     "alpha_dropout", "fill",
-))(_broadcast)
+)
+# in-place forms (``x.add_(y)``, ``x.masked_fill_(m, v)``) write the result into
+# their first argument, whose layout the broadcast already shares
+rule(*_ops(*_ELEMENTWISE, *(name + "_" for name in _ELEMENTWISE), "copy_", "zero_"))(_broadcast)
 # the first tensor's layout only: casts, copies, views of the whole tensor
 rule(*_ops("to", "_to_copy", "clone", "contiguous", "alias", "detach", "lift_fresh_copy",
            "type_as", "_to_dim_order_copy", "view_as_real_copy"))(_unary)

@@ -102,8 +102,8 @@ def _sdpa(ctx):
     batch = _broadcast_batch(ctx, lq[:-2], sq[:-2], lk[:-2], sk[:-2], batch_shape)
     batch = _broadcast_batch(ctx, batch, batch_shape, lv[:-2], sv[:-2], batch_shape)
     if ctx.value(ctx.arg(5, "is_causal", False)):
-        ctx.block(lq[-2], "causal mask")
-        ctx.block(lk[-2], "causal mask")
+        ctx.block(lq[-2], "causal mask", structural=True)
+        ctx.block(lk[-2], "causal mask", structural=True)
     mask = ctx.arg(3, "attn_mask")
     if ctx.is_tensor(mask):
         lm, sm = ctx.layout(mask), ctx.shape(mask)

@@ -61,7 +61,7 @@ def _rnn(ctx):
     if not is_tensor_meta(ctx.meta(x)):
         raise ValueError("packed sequences")
     t_axis = 1 if (len(lay) == 3 and m.batch_first) else 0
-    ctx.block(lay[t_axis], "recurrence over time")
+    ctx.block(lay[t_axis], "recurrence over time", structural=True)
     h_size = m.hidden_size
     dirs = 2 if m.bidirectional else 1
     sym = ctx.sym
@@ -73,7 +73,7 @@ def _rnn(ctx):
             w_ih, w_hh = ctx.param(f"weight_ih_{sfx}"), ctx.param(f"weight_hh_{sfx}")
             ctx.union(w_ih[1], prev)
             gate, h = sym.refine_product(w_ih[0], [gates, h_size])
-            ctx.block(gate, "RNN gate blocks")
+            ctx.block(gate, "RNN gate blocks", structural=True)
             ctx.union(w_hh[0], w_ih[0])
             ctx.union(w_hh[1], h)
             if m.bias:

@@ -42,11 +42,11 @@ def conv_rule(ctx, x, w, b, groups: int, spatial: int, transposed: bool):
     c = len(lay) - spatial - 1  # channel axis (0 for unbatched input)
     sym = ctx.sym
     for s in lay[c + 1:]:
-        ctx.block(s, "conv spatial axis")
+        ctx.block(s, "conv spatial axis", structural=True)
     for s in w[2:]:
-        ctx.block(s, "conv kernel axis")
+        ctx.block(s, "conv kernel axis", structural=True)
     out_shape = ctx.shape()
-    spatial_out = [ctx.new(n, "conv spatial axis") for n in out_shape[c + 1:]]
+    spatial_out = [ctx.new(n, "conv spatial axis", structural=True) for n in out_shape[c + 1:]]
     if not transposed:
         cin_g, cout = sym.size[w[1]], sym.size[w[0]]
         if groups == 1:
@@ -102,7 +102,7 @@ def _conv_fn(ctx):
 
 
 def embedding_rule(ctx, idx, w):
-    ctx.block(w[0], "embedding rows are looked up by index")
+    ctx.block(w[0], "embedding rows are looked up by index", structural=True)
     return list(ctx.layout(idx)) + [w[1]]
 
 

@@ -123,8 +123,8 @@ def _spatial(ctx):
     out_meta = ctx.meta()
     single = out_meta if hasattr(out_meta, "shape") else out_meta[0]
     for s in lay[len(lay) - k:]:
-        ctx.block(s, "spatial axis")
-    out = list(lay[:len(lay) - k]) + [ctx.new(n, "spatial axis") for n in single.shape[len(lay) - k:]]
+        ctx.block(s, "spatial axis", structural=True)
+    out = list(lay[:len(lay) - k]) + [ctx.new(n, "spatial axis", structural=True) for n in single.shape[len(lay) - k:]]
     if hasattr(out_meta, "shape"):
         return out
     return [out, [ctx.new(n, "pool indices") for n in out_meta[1].shape]]

@@ -78,7 +78,7 @@ def _permute(ctx):
         if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
             dims = dims[0]
         return [lay[norm_dim(d, nd)] for d in dims]
-    if name == "t":
+    if name in ("t", "numpy_T"):
         return lay[::-1]
     if name in ("movedim", "moveaxis"):
         src, dst = ctx.value(ctx.arg(1, "source")), ctx.value(ctx.arg(2, "destination"))
@@ -106,6 +106,10 @@ def _getattr(ctx):
         return lay[::-1] if attr in ("T", "H") else lay[:-2] + [lay[-1], lay[-2]]
     if attr == "data":
         return list(lay)
+    if isinstance(lay, dict):  # a field of a dataclass or ModelOutput
+        if attr not in lay:
+            raise ValueError(f"field {attr!r} of a traced container")
+        return lay[attr]
     if lay is not None and hasattr(ctx.meta(), "shape"):
         raise ValueError(f"attribute {attr!r}")
     return None
@@ -218,8 +222,10 @@ def _getitem(ctx):
         return None
     meta = ctx.meta(x)
     if not hasattr(meta, "shape"):
-        # indexing a tuple/list of tensors
+        # indexing a tuple/list of tensors, or a dict by key
         i = ctx.value(idx)
+        if isinstance(lay, dict):
+            return lay[i]
         return lay[i] if isinstance(i, int) else list(lay[i])
     return _index_tensor(ctx, x, idx)
 

@@ -1,0 +1,145 @@
+"""Hugging Face transformers, captured by torch.export: tiny models built from
+config objects (nothing downloaded), with every parameter and buffer made
+non-trivial. Each spec is checked by function (random permutations of every
+group, outputs compared) and its structure against what the architecture
+allows. The whole zoo is ``benchmarks/zoo_hf.py``; CI runs this dozen."""
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as T
+
+import autobasin as ab
+from autobasin.infer import infer_spec
+from autobasin.testing import randomize_state_
+
+IDS = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+TEXT = {"input_ids": IDS}
+SEQ2SEQ = {"input_ids": IDS, "decoder_input_ids": IDS[:, :5]}
+SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+             vocab_size=64, max_position_embeddings=64)
+VISION = {k: v for k, v in SMALL.items() if k not in ("vocab_size", "max_position_embeddings")}
+
+MODELS = {
+    "bert": lambda: (T.BertForSequenceClassification(T.BertConfig(**SMALL)), TEXT),
+    "roberta": lambda: (T.RobertaForMaskedLM(T.RobertaConfig(**SMALL)), TEXT),
+    "albert": lambda: (T.AlbertForMaskedLM(T.AlbertConfig(embedding_size=16, **SMALL)), TEXT),
+    "gpt2": lambda: (T.GPT2LMHeadModel(T.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4,
+                                                    n_positions=64, bos_token_id=0,
+                                                    eos_token_id=0)), TEXT),
+    "llama": lambda: (T.LlamaForCausalLM(T.LlamaConfig(num_key_value_heads=2, **SMALL)), TEXT),
+    "llama_tied": lambda: (T.LlamaForCausalLM(T.LlamaConfig(num_key_value_heads=2,
+                                                            tie_word_embeddings=True, **SMALL)), TEXT),
+    "qwen2": lambda: (T.Qwen2ForCausalLM(T.Qwen2Config(num_key_value_heads=2, **SMALL)), TEXT),
+    "gemma": lambda: (T.GemmaForCausalLM(T.GemmaConfig(num_key_value_heads=2, head_dim=8, **SMALL)), TEXT),
+    "bloom": lambda: (T.BloomForCausalLM(T.BloomConfig(hidden_size=32, n_layer=2, n_head=4,
+                                                       vocab_size=64)), TEXT),
+    "t5": lambda: (T.T5ForConditionalGeneration(T.T5Config(d_model=32, d_kv=8, d_ff=48, num_layers=2,
+                                                           num_heads=4, vocab_size=64)), SEQ2SEQ),
+    "mixtral": lambda: (T.MixtralForCausalLM(T.MixtralConfig(num_key_value_heads=2, num_local_experts=4,
+                                                             num_experts_per_tok=2, **SMALL)), TEXT),
+    "vit": lambda: (T.ViTForImageClassification(T.ViTConfig(image_size=32, patch_size=8, **VISION)),
+                    {"pixel_values": torch.randn(2, 3, 32, 32)}),
+}
+
+
+def build(name: str):
+    torch.manual_seed(0)
+    model, inputs = MODELS[name]()
+    model.eval()
+    randomize_state_(model)
+    return model, inputs
+
+
+def residual_group(model, spec) -> str | None:
+    """The group acting on the word (or patch) embedding's hidden axis."""
+    emb = model.get_input_embeddings()
+    weight = getattr(emb, "weight", None)
+    if weight is None:  # ViT: the patch projection's output channels
+        conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+        weight, axis = conv.weight, 0
+    else:
+        axis = 1
+    names = [n for n, t in model.state_dict(keep_vars=True).items() if t is weight]
+    return next((g.name for g in spec.groups.values() for m in g.members
+                 if m.param in names and m.axis == axis), None)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_hf_model_spec_is_exact_with_its_residual_stream_permuted(name):
+    model, inputs = build(name)
+    spec = infer_spec(model, inputs)
+    assert spec._inference.capture == "export"  # fx cannot trace an HF top-level forward
+    for seed in (0, 1):
+        assert ab.check_equivalence(model, spec, seed=seed) <= 1e-4
+    # another batch than the one it was inferred on: the spec holds for any input
+    other = {k: (torch.randint(0, 64, v.shape) if v.dtype == torch.long else torch.randn(v.shape))
+             for k, v in inputs.items()}
+    assert ab.check_equivalence(model, spec, other, seed=2) <= 1e-4
+    if name == "mixtral":
+        # each expert's hidden units permute (one permutation shared by the
+        # experts); the experts themselves stay in place: routing picks them
+        # by position (topk), which has no rule yet, and says so
+        experts = "model.layers.0.mlp.experts.gate_up_proj"
+        assert "permuted" in spec.axis_kinds(experts)
+        fixed = dict(spec.fixed_axes())
+        assert f"{experts}[0]" in fixed and "model.layers.0.mlp.gate.weight[0]" in fixed
+        assert spec.coverage() >= 0.7
+    else:
+        assert spec.coverage() >= 0.9, spec.fixed_axes()[:5]
+    if name != "t5":  # T5's output holds the encoder's last hidden state: its stream is an output
+        assert residual_group(model, spec) is not None
+
+
+def test_llama_spec_has_the_grouped_query_attention_structure():
+    """Residual stream, kv heads x query groups, value head-dim and SwiGLU units
+    permute; the q/k head-dim stays fixed (RoPE gives each dimension its own
+    frequency), with that reason given."""
+    model, inputs = build("llama")
+    spec = infer_spec(model, inputs)
+    sizes = sorted(g.size for g in spec.groups.values())
+    # per layer: 2 kv heads, 2 query heads per kv head, 8 value head-dims, 48 MLP units; + residual 32
+    assert sizes == sorted([2, 2, 8, 48] * 2 + [32])
+    q = "model.layers.0.self_attn.q_proj.weight"
+    on_q = [m for g in spec.groups.values() for m in g.members if m.param == q and m.axis == 0]
+    assert sorted(m.shape for m in on_q) == [(2, 2, 8), (2, 2, 8)]  # kv head and group, not head-dim
+    assert {m.dim for m in on_q} == {0, 1}
+    assert residual_group(model, spec) is not None
+    assert len([g for g in spec.groups.values() if g.size == 32]) == 1  # one stream, head untied
+
+
+def test_tied_embedding_and_head_share_the_residual_permutation():
+    model, inputs = build("llama_tied")
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    spec = infer_spec(model, inputs)
+    stream = spec.groups[residual_group(model, spec)]
+    assert {"model.embed_tokens.weight", "lm_head.weight"} <= {m.param for m in stream.members}
+    perms = ab.random_permutation(spec, seed=3)
+    aligned = ab.permute_model(model, spec, perms)
+    assert aligned.lm_head.weight is aligned.model.embed_tokens.weight
+    with torch.no_grad():
+        ref, out = model(**inputs).logits, aligned(**inputs).logits
+    assert torch.allclose(ref, out, atol=1e-5)
+
+
+def test_auto_rebasin_aligns_two_hf_llamas_and_verifies_with_keyword_inputs():
+    a, inputs = build("llama")
+    torch.manual_seed(1)
+    b = T.LlamaForCausalLM(a.config).eval()
+    randomize_state_(b, seed=1)
+    spec = infer_spec(a, inputs)
+    # b is a itself with its hidden units shuffled: matching must undo it exactly
+    shuffled = ab.permute_model(a, spec, ab.random_permutation(spec, seed=5))
+    result = ab.auto_rebasin(a, shuffled, inputs, spec=spec, progress=False)
+    assert result.stats["verify_error"] <= 1e-4
+    for k, t in a.state_dict().items():
+        assert torch.allclose(t, result.state_dict[k], atol=1e-6), k
+    result = ab.auto_rebasin(a, b, inputs, progress=False)
+    assert result.stats["verify_error"] <= 1e-4
+
+
+def test_capture_fx_on_an_hf_model_names_the_failure_and_auto_falls_back():
+    model, inputs = build("gpt2")
+    with pytest.raises(ab.TraceError, match="GPT2LMHeadModel"):
+        infer_spec(model, inputs, capture="fx")
+    assert infer_spec(model, inputs, capture="auto")._inference.capture == "export"
