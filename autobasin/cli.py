@@ -527,19 +527,22 @@ def cmd_inspect(args, log: _Log) -> int:
     fixed = [n for n, i in spec.tensors.items()
              if i.is_parameter and i.floating and n not in touched]
     _out("")
-    _out(f"coverage: {spec.coverage():.4f} of parameter elements are permuted; "
+    _out(f"coverage: {spec.coverage():.3f} of hidden parameter axes are permuted; "
          f"{len(spec.groups)} groups over {n_params} parameters "
          f"({len(fixed)} fixed{': ' + ', '.join(fixed[:6]) if fixed else ''}"
          f"{', ...' if len(fixed) > 6 else ''})")
-    if spec.blocked:
-        shown = spec.blocked if args.all else spec.blocked[:20]
-        _out(f"blocked ops ({len(spec.blocked)}), where inference left axes unpermuted:")
+    for title, rows in (("blocked ops", spec.blocked_ops()),
+                        ("hidden axes left fixed", spec.fixed_axes())):
+        if not rows:
+            _out(f"{title}: none")
+            continue
+        shown = rows if args.all else rows[:20]
+        _out(f"{title} ({len(rows)}), where inference left axes unpermuted:" if title == "blocked ops"
+             else f"{title} ({len(rows)}), and why:")
         for name, reason in shown:
             _out(f"  {name}: {reason}")
-        if len(shown) < len(spec.blocked):
-            _out(f"  ... {len(spec.blocked) - len(shown)} more (--all lists them)")
-    else:
-        _out("blocked ops: none")
+        if len(shown) < len(rows):
+            _out(f"  ... {len(rows) - len(shown)} more (--all lists them)")
     if args.verify and spec.groups:
         from .testing import randomize_state_
         probe = randomize_state_(copy.deepcopy(model), seed=args.seed)
@@ -550,11 +553,11 @@ def cmd_inspect(args, log: _Log) -> int:
         from .io import atomic_write
         text = spec.to_json()
         atomic_write(json_out, lambda tmp: Path(tmp).write_text(text))
-        log(f"wrote {json_out}")
+        _out(f"wrote {json_out}")  # results go to stdout, as align, barrier and merge print theirs
     if plot_out is not None:
         plot_spec(spec, plot_out, title=f"{args.model}: {len(spec.groups)} groups, "
                                         f"coverage {spec.coverage():.3f}")
-        log(f"wrote {plot_out}")
+        _out(f"wrote {plot_out}")
     return EXIT_OK
 
 

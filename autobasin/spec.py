@@ -89,6 +89,10 @@ class TensorInfo:
     floating: bool
 
 
+def _is_axis_entry(name: str) -> bool:
+    return name.endswith("]") and "[" in name
+
+
 class SpecError(ValueError):
     """A spec does not fit the tensors or permutations it is used with."""
 
@@ -160,7 +164,11 @@ class PermutationSpec:
 
     def fixed_axes(self) -> list[tuple[str, str]]:
         """``("name[axis]", reason)`` for every hidden axis no group permutes."""
-        return [(n, r) for n, r in self.blocked if n.endswith("]") and "[" in n]
+        return [(n, r) for n, r in self.blocked if _is_axis_entry(n)]
+
+    def blocked_ops(self) -> list[tuple[str, str]]:
+        """``(node or module, reason)`` for every op inference could not see through."""
+        return [(n, r) for n, r in self.blocked if not _is_axis_entry(n)]
 
     def element_coverage(self) -> float:
         """Fraction of floating-point parameter elements that some group
@@ -220,9 +228,13 @@ class PermutationSpec:
             shown = ", ".join(m.describe() for m in g.members[:4])
             more = f", ... (+{len(g.members) - 4})" if len(g.members) > 4 else ""
             lines.append(f"{g.name:<{width}}  {g.size:>6}  {shown}{more}")
-        if self.blocked:
-            lines.append(f"{len(self.blocked)} blocked ops, first: "
-                         + "; ".join(f"{n}: {r}" for n, r in self.blocked[:3]))
+        ops, axes = self.blocked_ops(), self.fixed_axes()
+        if ops:
+            lines.append(f"{len(ops)} blocked ops, first: "
+                         + "; ".join(f"{n}: {r}" for n, r in ops[:3]))
+        if axes:
+            lines.append(f"{len(axes)} hidden axes fixed, first: "
+                         + "; ".join(f"{n}: {r}" for n, r in axes[:3]))
         return "\n".join(lines)
 
     # ------------------------------------------------------------------- JSON

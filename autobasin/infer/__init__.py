@@ -334,4 +334,17 @@ def infer_spec(model: nn.Module, example_inputs=None, *, opaque: Iterable = (),
     if is_meta_model(model):
         inputs = inputs.to("meta")
     inference = Inference(model, inputs, opaque, capture)
-    return inference.spec(fixed)
+    spec = inference.spec(fixed)
+    if capture == "auto" and inference.capture == "fx" and not opaque and (
+            spec.blocked_ops() or spec.coverage() < 1.0):
+        # fx left hidden axes fixed (an untraceable submodule, a module without
+        # a rule, a weight computed by a hook or a parametrization): torch.export
+        # looks through every module, so try it and keep the spec that permutes
+        # more. Both fail closed.
+        try:
+            other = Inference(model, inputs, (), "export").spec(fixed)
+        except Exception:  # noqa: BLE001 - export cannot capture it either: keep fx's
+            return spec
+        if other.coverage() > spec.coverage() + 1e-9:
+            return other
+    return spec

@@ -59,10 +59,11 @@ rule(*_ops("zeros_like", "ones_like", "full_like", "empty_like", "new_zeros", "n
 
 # ---------------------------------------------------------- shapes and order
 rule(*_ops("view", "reshape", "_unsafe_view", "unsqueeze", "squeeze", "flatten", "unflatten",
-           "view_copy", "ravel"))(_reshape)
+           "view_copy", "ravel", "reshape_as", "view_as"))(_reshape)
 rule(*_ops("permute", "transpose", "swapaxes", "swapdims", "t", "numpy_T", "movedim",
            "moveaxis"))(_permute)
-for _name, _fn in [("expand", "expand"), ("repeat", "repeat"), ("repeat_interleave", "repeat_interleave"),
+for _name, _fn in [("expand", "expand"), ("expand_as", "expand_as"), ("index_add", "index_add"),
+                   ("index_add_", "index_add"), ("repeat", "repeat"), ("repeat_interleave", "repeat_interleave"),
                    ("narrow", "narrow"), ("select", "select"), ("unbind", "unbind"),
                    ("split", "split"), ("split_with_sizes", "split"), ("chunk", "chunk"),
                    ("tensor_split", "tensor_split"), ("index_select", "index_select")]:
@@ -84,6 +85,7 @@ for _name, _fn in [("cat", torch.cat), ("concat", torch.cat), ("stack", torch.st
                    ("linalg_vector_norm", torch.linalg.vector_norm), ("norm", torch.norm),
                    # contractions, layers with the functional signature
                    ("matmul", torch.matmul), ("bmm", torch.bmm), ("mm", torch.mm),
+                   ("mv", torch.matmul), ("dot", torch.matmul), ("vdot", torch.matmul),
                    ("einsum", torch.einsum), ("linear", F.linear),
                    ("scaled_dot_product_attention", F.scaled_dot_product_attention),
                    ("conv1d", F.conv1d), ("conv2d", F.conv2d), ("conv3d", F.conv3d),
@@ -95,6 +97,7 @@ for _name, _fn in [("cat", torch.cat), ("concat", torch.cat), ("stack", torch.st
                    ("group_norm", torch.group_norm), ("prelu", F.prelu), ("glu", F.glu),
                    ("pad", F.pad), ("constant_pad_nd", torch.constant_pad_nd),
                    ("pixel_shuffle", F.pixel_shuffle), ("pixel_unshuffle", F.pixel_unshuffle),
+                   ("_weight_norm", torch._weight_norm),
                    ("channel_shuffle", F.channel_shuffle), ("unfold", F.unfold),
                    ("max_pool1d", F.max_pool1d), ("max_pool2d", F.max_pool2d),
                    ("max_pool3d", F.max_pool3d), ("avg_pool1d", F.avg_pool1d),
@@ -150,23 +153,6 @@ def _write_at_positions(ctx):
     for t in ctx.tensor_args():
         ctx.block_layout(ctx.layout(t), f"{ctx.op_name} writes at indexed positions")
     return ctx.fresh(blocked=f"{ctx.op_name} output")
-
-
-@rule(*_ops("index_add"))
-def _index_add(ctx):
-    """``index_add(x, dim, index, source)``: rows of ``source`` are added to the
-    rows of ``x`` that ``index`` names (the dispatch of a sparse mixture of
-    experts). Axis ``dim`` of both is fixed; the others are one axis each."""
-    x, source = ctx.args[0], ctx.arg(3, "source")
-    lay, src = list(ctx.layout(x)), list(ctx.layout(source))
-    dim = norm_dim(ctx.value(ctx.arg(1, "dim")), len(lay))
-    ctx.block(lay[dim], "indexed by a tensor")
-    ctx.block(src[dim], "indexed by a tensor")
-    ctx.block_layout(ctx.layout(ctx.arg(2, "index")), "index")
-    for j, (a, b) in enumerate(zip(lay, src)):
-        if j != dim:
-            ctx.union(a, b)
-    return lay
 
 
 @rule(*_ops("embedding"))

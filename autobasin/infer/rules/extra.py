@@ -1,7 +1,5 @@
 """Rules found missing by the model-zoo sweep (``benchmarks/zoo.py``).
 
-* ``nn.LSTM``, ``nn.GRU``, ``nn.RNN``: the hidden units of each layer and
-  direction can be permuted (sequencer).
 * Any leaf module that has no rule and no parameters or buffers of its own
   (timm's notrace blocks such as TinyVitBlock, vgg's ConvMlp, MobileVitBlock,
   efficientvit's LocalWindowAttention / LiteMLA, ...): its body is traced with
@@ -28,68 +26,6 @@ from ..engine import (MAX_INLINE_DEPTH, TensorTableView, _get_attr, _inline_call
 from ..registry import rule
 from ...guard import eval_mode
 from ...trace import AutoLeafTracer
-
-
-# ------------------------------------------------------------ recurrent
-_GATES = {nn.LSTM: 4, nn.GRU: 3, nn.RNN: 1}
-
-
-@rule(nn.LSTM, nn.GRU, nn.RNN)
-def _rnn(ctx):
-    """Elman RNN / GRU / LSTM without projections. Within each layer and
-    direction the hidden units can be permuted by one P: the rows of each gate
-    block of ``weight_ih``, ``weight_hh`` and both biases, and the columns of
-    ``weight_hh`` (h and c then carry P at every time step; the zero initial
-    state is invariant). The gate blocks themselves stay in place. The output
-    features are the concatenation of the directions' hidden units; the next
-    layer's ``weight_ih`` columns follow them. The time axis is fixed
-    (recurrence); the final states (h_n, c_n) stack layers and directions with
-    different permutations, so any use of them (or an initial state) makes the
-    rule fail, which blocks the call."""
-    m = ctx.module
-    gates = _GATES[type(m)]
-    if getattr(m, "proj_size", 0):
-        raise ValueError("LSTM with proj_size")
-    if len(ctx.tensor_args()) != 1:
-        raise ValueError("initial state given")
-    for user in ctx.node.users:
-        if not (user.op == "call_function" and user.target is operator.getitem
-                and user.args[0] is ctx.node and user.args[1] == 0):
-            raise ValueError("the final hidden state is used")
-    x = ctx.args[0]
-    lay = list(ctx.layout(x))
-    if not is_tensor_meta(ctx.meta(x)):
-        raise ValueError("packed sequences")
-    t_axis = 1 if (len(lay) == 3 and m.batch_first) else 0
-    ctx.block(lay[t_axis], "recurrence over time", structural=True)
-    h_size = m.hidden_size
-    dirs = 2 if m.bidirectional else 1
-    sym = ctx.sym
-    prev = lay[-1]
-    for k in range(m.num_layers):
-        hidden = []
-        for d in range(dirs):
-            sfx = f"l{k}" + ("_reverse" if d else "")
-            w_ih, w_hh = ctx.param(f"weight_ih_{sfx}"), ctx.param(f"weight_hh_{sfx}")
-            ctx.union(w_ih[1], prev)
-            gate, h = sym.refine_product(w_ih[0], [gates, h_size])
-            ctx.block(gate, "RNN gate blocks", structural=True)
-            ctx.union(w_hh[0], w_ih[0])
-            ctx.union(w_hh[1], h)
-            if m.bias:
-                ctx.union(ctx.param(f"bias_ih_{sfx}")[0], w_ih[0])
-                ctx.union(ctx.param(f"bias_hh_{sfx}")[0], w_ih[0])
-            hidden.append(h)
-        if dirs == 1:
-            prev = hidden[0]
-        else:
-            prev = ctx.new(dirs * h_size)
-            for piece, h in zip(sym.refine_concat(prev, [h_size] * dirs), hidden):
-                ctx.union(piece, h)
-    out = lay[:-1] + [prev]
-    meta = ctx.meta()
-    states = ctx.fresh(meta[1], blocked="final RNN state")
-    return [out, states]
 
 
 # ------------------------------------------- shape-specialised inlining

@@ -117,3 +117,24 @@ def _groupnorm_fn(ctx):
 @rule(F.normalize)
 def _normalize(ctx):
     return list(ctx.layout(ctx.arg(0, "input")))
+
+
+@rule(torch._weight_norm)
+def _weight_norm(ctx):
+    """``_weight_norm(v, g, dim) = g * v / ||v||`` with the norm over every axis
+    but ``dim`` (``nn.utils.weight_norm`` and its parametrization): any
+    permutation of any axis of ``v`` commutes with it; ``g`` follows ``dim``."""
+    v, g = ctx.args[0], ctx.args[1]
+    lay = list(ctx.layout(v))
+    dim = ctx.value(ctx.arg(2, "dim", 0))
+    lg, sg = ctx.layout(g), ctx.shape(g)
+    if dim is None or dim == -1 and len(sg) == 0:
+        return lay
+    dim = dim % len(lay)
+    if len(sg) == len(lay):
+        ctx.union(lg[dim], lay[dim])
+    elif len(sg) == 1 and sg[0] == ctx.shape(v)[dim]:
+        ctx.union(lg[0], lay[dim])
+    else:
+        raise ValueError(f"weight-norm gain of shape {tuple(sg)}")
+    return lay

@@ -217,8 +217,35 @@ def _pad(ctx):
     return out
 
 
-@rule(nn.PixelShuffle, F.pixel_shuffle, nn.PixelUnshuffle, F.pixel_unshuffle, nn.ChannelShuffle,
-      F.channel_shuffle, torch.channel_shuffle, nn.LocalResponseNorm, F.local_response_norm,
+@rule(nn.PixelShuffle, F.pixel_shuffle, nn.PixelUnshuffle, F.pixel_unshuffle)
+def _pixel_shuffle(ctx):
+    """``pixel_shuffle``: channel ``c * r^2 + i * r + j`` moves to position
+    ``(i, j)`` of an r x r block of output pixel ``c``. The channels are a grid
+    (C, r, r): the C factor permutes with the output channels, the two r
+    factors are spatial offsets (fixed). ``pixel_unshuffle`` is the inverse."""
+    x = ctx.args[0]
+    lay = list(ctx.layout(x))
+    if ctx.module is not None:
+        r = getattr(ctx.module, "upscale_factor", None) or ctx.module.downscale_factor
+    else:
+        r = ctx.value(ctx.arg(1, "upscale_factor" if ctx.op_name == "pixel_shuffle"
+                              else "downscale_factor"))
+    out_shape = ctx.shape()
+    c = len(lay) - 3
+    shuffle = ctx.op_name == "pixel_shuffle" or isinstance(ctx.module, nn.PixelShuffle)
+    for s in lay[c + 1:]:
+        ctx.block(s, "spatial axis", structural=True)
+    out = lay[:c] + [ctx.new(out_shape[c])] + [ctx.new(n, "spatial axis", structural=True)
+                                                for n in out_shape[c + 1:]]
+    grid_axis, plain_axis = (lay[c], out[c]) if shuffle else (out[c], lay[c])
+    kids = ctx.sym.refine_product(grid_axis, [ctx.sym.size[plain_axis], r, r])
+    for k in kids[1:]:
+        ctx.block(k, "pixel (un)shuffle offsets", structural=True)
+    ctx.union(kids[0], plain_axis)
+    return out
+
+
+@rule(nn.ChannelShuffle, F.channel_shuffle, torch.channel_shuffle, nn.LocalResponseNorm, F.local_response_norm,
       nn.CrossMapLRN2d)
 def _channel_mixing(ctx):
     """Ops that move entries between channels and other positions."""

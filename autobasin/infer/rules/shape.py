@@ -363,6 +363,23 @@ def _index_select(ctx):
     return out
 
 
+@rule("index_add", torch.index_add, "index_add_")
+def _index_add(ctx):
+    """``index_add(x, dim, index, source)``: rows of ``source`` are added to the
+    rows of ``x`` that ``index`` names (the dispatch of a sparse mixture of
+    experts). Axis ``dim`` of both is fixed; the others are one axis each."""
+    x, source = ctx.args[0], ctx.arg(3, "source")
+    lay, src = list(ctx.layout(x)), list(ctx.layout(source))
+    dim = norm_dim(ctx.value(ctx.arg(1, "dim")), len(lay))
+    ctx.block(lay[dim], "indexed by a tensor")
+    ctx.block(src[dim], "indexed by a tensor")
+    ctx.block_layout(ctx.layout(ctx.arg(2, "index")), "index")
+    for j, (a, b) in enumerate(zip(lay, src)):
+        if j != dim:
+            ctx.union(a, b)
+    return lay
+
+
 @rule(operator.setitem)
 def _setitem(ctx):
     """``x[idx] = v`` writes ``v`` into a slice of ``x`` in place: ``v`` must
