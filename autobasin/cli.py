@@ -583,6 +583,15 @@ def _load_spec(path: str | None):
         raise UsageError(f"--spec {p}: not an autobasin spec JSON ({e})") from e
 
 
+def _check_spec_fits(spec, args, model: nn.Module) -> None:
+    """SpecError naming the group and tensor when ``--spec`` does not fit MODEL."""
+    from .spec import SpecError
+    try:
+        spec.check_fits(model.state_dict(), label=args.model)
+    except SpecError as e:
+        raise SpecError(f"--spec {args.spec}: {e}") from None
+
+
 def _align(args, log: _Log, model_a: nn.Module, model_b: nn.Module, example,
            data: DataSource | None, device: torch.device, spec=None):
     from .api import auto_rebasin
@@ -629,17 +638,7 @@ def _prepare_pair(args, log: _Log, need_data: bool, need_target: bool):
     else:
         example = _example_inputs(model_a, args.input_size)
     if spec is not None:  # a spec from another model fails here, not after the long part
-        from .spec import SpecError
-        sd = model_a.state_dict()
-        for g in spec.groups.values():
-            for m in g.members:
-                if m.param not in sd:
-                    raise SpecError(f"--spec {args.spec}: group {g.name!r} names {m.param!r}, "
-                                    f"which {args.model} does not have")
-                if m.axis >= sd[m.param].dim() or \
-                        int(m.positions().max()) >= sd[m.param].shape[m.axis]:
-                    raise SpecError(f"--spec {args.spec}: group {g.name!r} does not fit "
-                                    f"{m.param!r} of shape {tuple(sd[m.param].shape)}")
+        _check_spec_fits(spec, args, model_a)
     return model_a, model_b, raw_b, data, example, device, spec
 
 

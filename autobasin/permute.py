@@ -83,14 +83,9 @@ def _permuted_entry(param: str, t: torch.Tensor, gm: list[tuple[str, Member]],
                     checked: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """``t`` (the entry ``param``) permuted by its members ``gm``: a new tensor."""
     per_axis: dict[int, list[tuple[Member, torch.Tensor]]] = {}
-    for gname, m in gm:
-        if m.axis >= t.dim():
-            raise SpecError(f"{param!r} has {t.dim()} axes; group {gname!r} permutes axis {m.axis}")
+    for gname, m in gm:  # the caller checked that the spec fits (spec.check_fits)
         per_axis.setdefault(m.axis, []).append((m, checked[gname]))
     for axis, ms in per_axis.items():
-        need = max(int(m.positions().max()) + 1 for m, _ in ms)
-        if t.shape[axis] < need:
-            raise SpecError(f"{param!r} axis {axis} has length {t.shape[axis]}, the spec needs {need}")
         idx = axis_index(t.shape[axis], ms).to(t.device)
         t = t.index_select(axis, idx)
     return t
@@ -101,11 +96,10 @@ def _permute_model_(model: torch.nn.Module, spec: PermutationSpec, perms: Perms)
     (for checks of models too large to copy twice)."""
     checked = {name: _check_perm(name, perms[name], g.size) for name, g in spec.groups.items()}
     state = model.state_dict(keep_vars=True)
+    spec.check_fits(state, "the model")
     done: set[int] = set()  # a tied tensor (one Parameter, two names) is permuted once
     with torch.no_grad():
         for param, gm in spec.members_by_param().items():
-            if param not in state:
-                raise SpecError(f"the model has no entry {param!r} that the spec permutes")
             t = state[param]
             if id(t) in done:
                 continue
@@ -118,16 +112,16 @@ def apply_permutation(spec: PermutationSpec, perms: Mapping[str, torch.Tensor],
     """Return a new state_dict with every member permuted; inputs untouched.
 
     Entries the spec does not mention are passed through (same tensor objects).
-    Raises :class:`SpecError` naming the group or tensor on any mismatch.
+    Raises :class:`SpecError` naming the group or tensor on any mismatch
+    (:meth:`PermutationSpec.check_fits`).
     """
     missing = [g for g in spec.groups if g not in perms]
     if missing:
         raise SpecError(f"no permutation given for group {missing[0]!r}")
     checked = {name: _check_perm(name, perms[name], g.size) for name, g in spec.groups.items()}
+    spec.check_fits(state_dict, "state_dict")
     out = dict(state_dict)
     for param, gm in spec.members_by_param().items():
-        if param not in state_dict:
-            raise SpecError(f"state_dict has no entry {param!r} that the spec permutes")
         out[param] = _permuted_entry(param, state_dict[param], gm, checked)
     return with_metadata(out, state_dict)
 

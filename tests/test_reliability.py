@@ -724,6 +724,32 @@ def test_distributed_data_parallel_is_unwrapped(tmp_path):
         dist.destroy_process_group()
 
 
+# ============================================ verified merges, matchers given a spec
+def _renamed(seed: int = 0):
+    from collections import OrderedDict
+    torch.manual_seed(seed)
+    return nn.Sequential(OrderedDict(fc1=nn.Linear(4, 16), act=nn.ReLU(), fc2=nn.Linear(16, 3)))
+
+
+@pytest.mark.parametrize("method", ["weight", "activation", "ste"])
+@pytest.mark.parametrize("other, needle", [
+    (_renamed, r"has no entry 'fc1\.weight' that group 'fc1:out' permutes"),
+    (lambda: mlp(0, width=32), r"'0\.weight' axis 0 has length 16, group '0:out' needs"),
+    (lambda: mlp(0, width=8), r"'0\.weight' has shape \(16, 4\), but the spec was made for "
+                              r"shape \(8, 4\)"),
+], ids=["renamed", "wider", "narrower"])
+def test_matchers_refuse_a_spec_of_another_model_naming_the_tensor(method, other, needle):
+    from autobasin.match.ste import ste_matching
+    a, b = mlp(0), mlp(1)
+    spec = infer_spec(other(), X)
+    data = [(X, torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]))]
+    run = {"weight": lambda: weight_matching(spec, a.state_dict(), b.state_dict(), progress=False),
+           "activation": lambda: activation_matching(spec, a, b, data, progress=False),
+           "ste": lambda: ste_matching(spec, a, b, data, max_steps=1, progress=False)}[method]
+    with untouched(a, b), pytest.raises(ab.SpecError, match=needle):
+        run()
+
+
 # ====================================================================== determinism
 def _noisy_pair():
     a = ConvBN(0, c=16)

@@ -557,6 +557,8 @@ def activation_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, data:
             JSON) is re-inferred from ``a`` on the first batch and must agree.
         a, b: the two models (same architecture); neither is modified, and
             their train/eval modes are restored (they run in eval mode).
+            The spec must fit both (:meth:`PermutationSpec.check_fits`):
+            a spec of another model is a :class:`SpecError` naming the tensor.
         data: an iterable of batches; each batch is the model input or
             ``(input, target, ...)`` / a dict (see :func:`autobasin.repair.batch_input`),
             or whatever ``input_fn(batch)`` turns into the positional inputs.
@@ -595,6 +597,7 @@ def activation_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, data:
     for label, model in (("a", a), ("b", b)):
         check_model_materialized(model, "activation matching", f"model {label}")
         check_model_finite(model, label)
+        spec.check_fits(model.state_dict(), f"model {label}")  # a spec of another model
     dev_a, dev_b = model_device(a), model_device(b)
     stat_device = torch.device(device) if device is not None else dev_a
 
