@@ -142,7 +142,8 @@ def merge_many(models, method: str = "weight", seed: int = 0, max_rounds: int = 
       weighted mean of the parents' activation mean and std (``"rescale"``: std only).
 
     ``models``: nn.Modules of one architecture (the first one's class and
-    buffers are used for the result) or state dicts (then ``spec`` is needed,
+    buffers are used for the result; ``nn.DataParallel``, DDP and
+    ``torch.compile`` wrappers are looked through, as by :func:`autobasin.auto_rebasin`) or state dicts (then ``spec`` is needed,
     a state dict is returned and ``data``/``repair`` do not apply). Inputs are
     never modified. ``stats``, if a dict, receives ``rounds`` and ``perms`` (the
     permutation applied to each model).
@@ -156,7 +157,8 @@ def merge_many(models, method: str = "weight", seed: int = 0, max_rounds: int = 
     check_repair_option(repair)
     if repair is not None and data is None:
         raise ValueError(f"repair={repair!r} needs data=<batches>")
-    models = list(models)
+    from .guard import unwrap_model
+    models = [unwrap_model(m) if isinstance(m, nn.Module) else m for m in models]
     if len(models) < 2:
         raise ValueError("merge_many needs at least two models")
     as_modules = all(isinstance(m, nn.Module) for m in models)

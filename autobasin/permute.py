@@ -107,6 +107,31 @@ def _permute_model_(model: torch.nn.Module, spec: PermutationSpec, perms: Perms)
             t.copy_(_permuted_entry(param, t.detach(), gm, checked))
 
 
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def wrapper_prefix(spec: PermutationSpec, state_dict: Mapping[str, torch.Tensor]) -> str:
+    """The key prefix that ``nn.DataParallel`` / ``DistributedDataParallel``
+    (``module.``) and ``torch.compile`` (``_orig_mod.``), nested in any order,
+    put before the names of ``state_dict`` and that the spec's names lack; ""
+    when the spec names the entries as they are (or no such prefix fits).
+
+    A prefix is only taken when every key of ``state_dict`` carries it (a
+    wrapper's state_dict has nothing else) and every tensor the spec permutes
+    is found under it."""
+    params = list(spec.members_by_param())
+    keys = list(state_dict)
+    prefix = ""
+    while True:
+        if all(prefix + p in state_dict for p in params):
+            return prefix
+        nxt = next((w for w in _WRAPPER_PREFIXES
+                    if keys and all(k.startswith(prefix + w) for k in keys)), None)
+        if nxt is None:
+            return ""
+        prefix += nxt
+
+
 def apply_permutation(spec: PermutationSpec, perms: Mapping[str, torch.Tensor],
                       state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Return a new state_dict with every member permuted; inputs untouched.
@@ -114,15 +139,24 @@ def apply_permutation(spec: PermutationSpec, perms: Mapping[str, torch.Tensor],
     Entries the spec does not mention are passed through (same tensor objects).
     Raises :class:`SpecError` naming the group or tensor on any mismatch
     (:meth:`PermutationSpec.check_fits`).
+
+    The state_dict of a wrapped model (``nn.DataParallel``,
+    ``DistributedDataParallel``, ``torch.compile``) is accepted with a spec of
+    the inner model (what :func:`autobasin.infer_spec` gives for the wrapper):
+    its ``module.`` / ``_orig_mod.`` prefix, when every key carries it, is
+    looked through, and the result keeps the caller's keys, prefix included,
+    so it loads back into the wrapper (``wrapper.load_state_dict(out)``).
     """
     missing = [g for g in spec.groups if g not in perms]
     if missing:
         raise SpecError(f"no permutation given for group {missing[0]!r}")
     checked = {name: _check_perm(name, perms[name], g.size) for name, g in spec.groups.items()}
-    spec.check_fits(state_dict, "state_dict")
+    prefix = wrapper_prefix(spec, state_dict)
+    inner = {k[len(prefix):]: v for k, v in state_dict.items()} if prefix else state_dict
+    spec.check_fits(inner, f"state_dict (keys under {prefix!r})" if prefix else "state_dict")
     out = dict(state_dict)
     for param, gm in spec.members_by_param().items():
-        out[param] = _permuted_entry(param, state_dict[param], gm, checked)
+        out[prefix + param] = _permuted_entry(param, inner[param], gm, checked)
     return with_metadata(out, state_dict)
 
 
@@ -199,10 +233,16 @@ def check_equivalence(model: torch.nn.Module, spec: PermutationSpec, example_inp
     first graph node whose value moved when the spec was traced. An error
     above ``rtol`` that vanishes in float64 is rounding, not a wrong spec: it
     is returned with a warning.
+
+    A wrapped model (``nn.DataParallel``, ``DistributedDataParallel``,
+    ``torch.compile``) is checked through the model it wraps
+    (:func:`autobasin.guard.unwrap_model`), whose names the spec uses.
     """
     from .guard import check_model_materialized, eval_mode
     from .trace import as_args, default_inputs
 
+    from .guard import unwrap_model
+    model = unwrap_model(model)  # DataParallel, DDP, torch.compile: the model inside
     inference = spec._inference
     if example_inputs is None:
         example_inputs = inference.example_inputs if inference is not None else default_inputs(model)

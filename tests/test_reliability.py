@@ -724,7 +724,78 @@ def test_distributed_data_parallel_is_unwrapped(tmp_path):
         dist.destroy_process_group()
 
 
+def test_check_equivalence_looks_through_wrappers():
+    model = ConvBN(0)
+    spec = infer_spec(model, IMG)
+    for wrap in (nn.DataParallel, torch.compile, lambda m: nn.DataParallel(torch.compile(m))):
+        wrapped = wrap(model)
+        with untouched(wrapped):
+            err = check_equivalence(wrapped, spec, IMG)
+        assert err <= 1e-5
+        with pytest.raises(EquivalenceError, match="changed the outputs"):  # still a real check
+            check_equivalence(wrapped, _one_sided(spec, "conv1:out", "conv2.weight"), IMG)
+
+
+class Holder(nn.Module):
+    """A model whose own submodule is called ``module``: its keys start with
+    ``module.`` and the spec names them so; nothing may be stripped."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        self.module = mlp(seed)
+
+    def forward(self, x):
+        return self.module(x)
+
+
+def test_apply_permutation_takes_a_wrappers_state_dict_and_keeps_its_keys():
+    model = mlp(0)
+    spec = infer_spec(model, X)
+    perms = ab.random_permutation(spec, seed=1)
+    inner = apply_permutation(spec, perms, model.state_dict())
+    for wrap, prefix in ((nn.DataParallel, "module."), (torch.compile, "_orig_mod."),
+                         (lambda m: nn.DataParallel(torch.compile(m)), "module._orig_mod.")):
+        wrapped = wrap(model)
+        sd = wrapped.state_dict()
+        with untouched(wrapped):
+            out = apply_permutation(spec, perms, sd)
+        assert list(out) == list(sd) and all(k.startswith(prefix) for k in out)
+        assert all(torch.equal(out[prefix + k], v) for k, v in inner.items())
+        permuted = copy.deepcopy(model)
+        wrap(permuted).load_state_dict(out)  # loads back into the caller's wrapper
+        assert_same_function(model, permuted, X, tol=1e-6)
+        assert not torch.equal(permuted[0].weight, model[0].weight)
+    held = Holder()
+    own = infer_spec(held, X)
+    assert "module.0.weight" in own.members_by_param()
+    out = apply_permutation(own, ab.random_permutation(own, 1), held.state_dict())
+    assert list(out) == list(held.state_dict())
+    with pytest.raises(ab.SpecError, match=r"state_dict has no entry '0\.weight'"):
+        apply_permutation(spec, perms, {"module.0.weight": model[0].weight, "1.x": model[0].bias})
+
+
 # ============================================ verified merges, matchers given a spec
+def _one_sided(spec, group: str, drop: str):
+    """``spec`` with ``drop``'s member of ``group`` left out: the group permutes a
+    layer's outputs but not the next layer's inputs, which changes the function."""
+    from autobasin.spec import Group, PermutationSpec
+    groups = [Group(g.name, g.size, [m for m in g.members
+                                     if not (g.name == group and m.param == drop)])
+              for g in spec.groups.values()]
+    assert sum(len(g.members) for g in groups) < sum(len(g.members) for g in spec.groups.values())
+    return PermutationSpec(groups, spec.tensors)
+
+
+def test_merge_many_looks_through_wrappers():
+    models = [mlp(seed) for seed in range(2)]
+    wrapped = [nn.DataParallel(models[0]), torch.compile(models[1])]
+    with untouched(*wrapped):
+        merged = ab.merge_many(wrapped, example_inputs=X, progress=False)
+    plain = ab.merge_many(models, example_inputs=X, progress=False)
+    assert type(merged) is nn.Sequential
+    assert all(torch.equal(v, plain.state_dict()[k]) for k, v in merged.state_dict().items())
+
+
 def _renamed(seed: int = 0):
     from collections import OrderedDict
     torch.manual_seed(seed)
@@ -748,6 +819,16 @@ def test_matchers_refuse_a_spec_of_another_model_naming_the_tensor(method, other
            "ste": lambda: ste_matching(spec, a, b, data, max_steps=1, progress=False)}[method]
     with untouched(a, b), pytest.raises(ab.SpecError, match=needle):
         run()
+
+
+def test_activation_matching_looks_through_wrappers():
+    a, b = ConvBN(0), ConvBN(1)
+    spec = infer_spec(a, IMG)
+    plain = activation_matching(spec, a, b, [IMG], progress=False)
+    wrapped = activation_matching(spec, nn.DataParallel(a), nn.DataParallel(b), [IMG],
+                                  progress=False)
+    assert all(torch.equal(plain[g], wrapped[g]) for g in spec.groups)
+    assert any(not torch.equal(p, torch.arange(len(p))) for p in plain.values())
 
 
 # ====================================================================== determinism

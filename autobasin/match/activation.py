@@ -60,7 +60,7 @@ import torch.fx as fx
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..guard import check_model_finite, check_model_materialized
+from ..guard import check_model_finite, check_model_materialized, unwrap_model
 from ..permute import apply_permutation
 from ..repair import batch_input, model_device
 from ..spec import PermutationSpec, SpecError
@@ -557,7 +557,8 @@ def activation_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, data:
             JSON) is re-inferred from ``a`` on the first batch and must agree.
         a, b: the two models (same architecture); neither is modified, and
             their train/eval modes are restored (they run in eval mode).
-            The spec must fit both (:meth:`PermutationSpec.check_fits`):
+            Wrappers (``nn.DataParallel``, DDP, ``torch.compile``) are looked
+            through. The spec must fit both (:meth:`PermutationSpec.check_fits`):
             a spec of another model is a :class:`SpecError` naming the tensor.
         data: an iterable of batches; each batch is the model input or
             ``(input, target, ...)`` / a dict (see :func:`autobasin.repair.batch_input`),
@@ -594,6 +595,7 @@ def activation_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, data:
         raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
     if num_batches is not None and num_batches < 1:
         raise ValueError(f"num_batches must be at least 1, got {num_batches}")
+    a, b = unwrap_model(a), unwrap_model(b)
     for label, model in (("a", a), ("b", b)):
         check_model_materialized(model, "activation matching", f"model {label}")
         check_model_finite(model, label)

@@ -43,7 +43,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from tqdm.auto import tqdm
 
 from ..barrier import _batch_target
-from ..guard import check_model_finite, check_model_materialized
+from ..guard import check_model_finite, check_model_materialized, unwrap_model
 from ..permute import _check_perm, apply_permutation
 from ..repair import batch_input, model_device
 from ..spec import PermutationSpec
@@ -73,7 +73,8 @@ def ste_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, data: Iterab
 
     Args:
         spec: the groups to permute.
-        a, b: the two models; neither is modified (modes restored). The
+        a, b: the two models; neither is modified (modes restored). Wrappers
+            (``nn.DataParallel``, DDP, ``torch.compile``) are looked through; the
             spec must fit both (:meth:`PermutationSpec.check_fits`, else a
             :class:`SpecError` naming the tensor).
         data: a re-iterable of ``(input, target)`` batches (a DataLoader), read
@@ -106,6 +107,7 @@ def ste_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, data: Iterab
     start = time.perf_counter()
     if epochs < 1:
         raise ValueError(f"epochs must be at least 1, got {epochs}")
+    a, b = unwrap_model(a), unwrap_model(b)
     for label, model in (("a", a), ("b", b)):
         check_model_materialized(model, "STE matching", f"model {label}")
         check_model_finite(model, label)
