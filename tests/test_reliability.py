@@ -774,6 +774,34 @@ def test_apply_permutation_takes_a_wrappers_state_dict_and_keeps_its_keys():
         apply_permutation(spec, perms, {"module.0.weight": model[0].weight, "1.x": model[0].bias})
 
 
+# =================================================================== fx graph modules
+class Act(nn.Module):
+    def __init__(self, fn, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.fc1, self.fc2 = nn.Linear(4, 16), nn.Linear(16, 3)
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fc2(self.fn(self.fc1(x)))
+
+
+def test_graph_modules_of_one_graph_are_aligned_and_of_two_graphs_refused():
+    a, b = torch.fx.symbolic_trace(ConvBN(0)), torch.fx.symbolic_trace(ConvBN(1))
+    assert type(a) is not type(b)  # fx makes a class per GraphModule
+    result = rebasin(a, b, IMG)
+    assert len(result.spec.groups) == 2
+    assert_same_function(b, result.model, IMG)
+    relu, gelu = torch.fx.symbolic_trace(Act(F.relu, 0)), torch.fx.symbolic_trace(Act(F.gelu, 1))
+    with untouched(relu, gelu), pytest.raises(ArchitectureMismatchError,
+                                              match=r"different graphs: node 2 is '%relu"):
+        auto_rebasin(relu, gelu, X, progress=False)
+    tanh = torch.fx.symbolic_trace(nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 16),
+                                                 nn.ReLU(), nn.Linear(16, 3)))
+    with pytest.raises(ArchitectureMismatchError, match="submodule '1' is a ReLU in a but a Tanh"):
+        auto_rebasin(torch.fx.symbolic_trace(mlp(0)), tanh, X, progress=False)
+
+
 # ============================================ verified merges, matchers given a spec
 def _one_sided(spec, group: str, drop: str):
     """``spec`` with ``drop``'s member of ``group`` left out: the group permutes a
