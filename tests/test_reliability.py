@@ -814,6 +814,22 @@ def _one_sided(spec, group: str, drop: str):
     return PermutationSpec(groups, spec.tensors)
 
 
+def test_merge_many_refuses_a_spec_that_changes_the_function():
+    models = [mlp(seed) for seed in range(3)]
+    spec = infer_spec(models[0], X)
+    wrong = _one_sided(spec, "0:out", "2.weight")
+    with untouched(*models), pytest.raises(EquivalenceError,
+                                           match=r"model \d, permuted .* computes something else"):
+        ab.merge_many(models, spec=wrong, example_inputs=X, progress=False)
+    stats: dict = {}
+    merged = ab.merge_many(models, spec=spec, progress=False, stats=stats)
+    assert len(stats["verify_errors"]) == 3 and max(stats["verify_errors"]) <= 1e-5
+    assert isinstance(merged, nn.Sequential)
+    wide = infer_spec(mlp(0, width=32), X)
+    with pytest.raises(ab.SpecError, match=r"model 0's state_dict's '0\.weight' axis 0 has length 16"):
+        ab.merge_many(models, spec=wide, progress=False)
+
+
 def test_merge_many_looks_through_wrappers():
     models = [mlp(seed) for seed in range(2)]
     wrapped = [nn.DataParallel(models[0]), torch.compile(models[1])]
@@ -822,6 +838,20 @@ def test_merge_many_looks_through_wrappers():
     plain = ab.merge_many(models, example_inputs=X, progress=False)
     assert type(merged) is nn.Sequential
     assert all(torch.equal(v, plain.state_dict()[k]) for k, v in merged.state_dict().items())
+
+
+def test_merge_many_without_example_inputs_says_it_did_not_verify():
+    models = [mlp(seed) for seed in range(2)]
+    loaded = ab.PermutationSpec.from_json(infer_spec(models[0], X).to_json())  # no inputs kept
+    with pytest.warns(UserWarning, match=r"not verified .* pass example_inputs="):
+        ab.merge_many(models, spec=loaded, progress=False)
+    with pytest.warns(UserWarning, match="state dicts: the aligned models were not verified"):
+        ab.merge_many([m.state_dict() for m in models], spec=loaded, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        stats: dict = {}
+        ab.merge_many(models, spec=loaded, example_inputs=X, progress=False, stats=stats)
+    assert max(stats["verify_errors"]) <= 1e-5
 
 
 def _renamed(seed: int = 0):
