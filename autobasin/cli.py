@@ -4,7 +4,7 @@
 
     autobasin inspect MODEL [--input-size C H W] [--json SPEC.json] [--plot SPEC.png]
     autobasin align   MODEL --a A --b B --out OUT [--method weight] [--data DATA] [--perms P]
-    autobasin merge   MODEL CKPT CKPT ... --out OUT [--data DATA --reset-bn | --repair repair]
+    autobasin merge   MODEL CKPT CKPT ... --out OUT [--spec SPEC.json] [--data DATA --reset-bn | --repair repair]
     autobasin barrier MODEL --a A --b B --data DATA [--plot FILE.png] [--reset-bn | --repair repair] [--lambdas 25]
     autobasin demo    [--out DIR] [--quick]
 
@@ -54,7 +54,8 @@ EXIT_CODES_HELP = """exit codes:
        unreadable DATA
   3    a checkpoint does not fit MODEL (missing/unexpected keys, shapes), or a
        --spec names tensors MODEL does not have
-  4    verification failed: the aligned model computes something else
+  4    verification failed: the aligned (or merged-in) model computes something
+       else than its checkpoint
   130  interrupted (Ctrl-C); no output file is left half-written
 """
 
@@ -666,6 +667,9 @@ def cmd_align(args, log: _Log) -> int:
     if "verify_error" in stats:
         _out(f"verified: aligned B computes what B computes (relative error "
              f"{stats['verify_error']:.2e})")
+    else:
+        _out("not verified: no example inputs to check that aligned B computes what B "
+             "computes; pass --input-size")
     _out(f"L2 distance to A: B {before:.4f} -> aligned B {after:.4f}")
     _out(f"wrote {out}")
     _out(f"wrote {perms_out}")
@@ -732,9 +736,12 @@ def cmd_merge(args, log: _Log) -> int:
     if args.method == "activation" and not args.data:
         raise UsageError("--method activation needs --data")
     device = _device(args.device)
+    spec = _load_spec(args.spec)
     model = _build(args)
     loaded = [_load_checkpoint(model, p, args.checkpoint_key, log) for p in paths]
     models = [m for m, _ in loaded]
+    if spec is not None:  # a spec from another model fails here, not after the long part
+        _check_spec_fits(spec, args, models[0])
     data = None
     if args.data:
         data = resolve_data(args.data, models[0], args)
@@ -751,8 +758,10 @@ def cmd_merge(args, log: _Log) -> int:
     t0 = time.perf_counter()
     if device is not None:
         models = [m.to(device) for m in models]  # the loaded copies are ours to move
-    merged_model = merge_many(models, method=args.method, seed=args.seed,
-                              progress=not args.quiet, example_inputs=example, max_rounds=args.max_rounds, stats=stats,
+    # merge_many verifies that every checkpoint, permuted as merged, computes what it computed
+    merged_model = merge_many(models, method=args.method, seed=args.seed, spec=spec,
+                              progress=not args.quiet, example_inputs=example,
+                              max_rounds=args.max_rounds, stats=stats,
                               data=data.train if repair else None, repair=repair)
     seconds = time.perf_counter() - t0
     first = loaded[0][1]
@@ -765,6 +774,12 @@ def cmd_merge(args, log: _Log) -> int:
            "repair": "; REPAIRed (channel mean and std)", "rescale": "; rescaled (channel std)"}
     _out(f"merged {len(models)} checkpoints (MergeMany, {args.method} matching{rounds}) in "
          f"{seconds:.2f} s{how[repair]}")
+    if stats.get("verify_errors"):
+        _out(f"verified: every checkpoint, permuted as aligned for the merge, computes what it "
+             f"computed (largest relative error {max(stats['verify_errors']):.2e})")
+    else:
+        _out("not verified: no example inputs to check the aligned checkpoints; "
+             "pass --input-size")
     _out(f"wrote {out}")
     return EXIT_OK
 
@@ -890,6 +905,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="weight", choices=("weight", "activation"),
                    help="how each checkpoint is aligned to the mean of the others (default "
                         "weight; activation needs --data)")
+    p.add_argument("--spec", metavar="SPEC.json",
+                   help="use this spec (from inspect --json) instead of inferring one")
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("barrier", **sub_kwargs,
