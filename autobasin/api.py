@@ -126,9 +126,47 @@ MATCHERS["ste"] = _ste
 
 
 # ---------------------------------------------------------------------- checks
+def _graph_mismatch(a: torch.fx.GraphModule, b: torch.fx.GraphModule) -> str | None:
+    """The first difference of two GraphModules' graphs (node by node: op, target,
+    arguments) or submodule types, as a sentence naming the node, or None."""
+    nodes_a, nodes_b = list(a.graph.nodes), list(b.graph.nodes)
+    for i, (na, nb) in enumerate(zip(nodes_a, nodes_b)):
+        fa, fb = na.format_node(), nb.format_node()
+        if fa != fb:
+            return (f"the two GraphModules have different graphs: node {i} is {fa!r} in a "
+                    f"but {fb!r} in b")
+    if len(nodes_a) != len(nodes_b):
+        which, extra = ("a", nodes_a) if len(nodes_a) > len(nodes_b) else ("b", nodes_b)
+        node = extra[min(len(nodes_a), len(nodes_b))]
+        return (f"the two GraphModules have different graphs: {which} has {len(extra)} "
+                f"nodes, the other {min(len(nodes_a), len(nodes_b))}; first extra node "
+                f"{node.format_node()!r}")
+    mods_b = dict(b.named_modules())
+    for name, ma in a.named_modules():
+        if not name:
+            continue  # the roots: fx makes a class per GraphModule
+        mb = mods_b.get(name)
+        if mb is None:
+            return f"submodule {name!r} of a is missing from b"
+        if type(ma) is not type(mb):
+            return (f"submodule {name!r} is a {type(ma).__qualname__} in a but a "
+                    f"{type(mb).__qualname__} in b")
+    return None
+
+
 def check_same_architecture(a: nn.Module, b: nn.Module) -> None:
-    """Raise :class:`ArchitectureMismatchError` naming the first difference."""
-    if type(a) is not type(b):
+    """Raise :class:`ArchitectureMismatchError` naming the first difference.
+
+    Two ``torch.fx.GraphModule`` s (each of which fx gives a class of its own)
+    are the same architecture when their graphs are node for node the same and
+    their submodules are of the same types; any other models when they are of
+    one type. Then the state_dicts must agree in keys, shapes and dtypes.
+    """
+    if isinstance(a, torch.fx.GraphModule) and isinstance(b, torch.fx.GraphModule):
+        problem = _graph_mismatch(a, b)
+        if problem:
+            raise ArchitectureMismatchError(problem)
+    elif type(a) is not type(b):
         raise ArchitectureMismatchError(f"models are of different types: "
                                         f"{type(a).__qualname__} and {type(b).__qualname__}")
     problem = state_dict_mismatch(a.state_dict(), b.state_dict(), dtypes=True)

@@ -4,7 +4,7 @@
 
     autobasin inspect MODEL [--input-size C H W] [--json SPEC.json] [--plot SPEC.png]
     autobasin align   MODEL --a A --b B --out OUT [--method weight] [--data DATA] [--perms P]
-    autobasin merge   MODEL CKPT CKPT ... --out OUT [--data DATA --reset-bn | --repair repair]
+    autobasin merge   MODEL CKPT CKPT ... --out OUT [--spec SPEC.json] [--data DATA --reset-bn | --repair repair]
     autobasin barrier MODEL --a A --b B --data DATA [--plot FILE.png] [--reset-bn | --repair repair] [--lambdas 25]
     autobasin demo    [--out DIR] [--quick]
 
@@ -54,7 +54,8 @@ EXIT_CODES_HELP = """exit codes:
        unreadable DATA
   3    a checkpoint does not fit MODEL (missing/unexpected keys, shapes), or a
        --spec names tensors MODEL does not have
-  4    verification failed: the aligned model computes something else
+  4    verification failed: the aligned (or merged-in) model computes something
+       else than its checkpoint
   130  interrupted (Ctrl-C); no output file is left half-written
 """
 
@@ -586,6 +587,15 @@ def _load_spec(path: str | None):
         raise UsageError(f"--spec {p}: not an autobasin spec JSON ({e})") from e
 
 
+def _check_spec_fits(spec, args, model: nn.Module) -> None:
+    """SpecError naming the group and tensor when ``--spec`` does not fit MODEL."""
+    from .spec import SpecError
+    try:
+        spec.check_fits(model.state_dict(), label=args.model)
+    except SpecError as e:
+        raise SpecError(f"--spec {args.spec}: {e}") from None
+
+
 def _align(args, log: _Log, model_a: nn.Module, model_b: nn.Module, example,
            data: DataSource | None, device: torch.device, spec=None):
     from .api import auto_rebasin
@@ -632,17 +642,7 @@ def _prepare_pair(args, log: _Log, need_data: bool, need_target: bool):
     else:
         example = _example_inputs(model_a, args.input_size)
     if spec is not None:  # a spec from another model fails here, not after the long part
-        from .spec import SpecError
-        sd = model_a.state_dict()
-        for g in spec.groups.values():
-            for m in g.members:
-                if m.param not in sd:
-                    raise SpecError(f"--spec {args.spec}: group {g.name!r} names {m.param!r}, "
-                                    f"which {args.model} does not have")
-                if m.axis >= sd[m.param].dim() or \
-                        int(m.positions().max()) >= sd[m.param].shape[m.axis]:
-                    raise SpecError(f"--spec {args.spec}: group {g.name!r} does not fit "
-                                    f"{m.param!r} of shape {tuple(sd[m.param].shape)}")
+        _check_spec_fits(spec, args, model_a)
     return model_a, model_b, raw_b, data, example, device, spec
 
 
@@ -670,6 +670,9 @@ def cmd_align(args, log: _Log) -> int:
     if "verify_error" in stats:
         _out(f"verified: aligned B computes what B computes (relative error "
              f"{stats['verify_error']:.2e})")
+    else:
+        _out("not verified: no example inputs to check that aligned B computes what B "
+             "computes; pass --input-size")
     _out(f"L2 distance to A: B {before:.4f} -> aligned B {after:.4f}")
     _out(f"wrote {out}")
     _out(f"wrote {perms_out}")
@@ -736,9 +739,12 @@ def cmd_merge(args, log: _Log) -> int:
     if args.method == "activation" and not args.data:
         raise UsageError("--method activation needs --data")
     device = _device(args.device)
+    spec = _load_spec(args.spec)
     model = _build(args)
     loaded = [_load_checkpoint(model, p, args.checkpoint_key, log) for p in paths]
     models = [m for m, _ in loaded]
+    if spec is not None:  # a spec from another model fails here, not after the long part
+        _check_spec_fits(spec, args, models[0])
     data = None
     if args.data:
         data = resolve_data(args.data, models[0], args)
@@ -755,8 +761,10 @@ def cmd_merge(args, log: _Log) -> int:
     t0 = time.perf_counter()
     if device is not None:
         models = [m.to(device) for m in models]  # the loaded copies are ours to move
-    merged_model = merge_many(models, method=args.method, seed=args.seed,
-                              progress=not args.quiet, example_inputs=example, max_rounds=args.max_rounds, stats=stats,
+    # merge_many verifies that every checkpoint, permuted as merged, computes what it computed
+    merged_model = merge_many(models, method=args.method, seed=args.seed, spec=spec,
+                              progress=not args.quiet, example_inputs=example,
+                              max_rounds=args.max_rounds, stats=stats,
                               data=data.train if repair else None, repair=repair)
     seconds = time.perf_counter() - t0
     first = loaded[0][1]
@@ -769,6 +777,12 @@ def cmd_merge(args, log: _Log) -> int:
            "repair": "; REPAIRed (channel mean and std)", "rescale": "; rescaled (channel std)"}
     _out(f"merged {len(models)} checkpoints (MergeMany, {args.method} matching{rounds}) in "
          f"{seconds:.2f} s{how[repair]}")
+    if stats.get("verify_errors"):
+        _out(f"verified: every checkpoint, permuted as aligned for the merge, computes what it "
+             f"computed (largest relative error {max(stats['verify_errors']):.2e})")
+    else:
+        _out("not verified: no example inputs to check the aligned checkpoints; "
+             "pass --input-size")
     _out(f"wrote {out}")
     return EXIT_OK
 
@@ -894,6 +908,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="weight", choices=("weight", "activation"),
                    help="how each checkpoint is aligned to the mean of the others (default "
                         "weight; activation needs --data)")
+    p.add_argument("--spec", metavar="SPEC.json",
+                   help="use this spec (from inspect --json) instead of inferring one")
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("barrier", **sub_kwargs,

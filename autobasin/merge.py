@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Mapping, TypeVar, overload
 
 import torch
@@ -114,6 +115,43 @@ def _average(state_dicts: list[StateDict], weights: list[float]) -> dict[str, to
     return with_metadata(out, state_dicts[0])
 
 
+def _verify_aligned(models: list[nn.Module], aligned: list[StateDict], spec,
+                    example_inputs) -> list[float] | None:
+    """Each model, with its aligned state, must compute what it computes on the example
+    inputs (``example_inputs``, else the spec's); :class:`EquivalenceError` naming
+    the model otherwise. Returns the errors, or None (with a warning) when there
+    are no inputs to run."""
+    from .api import verify_error
+    from .permute import EquivalenceError
+    from .repair import model_device
+    from .trace import as_args
+
+    inference = getattr(spec, "_inference", None)
+    if example_inputs is None and inference is not None:
+        example_inputs = inference.example_inputs
+    if example_inputs is None:
+        warnings.warn("merge_many: no example inputs, so the aligned models were not verified "
+                      "to compute what their sources compute (a spec loaded from JSON carries "
+                      "none); pass example_inputs=... to verify", stacklevel=3)
+        return None
+    errors = []
+    for i, (model, state) in enumerate(zip(models, aligned)):
+        device = model_device(model)
+        args = tuple(t.to(device) if isinstance(t, torch.Tensor) else t
+                     for t in as_args(example_inputs))
+        permuted = copy.deepcopy(model)
+        permuted.load_state_dict(state)
+        err, _ = verify_error(model, permuted, args)
+        del permuted
+        if not err <= 1e-4:
+            raise EquivalenceError(
+                f"merge_many: model {i}, permuted to align with the others, computes something "
+                f"else than model {i}: relative error {err:.3g} > 1e-4; the permutation spec "
+                f"does not fit this model (check it with autobasin.check_equivalence)")
+        errors.append(err)
+    return errors
+
+
 def merge_many(models, method: str = "weight", seed: int = 0, max_rounds: int = 10,
                data=None, weights=None, spec=None, example_inputs=None, progress: bool = True,
                stats: dict | None = None, repair: str | None = None,
@@ -142,10 +180,22 @@ def merge_many(models, method: str = "weight", seed: int = 0, max_rounds: int = 
       weighted mean of the parents' activation mean and std (``"rescale"``: std only).
 
     ``models``: nn.Modules of one architecture (the first one's class and
-    buffers are used for the result) or state dicts (then ``spec`` is needed,
+    buffers are used for the result; ``nn.DataParallel``, DDP and
+    ``torch.compile`` wrappers are looked through, as by :func:`autobasin.auto_rebasin`) or state dicts (then ``spec`` is needed,
     a state dict is returned and ``data``/``repair`` do not apply). Inputs are
-    never modified. ``stats``, if a dict, receives ``rounds`` and ``perms`` (the
-    permutation applied to each model).
+    never modified. ``stats``, if a dict, receives ``rounds``, ``perms`` (the
+    permutation applied to each model) and, when verified, ``verify_errors``
+    (one relative error per model).
+
+    Verified before anything is returned: the spec must fit every model's
+    state dict (:meth:`~autobasin.spec.PermutationSpec.check_fits`, a
+    :class:`~autobasin.spec.SpecError` naming the tensor), and each model,
+    permuted as aligned, must compute what it computed, on ``example_inputs``
+    (default: the inputs the spec was inferred with), to a relative error of
+    1e-4 (judged as :func:`autobasin.auto_rebasin` judges it), else
+    :class:`~autobasin.permute.EquivalenceError` naming the model's index. With
+    no example inputs (a spec loaded from JSON and no ``example_inputs=``), or
+    state dicts instead of modules, that check cannot run and a warning says so.
     """
     from .match.activation import activation_matching
     from .match.weight import weight_matching
@@ -156,7 +206,8 @@ def merge_many(models, method: str = "weight", seed: int = 0, max_rounds: int = 
     check_repair_option(repair)
     if repair is not None and data is None:
         raise ValueError(f"repair={repair!r} needs data=<batches>")
-    models = list(models)
+    from .guard import unwrap_model
+    models = [unwrap_model(m) if isinstance(m, nn.Module) else m for m in models]
     if len(models) < 2:
         raise ValueError("merge_many needs at least two models")
     as_modules = all(isinstance(m, nn.Module) for m in models)
@@ -179,6 +230,8 @@ def merge_many(models, method: str = "weight", seed: int = 0, max_rounds: int = 
             raise ValueError("pass spec= when merging state dicts")
         from .infer import infer_spec
         spec = infer_spec(models[0], example_inputs)
+    for i, sd in enumerate(sds):
+        spec.check_fits(sd, f"model {i}'s state_dict")
 
     # activation matching runs the mean of the others as a model: one copy, reloaded per visit
     mean_model = copy.deepcopy(models[0]) if method == "activation" else None
@@ -211,9 +264,16 @@ def merge_many(models, method: str = "weight", seed: int = 0, max_rounds: int = 
             aligned[i] = apply_permutation(spec, new, sds[i])
         if not changed:
             break
+    errors = _verify_aligned(models, aligned, spec, example_inputs) if as_modules else None
+    if not as_modules:
+        warnings.warn("merge_many merged state dicts: the aligned models were not verified to "
+                      "compute what their sources compute (only that the spec fits them); pass "
+                      "nn.Modules and example_inputs=... to verify", stacklevel=2)
     merged_sd = _average(aligned, weights)
     if stats is not None:
         stats.update(rounds=rounds, perms=perms)
+        if errors is not None:
+            stats["verify_errors"] = errors
     if not as_modules:
         return merged_sd
     merged = copy.deepcopy(models[0])

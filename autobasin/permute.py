@@ -83,14 +83,9 @@ def _permuted_entry(param: str, t: torch.Tensor, gm: list[tuple[str, Member]],
                     checked: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """``t`` (the entry ``param``) permuted by its members ``gm``: a new tensor."""
     per_axis: dict[int, list[tuple[Member, torch.Tensor]]] = {}
-    for gname, m in gm:
-        if m.axis >= t.dim():
-            raise SpecError(f"{param!r} has {t.dim()} axes; group {gname!r} permutes axis {m.axis}")
+    for gname, m in gm:  # the caller checked that the spec fits (spec.check_fits)
         per_axis.setdefault(m.axis, []).append((m, checked[gname]))
     for axis, ms in per_axis.items():
-        need = max(int(m.positions().max()) + 1 for m, _ in ms)
-        if t.shape[axis] < need:
-            raise SpecError(f"{param!r} axis {axis} has length {t.shape[axis]}, the spec needs {need}")
         idx = axis_index(t.shape[axis], ms).to(t.device)
         t = t.index_select(axis, idx)
     return t
@@ -101,11 +96,10 @@ def _permute_model_(model: torch.nn.Module, spec: PermutationSpec, perms: Perms)
     (for checks of models too large to copy twice)."""
     checked = {name: _check_perm(name, perms[name], g.size) for name, g in spec.groups.items()}
     state = model.state_dict(keep_vars=True)
+    spec.check_fits(state, "the model")
     done: set[int] = set()  # a tied tensor (one Parameter, two names) is permuted once
     with torch.no_grad():
         for param, gm in spec.members_by_param().items():
-            if param not in state:
-                raise SpecError(f"the model has no entry {param!r} that the spec permutes")
             t = state[param]
             if id(t) in done:
                 continue
@@ -113,22 +107,56 @@ def _permute_model_(model: torch.nn.Module, spec: PermutationSpec, perms: Perms)
             t.copy_(_permuted_entry(param, t.detach(), gm, checked))
 
 
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def wrapper_prefix(spec: PermutationSpec, state_dict: Mapping[str, torch.Tensor]) -> str:
+    """The key prefix that ``nn.DataParallel`` / ``DistributedDataParallel``
+    (``module.``) and ``torch.compile`` (``_orig_mod.``), nested in any order,
+    put before the names of ``state_dict`` and that the spec's names lack; ""
+    when the spec names the entries as they are (or no such prefix fits).
+
+    A prefix is only taken when every key of ``state_dict`` carries it (a
+    wrapper's state_dict has nothing else) and every tensor the spec permutes
+    is found under it."""
+    params = list(spec.members_by_param())
+    keys = list(state_dict)
+    prefix = ""
+    while True:
+        if all(prefix + p in state_dict for p in params):
+            return prefix
+        nxt = next((w for w in _WRAPPER_PREFIXES
+                    if keys and all(k.startswith(prefix + w) for k in keys)), None)
+        if nxt is None:
+            return ""
+        prefix += nxt
+
+
 def apply_permutation(spec: PermutationSpec, perms: Mapping[str, torch.Tensor],
                       state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Return a new state_dict with every member permuted; inputs untouched.
 
     Entries the spec does not mention are passed through (same tensor objects).
-    Raises :class:`SpecError` naming the group or tensor on any mismatch.
+    Raises :class:`SpecError` naming the group or tensor on any mismatch
+    (:meth:`PermutationSpec.check_fits`).
+
+    The state_dict of a wrapped model (``nn.DataParallel``,
+    ``DistributedDataParallel``, ``torch.compile``) is accepted with a spec of
+    the inner model (what :func:`autobasin.infer_spec` gives for the wrapper):
+    its ``module.`` / ``_orig_mod.`` prefix, when every key carries it, is
+    looked through, and the result keeps the caller's keys, prefix included,
+    so it loads back into the wrapper (``wrapper.load_state_dict(out)``).
     """
     missing = [g for g in spec.groups if g not in perms]
     if missing:
         raise SpecError(f"no permutation given for group {missing[0]!r}")
     checked = {name: _check_perm(name, perms[name], g.size) for name, g in spec.groups.items()}
+    prefix = wrapper_prefix(spec, state_dict)
+    inner = {k[len(prefix):]: v for k, v in state_dict.items()} if prefix else state_dict
+    spec.check_fits(inner, f"state_dict (keys under {prefix!r})" if prefix else "state_dict")
     out = dict(state_dict)
     for param, gm in spec.members_by_param().items():
-        if param not in state_dict:
-            raise SpecError(f"state_dict has no entry {param!r} that the spec permutes")
-        out[param] = _permuted_entry(param, state_dict[param], gm, checked)
+        out[prefix + param] = _permuted_entry(param, inner[param], gm, checked)
     return with_metadata(out, state_dict)
 
 
@@ -204,11 +232,17 @@ def check_equivalence(model: torch.nn.Module, spec: PermutationSpec, example_inp
     first graph node whose value moved when the spec was traced. An error
     above ``rtol`` that vanishes in float64 is rounding, not a wrong spec: it
     is returned with a warning.
+
+    A wrapped model (``nn.DataParallel``, ``DistributedDataParallel``,
+    ``torch.compile``) is checked through the model it wraps
+    (:func:`autobasin.guard.unwrap_model`), whose names the spec uses.
     """
     from .guard import check_model_materialized, eval_mode
     from .inputs import as_inputs
     from .trace import default_inputs
 
+    from .guard import unwrap_model
+    model = unwrap_model(model)  # DataParallel, DDP, torch.compile: the model inside
     inference = spec._inference
     if example_inputs is None:
         example_inputs = inference.example_inputs if inference is not None else default_inputs(model)

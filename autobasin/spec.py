@@ -195,6 +195,50 @@ class PermutationSpec:
             permuted += int(mask.sum())
         return permuted / total if total else 0.0
 
+    def check_fits(self, state_dict, label: str = "state_dict") -> None:
+        """Raise :class:`SpecError` unless every member fits ``state_dict``.
+
+        ``state_dict`` maps names to tensors (anything with ``.shape`` and
+        ``.dim()``: parameters, meta tensors). For each member it checks that
+        the tensor is there, that the member's axis exists, that its grid is
+        well formed and permutes as many units as its group has, that the
+        grid's positions lie inside the axis, and that the axis has the length
+        the spec recorded for that tensor (when it recorded one): a spec made
+        for a wider or narrower model is refused. The error names the group
+        and the tensor, prefixed by ``label`` (``"state_dict b"``, ``"model a"``).
+        Only the names and shapes are read; no values.
+        """
+        for gname, g in self.groups.items():
+            for m in g.members:
+                t = state_dict.get(m.param) if hasattr(state_dict, "get") else None
+                if t is None or not hasattr(t, "shape"):
+                    raise SpecError(f"{label} has no entry {m.param!r} that group {gname!r} "
+                                    f"permutes")
+                shape = tuple(t.shape)
+                if not 0 <= m.axis < len(shape):
+                    raise SpecError(f"{label}'s {m.param!r} has {len(shape)} axes; group "
+                                    f"{gname!r} permutes axis {m.axis}")
+                if not (len(m.shape) == len(m.strides) and 0 <= m.dim < len(m.shape)):
+                    raise SpecError(f"member {m.describe()} of group {gname!r} is malformed: "
+                                    f"grid {m.shape}, strides {m.strides}, dim {m.dim}")
+                if m.size != g.size:
+                    raise SpecError(f"member {m.describe()} of group {gname!r} has size "
+                                    f"{m.size}, the group {g.size}")
+                if g.size == 0 or 0 in m.shape:
+                    continue
+                pos = m.positions()
+                low, need = int(pos.min()), int(pos.max()) + 1
+                if low < 0 or shape[m.axis] < need:
+                    raise SpecError(f"{label}'s {m.param!r} axis {m.axis} has length "
+                                    f"{shape[m.axis]}, group {gname!r} needs positions "
+                                    f"{low}..{need - 1}")
+                info = self.tensors.get(m.param)
+                if info is not None and len(info.shape) == len(shape) \
+                        and info.shape[m.axis] != shape[m.axis]:
+                    raise SpecError(f"{label}'s {m.param!r} has shape {shape}, but the spec was "
+                                    f"made for shape {tuple(info.shape)} (group {gname!r} "
+                                    f"permutes axis {m.axis}): a spec of another model")
+
     def without(self, *names: str) -> "PermutationSpec":
         """A copy with the named groups fixed (never permuted)."""
         unknown = [n for n in names if n not in self.groups]

@@ -306,6 +306,41 @@ def test_merge(files, tmp_path, capsys):
     load_into(build_model(files["mlp"]), load_state_dict(out))
 
 
+def test_align_and_merge_with_spec_verify_or_refuse(files, tmp_path, capsys):
+    """align and merge verify what they write (a line says so); merge takes --spec too, and
+    a spec that changes the function (fc1's outputs permuted, fc2's inputs not) is refused
+    with exit code 4 naming the checkpoint, before anything is written."""
+    code, _, err = run(capsys, "inspect", files["mlp"], "--json", tmp_path / "spec.json", "-q",
+                       "--no-verify")
+    assert code == 0, err
+    doc = json.loads((tmp_path / "spec.json").read_text())
+    group = next(g for g in doc["groups"] if g["name"] == "fc1:out")
+    group["members"] = [m for m in group["members"] if m["param"] != "fc2.weight"]
+    (tmp_path / "wrong.json").write_text(json.dumps(doc))
+    out = tmp_path / "o.safetensors"
+    for command in (["align", files["mlp"], "--a", files["a"], "--b", files["b"]],
+                    ["merge", files["mlp"], files["a"], files["b"]]):
+        code, stdout, err = run(capsys, *command, "--out", out, "--spec", tmp_path / "spec.json",
+                                "-q")
+        assert code == 0, err
+        line = next(l for l in stdout.splitlines() if l.startswith("verified:"))
+        assert float(line.rstrip(")").split()[-1]) <= 1e-4
+        out.unlink()
+    code, _, err = run(capsys, "merge", files["mlp"], files["a"], files["b"], "--out", out,
+                       "--spec", tmp_path / "wrong.json", "-q")
+    assert code == 4, err
+    assert "model 0" in err or "model 1" in err
+    assert "computes something else" in err and "Traceback" not in err and not out.exists()
+    narrow = tmp_path / "narrow.json"
+    code, _, err = run(capsys, "inspect", files["mlp"], "--model-kwargs", "hidden=16", "--json",
+                       narrow, "-q", "--no-verify")
+    assert code == 0, err
+    code, _, err = run(capsys, "merge", files["mlp"], files["a"], files["b"], "--out", out,
+                       "--spec", narrow, "-q")
+    assert code == 3 and "'fc1.weight'" in err and "spec was made for" in err, err
+    assert not out.exists()
+
+
 def test_merge_by_activation_matching(files, tmp_path, capsys):
     out = tmp_path / "merged.safetensors"
     code, _, err = run(capsys, "merge", files["mlp"], files["a"], files["b"], "--out", out,

@@ -835,6 +835,171 @@ def test_distributed_data_parallel_is_unwrapped(tmp_path):
         dist.destroy_process_group()
 
 
+def test_check_equivalence_looks_through_wrappers():
+    model = ConvBN(0)
+    spec = infer_spec(model, IMG)
+    for wrap in (nn.DataParallel, torch.compile, lambda m: nn.DataParallel(torch.compile(m))):
+        wrapped = wrap(model)
+        with untouched(wrapped):
+            err = check_equivalence(wrapped, spec, IMG)
+        assert err <= 1e-5
+        with pytest.raises(EquivalenceError, match="changed the outputs"):  # still a real check
+            check_equivalence(wrapped, _one_sided(spec, "conv1:out", "conv2.weight"), IMG)
+
+
+class Holder(nn.Module):
+    """A model whose own submodule is called ``module``: its keys start with
+    ``module.`` and the spec names them so; nothing may be stripped."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        self.module = mlp(seed)
+
+    def forward(self, x):
+        return self.module(x)
+
+
+def test_apply_permutation_takes_a_wrappers_state_dict_and_keeps_its_keys():
+    model = mlp(0)
+    spec = infer_spec(model, X)
+    perms = ab.random_permutation(spec, seed=1)
+    inner = apply_permutation(spec, perms, model.state_dict())
+    for wrap, prefix in ((nn.DataParallel, "module."), (torch.compile, "_orig_mod."),
+                         (lambda m: nn.DataParallel(torch.compile(m)), "module._orig_mod.")):
+        wrapped = wrap(model)
+        sd = wrapped.state_dict()
+        with untouched(wrapped):
+            out = apply_permutation(spec, perms, sd)
+        assert list(out) == list(sd) and all(k.startswith(prefix) for k in out)
+        assert all(torch.equal(out[prefix + k], v) for k, v in inner.items())
+        permuted = copy.deepcopy(model)
+        wrap(permuted).load_state_dict(out)  # loads back into the caller's wrapper
+        assert_same_function(model, permuted, X, tol=1e-6)
+        assert not torch.equal(permuted[0].weight, model[0].weight)
+    held = Holder()
+    own = infer_spec(held, X)
+    assert "module.0.weight" in own.members_by_param()
+    out = apply_permutation(own, ab.random_permutation(own, 1), held.state_dict())
+    assert list(out) == list(held.state_dict())
+    with pytest.raises(ab.SpecError, match=r"state_dict has no entry '0\.weight'"):
+        apply_permutation(spec, perms, {"module.0.weight": model[0].weight, "1.x": model[0].bias})
+
+
+# =================================================================== fx graph modules
+class Act(nn.Module):
+    def __init__(self, fn, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.fc1, self.fc2 = nn.Linear(4, 16), nn.Linear(16, 3)
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fc2(self.fn(self.fc1(x)))
+
+
+def test_graph_modules_of_one_graph_are_aligned_and_of_two_graphs_refused():
+    a, b = torch.fx.symbolic_trace(ConvBN(0)), torch.fx.symbolic_trace(ConvBN(1))
+    assert type(a) is not type(b)  # fx makes a class per GraphModule
+    result = rebasin(a, b, IMG)
+    assert len(result.spec.groups) == 2
+    assert_same_function(b, result.model, IMG)
+    relu, gelu = torch.fx.symbolic_trace(Act(F.relu, 0)), torch.fx.symbolic_trace(Act(F.gelu, 1))
+    with untouched(relu, gelu), pytest.raises(ArchitectureMismatchError,
+                                              match=r"different graphs: node 2 is '%relu"):
+        auto_rebasin(relu, gelu, X, progress=False)
+    tanh = torch.fx.symbolic_trace(nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 16),
+                                                 nn.ReLU(), nn.Linear(16, 3)))
+    with pytest.raises(ArchitectureMismatchError, match="submodule '1' is a ReLU in a but a Tanh"):
+        auto_rebasin(torch.fx.symbolic_trace(mlp(0)), tanh, X, progress=False)
+
+
+# ============================================ verified merges, matchers given a spec
+def _one_sided(spec, group: str, drop: str):
+    """``spec`` with ``drop``'s member of ``group`` left out: the group permutes a
+    layer's outputs but not the next layer's inputs, which changes the function."""
+    from autobasin.spec import Group, PermutationSpec
+    groups = [Group(g.name, g.size, [m for m in g.members
+                                     if not (g.name == group and m.param == drop)])
+              for g in spec.groups.values()]
+    assert sum(len(g.members) for g in groups) < sum(len(g.members) for g in spec.groups.values())
+    return PermutationSpec(groups, spec.tensors)
+
+
+def test_merge_many_refuses_a_spec_that_changes_the_function():
+    models = [mlp(seed) for seed in range(3)]
+    spec = infer_spec(models[0], X)
+    wrong = _one_sided(spec, "0:out", "2.weight")
+    with untouched(*models), pytest.raises(EquivalenceError,
+                                           match=r"model \d, permuted .* computes something else"):
+        ab.merge_many(models, spec=wrong, example_inputs=X, progress=False)
+    stats: dict = {}
+    merged = ab.merge_many(models, spec=spec, progress=False, stats=stats)
+    assert len(stats["verify_errors"]) == 3 and max(stats["verify_errors"]) <= 1e-5
+    assert isinstance(merged, nn.Sequential)
+    wide = infer_spec(mlp(0, width=32), X)
+    with pytest.raises(ab.SpecError, match=r"model 0's state_dict's '0\.weight' axis 0 has length 16"):
+        ab.merge_many(models, spec=wide, progress=False)
+
+
+def test_merge_many_looks_through_wrappers():
+    models = [mlp(seed) for seed in range(2)]
+    wrapped = [nn.DataParallel(models[0]), torch.compile(models[1])]
+    with untouched(*wrapped):
+        merged = ab.merge_many(wrapped, example_inputs=X, progress=False)
+    plain = ab.merge_many(models, example_inputs=X, progress=False)
+    assert type(merged) is nn.Sequential
+    assert all(torch.equal(v, plain.state_dict()[k]) for k, v in merged.state_dict().items())
+
+
+def test_merge_many_without_example_inputs_says_it_did_not_verify():
+    models = [mlp(seed) for seed in range(2)]
+    loaded = ab.PermutationSpec.from_json(infer_spec(models[0], X).to_json())  # no inputs kept
+    with pytest.warns(UserWarning, match=r"not verified .* pass example_inputs="):
+        ab.merge_many(models, spec=loaded, progress=False)
+    with pytest.warns(UserWarning, match="state dicts: the aligned models were not verified"):
+        ab.merge_many([m.state_dict() for m in models], spec=loaded, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        stats: dict = {}
+        ab.merge_many(models, spec=loaded, example_inputs=X, progress=False, stats=stats)
+    assert max(stats["verify_errors"]) <= 1e-5
+
+
+def _renamed(seed: int = 0):
+    from collections import OrderedDict
+    torch.manual_seed(seed)
+    return nn.Sequential(OrderedDict(fc1=nn.Linear(4, 16), act=nn.ReLU(), fc2=nn.Linear(16, 3)))
+
+
+@pytest.mark.parametrize("method", ["weight", "activation", "ste"])
+@pytest.mark.parametrize("other, needle", [
+    (_renamed, r"has no entry 'fc1\.weight' that group 'fc1:out' permutes"),
+    (lambda: mlp(0, width=32), r"'0\.weight' axis 0 has length 16, group '0:out' needs"),
+    (lambda: mlp(0, width=8), r"'0\.weight' has shape \(16, 4\), but the spec was made for "
+                              r"shape \(8, 4\)"),
+], ids=["renamed", "wider", "narrower"])
+def test_matchers_refuse_a_spec_of_another_model_naming_the_tensor(method, other, needle):
+    from autobasin.match.ste import ste_matching
+    a, b = mlp(0), mlp(1)
+    spec = infer_spec(other(), X)
+    data = [(X, torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]))]
+    run = {"weight": lambda: weight_matching(spec, a.state_dict(), b.state_dict(), progress=False),
+           "activation": lambda: activation_matching(spec, a, b, data, progress=False),
+           "ste": lambda: ste_matching(spec, a, b, data, max_steps=1, progress=False)}[method]
+    with untouched(a, b), pytest.raises(ab.SpecError, match=needle):
+        run()
+
+
+def test_activation_matching_looks_through_wrappers():
+    a, b = ConvBN(0), ConvBN(1)
+    spec = infer_spec(a, IMG)
+    plain = activation_matching(spec, a, b, [IMG], progress=False)
+    wrapped = activation_matching(spec, nn.DataParallel(a), nn.DataParallel(b), [IMG],
+                                  progress=False)
+    assert all(torch.equal(plain[g], wrapped[g]) for g in spec.groups)
+    assert any(not torch.equal(p, torch.arange(len(p))) for p in plain.values())
+
+
 # ====================================================================== determinism
 def _noisy_pair():
     a = ConvBN(0, c=16)

@@ -149,3 +149,36 @@ def test_in_place_permutation_matches_apply_permutation_with_tied_weights():
     for key, value in expected.items():
         assert torch.equal(in_place.state_dict()[key], value), key
     assert any(not torch.equal(model.state_dict()[k], v) for k, v in expected.items())
+
+
+def test_check_fits_names_the_group_and_the_tensor():
+    from autobasin.spec import Group, Member, TensorInfo
+    sd = {"w": torch.zeros(8, 4), "v": torch.zeros(3, 8)}
+    plain = Member("w", 0, 0, (8,), (1,), 0)
+    tensors = {"w": TensorInfo((8, 4), True, True), "v": TensorInfo((3, 8), True, True)}
+
+    def spec(*members, size=8):
+        return PermutationSpec([Group("g", size, list(members))], tensors)
+
+    spec(plain, Member("v", 1, 0, (8,), (1,), 0)).check_fits(sd)  # fits: no error
+    spec(Member("w", 0, 4, (2, 2), (2, 1), 1), size=2).check_fits(sd)  # a grid inside the axis
+    cases = [
+        (spec(Member("u", 0, 0, (8,), (1,), 0)), r"model a has no entry 'u' that group 'g'"),
+        (spec(Member("w", 2, 0, (8,), (1,), 0)), r"model a's 'w' has 2 axes; group 'g' permutes axis 2"),
+        (spec(Member("w", 0, 0, (4,), (1,), 0)), r"member w\[0\] of group 'g' has size 4, the group 8"),
+        (spec(Member("w", 0, 0, (2, 4), (4,), 1), size=4), r"of group 'g' is malformed"),
+        (spec(Member("w", 0, 4, (8,), (1,), 0)),
+         r"model a's 'w' axis 0 has length 8, group 'g' needs positions 4\.\.11"),
+        (spec(Member("w", 1, 0, (4,), (1,), 0), size=4), None),  # fits: axis 1 has length 4
+    ]
+    for s, needle in cases:
+        if needle is None:
+            s.check_fits(sd, "model a")
+            continue
+        with pytest.raises(SpecError, match=needle):
+            s.check_fits(sd, "model a")
+    narrow = PermutationSpec([Group("g", 4, [Member("w", 0, 0, (4,), (1,), 0)])],
+                             {"w": TensorInfo((4, 4), True, True)})
+    with pytest.raises(SpecError, match=r"'w' has shape \(8, 4\), but the spec was made for shape "
+                                        r"\(4, 4\) \(group 'g' permutes axis 0\)"):
+        narrow.check_fits(sd, "model a")

@@ -60,7 +60,7 @@ import torch.fx as fx
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..guard import check_model_finite, check_model_materialized
+from ..guard import check_model_finite, check_model_materialized, unwrap_model
 from ..permute import apply_permutation
 from ..inputs import as_inputs
 from ..repair import batch_input, model_device
@@ -558,6 +558,9 @@ def activation_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, data:
             JSON) is re-inferred from ``a`` on the first batch and must agree.
         a, b: the two models (same architecture); neither is modified, and
             their train/eval modes are restored (they run in eval mode).
+            Wrappers (``nn.DataParallel``, DDP, ``torch.compile``) are looked
+            through. The spec must fit both (:meth:`PermutationSpec.check_fits`):
+            a spec of another model is a :class:`SpecError` naming the tensor.
         data: an iterable of batches; each batch is the model input or
             ``(input, target, ...)`` / a dict (see :func:`autobasin.repair.batch_input`),
             or whatever ``input_fn(batch)`` turns into the positional inputs.
@@ -593,9 +596,11 @@ def activation_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, data:
         raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
     if num_batches is not None and num_batches < 1:
         raise ValueError(f"num_batches must be at least 1, got {num_batches}")
+    a, b = unwrap_model(a), unwrap_model(b)
     for label, model in (("a", a), ("b", b)):
         check_model_materialized(model, "activation matching", f"model {label}")
         check_model_finite(model, label)
+        spec.check_fits(model.state_dict(), f"model {label}")  # a spec of another model
     dev_a, dev_b = model_device(a), model_device(b)
     stat_device = torch.device(device) if device is not None else dev_a
 

@@ -43,10 +43,10 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from tqdm.auto import tqdm
 
 from ..barrier import _batch_target
-from ..guard import check_model_finite, check_model_materialized
+from ..guard import check_model_finite, check_model_materialized, unwrap_model
 from ..permute import _check_perm, apply_permutation
 from ..repair import batch_input, model_device
-from ..spec import PermutationSpec, SpecError
+from ..spec import PermutationSpec
 from .weight import weight_matching
 
 Perms = dict[str, torch.Tensor]
@@ -73,7 +73,10 @@ def ste_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, data: Iterab
 
     Args:
         spec: the groups to permute.
-        a, b: the two models; neither is modified (modes restored).
+        a, b: the two models; neither is modified (modes restored). Wrappers
+            (``nn.DataParallel``, DDP, ``torch.compile``) are looked through; the
+            spec must fit both (:meth:`PermutationSpec.check_fits`, else a
+            :class:`SpecError` naming the tensor).
         data: a re-iterable of ``(input, target)`` batches (a DataLoader), read
             ``epochs`` times; see ``input_fn``/``target_fn`` for other layouts.
         loss_fn: ``loss_fn(output, target) -> scalar``; default cross-entropy.
@@ -104,9 +107,11 @@ def ste_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, data: Iterab
     start = time.perf_counter()
     if epochs < 1:
         raise ValueError(f"epochs must be at least 1, got {epochs}")
+    a, b = unwrap_model(a), unwrap_model(b)
     for label, model in (("a", a), ("b", b)):
         check_model_materialized(model, "STE matching", f"model {label}")
         check_model_finite(model, label)
+        spec.check_fits(model.state_dict(), f"model {label}")  # a spec of another model
     loss_fn = F.cross_entropy if loss_fn is None else loss_fn
     if target_fn is None:
         def target_fn(batch):
@@ -120,9 +125,6 @@ def ste_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, data: Iterab
     device = model_device(a)
     sd_a = {k: v.detach() for k, v in a.state_dict().items()}
     sd_b = {k: v.detach().to(device) for k, v in b.state_dict().items()}
-    for name in spec.members_by_param():
-        if name not in sd_a or name not in sd_b:
-            raise SpecError(f"the spec permutes {name!r}, which is not in both models' state_dicts")
 
     # θ̃: one leaf per distinct floating parameter, under every name it has
     named = list(a.named_parameters(remove_duplicate=False))

@@ -94,26 +94,13 @@ class _Term:
 
 def _validate(spec: PermutationSpec, sd_a: Mapping[str, torch.Tensor],
               sd_b: Mapping[str, torch.Tensor]) -> None:
-    for gname, g in spec.groups.items():
-        for m in g.members:
-            for label, sd in (("a", sd_a), ("b", sd_b)):
-                if m.param not in sd:
-                    raise SpecError(f"state_dict {label} has no entry {m.param!r} "
-                                    f"that group {gname!r} permutes")
-            ta, tb = sd_a[m.param], sd_b[m.param]
-            if ta.shape != tb.shape:
-                raise SpecError(f"{m.param!r} has shape {tuple(ta.shape)} in a but "
-                                f"{tuple(tb.shape)} in b")
-            if m.axis >= ta.dim():
-                raise SpecError(f"{m.param!r} has {ta.dim()} axes; group {gname!r} "
-                                f"permutes axis {m.axis}")
-            if m.size != g.size:
-                raise SpecError(f"member {m.describe()} of group {gname!r} has size "
-                                f"{m.size}, the group {g.size}")
-            need = int(m.positions().max()) + 1 if g.size else 0
-            if ta.shape[m.axis] < need:
-                raise SpecError(f"{m.param!r} axis {m.axis} has length {ta.shape[m.axis]}, "
-                                f"group {gname!r} needs {need}")
+    spec.check_fits(sd_a, "state_dict a")
+    spec.check_fits(sd_b, "state_dict b")
+    for param in spec.members_by_param():
+        ta, tb = sd_a[param], sd_b[param]
+        if ta.shape != tb.shape:
+            raise SpecError(f"{param!r} has shape {tuple(ta.shape)} in a but "
+                            f"{tuple(tb.shape)} in b")
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
