@@ -5,13 +5,13 @@ import copy
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import nn
 
 from .guard import check_model_finite, check_model_materialized, eval_mode, unwrap_model
-from .inputs import as_inputs
+from .inputs import as_inputs, select_outputs
 from .match.weight import weight_matching
 from .merge import state_dict_mismatch
 from .permute import EquivalenceError, apply_permutation, relative_error
@@ -174,19 +174,22 @@ def check_same_architecture(a: nn.Module, b: nn.Module) -> None:
         raise ArchitectureMismatchError(problem)
 
 
-def outputs_relative_error(reference: nn.Module, other: nn.Module, example_inputs) -> float:
-    """Relative L2 error of ``other``'s outputs against ``reference``'s, in eval mode.
+def outputs_relative_error(reference: nn.Module, other: nn.Module, example_inputs,
+                           outputs: Sequence | None = None) -> float:
+    """Relative L2 error of ``other``'s outputs against ``reference``'s, in eval mode,
+    over the ``outputs`` named (all when None; see :func:`autobasin.infer.infer_spec`).
 
     Both run without grad; every submodule's train/eval mode is restored.
     """
     inputs = as_inputs(example_inputs, reference)
     with torch.no_grad(), eval_mode(reference, other):
         ref, out = inputs.call(reference), inputs.call(other)
-    return relative_error(ref, out)
+    return relative_error(select_outputs(ref, outputs), select_outputs(out, outputs))
 
 
 def verify_error(reference: nn.Module, other: nn.Module, example_inputs,
-                 rtol: float = 1e-4) -> tuple[float, torch.dtype | None]:
+                 rtol: float = 1e-4, outputs: Sequence | None = None
+                 ) -> tuple[float, torch.dtype | None]:
     """:func:`outputs_relative_error`, judged in float32 or wider.
 
     Permuting hidden units changes the order of sums, so half-precision
@@ -201,13 +204,13 @@ def verify_error(reference: nn.Module, other: nn.Module, example_inputs,
     low = any(d.itemsize < 4 for d in dtypes)
     err = float("inf")
     if not low:
-        err = outputs_relative_error(reference, other, example_inputs)
+        err = outputs_relative_error(reference, other, example_inputs, outputs)
         if err <= rtol or dtypes == {torch.float64}:
             return err, None
     for wide in ((torch.float32, torch.float64) if low else (torch.float64,)):
         inputs = as_inputs(example_inputs, reference).to(dtype=wide)
         err = outputs_relative_error(copy.deepcopy(reference).to(wide),
-                                     copy.deepcopy(other).to(wide), inputs)
+                                     copy.deepcopy(other).to(wide), inputs, outputs)
         if err <= rtol:
             break
     return err, wide
@@ -293,7 +296,7 @@ def auto_rebasin(a: nn.Module, b: nn.Module, example_inputs=None, method: str = 
             warnings.warn("auto_rebasin: no example inputs, so the aligned model was not "
                           "verified; pass example_inputs=... to check it", stacklevel=2)
         else:
-            err, wide = verify_error(b, aligned, inputs)
+            err, wide = verify_error(b, aligned, inputs, outputs=spec.outputs)
             stats["verify_error"] = err
             if wide is not None:
                 stats["verify_dtype"] = str(wide).removeprefix("torch.")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.utils._pytree as pytree
@@ -115,3 +115,24 @@ def positional(model: nn.Module, inputs: ModelInputs) -> tuple | None:
         else:
             return None
     return tuple(out)
+
+
+def select_output(value: Any, key: Any) -> Any:
+    """``value[key]`` for a dict, ``ModelOutput`` or sequence; a dataclass's
+    field ``key``. Raises ``KeyError`` naming what there is."""
+    if isinstance(value, dict) or (hasattr(value, "keys") and hasattr(value, "__getitem__")):
+        if key in value.keys():
+            return value[key]
+        raise KeyError(f"the model's output has no {key!r}; it has {list(value.keys())}")
+    if isinstance(value, (list, tuple)) and isinstance(key, int):
+        if -len(value) <= key < len(value):
+            return value[key]
+        raise KeyError(f"the model's output has {len(value)} entries, not index {key}")
+    if hasattr(value, key if isinstance(key, str) else ""):
+        return getattr(value, key)
+    raise KeyError(f"cannot select {key!r} from a {type(value).__name__} output")
+
+
+def select_outputs(value: Any, keys: Sequence | None) -> Any:
+    """The outputs named by ``keys`` (all of ``value`` when None), as a list."""
+    return value if keys is None else [select_output(value, k) for k in keys]

@@ -123,8 +123,8 @@ def _verify_aligned(models: list[nn.Module], aligned: list[StateDict], spec,
     are no inputs to run."""
     from .api import verify_error
     from .permute import EquivalenceError
+    from .inputs import as_inputs
     from .repair import model_device
-    from .trace import as_args
 
     inference = getattr(spec, "_inference", None)
     if example_inputs is None and inference is not None:
@@ -137,11 +137,10 @@ def _verify_aligned(models: list[nn.Module], aligned: list[StateDict], spec,
     errors = []
     for i, (model, state) in enumerate(zip(models, aligned)):
         device = model_device(model)
-        args = tuple(t.to(device) if isinstance(t, torch.Tensor) else t
-                     for t in as_args(example_inputs))
+        inputs = as_inputs(example_inputs, model).to(device)
         permuted = copy.deepcopy(model)
         permuted.load_state_dict(state)
-        err, _ = verify_error(model, permuted, args)
+        err, _ = verify_error(model, permuted, inputs, outputs=spec.outputs)
         del permuted
         if not err <= 1e-4:
             raise EquivalenceError(

@@ -12,6 +12,7 @@ from typing import Mapping
 
 import torch
 
+from .inputs import select_outputs
 from .spec import Member, PermutationSpec, SpecError
 
 Perms = dict[str, torch.Tensor]
@@ -216,9 +217,9 @@ def _float64_confirms(model: torch.nn.Module, spec: PermutationSpec, perms: Perm
     wide = copy.deepcopy(model).double().eval()
     wide_inputs = inputs.to(dtype=torch.float64)
     with torch.no_grad():
-        ref = wide_inputs.call(wide)
+        ref = select_outputs(wide_inputs.call(wide), spec.outputs)
         _permute_model_(wide, spec, perms)
-        return relative_error(ref, wide_inputs.call(wide)) <= rtol
+        return relative_error(ref, select_outputs(wide_inputs.call(wide), spec.outputs)) <= rtol
 
 
 def check_equivalence(model: torch.nn.Module, spec: PermutationSpec, example_inputs=None,
@@ -253,7 +254,7 @@ def check_equivalence(model: torch.nn.Module, spec: PermutationSpec, example_inp
     with torch.no_grad(), eval_mode(model, permuted):  # every submodule's mode restored
         ref = inputs.call(model)
         out = inputs.call(permuted)
-    err = relative_error(ref, out)
+    err = relative_error(select_outputs(ref, spec.outputs), select_outputs(out, spec.outputs))
     del ref, out
     if not err <= rtol:
         del permuted  # the float64 re-check needs the memory; rebuilt below if it fails

@@ -111,14 +111,19 @@ class PermutationSpec:
     with a meaning, such as a kernel's spatial axes or an embedding's
     vocabulary rows: no symmetry to find), ``"fixed"`` (a hidden axis left
     unpermuted) or ``"trivial"`` (length 1); None for a spec made by hand.
+    ``outputs``: the outputs that define what the model computes (keys of a
+    dict / ``ModelOutput``, or indices), when inference was told to keep only
+    those fixed; None means every output. Checks compare only these.
     """
 
     def __init__(self, groups: Iterable[Group], tensors: dict[str, TensorInfo],
-                 blocked: Iterable[tuple[str, str]] = (), axes: dict[str, list[str]] | None = None):
+                 blocked: Iterable[tuple[str, str]] = (), axes: dict[str, list[str]] | None = None,
+                 outputs: list | None = None):
         self.groups: dict[str, Group] = {g.name: g for g in groups}
         self.tensors = dict(tensors)
         self.blocked = list(blocked)
         self.axes = dict(axes) if axes is not None else None
+        self.outputs = list(outputs) if outputs is not None else None
         self._inference = None  # set by infer_spec: the traced graph, for diagnosis
 
     # ----------------------------------------------------------------- queries
@@ -254,7 +259,8 @@ class PermutationSpec:
                  for g in self.groups.values() if g.name in names for m in g.members
                  if axes is not None and axes[m.param][m.axis] == "fixed"]
         spec = PermutationSpec(kept, self.tensors,
-                               self.blocked + [(n, "fixed by user") for n in names] + freed, axes)
+                               self.blocked + [(n, "fixed by user") for n in names] + freed, axes,
+                               self.outputs)
         spec._inference = self._inference
         return spec
 
@@ -294,6 +300,7 @@ class PermutationSpec:
                             "floating": v.floating} for k, v in self.tensors.items()},
             "blocked": [list(b) for b in self.blocked],
             **({"axes": self.axes} if self.axes is not None else {}),
+            **({"outputs": self.outputs} if self.outputs is not None else {}),
         }
 
     def to_json(self, indent: int | None = 1) -> str:
@@ -309,7 +316,8 @@ class PermutationSpec:
                   for g in d["groups"]]
         tensors = {k: TensorInfo(tuple(v["shape"]), bool(v["is_parameter"]), bool(v["floating"]))
                    for k, v in d["tensors"].items()}
-        return cls(groups, tensors, [tuple(b) for b in d.get("blocked", [])], d.get("axes"))
+        return cls(groups, tensors, [tuple(b) for b in d.get("blocked", [])], d.get("axes"),
+                   d.get("outputs"))
 
     @classmethod
     def from_json(cls, text: str) -> "PermutationSpec":

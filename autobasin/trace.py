@@ -14,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
+import io
+import logging
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterable
@@ -207,6 +209,25 @@ _EXPORT_CHECKS = ("_assert_tensor_metadata", "_assert_scalar", "_assert_async",
 
 
 @contextlib.contextmanager
+def _quiet_torch_logs():
+    """torch.export logs warnings of its own while it tries (data-dependent
+    guards) and prints the partial graph to stderr when it fails; whether it
+    fails is reported by its exception, which the caller turns into a
+    TraceError, so that output is kept off the user's terminal."""
+    loggers = [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)
+               if name == "torch" or name.startswith("torch.")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+@contextlib.contextmanager
 def _batched_experts(model: nn.Module):
     """Hugging Face mixtures of experts run their experts one of several ways
     that compute the same function (``config._experts_implementation``); the
@@ -237,7 +258,7 @@ def export_trace(model: nn.Module, inputs) -> tuple[fx.GraphModule, tuple]:
     """
     import torch.fx._pytree as fx_pytree
     from .guard import eval_mode
-    with eval_mode(model), _batched_experts(model):
+    with eval_mode(model), _batched_experts(model), _quiet_torch_logs():
         ep = torch.export.export(model, tuple(inputs.args), dict(inputs.kwargs), strict=False)
     gm = ep.module()
     flat = tuple(fx_pytree.tree_flatten_spec((tuple(inputs.args), dict(inputs.kwargs)), gm._in_spec))
@@ -248,6 +269,7 @@ def export_trace(model: nn.Module, inputs) -> tuple[fx.GraphModule, tuple]:
             if not n.users:
                 gm.graph.erase_node(n)
     gm.meta["in_spec"] = gm._in_spec  # how (args, kwargs) flatten to the placeholders
+    gm.meta["out_spec"] = gm._out_spec  # how the flat outputs rebuild forward's result
     gm.graph._codegen = fx.graph.CodeGen()  # flat inputs in, flat outputs out
     gm.recompile()
     return gm, flat

@@ -641,7 +641,8 @@ def test_inspect_shows_blocked_ops_and_why(tmp_path, capsys):
                        "--input-size", 4, "-q")
     assert code == 1
     assert "Traceback" not in err
-    assert err.strip().startswith("autobasin: error: torch.fx cannot trace") and "Branchy" in err
+    assert err.strip().startswith("autobasin: error: cannot capture Branchy: torch.fx cannot trace")
+    assert "torch.export" in err and len(err.strip().splitlines()) == 1
 
 
 def test_training_checkpoint_layouts_keep_dtype(files, tmp_path, capsys):

@@ -88,3 +88,20 @@ def test_cli_options_in_the_guide_exist():
             assert flag in options[cmd], f"`autobasin {cmd}` has no option {flag}"
     for flag in re.findall(r"`(--[a-z][a-z-]*)", text):   # options named on their own
         assert any(flag in opts for opts in options.values()), flag
+
+
+def test_hugging_face_example_prints_what_the_guide_shows():
+    (block,) = re.findall(r"```python\n(.*?)```", _section("Hugging Face transformers"), re.S)
+    scope: dict = {"__name__": "guide_hf_example"}
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(compile(block, "guide.md: Hugging Face", "exec"), scope)
+    lines = printed.getvalue().splitlines()
+    assert f"# {lines[0]}" in block                       # the summary line, verbatim
+    shown = [ln[2:] for ln in block.splitlines() if ln.startswith("# model.")]
+    for line in shown:                                    # each group shown: name and size
+        name_and_size = line.split("  model.")[0].rstrip(" .")
+        assert any(out.startswith(name_and_size) for out in lines), line
+    assert "inv_freq" in lines[-1]                        # the fixed q/k head-dim and why
+    spec = scope["spec"]
+    assert spec._inference.capture == "export" and len(spec.groups) == 9

@@ -38,6 +38,10 @@ MODELS = {
                                                            num_heads=4, vocab_size=64)), SEQ2SEQ),
     "mixtral": lambda: (T.MixtralForCausalLM(T.MixtralConfig(num_key_value_heads=2, num_local_experts=4,
                                                              num_experts_per_tok=2, **SMALL)), TEXT),
+    "bart": lambda: (T.BartForConditionalGeneration(T.BartConfig(
+        d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, vocab_size=64,
+        max_position_embeddings=64)), SEQ2SEQ),
     "vit": lambda: (T.ViTForImageClassification(T.ViTConfig(image_size=32, patch_size=8, **VISION)),
                     {"pixel_values": torch.randn(2, 3, 32, 32)}),
 }
@@ -68,7 +72,10 @@ def residual_group(model, spec) -> str | None:
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_hf_model_spec_is_exact_with_its_residual_stream_permuted(name):
     model, inputs = build(name)
-    spec = infer_spec(model, inputs)
+    # an encoder-decoder also returns the encoder's last hidden state: only the
+    # logits define what it computes, so the encoder's stream may move
+    outputs = ["logits"] if name in ("t5", "bart") else None
+    spec = infer_spec(model, inputs, outputs=outputs)
     assert spec._inference.capture == "export"  # fx cannot trace an HF top-level forward
     for seed in (0, 1):
         assert ab.check_equivalence(model, spec, seed=seed) <= 1e-4
@@ -87,8 +94,7 @@ def test_hf_model_spec_is_exact_with_its_residual_stream_permuted(name):
         assert spec.coverage() >= 0.7
     else:
         assert spec.coverage() >= 0.9, spec.fixed_axes()[:5]
-    if name != "t5":  # T5's output holds the encoder's last hidden state: its stream is an output
-        assert residual_group(model, spec) is not None
+    assert residual_group(model, spec) is not None
 
 
 def test_llama_spec_has_the_grouped_query_attention_structure():
@@ -143,3 +149,29 @@ def test_capture_fx_on_an_hf_model_names_the_failure_and_auto_falls_back():
     with pytest.raises(ab.TraceError, match="GPT2LMHeadModel"):
         infer_spec(model, inputs, capture="fx")
     assert infer_spec(model, inputs, capture="auto")._inference.capture == "export"
+
+
+def test_encoder_decoder_outputs_decide_whether_the_encoder_stream_moves():
+    """With every output kept, T5's encoder_last_hidden_state ties its residual
+    stream to the output (structural, not counted as hidden); with
+    outputs=["logits"] it is permuted, and the checks compare the logits only."""
+    model, inputs = build("t5")
+    full = infer_spec(model, inputs)
+    assert residual_group(model, full) is None
+    assert "structural" in full.axis_kinds("shared.weight")
+    logits_only = infer_spec(model, inputs, outputs=["logits"])
+    assert residual_group(model, logits_only) is not None
+    assert logits_only.outputs == ["logits"]
+    again = ab.PermutationSpec.from_json(logits_only.to_json())
+    assert again.outputs == ["logits"]
+    perms = ab.random_permutation(logits_only, seed=1)
+    moved = ab.permute_model(model, logits_only, perms)
+    with torch.no_grad():
+        ref, out = model(**inputs, use_cache=False), moved(**inputs, use_cache=False)
+    assert torch.allclose(ref.logits, out.logits, atol=1e-5)
+    assert not torch.allclose(ref.encoder_last_hidden_state, out.encoder_last_hidden_state)
+    with pytest.raises(ab.EquivalenceError):  # all outputs compared: the hidden state moved
+        ab.check_equivalence(model, ab.PermutationSpec(
+            logits_only.groups.values(), logits_only.tensors), inputs, seed=1)
+    with pytest.raises(KeyError, match="logits"):
+        infer_spec(model, inputs, outputs=["logitz"])

@@ -456,7 +456,15 @@ def test_opaque_call_that_mutates_its_input_is_not_a_pass_through():
             return self.c(torch.relu(self.inplace(self.a(x))))
     model = M().eval()
     with pytest.warns(UserWarning, match="inplace"):
-        spec = infer_spec(model, torch.randn(2, 4, 3))
+        spec = infer_spec(model, torch.randn(2, 4, 3), capture="fx")
     assert not any(m.param == "inplace.rel" for g in spec.groups.values() for m in g.members)
     assert not any(m.param == "a.weight" and m.axis == 0 for g in spec.groups.values() for m in g.members)
     assert check_equivalence(model, spec, torch.randn(2, 4, 3)) <= 1e-4
+    # torch.export sees the write into the slice: rel follows a's output features
+    spec = infer_spec(model, torch.randn(2, 4, 3))
+    assert spec._inference.capture == "export"
+    (group,) = spec.groups.values()
+    assert {(m.param, m.axis) for m in group.members} >= {("a.weight", 0), ("inplace.rel", 0),
+                                                          ("c.weight", 1)}
+    for seed in (0, 1):
+        assert check_equivalence(model, spec, torch.randn(2, 4, 3), seed=seed) <= 1e-4

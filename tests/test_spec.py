@@ -82,11 +82,20 @@ def test_errors_name_the_group_or_tensor(vit_spec):
         apply_permutation(vit_spec, perms, sd2)
 
 
-def test_coverage_counts_permuted_parameter_elements():
+def test_coverage_counts_hidden_axes_and_element_coverage_counts_elements():
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
     spec = infer_spec(model, torch.randn(2, 4))
+    # the hidden axis (8) is permuted; 0.weight[1] and 2.weight[0] are tied to the input and
+    # output, 2.bias has only its output axis: every hidden axis moves
+    assert spec.axis_kinds("0.weight") == ["permuted", "structural"]
+    assert spec.axis_kinds("2.bias") == ["structural"]
+    assert spec.coverage() == 1.0
     # every element of 0.weight (8x4), 0.bias (8), 2.weight (2x8) is on the hidden axis; 2.bias is not
-    assert spec.coverage() == pytest.approx((32 + 8 + 16) / (32 + 8 + 16 + 2))
+    assert spec.element_coverage() == pytest.approx((32 + 8 + 16) / (32 + 8 + 16 + 2))
+    # fixing the group leaves every hidden axis fixed, each with its reason
+    fixed = spec.without("0:out")
+    assert fixed.coverage() == 0.0
+    assert {n for n, _ in fixed.fixed_axes()} == {"0.weight[0]", "0.bias[0]", "2.weight[1]"}
 
 
 class Tied(nn.Module):

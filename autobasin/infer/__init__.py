@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import inspect
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import torch
 import torch.fx as fx
@@ -10,7 +10,7 @@ from torch import nn
 
 from ..guard import eval_mode, is_meta_model, unwrap_model
 from ..spec import Group, Member, PermutationSpec, TensorInfo
-from ..inputs import ModelInputs, as_inputs, positional
+from ..inputs import ModelInputs, as_inputs, positional, select_output
 from ..trace import ExampleRecorder, TraceError, default_inputs, export_trace, symbolic_trace
 from . import rules as _rules  # noqa: F401 - registers the built-in rules
 from .engine import GraphInference, TensorTable, layout_symbols, map_meta
@@ -56,8 +56,9 @@ def capture_graph(model: nn.Module, inputs: ModelInputs, opaque: Iterable = (),
     if capture in ("auto", "fx"):
         args = positional(model, inputs)
         if args is None:
-            fx_error = TraceError(f"the keyword inputs {sorted(inputs.kwargs)} cannot be passed "
-                                  f"positionally to {type(model).__name__}.forward")
+            fx_error = TraceError(f"torch.fx takes positional inputs, and the keyword inputs "
+                                  f"{sorted(inputs.kwargs)} cannot be passed positionally to "
+                                  f"{type(model).__name__}.forward")
         else:
             try:
                 gm, opaque_modules = symbolic_trace(model, opaque, n_inputs=len(args))
@@ -71,10 +72,10 @@ def capture_graph(model: nn.Module, inputs: ModelInputs, opaque: Iterable = (),
     try:
         gm, flat = export_trace(model, inputs)
     except Exception as e:  # noqa: BLE001 - say what each front end reported
-        tried = f"torch.fx: {fx_error}; " if fx_error is not None else ""
+        tried = f"{fx_error}; " if fx_error is not None else ""
+        first = (str(e).strip().splitlines() or [""])[0]
         raise TraceError(f"cannot capture {type(model).__name__}: {tried}torch.export "
-                         f"(non-strict): {type(e).__name__}: {str(e).strip().splitlines()[0]}"
-                         if str(e).strip() else f"{type(e).__name__}") from e
+                         f"(non-strict) failed too: {type(e).__name__}: {first}") from e
     return gm, flat, {}, "export"
 
 
@@ -84,8 +85,9 @@ class Inference:
     spec (``spec._inference``) to explain failures; not serialised."""
 
     def __init__(self, model: nn.Module, inputs: ModelInputs, opaque: Iterable = (),
-                 capture: str = "auto"):
+                 capture: str = "auto", outputs: Sequence | None = None):
         self.example_inputs = inputs
+        self.outputs = None if outputs is None else list(outputs)
         self.gm, self.flat_inputs, self.opaque_modules, self.capture = capture_graph(
             model, inputs, opaque, capture)
         capture_nodes = {n for n in self.gm.graph.nodes
@@ -102,10 +104,22 @@ class Inference:
         self.model_state_names = list(model.state_dict().keys())
         self.graph = GraphInference(self.gm, self.sym, self.table, rec.meta, rec.captured,
                                     passthrough=rec.passthrough)
-        self.graph.run()
+        out_layout = self.graph.run(block_outputs=False)
+        for s in layout_symbols(self._selected(out_layout)):
+            self.sym.block(s, "graph output", structural=True)
         del rec
         self._finish()
         self.root_to_group: dict[int, str] = {}
+
+    def _selected(self, out_layout):
+        """The part of the output's layout that defines what the model
+        computes: all of it, or the ``outputs`` asked for."""
+        if self.outputs is None:
+            return out_layout
+        if self.capture == "export":  # flat outputs: rebuild forward's structure
+            import torch.utils._pytree as pytree
+            out_layout = pytree.tree_unflatten(list(out_layout), self.gm.meta["out_spec"])
+        return [select_output(out_layout, key) for key in self.outputs]
 
     def _finish(self) -> None:
         """Undo a q/k/v distribution whose shared factors were constrained
@@ -154,7 +168,7 @@ class Inference:
         blocked = [(n, r) for n, r in self.graph.log]
         blocked += [(m, f"opaque module: {why}") for m, why in self.opaque_modules.items()]
         axes, fixed_axes = self._axis_kinds(state, members)
-        spec = PermutationSpec(groups, tensors, blocked + fixed_axes, axes)
+        spec = PermutationSpec(groups, tensors, blocked + fixed_axes, axes, self.outputs)
         spec._inference = self
         if fixed:
             spec = spec.without(*fixed)
@@ -178,6 +192,13 @@ class Inference:
                     row.append("trivial")
                 elif (name, axis) in on_axis:
                     row.append("permuted")
+                    # a part of the axis may still be fixed (RoPE's q/k head-dim
+                    # inside permuted heads): name the part and why
+                    for root, offset, shape, _, dim in sym.leaves(syms[axis]):
+                        if root in sym.blocked and root not in sym.structural:
+                            grid = "x".join(map(str, shape))
+                            reasons.append((f"{name}[{axis}@{offset}:{grid}.d{dim}]",
+                                            sym.blocked[root]))
                 elif not syms:
                     row.append("fixed")
                     reasons.append((f"{name}[{axis}]", self.table.unreached.get(
@@ -298,7 +319,8 @@ def _group_name(m: Member, state, used: set) -> str:
 
 
 def infer_spec(model: nn.Module, example_inputs=None, *, opaque: Iterable = (),
-               fixed: Iterable[str] = (), capture: str = "auto") -> PermutationSpec:
+               fixed: Iterable[str] = (), capture: str = "auto",
+               outputs: Sequence | None = None) -> PermutationSpec:
     """Infer which parameter axes of ``model`` can be permuted together.
 
     Args:
@@ -315,6 +337,12 @@ def infer_spec(model: nn.Module, example_inputs=None, *, opaque: Iterable = (),
             the top-level forward), ``"fx"`` or ``"export"``; see
             :func:`capture_graph`. The spec names tensors by their state_dict
             names whichever front end captured.
+        outputs: the outputs that define what the model computes, when not
+            all of them: keys of the dict / ``ModelOutput`` forward returns (or
+            indices of a tuple), e.g. ``("logits",)`` for a Hugging Face
+            encoder-decoder, whose ``encoder_last_hidden_state`` would
+            otherwise fix the encoder's residual stream. The spec keeps them
+            (``spec.outputs``) and every check compares only those.
 
     Returns:
         A :class:`PermutationSpec`. The model is run once in eval mode on the
@@ -333,7 +361,7 @@ def infer_spec(model: nn.Module, example_inputs=None, *, opaque: Iterable = (),
     inputs = as_inputs(example_inputs, model)
     if is_meta_model(model):
         inputs = inputs.to("meta")
-    inference = Inference(model, inputs, opaque, capture)
+    inference = Inference(model, inputs, opaque, capture, outputs)
     spec = inference.spec(fixed)
     if capture == "auto" and inference.capture == "fx" and not opaque and (
             spec.blocked_ops() or spec.coverage() < 1.0):
@@ -342,7 +370,7 @@ def infer_spec(model: nn.Module, example_inputs=None, *, opaque: Iterable = (),
         # looks through every module, so try it and keep the spec that permutes
         # more. Both fail closed.
         try:
-            other = Inference(model, inputs, (), "export").spec(fixed)
+            other = Inference(model, inputs, (), "export", outputs).spec(fixed)
         except Exception:  # noqa: BLE001 - export cannot capture it either: keep fx's
             return spec
         if other.coverage() > spec.coverage() + 1e-9:

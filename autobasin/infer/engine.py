@@ -198,7 +198,11 @@ class GraphInference:
         return self.tensors.symbols(self.prefix + target, self.gm, target)
 
     # ------------------------------------------------------------------ walk
-    def run(self, input_layouts: list | None = None, block_io: bool = True):
+    def run(self, input_layouts: list | None = None, block_io: bool = True,
+            block_outputs: bool = True):
+        """Walk the graph; return the output's layout. ``block_io`` blocks the
+        inputs' and outputs' axes (structural), ``block_outputs=False`` leaves
+        the outputs to the caller (who may block only some of them)."""
         placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
         for i, node in enumerate(placeholders):
             m = self.meta.get(node)
@@ -213,7 +217,7 @@ class GraphInference:
                 continue
             if node.op == "output":
                 out_layout = self._collect(node.args[0])
-                if block_io:
+                if block_io and block_outputs:
                     for s in layout_symbols(out_layout):
                         self.sym.block(s, "graph output", structural=True)
                 continue
