@@ -135,7 +135,7 @@ CASES = {
     "gpt2_conv1d": (lambda: nn.Sequential(Conv1D(8, 16), nn.GELU(), Conv1D(16, 3)),
                     torch.randn(2, 5, 8), 1.0, None),
     # the experts' units and the residual stream permute; the router's rows stay
-    # (argmax picks experts by position), with that reason given
+    # (its argmax is compared with expert numbers), with that reason given
     "sparse_moe": (SparseMoE, torch.randn(6, 8), 0.95, None),
     "pixel_shuffle": (lambda: nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(),
                                             nn.Conv2d(16, 16, 3, padding=1), nn.PixelShuffle(2),
@@ -180,3 +180,35 @@ def test_pixel_shuffle_keeps_whole_blocks_of_r_squared_channels_together():
     conv = [m for g in spec.groups.values() for m in g.members if m.param == "2.weight" and m.axis == 0]
     assert [(m.shape, m.dim) for m in conv] == [((4, 2, 2), 0)]  # 4 channels of 2x2 offsets
 
+
+
+def test_positions_compared_as_numbers_fix_their_axis_and_say_why():
+    torch.manual_seed(0)
+    model = randomize_state_(SparseMoE().eval(), 0, 0.3)
+    spec = infer_spec(model, torch.randn(6, 8))
+    reasons = dict(spec.fixed_axes())
+    assert "uses positions along the axis as numbers" in reasons["router.weight[0]"]
+
+
+class TopkGather(nn.Module):
+    """Pick rows of a table by the positions of the largest scores."""
+
+    def __init__(self):
+        super().__init__()
+        self.score, self.table, self.out = nn.Linear(8, 6), nn.Parameter(torch.randn(6, 5)), nn.Linear(5, 2)
+
+    def forward(self, x):
+        idx = self.score(x).topk(2, dim=-1).indices       # (B, 2) positions along the 6 scores
+        return self.out(self.table[idx].sum(1)) + self.out(nn.functional.embedding(idx, self.table).mean(1))
+
+
+def test_topk_indices_index_the_axis_they_rank():
+    torch.manual_seed(0)
+    model = randomize_state_(TopkGather().eval(), 0, 0.3)
+    for capture in ("fx", "export"):
+        spec = infer_spec(model, torch.randn(4, 8), capture=capture)
+        (group,) = [g for g in spec.groups.values() if g.size == 6]
+        assert {(m.param, m.axis) for m in group.members} == {("score.weight", 0), ("score.bias", 0),
+                                                              ("table", 0)}
+        for seed in (0, 1):
+            assert ab.check_equivalence(model, spec, seed=seed) <= 1e-5

@@ -27,6 +27,12 @@ from .symbols import Refinement, Symbols
 
 MAX_INLINE_DEPTH = 4
 
+# Ops that move, copy or cast the values of their first argument without computing on them:
+# positions along an axis (see Context.set_positions) stay positions through them.
+_MOVES_VALUES = {"view", "reshape", "_unsafe_view", "flatten", "unflatten", "squeeze", "unsqueeze",
+                 "clone", "contiguous", "to", "_to_copy", "alias", "detach", "expand", "permute",
+                 "transpose", "t", "view_as", "reshape_as", "type_as", "long", "int"}
+
 # Reading a tensor's shape or type says nothing about the order of its entries.
 SHAPE_QUERIES = {"size", "dim", "numel", "shape", "dtype", "device", "is_contiguous", "ndim",
                  "ndimension", "get_device", "is_floating_point", "element_size", "nelement",
@@ -70,6 +76,7 @@ class Context:
         self.args = node.args
         self.kwargs = node.kwargs
         self.module = engine.gm.get_submodule(node.target) if node.op == "call_module" else None
+        self.consumed: set[fx.Node] = set()
         # an ATen op registered as an alias of a torch function is seen as that function
         self.target = ALIASES.get(getattr(node.target, "overloadpacket", None), node.target)
 
@@ -168,6 +175,28 @@ class Context:
         """Layouts of the pieces of a tensor cut along ``axis`` into ``lengths``."""
         return self.engine.cut(layout, axis, lengths)
 
+    # ------------------------------------------------------------ positions
+    def set_positions(self, s: int, index: int | None = None) -> None:
+        """This op's result (element ``index`` of a tuple result) holds
+        positions along axis ``s`` (the indices of topk, argmax, sort): when
+        ``s`` is permuted they are renumbered, so whatever is indexed with them
+        must be permuted along with ``s``. Uses that read them as numbers fix
+        ``s`` (the engine does that)."""
+        if index is None:
+            self.engine.positions[self.node] = s
+        else:
+            self.engine.positions.setdefault(self.node, {})[index] = s
+
+    def positions(self, arg) -> int | None:
+        """The axis whose positions tensor ``arg`` holds, if it does."""
+        s = self.engine.positions.get(arg) if isinstance(arg, fx.Node) else None
+        return s if isinstance(s, int) else None
+
+    def consume(self, arg) -> None:
+        """This op indexes with the positions ``arg`` holds (having related
+        the indexed axis to them): that use keeps the axis free."""
+        self.consumed.add(arg)
+
 
 class GraphInference:
     """Inference over one GraphModule (the model, or the inside of an opaque call)."""
@@ -188,6 +217,9 @@ class GraphInference:
         self.distributions = distributions if distributions is not None else []
         self.passthrough = passthrough or {}
         self.cut_cache: dict[tuple[int, tuple[int, ...]], list] = {}
+        # integer tensors whose values are positions along an axis (the indices
+        # of topk or argmax): node -> symbol, or {tuple index: symbol}
+        self.positions: dict[fx.Node, Any] = {}
 
     def user_opaque(self, target: str, module) -> bool:
         opaque = self.tensors.opaque
@@ -243,18 +275,49 @@ class GraphInference:
         fn, what = self.find_rule(node, ctx)
         try:
             if fn is not None:
-                out = fn(ctx)
-                return self._check_layout(node, out)
-            return self.opaque(node, ctx, what)
+                out = self._check_layout(node, fn(ctx))
+            else:
+                out = self.opaque(node, ctx, what)
+            self._follow_positions(node, ctx)
+            return out
         except Exception as e:  # noqa: BLE001 - a failing rule fails closed
             reason = f"rule for {what} failed: {type(e).__name__}: {e}"
             self.log.append((node.name, reason))
+            for a in node.all_input_nodes:  # positions it may have used as numbers
+                held = self.positions.get(a)
+                for sym in (held.values() if isinstance(held, dict) else [held] if held is not None
+                            else []):
+                    self.sym.block(sym, reason)
             ctx.block_layout([self.layouts.get(a) for a in ctx.tensor_args()], reason)
             if node.op == "call_module":
                 # the rule may have related some of the module's tensors before
                 # it failed: none of them may move
                 self.block_module_tensors(ctx.module, reason)
             return ctx.fresh(blocked=reason)
+
+    def _follow_positions(self, node: fx.Node, ctx: "Context") -> None:
+        """Values that are positions along an axis (see :meth:`Context.set_positions`)
+        may be moved around (reshaped, copied, taken out of a tuple) and used to
+        index that axis (which a rule declares with :meth:`Context.consume`);
+        any other use reads them as numbers, and fixes the axis."""
+        for a in node.all_input_nodes:
+            s = self.positions.get(a)
+            if s is None or a in ctx.consumed:
+                continue
+            if isinstance(s, dict):  # a tuple: only taking an element out is safe
+                i = tuple_element(node)
+                if i is not None and node.args[0] is a:
+                    if i in s:
+                        self.positions[node] = s[i]
+                    continue
+                for sym in s.values():
+                    self.sym.block(sym, f"{node.name}: positions along the axis are used as numbers")
+                continue
+            if ctx.op_name in _MOVES_VALUES and node.all_input_nodes[0] is a \
+                    and is_tensor_meta(self.meta.get(node)):
+                self.positions[node] = s
+                continue
+            self.sym.block(s, f"{node.name}: {ctx.op_name} uses positions along the axis as numbers")
 
     def block_module_tensors(self, module: nn.Module, reason: str) -> None:
         """Block every axis of every parameter and buffer of ``module``."""
@@ -459,6 +522,22 @@ def _has_tensor(meta) -> bool:
     if isinstance(meta, dict):
         return any(_has_tensor(m) for m in meta.values())
     return False
+
+
+# torch.return_types (topk, sort, max, ...): named tuples of (values, indices)
+_RETURN_FIELDS = {"values": 0, "indices": 1}
+
+
+def tuple_element(node: fx.Node) -> int | None:
+    """Which element of a tuple ``node`` takes out: ``t[i]``, or ``t.values`` /
+    ``t.indices`` of a torch.return_types result; None otherwise."""
+    if node.op != "call_function" or len(node.args) < 2:
+        return None
+    if node.target is operator.getitem and isinstance(node.args[1], int):
+        return node.args[1]
+    if node.target is getattr and node.args[1] in _RETURN_FIELDS:
+        return _RETURN_FIELDS[node.args[1]]
+    return None
 
 
 def _dataclass_construction(ctx: Context):

@@ -102,7 +102,11 @@ def _conv_fn(ctx):
 
 
 def embedding_rule(ctx, idx, w):
-    ctx.block(w[0], "embedding rows are looked up by index", structural=True)
+    if ctx.positions(idx) is not None:  # rows picked by positions along another axis
+        ctx.union(w[0], ctx.positions(idx))
+        ctx.consume(idx)
+    else:
+        ctx.block(w[0], "embedding rows are looked up by index", structural=True)
     return list(ctx.layout(idx)) + [w[1]]
 
 

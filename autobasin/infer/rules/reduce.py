@@ -70,19 +70,53 @@ def _max(ctx):
 
 
 @rule(torch.argmax, torch.argmin, "argmax", "argmin", torch.topk, "topk", torch.sort, "sort",
-      torch.argsort, "argsort", torch.median, "median")
-def _positional_reduce(ctx):
-    """Ops whose result depends on the order along ``dim`` fix that axis."""
+      torch.argsort, "argsort")
+def _ranking(ctx):
+    """argmax / argmin / topk / sort / argsort along ``dim``: the indices they
+    return are positions along that axis (renumbered when it is permuted,
+    see :meth:`Context.set_positions`), the values do not depend on its order
+    (ties between equal entries aside: permuting may break them otherwise).
+    The other axes pass through; the ranked axis of the result (topk's k,
+    sort's order) is a new, fixed one."""
     x = ctx.args[0]
-    lay = ctx.layout(x)
+    lay = list(ctx.layout(x))
     name = ctx.op_name
     pos = 2 if name == "topk" else 1
     dim = ctx.value(ctx.arg(pos, "dim", -1))
-    if dim is None:
+    meta = ctx.meta()
+    if dim is None:  # over the flattened tensor: positions mix every axis
         ctx.block_layout(lay, f"{name} over all axes")
+        return ctx.fresh(blocked=f"{name} output")
+    d = norm_dim(dim, len(lay))
+    outs = [meta] if hasattr(meta, "shape") else list(meta)
+    layouts = []
+    for m in outs:
+        if len(m.shape) == len(lay):
+            layouts.append(lay[:d] + [ctx.new(m.shape[d], f"{name} order")] + lay[d + 1:])
+        elif len(m.shape) == len(lay) - 1:  # keepdim=False
+            layouts.append(lay[:d] + lay[d + 1:])
+        else:
+            raise ValueError(f"unexpected {name} result shape")
+    index_of = {"argmax": 0, "argmin": 0, "argsort": 0, "topk": 1, "sort": 1}[name]
+    if hasattr(meta, "shape"):
+        ctx.set_positions(lay[d])
+        return layouts[0]
+    ctx.set_positions(lay[d], index_of)
+    return layouts
+
+
+@rule(torch.median, "median")
+def _median(ctx):
+    """median along ``dim`` fixes that axis (its index output is positions
+    along it, and picks among ties by order)."""
+    x = ctx.args[0]
+    lay = ctx.layout(x)
+    dim = ctx.value(ctx.arg(1, "dim", None))
+    if dim is None:
+        ctx.block_layout(lay, "median over all axes")
     else:
-        ctx.block(lay[norm_dim(dim, len(lay))], f"{name} depends on order")
-    return ctx.fresh(blocked=f"{name} output")
+        ctx.block(lay[norm_dim(dim, len(lay))], "median depends on order")
+    return ctx.fresh(blocked="median output")
 
 
 @rule(torch.cumsum, "cumsum", torch.cumprod, "cumprod", torch.cummax, torch.logcumsumexp)

@@ -106,6 +106,9 @@ def _getattr(ctx):
         return lay[::-1] if attr in ("T", "H") else lay[:-2] + [lay[-1], lay[-2]]
     if attr == "data":
         return list(lay)
+    if attr in ("values", "indices") and isinstance(lay, list) and len(lay) == 2 \
+            and not hasattr(ctx.meta(x), "shape"):  # torch.return_types: (values, indices)
+        return lay[{"values": 0, "indices": 1}[attr]]
     if isinstance(lay, dict):  # a field of a dataclass or ModelOutput
         if attr not in lay:
             raise ValueError(f"field {attr!r} of a traced container")
@@ -252,12 +255,18 @@ def _index_tensor(ctx, x, idx):
         expanded.append(("value", slice(None)))
     tensor_items = [v for k, v in expanded if k == "tensor"]
     if tensor_items:
-        # advanced indexing: the indexed axes are fixed, the result is fixed
+        # advanced indexing: the indexed axes are fixed, the result is fixed;
+        # except an axis indexed by positions along itself (experts picked by
+        # a router's topk): permuting both leaves the picked entries as they are
         axis = 0
+        by_position = len(tensor_items) == 1 and ctx.positions(tensor_items[0]) is not None
         for k, v in expanded:
             if k == "value" and v is None:
                 continue
-            if k == "tensor" or not (isinstance(v, slice) and v == slice(None)):
+            if k == "tensor" and by_position:
+                ctx.union(lay[axis], ctx.positions(v))
+                ctx.consume(v)
+            elif k == "tensor" or not (isinstance(v, slice) and v == slice(None)):
                 ctx.block(lay[axis], "indexed by a tensor")
             axis += 1
         if len(tensor_items) == 1 and all(k == "tensor" or v == slice(None) for k, v in expanded):
@@ -268,7 +277,8 @@ def _index_tensor(ctx, x, idx):
             idx_nd = len(ctx.shape(tensor_items[0]))
             before = lay[:pos]
             after = lay[pos + 1:]
-            mid = [ctx.new(n, "gathered by index") for n in out_meta.shape[pos:pos + idx_nd]]
+            mid = list(ctx.layout(tensor_items[0])) if by_position else \
+                [ctx.new(n, "gathered by index") for n in out_meta.shape[pos:pos + idx_nd]]
             return before + mid + after
         return ctx.fresh(blocked="advanced indexing")
     ints = [i for i, (k, v) in enumerate(expanded) if isinstance(v, int) and not isinstance(v, bool)]
@@ -354,6 +364,13 @@ def _index_select(ctx):
     x = ctx.args[0]
     lay = list(ctx.layout(x))
     dim = norm_dim(ctx.value(ctx.arg(1, "dim")), len(lay))
+    index = ctx.arg(2, "index")
+    if ctx.target not in (torch.gather, "gather") and ctx.positions(index) is not None:
+        ctx.union(lay[dim], ctx.positions(index))  # picked by positions along itself
+        ctx.consume(index)
+        out = list(lay)
+        out[dim] = ctx.layout(index)[0]
+        return out
     ctx.block(lay[dim], "indexed by a tensor")
     if ctx.target in (torch.gather, "gather"):
         ctx.block_layout(lay, "gather")
