@@ -202,6 +202,11 @@ class DataSource:
     eval: Iterable
     train: Iterable
     has_train_split: bool
+    train_description: str = ""  # what matching and BatchNorm resets run on
+
+    @property
+    def matching_description(self) -> str:
+        return self.train_description or self.description
 
 
 def _dataloader(dataset, args, shuffle: bool = False):
@@ -274,7 +279,8 @@ def _image_folder(root: Path, model, args) -> DataSource:
     desc = (f"image folder {eval_dir} ({len(eval_ds)} images, {len(eval_ds.classes)} classes, "
             f"resized to {size[0]}x{size[1]}x{size[2]})")
     return DataSource(desc, _dataloader(eval_ds, args), _dataloader(train_ds, args),
-                      has_train_split=train_dir != eval_dir)
+                      has_train_split=train_dir != eval_dir,
+                      train_description=f"image folder {train_dir} ({len(train_ds)} images)")
 
 
 def _from_function(target: str, args) -> DataSource:
@@ -306,7 +312,8 @@ def _from_function(target: str, args) -> DataSource:
     takes_split = "split" in getattr(_safe_signature(fn), "parameters", {})
     train_data = call("train") if takes_split and args.split != "train" else eval_data
     return DataSource(f"{target} ({args.split})", eval_data, train_data,
-                      has_train_split=takes_split)
+                      has_train_split=takes_split,
+                      train_description=f"{target} (train)" if takes_split else "")
 
 
 def _safe_signature(fn):
@@ -324,7 +331,8 @@ def resolve_data(spec: str, model: nn.Module, args) -> DataSource:
         train, held = digits_split(seed=0)
         eval_ds = held if args.split == "heldout" else train
         return DataSource(f"sklearn digits, {args.split} split ({len(eval_ds)} images)",
-                          _dataloader(eval_ds, args), _dataloader(train, args), True)
+                          _dataloader(eval_ds, args), _dataloader(train, args), True,
+                          f"sklearn digits, train split ({len(train)} images)")
     if path.is_dir():
         if (path / MNIST_IMAGES).is_file():
             try:
@@ -333,7 +341,8 @@ def resolve_data(spec: str, model: nn.Module, args) -> DataSource:
                 raise DataError(f"MNIST data {path}: {e}") from e
             eval_ds = held if args.split == "heldout" else train
             return DataSource(f"MNIST IDX {path}, {args.split} split ({len(eval_ds)} images)",
-                              _dataloader(eval_ds, args), _dataloader(train, args), True)
+                              _dataloader(eval_ds, args), _dataloader(train, args), True,
+                              f"MNIST IDX {path}, train split ({len(train)} images)")
         return _image_folder(path, model, args)
     if path.exists():
         raise DataError(f"DATA {path} is a file; DATA is an image folder, an MNIST IDX folder, "
@@ -630,7 +639,9 @@ def _prepare_pair(args, log: _Log, need_data: bool, need_target: bool):
         raise UsageError(f"--method {args.method} needs --data")
     if args.data:
         data = resolve_data(args.data, model_a, args)
-        log(f"data: {data.description}")
+        # barrier evaluates on the chosen split; align only matches, on the training split
+        log(f"data: {data.description}" if need_target else
+            f"matching data: {data.matching_description}")
         x = _check_batch(model_a, _first_batch(data.eval, f"DATA {args.data}"),
                          f"DATA {args.data}", need_target)
         if data.train is not data.eval:
@@ -663,7 +674,7 @@ def cmd_align(args, log: _Log) -> int:
                                                "reference": str(args.a), "source": str(args.b)})
     save_perms(result.perms, perms_out, metadata={"method": args.method})
     stats = result.stats
-    _out(f"spec: {len(result.spec.groups)} groups, coverage {result.spec.coverage():.4f}")
+    _out(f"spec: {len(result.spec.groups)} groups, coverage {result.spec.coverage():.3f}")
     extra = f", {stats['sweeps']} sweeps" if stats.get("sweeps") else ""
     _out(f"aligned with {args.method} matching in {seconds:.2f} s{extra} "
          "(spec inference, matching and verification)")

@@ -16,6 +16,7 @@ import dataclasses
 import inspect
 import io
 import logging
+import operator
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterable
@@ -153,6 +154,140 @@ class AutoLeafTracer(fx.Tracer):
                 node = node.prev
             self.failed[qualname] = f"{type(e).__name__}: {e}".splitlines()[0][:200]
             return super().call_module(m, forward, args, kwargs)
+
+
+# ---------------------------------------------------- tracing with shapes fixed
+_META_ATTRS = {"shape", "dtype", "device", "ndim", "is_cuda", "is_meta", "is_sparse", "layout",
+               "requires_grad", "is_quantized", "is_nested", "is_mkldnn"}
+_META_METHODS = {"size", "dim", "ndimension", "numel", "nelement", "is_floating_point",
+                 "is_complex", "is_contiguous", "element_size", "get_device"}
+_META_FUNCTIONS = {torch.numel, torch.is_floating_point, torch.is_complex,
+                   torch.Tensor.size, torch.Tensor.dim, torch.Tensor.numel}
+_MISSING = object()
+
+
+class _ValueProxy(fx.Proxy):
+    """A proxy that knows the value its node takes on the example inputs and
+    answers questions about shape, dtype and device with plain Python values."""
+
+    def __getattr__(self, k):
+        if k in _META_ATTRS:
+            v = self.tracer.value_of(self)
+            if isinstance(v, torch.Tensor):
+                return getattr(v, k)
+        return _ValueAttribute(self, k)
+
+    def __len__(self):
+        v = self.tracer.value_of(self)
+        if isinstance(v, torch.Tensor):
+            if v.dim() == 0:
+                raise TypeError("len() of a 0-d tensor")
+            return v.shape[0]
+        if isinstance(v, (list, tuple)):
+            return len(v)
+        return super().__len__()
+
+    def __iter__(self):
+        v = self.tracer.value_of(self)
+        if isinstance(v, (list, tuple)) or (isinstance(v, torch.Tensor) and v.dim() > 0):
+            return iter([self[i] for i in range(len(v))])
+        return super().__iter__()
+
+    def __setitem__(self, idx, value):
+        self.tracer.create_proxy("call_function", operator.setitem, (self, idx, value), {})
+
+
+class _ValueAttribute(fx.proxy.Attribute, _ValueProxy):
+    pass
+
+
+class ConcreteTracer(AutoLeafTracer):
+    """AutoLeafTracer that computes every node's value on example inputs while
+    tracing. Shape, dtype and device queries return those values' Python
+    values, so control flow on them is specialised to the example; control
+    flow on tensor values still fails the trace."""
+
+    def __init__(self, inputs, **kwargs):
+        super().__init__(**kwargs)
+        self.inputs = list(inputs)
+        self.values: dict[fx.Node, object] = {}
+        self._evaluating = False
+        self._placeholders = 0
+
+    def proxy(self, node):
+        return _ValueProxy(node, self)
+
+    def value_of(self, a):
+        if isinstance(a, fx.proxy.Attribute):
+            return getattr(self.value_of(a.root), a.attr)
+        if isinstance(a, fx.Proxy):
+            v = self.values.get(a.node, _MISSING)
+            if v is _MISSING:
+                raise RuntimeError(f"no value for {a.node}")
+            return v
+        return a
+
+    def _values(self, obj):
+        return fx.node.map_aggregate(obj, self.value_of)
+
+    def _evaluate(self, fn):
+        was = self._evaluating
+        self._evaluating = True
+        try:
+            with torch.no_grad():
+                return fn()
+        finally:
+            self._evaluating = was
+
+    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None,
+                     proxy_factory_fn=None):
+        if kind == "call_method" and target in _META_METHODS or \
+                kind == "call_function" and target in _META_FUNCTIONS:
+            a, kw = self._values(tuple(args)), self._values(dict(kwargs))
+            if kind == "call_method":
+                return getattr(a[0], target)(*a[1:], **kw)
+            return target(*a, **kw)
+        if kind == "call_function" and target is getattr and len(args) == 2 and args[1] in _META_ATTRS:
+            v = self.value_of(args[0])
+            if isinstance(v, torch.Tensor):
+                return getattr(v, args[1])
+        p = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        if kind == "placeholder":
+            value = self.inputs[self._placeholders]
+            self._placeholders += 1
+        elif kind == "get_attr":
+            value = get_attr(self.root, target)
+        elif kind in ("call_function", "call_method", "call_module"):
+            a, kw = self._values(tuple(args)), self._values(dict(kwargs))
+            if kind == "call_function":
+                value = self._evaluate(lambda: target(*a, **kw))
+            elif kind == "call_method":
+                value = self._evaluate(lambda: getattr(a[0], target)(*a[1:], **kw))
+            else:
+                mod = self.root.get_submodule(target)
+                value = self._evaluate(lambda: mod(*a, **kw))
+        else:
+            return p
+        self.values[p.node] = value
+        return p
+
+    def call_module(self, m, forward, args, kwargs):
+        if self._evaluating:
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+    def getattr(self, attr, attr_val, parameter_proxy_cache):
+        if self._evaluating:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+
+def get_attr(root: nn.Module, target: str):
+    """``root``'s attribute at the dotted path ``target``."""
+    obj = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 def _defaults_after(model: nn.Module, n_given: int | None) -> dict:
@@ -389,20 +524,6 @@ def _redraw(obj, gen, shift):
     if isinstance(obj, dict):
         return {k: _redraw(v, gen, shift) for k, v in obj.items()}
     return obj
-
-
-def as_args(example_inputs) -> tuple:
-    if example_inputs is None:
-        raise ValueError("example inputs are needed")
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, list):
-        return tuple(example_inputs)
-    if isinstance(example_inputs, tuple):
-        return example_inputs
-    if isinstance(example_inputs, dict):
-        raise TypeError("pass keyword inputs as a tuple of positional inputs in forward's order")
-    return (example_inputs,)
 
 
 def default_inputs(model: nn.Module, batch: int = 2, seed: int = 0) -> tuple:

@@ -746,5 +746,12 @@ def test_barrier_on_mnist_idx_folder(tmp_path, capsys):
                             "--lambdas", 3, "--json", tmp_path / "curve.json", "-q")
     assert code == 0, err
     assert f"MNIST IDX {tmp_path}, heldout split (16 images)" in stdout
+    # align matches on the training split, and says so (it used to name the held-out split)
+    code, _, err = run(capsys, "align", factory, "--a", tmp_path / "m0.safetensors",
+                       "--b", tmp_path / "m1.safetensors", "--data", tmp_path, "--method",
+                       "activation", "--out", tmp_path / "aligned.safetensors")
+    assert code == 0, err
+    assert f"matching data: MNIST IDX {tmp_path}, train split (" in err
+    assert "heldout" not in err
     doc = json.loads((tmp_path / "curve.json").read_text())
     assert len(doc["naive"]["losses"]) == 3 and doc["naive"]["accuracies"] is not None

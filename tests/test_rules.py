@@ -1,5 +1,7 @@
 """Each rule family, exercised by a small module: the inferred spec must find
 the expected groups and random permutations must leave outputs equal."""
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -468,3 +470,62 @@ def test_opaque_call_that_mutates_its_input_is_not_a_pass_through():
                                                           ("c.weight", 1)}
     for seed in (0, 1):
         assert check_equivalence(model, spec, torch.randn(2, 4, 3), seed=seed) <= 1e-4
+
+
+class _InnerLeaf(nn.Module):
+    """Untraceable by fx (a shape check fx cannot follow), with a parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        if x.shape[-1] != 8:
+            raise ValueError("bad input")
+        return torch.relu(self.fc(x))
+
+
+class _OuterLeaf(nn.Module):
+    """Untraceable too, holding two instances of the inner leaf."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = _InnerLeaf(), _InnerLeaf()
+
+    def forward(self, x):
+        if x.shape[0] == 0:
+            raise ValueError("empty batch")
+        return self.b(self.a(x))
+
+
+def test_leaves_nested_in_leaves_keep_their_full_names_and_own_groups():
+    """A leaf inside a leaf, two sibling instances of each: every instance's
+    tensors are named by their full path (never shared between instances),
+    each hidden layer is its own group, and the spec is exact."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.left, self.right, self.out = (nn.Linear(4, 8), _OuterLeaf(),
+                                                         _OuterLeaf(), nn.Linear(8, 2))
+
+        def forward(self, x):
+            h = self.inp(x)
+            return self.out(self.left(h) + self.right(h))
+    torch.manual_seed(0)
+    model = randomize_state_(Net().eval(), 0, 0.3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        spec = infer_spec(model, torch.randn(3, 4), capture="fx")
+    owners = {}
+    for g in spec.groups.values():
+        for m in g.members:
+            if m.param.endswith("fc.weight") and m.axis == 0:
+                owners.setdefault(g.name, set()).add(m.param)
+    inner = [f"{side}.{leaf}.fc.weight" for side in ("left", "right") for leaf in ("a", "b")]
+    # the outputs of left.b and right.b meet in the sum: one group; left.a and right.a alone
+    assert sorted(map(sorted, owners.values())) == sorted(
+        [["left.a.fc.weight"], ["right.a.fc.weight"], ["left.b.fc.weight", "right.b.fc.weight"]])
+    assert set().union(*owners.values()) == set(inner)
+    for seed in (0, 1):
+        assert check_equivalence(model, spec, seed=seed) <= 1e-5
+    assert infer_spec(model, torch.randn(3, 4), capture="fx").groups.keys() == spec.groups.keys()

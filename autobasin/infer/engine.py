@@ -21,11 +21,12 @@ import torch.fx as fx
 from torch import nn
 
 from ..spec import Group, Member, PermutationSpec, TensorInfo
-from ..trace import OPAQUE_VALUE, AutoLeafTracer, ExampleRecorder, TensorMeta, _prune
-from .registry import ALIASES, FUNCTION_RULES, METHOD_RULES, module_rule
+from ..guard import eval_mode
+from ..trace import OPAQUE_VALUE, TensorMeta, get_attr
+from .context import Context, is_tensor_meta, layout_symbols, map_meta
+from .inline import MAX_INLINE_DEPTH, paired_layouts, trace_body
+from .registry import FUNCTION_RULES, METHOD_RULES, module_rule
 from .symbols import Refinement, Symbols
-
-MAX_INLINE_DEPTH = 4
 
 # Ops that move, copy or cast the values of their first argument without computing on them:
 # positions along an axis (see Context.set_positions) stay positions through them.
@@ -37,165 +38,6 @@ _MOVES_VALUES = {"view", "reshape", "_unsafe_view", "flatten", "unflatten", "squ
 SHAPE_QUERIES = {"size", "dim", "numel", "shape", "dtype", "device", "is_contiguous", "ndim",
                  "ndimension", "get_device", "is_floating_point", "element_size", "nelement",
                  "is_cuda", "layout", "requires_grad", "data_ptr"}
-
-
-def is_tensor_meta(m) -> bool:
-    return isinstance(m, TensorMeta)
-
-
-def map_meta(meta, fn):
-    """``fn`` of every tensor description in ``meta``, in the same containers
-    (lists for tuples and lists, dicts for dicts and dataclasses)."""
-    if is_tensor_meta(meta):
-        return fn(meta)
-    if isinstance(meta, (list, tuple)):
-        return [map_meta(m, fn) for m in meta]
-    if isinstance(meta, dict):
-        return {k: map_meta(m, fn) for k, m in meta.items()}
-    return None
-
-
-def layout_symbols(layout) -> list[int]:
-    """Every symbol in a (possibly nested) layout."""
-    if layout is None:
-        return []
-    if isinstance(layout, int):
-        return [layout]
-    if isinstance(layout, dict):
-        return [s for x in layout.values() for s in layout_symbols(x)]
-    return [s for x in layout for s in layout_symbols(x)]
-
-
-class Context:
-    """What a rule sees: the node, its arguments' layouts and example values."""
-
-    def __init__(self, engine: "GraphInference", node: fx.Node):
-        self.engine = engine
-        self.node = node
-        self.sym: Symbols = engine.sym
-        self.args = node.args
-        self.kwargs = node.kwargs
-        self.module = engine.gm.get_submodule(node.target) if node.op == "call_module" else None
-        self.consumed: set[fx.Node] = set()
-        # an ATen op registered as an alias of a torch function is seen as that function
-        self.target = ALIASES.get(getattr(node.target, "overloadpacket", None), node.target)
-
-    @property
-    def op_name(self) -> str:
-        """The op's plain name: ``"transpose"`` for ``Tensor.transpose``,
-        ``torch.transpose`` and ``aten.transpose.int`` alike."""
-        t = self.target
-        if isinstance(t, str):
-            return t
-        packet = getattr(t, "overloadpacket", None)
-        if packet is not None:
-            return packet.__name__
-        return getattr(t, "__name__", str(t))
-
-    # -------------------------------------------------------------- reading
-    def layout(self, arg):
-        if isinstance(arg, fx.Node):
-            return self.engine.layouts.get(arg)
-        return None
-
-    def meta(self, arg=None):
-        if arg is None:
-            arg = self.node
-        if isinstance(arg, fx.Node):
-            return self.engine.meta.get(arg)
-        if isinstance(arg, (list, tuple)):
-            return [self.meta(a) for a in arg]
-        return arg
-
-    def shape(self, arg=None) -> tuple[int, ...]:
-        m = self.meta(arg)
-        if not is_tensor_meta(m):
-            raise TypeError(f"{arg} is not a tensor")
-        return m.shape
-
-    def value(self, arg):
-        """A non-tensor argument's concrete value (ints computed in the graph too)."""
-        if isinstance(arg, fx.Node):
-            m = self.engine.meta.get(arg)
-            return None if is_tensor_meta(m) else m
-        if isinstance(arg, (list, tuple)):
-            return type(arg)(self.value(a) for a in arg)
-        if isinstance(arg, slice):
-            return slice(self.value(arg.start), self.value(arg.stop), self.value(arg.step))
-        return arg
-
-    def arg(self, index: int, name: str, default=None):
-        if len(self.args) > index:
-            return self.args[index]
-        return self.kwargs.get(name, default)
-
-    def is_tensor(self, arg) -> bool:
-        return isinstance(arg, fx.Node) and is_tensor_meta(self.engine.meta.get(arg))
-
-    def tensor_args(self) -> list[fx.Node]:
-        out = []
-        for a in list(self.args) + list(self.kwargs.values()):
-            for n in (a if isinstance(a, (list, tuple)) else [a]):
-                if self.is_tensor(n):
-                    out.append(n)
-        return out
-
-    def param(self, name: str) -> list[int]:
-        """Symbols of parameter/buffer ``name`` of this call_module's module."""
-        return self.engine.tensor_symbols(f"{self.node.target}.{name}" if self.node.target else name)
-
-    def has_param(self, name: str) -> bool:
-        return self.module is not None and getattr(self.module, name, None) is not None
-
-    # -------------------------------------------------------------- writing
-    def new(self, size: int, blocked: str | None = None, structural: bool = False) -> int:
-        """A new symbol of ``size``, blocked for ``blocked`` if given (see
-        :meth:`block` for ``structural``)."""
-        return self.sym.new(size, f"{self.node.name}: {blocked}" if blocked else None, structural)
-
-    def fresh(self, meta=None, blocked: str | None = None):
-        meta = self.meta() if meta is None else meta
-        return map_meta(meta, lambda m: [self.new(n, blocked) for n in m.shape])
-
-    def union(self, a: int, b: int) -> None:
-        self.sym.union(a, b)
-
-    def block(self, s: int, reason: str, structural: bool = False) -> None:
-        """Fix axis ``s``. ``structural``: the axis has no permutation symmetry
-        in any model (spatial, kernel, vocabulary, gate axes), so it is not a
-        hidden axis that coverage counts; otherwise ``reason`` is reported for
-        every parameter axis this leaves unpermuted."""
-        self.sym.block(s, f"{self.node.name}: {reason}", structural)
-
-    def block_layout(self, layout, reason: str) -> None:
-        for s in layout_symbols(layout):
-            self.block(s, reason)
-
-    def cut(self, layout: list[int], axis: int, lengths: list[int]) -> list[list[int]]:
-        """Layouts of the pieces of a tensor cut along ``axis`` into ``lengths``."""
-        return self.engine.cut(layout, axis, lengths)
-
-    # ------------------------------------------------------------ positions
-    def set_positions(self, s: int, index: int | None = None) -> None:
-        """This op's result (element ``index`` of a tuple result) holds
-        positions along axis ``s`` (the indices of topk, argmax, sort): when
-        ``s`` is permuted they are renumbered, so whatever is indexed with them
-        must be permuted along with ``s``. Uses that read them as numbers fix
-        ``s`` (the engine does that)."""
-        if index is None:
-            self.engine.positions[self.node] = s
-        else:
-            self.engine.positions.setdefault(self.node, {})[index] = s
-
-    def positions(self, arg) -> int | None:
-        """The axis whose positions tensor ``arg`` holds, if it does."""
-        s = self.engine.positions.get(arg) if isinstance(arg, fx.Node) else None
-        return s if isinstance(s, int) else None
-
-    def consume(self, arg) -> None:
-        """This op indexes with the positions ``arg`` holds (having related
-        the indexed axis to them): that use keeps the axis free."""
-        self.consumed.add(arg)
 
 
 class GraphInference:
@@ -398,12 +240,13 @@ class GraphInference:
         else:
             if node in self.passthrough:
                 return list(self.layouts[node.all_input_nodes[self.passthrough[node]]])
+            # the fallback order: the body as it is, then with the example shapes
+            # fixed (shape-dependent control flow; for modules only when they own
+            # no tensors, which the body would otherwise use unseen by a rule),
+            # then the rule of a base class, else block
             inner = self.inline(node, ctx)
-            if inner is None and node.op == "call_function":
-                # shape-dependent control flow in a wrapped function (torchvision's
-                # shifted_window_attention): trace it again with the shapes fixed
-                from .rules.extra import inline_concrete
-                inner = inline_concrete(ctx)
+            if inner is None and (node.op == "call_function" or not _owns_tensors(ctx.module)):
+                inner = self.inline(node, ctx, shapes_fixed=True)
             if inner is not None:
                 return inner
             inherited = module_rule(ctx.module) if node.op == "call_module" and not \
@@ -414,41 +257,37 @@ class GraphInference:
         self.log.append((node.name, reason))
         for a in tensors:
             ctx.block_layout(self.layouts.get(a), reason)
+        if node.op == "call_module":  # its own tensors are used where no rule sees them
+            self.block_module_tensors(ctx.module, reason)
         return ctx.fresh(blocked=reason)
 
-    def inline(self, node: fx.Node, ctx: Context):
-        """Trace the body of an opaque call with its concrete non-tensor
-        arguments and infer through it. None if that is not possible."""
-        if self.depth >= MAX_INLINE_DEPTH or node not in self.captured:
+    def inline(self, node: fx.Node, ctx: Context, shapes_fixed: bool = False):
+        """Infer through the body of an opaque call (see :mod:`.inline`),
+        traced with its non-tensor arguments fixed, and with ``shapes_fixed``
+        its shapes too. None when the body cannot be traced that way."""
+        is_module = node.op == "call_module"
+        if self.depth >= MAX_INLINE_DEPTH or node not in self.captured or not (
+                is_module or node.op == "call_function" and inspect.isfunction(node.target)):
             return None
-        if node.op == "call_module" and self.user_opaque(node.target, ctx.module):
+        if is_module and self.user_opaque(node.target, ctx.module):
             return None
         args, kwargs = self.captured[node]
-        if node.op == "call_module":
-            module = ctx.module
-            prefix = f"{self.prefix}{node.target}."
-            call = _inline_call(module, args, kwargs, True)
-            inline_names = {"m"}
-            skip = ()
-        elif node.op == "call_function" and inspect.isfunction(node.target):
-            call = _inline_call(node.target, args, kwargs, False)
-            prefix, inline_names, skip = self.prefix, set(), (node.target,)
-        else:
-            return None
         try:
-            tracer = AutoLeafTracer(inline=inline_names, skip_autowrap=skip)
-            graph = tracer.trace(call)
-            if tracer.failed:
+            with eval_mode(*([ctx.module] if is_module else [])):
+                body = trace_body(node, ctx.module if is_module else node.target, is_module,
+                                  args, kwargs, shapes_fixed)
+            if body is None:
                 return None
-            gm, rec = recorded_body(tracer, graph, call)
-        except Exception:  # noqa: BLE001 - not inlinable: the caller blocks
+            in_layouts = paired_layouts(self.layouts.get, node, self.captured[node])
+        except Exception:  # noqa: BLE001 - not traceable this way: the caller goes on
             return None
-        sub_tensors = self.tensors.view(gm, prefix, strip="m." if node.op == "call_module" else "")
-        sub = GraphInference(gm, self.sym, sub_tensors, rec.meta, rec.captured, "",
-                             self.depth + 1, self.log, self.distributions, rec.passthrough)
-        in_layouts = [self.layouts.get(a) for a in call.tensor_nodes(node)]
-        out = sub.run(in_layouts, block_io=False)
-        return self._check_layout(node, out)
+        gm, rec = body
+        view = self.tensors.view(gm, f"{self.prefix}{node.target}." if is_module else "",
+                                 "m." if is_module else "")
+        sub = GraphInference(gm, self.sym, view, rec.meta, rec.captured, "", self.depth + 1,
+                             self.log, self.distributions, rec.passthrough)
+        # a failure inside propagates: visit() then fixes what the call touches
+        return self._check_layout(node, sub.run(in_layouts, block_io=False))
 
     # ------------------------------------------------------------------ cuts
     def cut(self, layout: list[int], axis: int, lengths: list[int]) -> list[list[int]]:
@@ -514,6 +353,11 @@ class GraphInference:
                 and sym.uf.weights[r] == 1)
 
 
+def _owns_tensors(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters(recurse=False)) or \
+        any(True for _ in module.buffers(recurse=False))
+
+
 def _has_tensor(meta) -> bool:
     if is_tensor_meta(meta) or meta is OPAQUE_VALUE:
         return True
@@ -553,103 +397,6 @@ def _no_constraint(ctx: Context):
     return ctx.fresh(blocked="shape query") if _has_tensor(ctx.meta()) else None
 
 
-def recorded_body(tracer, graph: fx.Graph, call: "_InlineCall"):
-    """The traced body of an inlined call as a pruned GraphModule, and a
-    recorder that has run it on the call's example tensors."""
-    gm = fx.GraphModule(tracer.root, graph)
-    _prune(gm)
-    capture = {n for n in gm.graph.nodes if n.op in ("call_module", "call_function")}
-    rec = ExampleRecorder(gm, capture)
-    with torch.no_grad():
-        rec.run(*call.tensors)
-    return gm, rec
-
-
-class _InlineCall(nn.Module):
-    """Calls one module or function with the non-tensor arguments fixed to the
-    values seen on the example inputs; the tensor arguments become inputs.
-    fx cannot trace ``*args``, so ``forward`` gets one named parameter per
-    tensor (see :func:`_inline_call`)."""
-
-    def __init__(self, target, args, kwargs, is_module: bool):
-        super().__init__()
-        if is_module:
-            self.m = target
-        else:
-            self.fn = target
-        self.template, self.tensors = _split_tensors((args, kwargs))
-
-    def call(self, *tensors):
-        args, kwargs = _fill(self.template, list(tensors))
-        fn = self.m if hasattr(self, "m") else self.fn
-        return fn(*args, **kwargs)
-
-    @staticmethod
-    def tensor_nodes(node):
-        return _node_tensors((node.args, node.kwargs))
-
-
-def _inline_call(target, args, kwargs, is_module: bool) -> _InlineCall:
-    obj = _InlineCall(target, args, kwargs, is_module)
-    names = ", ".join(f"t{i}" for i in range(len(obj.tensors)))
-    scope: dict = {}
-    exec(f"def forward(self, {names}):\n    return self.call({names})\n", scope)  # noqa: S102
-    obj.__class__ = type("InlineCall", (_InlineCall,), {"forward": scope["forward"]})
-    return obj
-
-
-class _Slot:
-    pass
-
-
-def _split_tensors(obj):
-    tensors = []
-
-    def walk(o):
-        if isinstance(o, torch.Tensor):
-            tensors.append(o)
-            return _Slot()
-        if isinstance(o, tuple) and not hasattr(o, "_fields"):
-            return tuple(walk(x) for x in o)
-        if isinstance(o, list):
-            return [walk(x) for x in o]
-        if isinstance(o, dict):
-            return {k: walk(v) for k, v in o.items()}
-        return o
-    return walk(obj), tensors
-
-
-def _fill(template, tensors):
-    def walk(o):
-        if isinstance(o, _Slot):
-            return tensors.pop(0)
-        if isinstance(o, tuple):
-            return tuple(walk(x) for x in o)
-        if isinstance(o, list):
-            return [walk(x) for x in o]
-        if isinstance(o, dict):
-            return {k: walk(v) for k, v in o.items()}
-        return o
-    return walk(template)
-
-
-def _node_tensors(obj) -> list:
-    """Argument nodes in the same order _split_tensors finds tensors."""
-    out = []
-
-    def walk(o):
-        if isinstance(o, fx.Node):
-            out.append(o)
-        elif isinstance(o, (list, tuple)):
-            for x in o:
-                walk(x)
-        elif isinstance(o, dict):
-            for v in o.values():
-                walk(v)
-    walk(obj)
-    return out
-
-
 class TensorTable:
     """Symbols of the model's parameters and buffers, by state_dict name.
 
@@ -671,16 +418,27 @@ class TensorTable:
         self.parents: dict[int, tuple[int, list[int]]] = {}
         # tensors blocked whole by a failed call before any op used them
         self.unreached: dict[str, str] = {}
+        self.calls = 0  # inlined function bodies so far (see view)
         self._members: dict[int, int] | None = None
 
     def view(self, gm, prefix: str, strip: str = "") -> "TensorTableView":
-        return TensorTableView(self, gm, prefix, strip)
+        """The table seen from inside the body ``gm`` of a call to module
+        ``prefix`` (with a trailing dot), or of a function when ``prefix`` is
+        empty: a function's constants get names of their own (``<call3>.``),
+        numbered per inference, so two inlined functions never share them."""
+        return self.make_view(gm, prefix, strip)
+
+    def make_view(self, gm, prefix: str, strip: str, outer: str = "") -> "TensorTableView":
+        if not prefix:
+            self.calls += 1
+            prefix = f"<call{self.calls}>."
+        return TensorTableView(self, gm, outer + prefix, strip)
 
     def symbols(self, name: str, gm: fx.GraphModule, target: str) -> list[int]:
         if name in self.syms:
             return self.syms[name]
         try:
-            t = _get_attr(gm, target)
+            t = get_attr(gm, target)
         except AttributeError:
             t = None
         names = self.by_id.get(id(t), []) if t is not None else []
@@ -722,24 +480,23 @@ def _constant_along(t, axis: int) -> bool:
 
 
 class TensorTableView:
-    """The table seen from inside an inlined call: targets relative to a module."""
+    """The table seen from inside an inlined call: the body's targets are
+    relative to the called module (``strip`` is the prefix the body's root
+    gives them, ``m.``), and ``prefix`` is that module's qualified name, so a
+    tensor is named by its state_dict name at any depth of inlining."""
 
     def __init__(self, table: TensorTable, gm, prefix: str, strip: str):
         self.table, self.gm, self.prefix, self.strip = table, gm, prefix, strip
 
     def symbols(self, name: str, gm, target: str) -> list[int]:
-        rel = target[len(self.strip):] if self.strip and target.startswith(self.strip) else target
-        return self.table.symbols(self.prefix + rel, gm, target)
+        return self.table.symbols(self.prefix + self._relative(target), gm, target)
 
-    def view(self, gm, prefix, strip=""):
-        return TensorTableView(self.table, gm, prefix, strip)
+    def _relative(self, target: str) -> str:
+        return target[len(self.strip):] if self.strip and target.startswith(self.strip) else target
+
+    def view(self, gm, prefix: str, strip: str = "") -> "TensorTableView":
+        rel = self._relative(prefix) if prefix else ""
+        return self.table.make_view(gm, rel, strip, self.prefix)
 
     def __getattr__(self, item):
         return getattr(self.table, item)
-
-
-def _get_attr(root: nn.Module, target: str):
-    obj = root
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj

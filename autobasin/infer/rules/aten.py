@@ -224,7 +224,7 @@ def _native_batch_norm(ctx):
     y = per_channel(ctx, lay, 1 if len(lay) > 1 else 0, tensors)
     outs = [y]
     for m in ctx.meta()[1:]:
-        if hasattr(m, "shape") and len(m.shape) == 1 and m.shape[0] == ctx.sym.size[y[1]]:
+        if hasattr(m, "shape") and len(m.shape) == 1 and m.shape[0] == ctx.size[y[1]]:
             outs.append([y[1]])
         else:
             outs.append(ctx.fresh(m, blocked="normalisation statistics"))

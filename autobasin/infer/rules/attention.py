@@ -124,7 +124,6 @@ def _mha(ctx):
     heads are shared by q, k and v; q and k share head_dim; v's head_dim is
     shared with the output projection's input."""
     m = ctx.module
-    sym = ctx.sym
     query = ctx.arg(0, "query")
     key = ctx.arg(1, "key")
     value = ctx.arg(2, "value")
@@ -137,7 +136,7 @@ def _mha(ctx):
         w = ctx.param("in_proj_weight")
         for lay in (lq, lk, lv):
             ctx.union(lay[-1], w[1])
-        parts = sym.refine_concat(w[0], [e, e, e])
+        parts = ctx.refine_concat(w[0], [e, e, e])
         if m.in_proj_bias is not None:
             ctx.union(ctx.param("in_proj_bias")[0], w[0])
     else:
@@ -148,12 +147,12 @@ def _mha(ctx):
         parts = [wq[0], wk[0], wv[0]]
         if m.in_proj_bias is not None:
             bias = ctx.param("in_proj_bias")
-            for a, b in zip(sym.refine_concat(bias[0], [e, e, e]), parts):
+            for a, b in zip(ctx.refine_concat(bias[0], [e, e, e]), parts):
                 ctx.union(a, b)
-    q_hd = sym.refine_product(parts[0], [h, d])
-    k_hd = sym.refine_product(parts[1], [h, d])
-    v_hd = sym.refine_product(parts[2], [h, d])
-    o_hd = sym.refine_product(out_w[1], [h, d])
+    q_hd = ctx.refine_product(parts[0], [h, d])
+    k_hd = ctx.refine_product(parts[1], [h, d])
+    v_hd = ctx.refine_product(parts[2], [h, d])
+    o_hd = ctx.refine_product(out_w[1], [h, d])
     for x in (k_hd, v_hd, o_hd):
         ctx.union(q_hd[0], x[0])
     ctx.union(q_hd[1], k_hd[1])

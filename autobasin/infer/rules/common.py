@@ -1,7 +1,7 @@
 """Helpers shared by rule families."""
 from __future__ import annotations
 
-from ..engine import Context
+from ..context import Context
 
 
 def norm_dim(d: int, ndim: int) -> int:

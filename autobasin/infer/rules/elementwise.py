@@ -97,7 +97,7 @@ def _prelu(ctx):
     x = ctx.args[0]
     lay = list(ctx.layout(x))
     w = ctx.param("weight") if ctx.node.op == "call_module" else ctx.layout(ctx.arg(1, "weight"))
-    if w and ctx.sym.size[w[0]] > 1:
+    if w and ctx.size[w[0]] > 1:
         ctx.union(lay[1 if len(lay) > 1 else 0], w[0])
     return lay
 

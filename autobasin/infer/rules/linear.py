@@ -40,7 +40,6 @@ def _linear_fn(ctx):
 def conv_rule(ctx, x, w, b, groups: int, spatial: int, transposed: bool):
     lay = list(ctx.layout(x))
     c = len(lay) - spatial - 1  # channel axis (0 for unbatched input)
-    sym = ctx.sym
     for s in lay[c + 1:]:
         ctx.block(s, "conv spatial axis", structural=True)
     for s in w[2:]:
@@ -48,24 +47,24 @@ def conv_rule(ctx, x, w, b, groups: int, spatial: int, transposed: bool):
     out_shape = ctx.shape()
     spatial_out = [ctx.new(n, "conv spatial axis", structural=True) for n in out_shape[c + 1:]]
     if not transposed:
-        cin_g, cout = sym.size[w[1]], sym.size[w[0]]
+        cin_g, cout = ctx.size[w[1]], ctx.size[w[0]]
         if groups == 1:
             ctx.union(lay[c], w[1])
         else:
-            xg = sym.refine_product(lay[c], [groups, cin_g])
-            wg = sym.refine_product(w[0], [groups, cout // groups])
+            xg = ctx.refine_product(lay[c], [groups, cin_g])
+            wg = ctx.refine_product(w[0], [groups, cout // groups])
             ctx.union(xg[0], wg[0])
             ctx.union(xg[1], w[1])
         out_c = w[0]
     else:
-        cin, cout_g = sym.size[w[0]], sym.size[w[1]]
+        cin, cout_g = ctx.size[w[0]], ctx.size[w[1]]
         ctx.union(lay[c], w[0])
         if groups == 1:
             out_c = w[1]
         else:
             out_c = ctx.new(cout_g * groups)
-            og = sym.refine_product(out_c, [groups, cout_g])
-            wg = sym.refine_product(w[0], [groups, cin // groups])
+            og = ctx.refine_product(out_c, [groups, cout_g])
+            wg = ctx.refine_product(w[0], [groups, cin // groups])
             ctx.union(og[0], wg[0])
             ctx.union(og[1], w[1])
     if b:

@@ -86,12 +86,12 @@ def group_norm_rule(ctx, x, groups: int, w, b):
     which is always compatible with the concat's segments."""
     lay = list(ctx.layout(x))
     c = lay[1]
-    n = ctx.sym.size[c]
-    ref = ctx.sym.refined(c)
+    n = ctx.size[c]
+    ref = ctx.refined(c)
     if ref is not None and ref.kind == "concat":
-        ctx.sym.refine_concat(c, [n // groups] * groups)
+        ctx.refine_concat(c, [n // groups] * groups)
     else:
-        ctx.sym.refine_product(c, [groups, n // groups])
+        ctx.refine_product(c, [groups, n // groups])
     for t in (w, b):
         if t:
             ctx.union(c, t[0])

@@ -30,7 +30,7 @@ aten = torch.ops.aten
 def gate_rows(ctx, w_ih, w_hh, b_ih, b_hh, gates: int, x_features: int) -> int:
     """Relate one layer's (or cell's) tensors; return its hidden-unit symbol."""
     ctx.union(w_ih[1], x_features)
-    gate, hidden = ctx.sym.refine_product(w_ih[0], [gates, ctx.sym.size[w_hh[1]]])
+    gate, hidden = ctx.refine_product(w_ih[0], [gates, ctx.size[w_hh[1]]])
     ctx.block(gate, "RNN gate blocks", structural=True)
     ctx.union(w_hh[0], w_ih[0])
     ctx.union(w_hh[1], hidden)
@@ -77,7 +77,7 @@ def _rnn(ctx):
             prev = hidden[0]
         else:
             prev = ctx.new(dirs * m.hidden_size)
-            for piece, h in zip(ctx.sym.refine_concat(prev, [m.hidden_size] * dirs), hidden):
+            for piece, h in zip(ctx.refine_concat(prev, [m.hidden_size] * dirs), hidden):
                 ctx.union(piece, h)
     out = lay[:-1] + [prev]
     state_meta = ctx.meta()[1]

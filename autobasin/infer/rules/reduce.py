@@ -66,7 +66,7 @@ def _max(ctx):
         [s for i, s in enumerate(lay) if i != d]
     # the indices name positions along the reduced axis: that axis must stay fixed
     ctx.block(lay[d], "max/min indices refer to positions")
-    return [out, [ctx.new(ctx.sym.size[s]) for s in out]]
+    return [out, [ctx.new(ctx.size[s]) for s in out]]
 
 
 @rule(torch.argmax, torch.argmin, "argmax", "argmin", torch.topk, "topk", torch.sort, "sort",
@@ -198,7 +198,7 @@ def _positional(ctx):
     out = list(lay)
     for d in dims:
         ctx.block(lay[d], f"{name} moves positions")
-        if out_shape[d] != ctx.sym.size[lay[d]]:
+        if out_shape[d] != ctx.size[lay[d]]:
             out[d] = ctx.new(out_shape[d], name)
     if name == "rot90":
         out[dims[0]], out[dims[1]] = ctx.new(out_shape[dims[0]], name), ctx.new(out_shape[dims[1]], name)
@@ -245,7 +245,7 @@ def _pad(ctx):
             out[axis] = ctx.new(ctx.shape()[axis], "padded axis")
             continue
         o = ctx.new(ctx.shape()[axis])
-        pieces = ctx.sym.refine_concat(o, [lo, ctx.sym.size[lay[axis]], hi])
+        pieces = ctx.refine_concat(o, [lo, ctx.size[lay[axis]], hi])
         ctx.union(pieces[1], lay[axis])
         out[axis] = o
     return out
@@ -272,7 +272,7 @@ def _pixel_shuffle(ctx):
     out = lay[:c] + [ctx.new(out_shape[c])] + [ctx.new(n, "spatial axis", structural=True)
                                                 for n in out_shape[c + 1:]]
     grid_axis, plain_axis = (lay[c], out[c]) if shuffle else (out[c], lay[c])
-    kids = ctx.sym.refine_product(grid_axis, [ctx.sym.size[plain_axis], r, r])
+    kids = ctx.refine_product(grid_axis, [ctx.size[plain_axis], r, r])
     for k in kids[1:]:
         ctx.block(k, "pixel (un)shuffle offsets", structural=True)
     ctx.union(kids[0], plain_axis)

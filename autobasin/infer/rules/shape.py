@@ -46,12 +46,12 @@ def reshape_layout(ctx, lay: list[int], in_shape, out_shape) -> list[int]:
         in_sizes = [in_shape[k] for k in a]
         out_sizes = [out_shape[k] for k in b]
         if len(a) == 1:
-            kids = ctx.sym.refine_product(ins[0], out_sizes)
+            kids = ctx.refine_product(ins[0], out_sizes)
         else:
             merged = ctx.new(pa)
-            for k, s in zip(ctx.sym.refine_product(merged, in_sizes), ins):
+            for k, s in zip(ctx.refine_product(merged, in_sizes), ins):
                 ctx.union(k, s)
-            kids = ctx.sym.refine_product(merged, out_sizes) if len(b) > 1 else [merged]
+            kids = ctx.refine_product(merged, out_sizes) if len(b) > 1 else [merged]
         for k, s in zip(b, kids):
             out[k] = s
     return out  # type: ignore[return-value]
@@ -130,7 +130,7 @@ def _cat(ctx):
     for axis in range(len(out_shape)):
         if axis == dim:
             o = ctx.new(out_shape[axis])
-            kids = ctx.sym.refine_concat(o, [ctx.shape(t)[axis] for t in tensors])
+            kids = ctx.refine_concat(o, [ctx.shape(t)[axis] for t in tensors])
             for k, lay in zip(kids, layouts):
                 ctx.union(k, lay[axis])
             out.append(o)
@@ -153,7 +153,7 @@ def _stack(ctx):
             ctx.union(a, b)
     # the stacked axis is a concat of size-1 pieces: fixed, but cuttable again
     o = ctx.new(len(tensors))
-    ctx.sym.refine_concat(o, [1] * len(tensors))
+    ctx.refine_concat(o, [1] * len(tensors))
     return layouts[0][:dim] + [o] + layouts[0][dim:]
 
 
@@ -209,7 +209,7 @@ def _select(ctx):
 
 def _select_axis(ctx, lay, shape, dim, i):
     n = shape[dim]
-    pieces = ctx.engine._distribute(lay, dim, [1] * n) if n > 1 else None
+    pieces = ctx.distribute(lay, dim, [1] * n) if n > 1 else None
     if pieces is not None:
         p = pieces[i]
     else:
@@ -337,7 +337,7 @@ def _repeat(ctx):
             out.append(s)
             continue
         o = ctx.new(n)
-        kids = ctx.sym.refine_product(o, [n // m, m])
+        kids = ctx.refine_product(o, [n // m, m])
         ctx.union(kids[1], s)
         out.append(o)
     return out
@@ -353,7 +353,7 @@ def _repeat_interleave(ctx):
     lay, shape = list(ctx.layout(x)), ctx.shape(x)
     dim = norm_dim(dim, len(shape))
     o = ctx.new(shape[dim] * reps)
-    kids = ctx.sym.refine_product(o, [shape[dim], reps])
+    kids = ctx.refine_product(o, [shape[dim], reps])
     ctx.union(kids[0], lay[dim])
     lay[dim] = o
     return lay
