@@ -18,8 +18,9 @@ from .match.ste import ste_matching
 from .match.weight import weight_matching
 from .merge import interpolate, merge_many
 from .models import ModelSpecError, build_model
-from .permute import (EquivalenceError, apply_permutation, check_equivalence, compose,
-                      identity_permutation, invert, permute_model, random_permutation)
+from .permute import (EquivalenceError, NondeterministicModelError, apply_permutation,
+                      check_equivalence, compose, identity_permutation, invert, permute_model,
+                      random_permutation)
 from .repair import ChannelStats, channel_stats, repair, reset_bn_stats
 from .spec import Group, Member, PermutationSpec, SpecError
 from .trace import TraceError
@@ -28,7 +29,7 @@ __all__ = [
     "infer_spec", "rule", "PermutationSpec", "Group", "Member", "ModelInputs",
     "SpecError", "TraceError", "ExampleInputError", "NonFiniteWeightError", "MetaTensorError",
     "random_permutation", "identity_permutation", "apply_permutation", "invert", "compose",
-    "permute_model", "check_equivalence", "EquivalenceError",
+    "permute_model", "check_equivalence", "EquivalenceError", "NondeterministicModelError",
     "weight_matching", "activation_matching", "ste_matching",
     "auto_rebasin", "RebasinResult", "ArchitectureMismatchError",
     "interpolate", "merge_many", "reset_bn_stats", "loss_barrier", "plot_barrier", "BarrierResult",

@@ -22,6 +22,11 @@ class EquivalenceError(AssertionError):
     """Permuting a model by a spec changed what it computes."""
 
 
+class NondeterministicModelError(EquivalenceError):
+    """The model computes different outputs on two runs with the same inputs,
+    so no check can tell whether a permutation changed what it computes."""
+
+
 def random_permutation(spec: PermutationSpec, seed: int = 0) -> Perms:
     """One uniformly random permutation per group, reproducible from ``seed``."""
     gen = torch.Generator().manual_seed(seed)
@@ -255,7 +260,18 @@ def check_equivalence(model: torch.nn.Module, spec: PermutationSpec, example_inp
         ref = inputs.call(model)
         out = inputs.call(permuted)
     err = relative_error(select_outputs(ref, spec.outputs), select_outputs(out, spec.outputs))
-    del ref, out
+    del out
+    if not err <= rtol:  # is it the permutation, or does the model itself vary?
+        with torch.no_grad(), eval_mode(model):
+            again = inputs.call(model)
+        drift = relative_error(select_outputs(ref, spec.outputs), select_outputs(again, spec.outputs))
+        if not drift <= rtol:
+            raise NondeterministicModelError(
+                f"the model's own outputs differ by {drift:.3g} between two runs on the same "
+                "inputs in eval mode (random ops: sampled masks or noise): the spec cannot be "
+                "checked. Pass inputs that fix the randomness (ViTMAE's noise=, say), or seed "
+                "inside forward")
+    del ref
     if not err <= rtol:
         del permuted  # the float64 re-check needs the memory; rebuilt below if it fails
     if not err <= rtol and _float64_confirms(model, spec, perms, inputs, rtol):

@@ -393,10 +393,11 @@ def export_trace(model: nn.Module, inputs) -> tuple[fx.GraphModule, tuple]:
     """
     import torch.fx._pytree as fx_pytree
     from .guard import eval_mode
-    with eval_mode(model), _batched_experts(model), _quiet_torch_logs():
+    with eval_mode(model), _batched_experts(model), _quiet_torch_logs(), _plain_outputs(model):
         ep = torch.export.export(model, tuple(inputs.args), dict(inputs.kwargs), strict=False)
     gm = ep.module()
     flat = tuple(fx_pytree.tree_flatten_spec((tuple(inputs.args), dict(inputs.kwargs)), gm._in_spec))
+    _inline_wrappers(gm)
     for n in reversed(list(gm.graph.nodes)):
         name = getattr(getattr(n.target, "overloadpacket", None), "__name__", "")
         if (n.op == "call_module" and n.target == "_guards_fn") or \
@@ -408,6 +409,82 @@ def export_trace(model: nn.Module, inputs) -> tuple[fx.GraphModule, tuple]:
     gm.graph._codegen = fx.graph.CodeGen()  # flat inputs in, flat outputs out
     gm.recompile()
     return gm, flat
+
+
+_PLAIN_LEAVES = (torch.Tensor, int, float, bool, str, type(None))
+
+
+@contextlib.contextmanager
+def _plain_outputs(model: nn.Module):
+    """While exporting, ``model``'s outputs with every leaf that pytree cannot
+    flatten (a key-value cache object returned beside the logits) replaced by
+    None: torch.export refuses such outputs, and no spec is about them."""
+    import functools
+    import torch.utils._pytree as pytree
+    forward = model.forward
+
+    @functools.wraps(forward)
+    def plain(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        return pytree.tree_map(lambda x: x if isinstance(x, _PLAIN_LEAVES) else None, out)
+
+    own = model.__dict__.get("forward")  # an instance's own forward (a hook), if any
+    model.forward = plain
+    try:
+        yield
+    finally:
+        if own is None:
+            del model.forward  # the class's forward again
+        else:
+            model.forward = own
+
+
+def _inline_wrappers(gm: fx.GraphModule) -> None:
+    """Inline torch.export's scope wrappers (``wrap_with_set_grad_enabled``,
+    ``wrap_with_autocast``: a region under ``torch.no_grad()`` or autocast kept
+    as a call of a sub-GraphModule) into the graph, so rules see the ops inside.
+
+    Grad mode does not change the values a forward computes; the autocast dtype
+    does, and is kept by capture, so those regions are inlined only when their
+    dtype switch is off (``enabled`` False). A body that reads attributes of
+    its own is left as it is (a blocked op with its reason).
+    """
+    names = {"wrap_with_set_grad_enabled", "wrap_with_autocast"}
+    for n in list(gm.graph.nodes):
+        name = getattr(n.target, "__name__", "") if n.op == "call_function" else ""
+        if name not in names:
+            continue
+        mods = [i for i, a in enumerate(n.args) if isinstance(a, fx.Node) and a.op == "get_attr"
+                and isinstance(getattr(gm, a.target, None), fx.GraphModule)]
+        if len(mods) != 1:
+            continue
+        k = mods[0]
+        if name == "wrap_with_autocast" and (k < 3 or n.args[2]):
+            continue  # an autocast that is on changes dtypes: keep it whole
+        body: fx.GraphModule = getattr(gm, n.args[k].target)
+        if any(b.op == "get_attr" for b in body.graph.nodes):
+            continue
+        placeholders = [b for b in body.graph.nodes if b.op == "placeholder"]
+        operands = n.args[k + 1:]
+        if len(placeholders) != len(operands):
+            continue
+        with gm.graph.inserting_before(n):
+            result = gm.graph.graph_copy(body.graph, dict(zip(placeholders, operands)))
+        if isinstance(result, (tuple, list)):
+            for user in list(n.users):
+                if not (user.op == "call_function" and user.target is operator.getitem):
+                    break
+            else:
+                for user in list(n.users):
+                    user.replace_all_uses_with(result[user.args[1]])
+                    gm.graph.erase_node(user)
+                gm.graph.erase_node(n)
+                continue
+            # used whole: leave the wrapper in place (the copied nodes go unused)
+            continue
+        n.replace_all_uses_with(result)
+        gm.graph.erase_node(n)
+    gm.graph.eliminate_dead_code()
 
 
 def _tensors_in(obj) -> list:

@@ -5,8 +5,9 @@ For each timm model, A and B are two random initialisations (``torch.manual_seed
 align B to A three ways, each in a fresh subprocess (so memory peaks do not
 mix) with ``torch.set_num_threads(THREADS)``:
 
-* ``autobasin``: ``weight_matching(infer_spec(A), A.state_dict(), B.state_dict())``
-  with the default greedy initialisation; its wall time, the descent sweeps it
+* ``autobasin``: ``weight_matching(infer_spec(A), A.state_dict(), B.state_dict(),
+  init="greedy")``, one start (the default ``init="best"`` runs a second descent
+  from the identity, timed in the objective table); its wall time, the descent sweeps it
   took (``stats["sweeps"]``) and the greedy initialisation's share of the time;
 * the *floor*: the same spec's pure work for one sweep -- for every group, the
   products ``A_m @ B_m^T`` of its members (rows pre-gathered, contiguous) and one
@@ -18,6 +19,16 @@ mix) with ``torch.set_num_threads(THREADS)``:
   x)`` then ``.rebasin()``, where ``x`` is one random 224x224 image; its time is
   split into the constructor (tracing, the analogue of our ``infer_spec``) and
   ``rebasin()`` (the matching).
+
+A second table compares the results by the paper's objective ``J = sum <A_T,
+P(B_T)>`` over every floating parameter (buffers left out: they are not
+weights), for both starts of autobasin's descent, the one it keeps (its
+default), the greedy start with buffers matched too (``match_buffers=True``,
+the default before buffers left the objective) and ``rebasin``. Each model is
+run twice: with BatchNorm statistics at their initial values (mean 0, variance
+1: the same in every channel, so they cannot sway a matching) and with
+statistics gathered as training does (four batches of eight random images in
+train mode, cumulative average), where they differ per channel.
 
 Distances are ``||A - B||`` over every floating state_dict entry, before and
 after alignment; each aligned B is checked to compute what B computes. Peak
@@ -150,7 +161,7 @@ def work_autobasin(name: str, repeats: int = 2) -> dict:
         stats: dict = {}
         with PeakMemory() as mem:
             t0 = time.perf_counter()
-            perms = weight_matching(spec, sd_a, sd_b, progress=False, stats=stats)
+            perms = weight_matching(spec, sd_a, sd_b, progress=False, stats=stats, init="greedy")
             seconds = time.perf_counter() - t0
         if best is None or seconds < best[0]:
             best = (seconds, stats, perms)
@@ -173,6 +184,56 @@ def work_autobasin(name: str, repeats: int = 2) -> dict:
                 models_bytes=_state_bytes(a) + _state_bytes(b),
                 sweep_seconds=stats["sweep_seconds"],
                 objectives=[stats["initial_objective"], *stats["objective_history"]])
+
+
+def paper_objective(model_a, sd_a, sd_b) -> float:
+    """``sum <A_T, B_T>`` over every floating parameter of ``model_a`` (no buffers)."""
+    return sum(float((sd_a[k].double() * sd_b[k].double()).sum())
+               for k, v in model_a.named_parameters() if v.is_floating_point())
+
+
+def gather_statistics(model, seed: int, batches: int = 4, batch: int = 8) -> None:
+    """BatchNorm running statistics as training leaves them: ``batches`` batches of
+    random images in train mode, averaged (momentum None); per channel they differ."""
+    import torch
+    from torch import nn
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    with torch.no_grad():
+        for _ in range(batches):
+            model(torch.randn(batch, 3, 224, 224, generator=gen))
+    model.eval()
+
+
+def work_objective(name: str) -> dict:
+    """The paper's objective after each start, and with buffers matched, with
+    BatchNorm statistics at init and gathered from data."""
+    from autobasin.infer import infer_spec
+    from autobasin.match.weight import weight_matching
+    from autobasin.permute import apply_permutation
+    a, b = _models(name)
+    spec = infer_spec(a)
+    out = {}
+    for setting in ("init", "data"):
+        if setting == "data":
+            gather_statistics(a, 0)
+            gather_statistics(b, 1)
+        sd_a, sd_b = a.state_dict(), b.state_dict()
+        row = {"objective_before": paper_objective(a, sd_a, sd_b)}
+        for label, kw in (("greedy", dict(init="greedy")), ("identity", dict(init="identity")),
+                          ("buffers", dict(init="greedy", match_buffers=True))):
+            t0 = time.perf_counter()
+            perms = weight_matching(spec, sd_a, sd_b, progress=False, **kw)
+            seconds = time.perf_counter() - t0
+            aligned = apply_permutation(spec, perms, sd_b)
+            row[label] = dict(objective=paper_objective(a, sd_a, aligned), seconds=seconds,
+                              distance=_distance(sd_a, aligned))
+        out[setting] = row
+    return out
 
 
 def distance_curve(ours: dict) -> list[tuple[float, float]]:
@@ -206,11 +267,12 @@ def work_rebasin(name: str) -> dict:
         pcd.rebasin()
         t2 = time.perf_counter()
     return dict(init_seconds=t1 - t0, rebasin_seconds=t2 - t1, seconds=t2 - t0,
+                objective=paper_objective(a, sd_a, aligned.state_dict()),
                 dist_before=dist_before, dist_after=_distance(sd_a, aligned.state_dict()),
                 function_error=_function_error(b, aligned), peak_bytes=mem.peak)
 
 
-WORKERS = {"autobasin": work_autobasin, "rebasin": work_rebasin}
+WORKERS = {"autobasin": work_autobasin, "rebasin": work_rebasin, "objective": work_objective}
 
 
 def _worker_main(method: str, name: str, threads: int) -> None:
@@ -301,6 +363,32 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def objective_table(rows: list[dict]) -> str:
+    head = ("| model | BN statistics | J before | J: greedy start | J: identity start "
+            "| J: kept (default) | J: buffers matched | buffers matched vs kept "
+            "| J: rebasin | ‖A−B‖ after: kept | s: greedy + identity |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        res = r.get("objective", {})
+        if not res.get("ok"):
+            lines.append(f"| {r['model']} | | failed: {res.get('error')} |" + " |" * 8)
+            continue
+        for setting, label in (("init", "at init"), ("data", "from data")):
+            row = res[setting]
+            g, i, buf = row["greedy"], row["identity"], row["buffers"]
+            kept = g if g["objective"] >= i["objective"] else i
+            which = "greedy" if kept is g else "identity"
+            rb = r["rebasin"]
+            rb_j = f"{rb['objective']:.1f}" if setting == "init" and rb.get("ok") else "–"
+            gap = 100 * (buf["objective"] - kept["objective"]) / abs(kept["objective"])
+            lines.append(
+                f"| {r['model']} | {label} | {row['objective_before']:.1f} | {g['objective']:.1f} "
+                f"| {i['objective']:.1f} | {kept['objective']:.1f} ({which}) | {buf['objective']:.1f} "
+                f"| {gap:+.2f}% | {rb_j} | {kept['distance']:.2f} "
+                f"| {g['seconds']:.2f} + {i['seconds']:.2f} |")
+    return "\n".join(lines)
+
+
 def targets(rows: list[dict]) -> list[str]:
     """Yes/NO lines for the targets: resnet50 at least 5x faster than rebasin with
     at least its distance reduction, within 2x of the floor, and every model's
@@ -352,8 +440,9 @@ def main(argv=None) -> list[dict]:
         row["autobasin"] = run_worker("autobasin", name, args.threads, 3600)
         row["rebasin"] = ({"ok": False, "error": "not run (--no-rebasin)"} if args.no_rebasin else
                           run_worker("rebasin", name, args.threads, args.rebasin_timeout))
+        row["objective"] = run_worker("objective", name, args.threads, 3600)
         rows.append(row)
-        print(f"{name}: " + json.dumps({k: row[k] for k in ("autobasin", "rebasin")}),
+        print(f"{name}: " + json.dumps({k: row[k] for k in ("autobasin", "rebasin", "objective")}),
               file=sys.stderr, flush=True)
     load_end = os.getloadavg()
     md = table(rows)
@@ -371,7 +460,9 @@ def main(argv=None) -> list[dict]:
     load = (f"load average (1/5/15 min) {load_start[0]:.2f}/{load_start[1]:.2f}/{load_start[2]:.2f} "
             f"at the start, {load_end[0]:.2f}/{load_end[1]:.2f}/{load_end[2]:.2f} at the end")
     checks = targets(rows)
+    objectives = objective_table(rows)
     print(md)
+    print(objectives)
     print("\n".join(checks))
     print(load)
     if args.out:
@@ -389,6 +480,17 @@ then permutation coordinate descent) and by the `rebasin` package's
 Targets (2-core CPU):
 
 {chr(10).join(checks)}
+
+## The objective
+
+The paper's objective `J = Σ ⟨A_T, P(B_T)⟩` over every floating parameter
+(higher is better; `J before` is at the identity) after descent from each start,
+the one `weight_matching` keeps by default (`init="best"`: the higher), the
+greedy start with buffers matched too (`match_buffers=True`), and rebasin's
+result. BN statistics *at init* are equal across channels; *from data* they
+were gathered by four batches of eight random images in train mode.
+
+{objectives}
 
 Columns:
 

@@ -406,3 +406,71 @@ def test_member_rows_of_b_match_gather_of_permuted_tensor():
                 term = _make_term(gname, m, by_param[m.param], b[m.param])
                 torch.testing.assert_close(_b_rows(term, b[m.param], perms),
                                            m.gather(expected[m.param]), rtol=0, atol=0)
+
+
+# ------------------------------------------------- the objective (issue 14, item 6)
+def bn_mlp(seed: int) -> nn.Sequential:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(12, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 4))
+    with torch.no_grad():  # statistics as a trained model has them: large and varied
+        model[1].running_mean.normal_(0, 5)
+        model[1].running_var.uniform_(1, 30)
+    return model
+
+
+def bn_mlp_spec(model: nn.Sequential) -> PermutationSpec:
+    n = 32
+    members = [plain("0.weight", 0, n), plain("0.bias", 0, n), plain("1.weight", 0, n),
+               plain("1.bias", 0, n), plain("1.running_mean", 0, n), plain("1.running_var", 0, n),
+               plain("3.weight", 1, n)]
+    return PermutationSpec([Group("hidden", n, members)], tensor_infos(model))
+
+
+def test_buffers_are_permuted_but_not_matched_by_default():
+    """The paper's objective counts parameters only: B's running statistics
+    may take any values without changing the result; with match_buffers they
+    count (and here, where they are large, they change it)."""
+    a, b = bn_mlp(0), bn_mlp(1)
+    spec = bn_mlp_spec(a)
+    sd_a, sd_b = a.state_dict(), b.state_dict()
+    stats: dict = {}
+    perms = weight_matching(spec, sd_a, sd_b, progress=False, stats=stats)
+    params_only = {k: v for k, v in sd_a.items()  # the spec's parameters
+                   if k in dict(a.named_parameters()) and k in spec.members_by_param()}
+    expected = sum(float((params_only[k] * apply_permutation(spec, perms, sd_b)[k]).sum())
+                   for k in params_only)
+    assert stats["objective"] == pytest.approx(expected, rel=1e-5)
+    other = dict(sd_b)
+    other["1.running_mean"] = torch.randn(32) * 100
+    other["1.running_var"] = torch.rand(32) * 100 + 1
+    again = weight_matching(spec, sd_a, other, progress=False)
+    assert torch.equal(again["hidden"], perms["hidden"])
+    with_buffers = weight_matching(spec, sd_a, other, progress=False, match_buffers=True)
+    assert not torch.equal(with_buffers["hidden"], perms["hidden"])
+    # the aligned model still computes what B computes: buffers move with their group
+    b.eval()
+    aligned = bn_mlp(1)
+    aligned.load_state_dict(apply_permutation(spec, perms, sd_b))
+    x = torch.randn(5, 12)
+    assert torch.allclose(aligned.eval()(x), b(x), atol=1e-5)
+
+
+def test_best_start_keeps_the_higher_objective():
+    sizes = (20, 48, 48, 48, 5)
+    spec = mlp_spec(make_mlp(sizes))
+    a, b = make_mlp(sizes, 1).state_dict(), make_mlp(sizes, 2).state_dict()
+    runs = {}
+    for init in ("greedy", "identity", "best"):
+        runs[init] = {}
+        weight_matching(spec, a, b, progress=False, init=init, stats=runs[init])
+    best = runs["best"]
+    assert best["starts"] == {"greedy": pytest.approx(runs["greedy"]["objective"]),
+                              "identity": pytest.approx(runs["identity"]["objective"])}
+    assert best["objective"] == pytest.approx(max(best["starts"].values()))
+    assert best["init"] in ("greedy", "identity")
+    # a planted problem: the greedy start reaches the bound, the identity is not run
+    planted: dict = {}
+    p = random_permutation(spec, seed=3)
+    perms = weight_matching(spec, a, apply_permutation(spec, p, a), progress=False, stats=planted)
+    assert planted["starts"]["identity"] is None and planted["init"] == "greedy"
+    assert_same_state(apply_permutation(spec, perms, apply_permutation(spec, p, a)), a, atol=1e-5)

@@ -130,7 +130,9 @@ class GraphInference:
                 for sym in (held.values() if isinstance(held, dict) else [held] if held is not None
                             else []):
                     self.sym.block(sym, reason)
-            ctx.block_layout([self.layouts.get(a) for a in ctx.tensor_args()], reason)
+            # every input, containers too (a ModelOutput, a dict, a tuple of
+            # tensors): whatever the rule would have related stays fixed
+            ctx.block_layout([self.layouts.get(a) for a in node.all_input_nodes], reason)
             if node.op == "call_module":
                 # the rule may have related some of the module's tensors before
                 # it failed: none of them may move
@@ -228,7 +230,8 @@ class GraphInference:
 
     # ------------------------------------------------------- opaque calls
     def opaque(self, node: fx.Node, ctx: Context, what: str):
-        tensors = ctx.tensor_args()
+        # every input that carries tensors, in containers too
+        tensors = [a for a in node.all_input_nodes if layout_symbols(self.layouts.get(a))]
         out_meta = self.meta.get(node)
         if not tensors:
             # No tensor comes in: a factory (arange, randn, ...) or plain Python.

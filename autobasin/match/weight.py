@@ -23,7 +23,7 @@ in which no group improved its objective.
 Initialisation. Descent from the identity can stall far from the optimum: with
 every other group wrong, a group's similarity is mostly noise (on random-init
 networks, and wherever heads x head-dim or GroupNorm grids put two groups on
-one axis, B = P(A) is then not recovered). The default ``init="greedy"`` solves
+one axis, B = P(A) is then not recovered). ``init="greedy"`` solves
 the groups once each, best-determined first. An axis of a tensor is *known*
 once every group acting on it is solved (axes no group acts on always are), and
 a member is *clean* when every other group that moves its rows ``B_m`` is
@@ -40,6 +40,13 @@ permutation still maximises the similarity. Descent then starts from there.
 When the start reaches the Cauchy-Schwarz bound ``J <= ||A|| ||B||`` (B = P(A)
 exactly), it is a global optimum and the first sweep ends at once; with noise
 on a planted problem, descent stops after one sweep that changes nothing.
+The default ``init="best"`` also descends from the identity (unless the greedy
+start reached the bound) and keeps the higher objective: on independent
+ResNets the identity start can end a little higher.
+
+Objective. By default only parameters count (the paper's objective); buffers
+that a group permutes (BatchNorm running statistics) are permuted with it but
+do not steer it, see ``match_buffers``.
 
 Cost. Only the tensors of ``g``'s members are touched in a step, and only along
 the axes other groups act on (one ``index_select`` per such axis), never the
@@ -336,9 +343,10 @@ def _greedy_init(spec: PermutationSpec, static: dict[str, torch.Tensor | _LowRan
 
 def weight_matching(spec: PermutationSpec, state_dict_a: Mapping[str, torch.Tensor],
                     state_dict_b: Mapping[str, torch.Tensor], max_iter: int = 100, seed: int = 0,
-                    init: Mapping[str, torch.Tensor] | str | None = "greedy", progress: bool = True,
+                    init: Mapping[str, torch.Tensor] | str | None = "best", progress: bool = True,
                     device: torch.device | str | None = None,
-                    stats: dict | None = None, tol: float = 0.0) -> dict[str, torch.Tensor]:
+                    stats: dict | None = None, tol: float = 0.0,
+                    match_buffers: bool = False) -> dict[str, torch.Tensor]:
     """Permutations of B's groups that maximise its inner product with A.
 
     Args:
@@ -347,11 +355,26 @@ def weight_matching(spec: PermutationSpec, state_dict_a: Mapping[str, torch.Tens
             names must be in both, with equal shapes. Neither is modified.
         max_iter: most sweeps over all groups.
         seed: seeds the random group order of each sweep; equal seeds give equal results.
-        init: where descent starts. ``"greedy"`` (default): solve each group once,
+        init: where descent starts. ``"greedy"``: solve each group once,
             best-determined first (see the module docstring); recovers ``B = P(A)``
             exactly. ``None`` or ``"identity"``: the identity. A mapping
             ``{group: LongTensor (n,)}``: those permutations, groups left out
-            at the identity.
+            at the identity. ``"best"`` (default): descend from the greedy
+            start, then, unless that start already reached the bound
+            ``||A|| ||B||`` (so nothing beats it), from the identity too, and
+            keep the higher objective (ties go to greedy). Neither start
+            dominates: greedy recovers planted permutations and wins on
+            heads x head-dim grids; on independently trained or initialised
+            ResNets the identity start can end a fraction of a percent higher.
+        match_buffers: whether buffers (BatchNorm running statistics, ...) count
+            in the objective. Default False: the paper's objective, over
+            parameters only; buffers in a group are still permuted with it
+            (:func:`~autobasin.permute.apply_permutation`), they just do not
+            steer the matching. Running statistics carry about one unit of
+            similarity per channel, as much as a whole weight row, so matching
+            them lets them dominate BatchNorm groups. A spec made by hand
+            without :attr:`~autobasin.spec.PermutationSpec.tensors` entries
+            treats every tensor as a parameter.
         progress: show a tqdm bar over sweeps.
         device: where to compute (default: the device of A's tensors).
         tol: stop after a sweep that raises the objective by at most ``tol`` times
@@ -362,7 +385,9 @@ def weight_matching(spec: PermutationSpec, state_dict_a: Mapping[str, torch.Tens
             after the initialisation), ``objective_history`` (the objective
             ``sum_T <A_T, P(B_T)>`` after each sweep, floats),
             ``initial_objective`` (at the start of descent, after the
-            initialisation), ``converged`` (bool), ``optimal_by_bound`` (True
+            initialisation), ``objective`` (at the end), ``starts`` (for
+            ``init="best"``: ``{"greedy": objective, "identity": objective
+            or None when not run}``), ``converged`` (bool), ``optimal_by_bound`` (True
             when the start already reached the bound ``||A|| ||B||`` that no
             permutation exceeds, up to a relative 1e-12, so the first sweep was
             cut short: it could improve nothing), ``init`` (``"greedy"``,
@@ -386,6 +411,22 @@ def weight_matching(spec: PermutationSpec, state_dict_a: Mapping[str, torch.Tens
     :class:`~autobasin.guard.MetaTensorError` when one is on the meta device.
     """
     start = time.perf_counter()
+    if isinstance(init, str) and init == "best":
+        kw = dict(max_iter=max_iter, seed=seed, progress=progress, device=device, tol=tol,
+                  match_buffers=match_buffers)
+        runs = {}
+        for mode in ("greedy", "identity"):
+            runs[mode] = ({}, None)
+            perms = weight_matching(spec, state_dict_a, state_dict_b, init=mode, stats=runs[mode][0], **kw)
+            runs[mode] = (runs[mode][0], perms)
+            if runs[mode][0]["optimal_by_bound"]:
+                break  # the greedy start reached ||A|| ||B||: no start can end higher
+        kept = max(runs, key=lambda m: (runs[m][0]["objective"], m == "greedy"))
+        if stats is not None:
+            stats.update(runs[kept][0], seconds=time.perf_counter() - start,
+                         starts={m: runs[m][0]["objective"] if m in runs else None
+                                 for m in ("greedy", "identity")})
+        return runs[kept][1]
     if not (isinstance(tol, (int, float)) and 0 <= tol < math.inf):
         raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
     _validate(spec, state_dict_a, state_dict_b)
@@ -398,7 +439,7 @@ def weight_matching(spec: PermutationSpec, state_dict_a: Mapping[str, torch.Tens
     names = list(spec.groups)
     if isinstance(init, str):
         if init not in ("greedy", "identity"):
-            raise ValueError(f"init must be 'greedy', 'identity', None or a mapping of "
+            raise ValueError(f"init must be 'best', 'greedy', 'identity', None or a mapping of "
                              f"permutations, not {init!r}")
         mode, given = init, {}
     elif init is None:
@@ -408,7 +449,10 @@ def weight_matching(spec: PermutationSpec, state_dict_a: Mapping[str, torch.Tens
         unknown = [k for k in given if k not in spec.groups]
         if unknown:
             raise SpecError(f"init has a permutation for {unknown[0]!r}, which is not a group of the spec")
-    by_param = spec.members_by_param()
+    # the tensors that count in the objective (see match_buffers); every member
+    # is still validated above, and permuted by apply_permutation
+    by_param = {p: ms for p, ms in spec.members_by_param().items()
+                if match_buffers or p not in spec.tensors or spec.tensors[p].is_parameter}
     if device is None:
         first = next((state_dict_a[p] for p in by_param), None)
         device = first.device if first is not None else torch.device("cpu")
@@ -433,6 +477,8 @@ def weight_matching(spec: PermutationSpec, state_dict_a: Mapping[str, torch.Tens
             dynamic[gname] = []
             fixed = []
             for m in g.members:
+                if m.param not in by_param:
+                    continue  # a buffer, not matched
                 term = _make_term(gname, m, by_param[m.param], a_t[m.param])
                 if term.deps:
                     dynamic[gname].append(term)
@@ -501,7 +547,7 @@ def weight_matching(spec: PermutationSpec, state_dict_a: Mapping[str, torch.Tens
         sweep_seconds = [time.perf_counter() - start]
         sweeps = 0
         converged = False
-        bar = tqdm(total=max_iter, desc="weight matching", unit="sweep", disable=not progress)
+        bar = tqdm(total=max_iter, desc=f"weight matching ({mode} start)", unit="sweep", disable=not progress)
         if optimal and max_iter > 0:
             sweeps, converged = 1, True
             history.append(initial)
@@ -555,6 +601,7 @@ def weight_matching(spec: PermutationSpec, state_dict_a: Mapping[str, torch.Tens
     if stats is not None:
         stats.update(sweeps=sweeps, objective_history=history, initial_objective=initial,
                      converged=converged, optimal_by_bound=optimal, init=mode,
+                     objective=history[-1] if history else initial,
                      init_order=order, init_seconds=init_s,
                      similarity_seconds=sim_s, lap_seconds=lap_s, sweep_seconds=sweep_seconds,
                      seconds=time.perf_counter() - start)

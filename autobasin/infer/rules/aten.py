@@ -20,7 +20,7 @@ from .common import broadcast_layouts, norm_dim
 from .elementwise import _broadcast, _constant_like, _unary
 from .linear import conv_rule, embedding_rule
 from .norm import group_norm_rule, layer_norm_rule, per_channel
-from .shape import _index_tensor, _permute, _reshape, _split_outputs
+from .shape import _index_tensor, _permute, _reshape, _split_outputs, strided_slice
 
 aten = torch.ops.aten
 
@@ -37,7 +37,8 @@ _ELEMENTWISE = (
     "masked_fill", "clamp", "clamp_min", "clamp_max", "clip", "eq", "ne", "lt", "le", "gt", "ge",
     "logical_and", "logical_or", "logical_xor", "logical_not", "bitwise_and", "bitwise_or",
     "bitwise_xor", "bitwise_not", "__and__", "__or__", "__xor__", "__invert__", "atan2",
-    "hypot", "copysign", "xlogy",
+    "hypot", "copysign", "xlogy", "multiply", "divide", "subtract", "greater", "greater_equal",
+    "less", "less_equal", "not_equal", "arctan2", "absolute", "negative",
     "relu", "relu6", "gelu", "silu", "mish", "sigmoid", "tanh", "hardswish", "hardsigmoid",
     "hardtanh", "leaky_relu", "elu", "selu", "celu", "softplus", "softshrink", "hardshrink",
     "log_sigmoid", "threshold", "exp", "exp2", "expm1", "log", "log2", "log10", "log1p", "sqrt",
@@ -51,7 +52,7 @@ _ELEMENTWISE = (
 # their first argument, whose layout the broadcast already shares
 rule(*_ops(*_ELEMENTWISE, *(name + "_" for name in _ELEMENTWISE), "copy_", "zero_"))(_broadcast)
 # the first tensor's layout only: casts, copies, views of the whole tensor
-rule(*_ops("to", "_to_copy", "clone", "contiguous", "alias", "detach", "lift_fresh_copy",
+rule(*_ops("to", "_to_copy", "clone", "contiguous", "alias", "detach", "detach_", "lift_fresh_copy",
            "type_as", "_to_dim_order_copy", "view_as_real_copy"))(_unary)
 # tensors of one value everywhere: any permutation leaves them as they are
 rule(*_ops("zeros_like", "ones_like", "full_like", "empty_like", "new_zeros", "new_ones",
@@ -69,7 +70,8 @@ for _name, _fn in [("expand", "expand"), ("expand_as", "expand_as"), ("index_add
                    ("tensor_split", "tensor_split"), ("index_select", "index_select")]:
     if hasattr(aten, _name):
         alias(getattr(aten, _name), _fn)
-for _name, _fn in [("cat", torch.cat), ("concat", torch.cat), ("stack", torch.stack),
+for _name, _fn in [("cat", torch.cat), ("concat", torch.cat), ("concatenate", torch.cat),
+                   ("stack", torch.stack), ("tile", torch.tile),
                    ("gather", torch.gather), ("roll", torch.roll), ("flip", torch.flip),
                    ("diff", torch.diff), ("tril", torch.tril), ("triu", torch.triu),
                    ("rot90", torch.rot90), ("cumsum", torch.cumsum), ("cumprod", torch.cumprod),
@@ -134,9 +136,7 @@ def _slice(ctx):
         return lay
     if step == 1 and stop > start:
         return _split_outputs(ctx, x, dim, [start, stop - start, n - stop])[1]
-    ctx.block(lay[dim], "strided slice")
-    lay[dim] = ctx.new(ctx.shape()[dim], "strided slice")
-    return lay
+    return strided_slice(ctx, lay, shape, dim, start, stop, step)
 
 
 @rule(*_ops("index"))
@@ -147,12 +147,73 @@ def _index(ctx):
 
 
 @rule(*_ops("index_put", "index_put_", "scatter", "scatter_add", "scatter_reduce",
-            "masked_scatter", "index_fill", "index_copy"))
+            "index_fill", "index_copy"))
 def _write_at_positions(ctx):
     """Writes at positions given by tensors: every axis involved is fixed."""
     for t in ctx.tensor_args():
         ctx.block_layout(ctx.layout(t), f"{ctx.op_name} writes at indexed positions")
     return ctx.fresh(blocked=f"{ctx.op_name} output")
+
+
+# ops that keep the values of their input, along any axis
+_SAME_VALUES = {"to", "_to_copy", "clone", "contiguous", "alias", "detach", "type_as",
+                "_to_dim_order_copy", "lift_fresh_copy"}
+
+
+def _broadcast_along_last(node, depth: int = 8) -> bool:
+    """Is ``node`` equal along its last axis whatever the values: length 1
+    there (it broadcasts), or an expand of such a tensor, through casts and
+    copies?"""
+    import torch.fx as fx
+    for _ in range(depth):
+        if not isinstance(node, fx.Node):
+            return False
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor) and (val.dim() == 0 or val.shape[-1] == 1):
+            return True
+        if node.op != "call_function":
+            return False
+        packet = getattr(node.target, "overloadpacket", None)
+        name = packet.__name__ if packet is not None else getattr(node.target, "__name__", "")
+        if name in ("expand", "expand_as", "broadcast_to"):
+            src = node.args[0]
+            val = src.meta.get("val") if isinstance(src, fx.Node) else None
+            out = node.meta.get("val")
+            return val is not None and out is not None and \
+                (val.dim() < out.dim() or val.shape[-1] == 1) and out.shape[-1] > 1
+        if name not in _SAME_VALUES:
+            return False
+        node = node.args[0]
+    return False
+
+
+@rule(*_ops("masked_scatter"), "masked_scatter")
+def _masked_scatter(ctx):
+    """``x.masked_scatter(mask, source)``: the elements of ``source``, in order,
+    go where ``mask`` is true (a multimodal model's image features put in
+    place of its image tokens). When the mask was expanded along the last
+    axis from length 1 (one flag per token), whole rows of ``source`` land on
+    whole rows of ``x``, element ``j`` on element ``j``: the last axes of
+    ``x``, ``source`` and the result are one axis. The other axes are fixed."""
+    x, mask, source = ctx.args[0], ctx.arg(1, "mask"), ctx.arg(2, "source")
+    lay, src = list(ctx.layout(x)), list(ctx.layout(source))
+    name = ctx.op_name
+    if not (_broadcast_along_last(mask) and ctx.shape(source)[-1] == ctx.shape(x)[-1]):
+        for t in (x, mask, source):
+            ctx.block_layout(ctx.layout(t), f"{name} writes at indexed positions")
+        return ctx.fresh(blocked=f"{name} output")
+    ctx.union(lay[-1], src[-1])
+    if ctx.shape(mask) and ctx.shape(mask)[-1] == ctx.shape(x)[-1]:
+        ctx.union(lay[-1], ctx.layout(mask)[-1])  # expanded: equal along it
+    for s in (*lay[:-1], *src[:-1]):
+        ctx.block(s, f"{name} writes at indexed positions")
+    return lay
+
+
+@rule(*_ops("outer", "ger"), torch.outer, "outer")
+def _outer(ctx):
+    """``outer(a, b)[i, j] = a[i] * b[j]``: each input's axis is one of the result's."""
+    return [ctx.layout(ctx.args[0])[0], ctx.layout(ctx.args[1])[0]]
 
 
 @rule(*_ops("embedding"))

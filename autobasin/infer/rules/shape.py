@@ -207,6 +207,23 @@ def _select(ctx):
     return _select_axis(ctx, list(ctx.layout(x)), shape, dim, i)
 
 
+def strided_slice(ctx, lay, shape, dim, start, stop, step) -> list[int]:
+    """Layout of ``x[..., start:stop:step]`` along ``dim`` (step > 1). When it
+    takes one offset of every block of ``step`` (``x[..., 0::2]``: interleaved
+    gate and up projections), the axis is a grid (n / step, step) and the
+    slice selects one column of it: rows permute together across every such
+    slice. Anything else fixes the axis."""
+    n = shape[dim]
+    if n % step == 0 and start < step and len(range(start, stop, step)) == n // step:
+        kids = ctx.refine_product(lay[dim], [n // step, step])
+        grid = list(lay[:dim]) + list(kids) + list(lay[dim + 1:])
+        return _select_axis(ctx, grid, (*shape[:dim], n // step, step, *shape[dim + 1:]), dim + 1, start)
+    ctx.block(lay[dim], "strided slice")
+    out = list(lay)
+    out[dim] = ctx.new(len(range(start, stop, step)), "strided slice")
+    return out
+
+
 def _select_axis(ctx, lay, shape, dim, i):
     n = shape[dim]
     pieces = ctx.distribute(lay, dim, [1] * n) if n > 1 else None
@@ -303,8 +320,7 @@ def _index_tensor(ctx, x, idx):
         elif step == 1 and stop > start:
             out.append(ctx.cut([s], 0, [start, stop - start, n - stop])[1][0])
         else:
-            ctx.block(s, "strided slice")
-            out.append(ctx.new(len(range(start, stop, step)), "strided slice"))
+            out.append(strided_slice(ctx, [s], [n], 0, start, stop, step)[0])
         axis += 1
     return out
 
@@ -365,6 +381,22 @@ def _index_select(ctx):
     lay = list(ctx.layout(x))
     dim = norm_dim(ctx.value(ctx.arg(1, "dim")), len(lay))
     index = ctx.arg(2, "index")
+    if ctx.target in (torch.gather, "gather") and ctx.positions(index) is not None:
+        # x.gather(dim, topk_idx): the values at positions along x's own axis
+        # (a router's weights of its chosen experts). Permuting that axis
+        # renumbers the positions with it: the result is unchanged. The other
+        # axes pair up with the index's (gather needs them no longer).
+        idx_lay, idx_shape, shape = ctx.layout(index), ctx.shape(index), ctx.shape(x)
+        ctx.union(lay[dim], ctx.positions(index))
+        ctx.consume(index)
+        for j, (a, b) in enumerate(zip(lay, idx_lay)):
+            if j == dim:
+                continue
+            if idx_shape[j] == shape[j]:
+                ctx.union(a, b)
+            else:
+                ctx.block(a, "gathered in part")
+        return list(idx_lay)
     if ctx.target not in (torch.gather, "gather") and ctx.positions(index) is not None:
         ctx.union(lay[dim], ctx.positions(index))  # picked by positions along itself
         ctx.consume(index)
