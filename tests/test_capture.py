@@ -221,7 +221,25 @@ class Outer(nn.Module):
         return self.fc2(torch.outer(torch.relu(self.fc1(x)), self.v).T)
 
 
+class Patches(nn.Module):
+    """im2col and back (MobileViT's unfold / fold), and sliding windows."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.mix = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(32, 32)
+        self.conv2, self.fc = nn.Conv2d(8, 4, 1), nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.conv1(x))
+        p = nn.functional.unfold(h, 2, stride=2)                  # (N, 8 * 4, L)
+        p = self.mix(p.transpose(1, 2)).transpose(1, 2)
+        h = nn.functional.fold(p, (8, 8), 2, stride=2)             # (N, 8, 8, 8)
+        w = self.conv2(h).flatten(2).unfold(-1, 4, 4).mean(-1)    # windows along positions
+        return self.fc(w.transpose(1, 2))
+
+
 NEW_CASES = {
+    "patches": (Patches, (torch.randn(2, 3, 8, 8),), None),
     "outer": (Outer, (torch.randn(8),), None),
     "no_grad_region": (NoGradRegion, (torch.randn(4, 8),), "export"),
     "tile": (Tiled, (torch.randn(4, 8),), "export"),

@@ -67,7 +67,8 @@ for _name, _fn in [("expand", "expand"), ("expand_as", "expand_as"), ("index_add
                    ("index_add_", "index_add"), ("repeat", "repeat"), ("repeat_interleave", "repeat_interleave"),
                    ("narrow", "narrow"), ("select", "select"), ("unbind", "unbind"),
                    ("split", "split"), ("split_with_sizes", "split"), ("chunk", "chunk"),
-                   ("tensor_split", "tensor_split"), ("index_select", "index_select")]:
+                   ("tensor_split", "tensor_split"), ("index_select", "index_select"),
+                   ("unfold", "unfold")]:
     if hasattr(aten, _name):
         alias(getattr(aten, _name), _fn)
 for _name, _fn in [("cat", torch.cat), ("concat", torch.cat), ("concatenate", torch.cat),
@@ -100,7 +101,7 @@ for _name, _fn in [("cat", torch.cat), ("concat", torch.cat), ("concatenate", to
                    ("pad", F.pad), ("constant_pad_nd", torch.constant_pad_nd),
                    ("pixel_shuffle", F.pixel_shuffle), ("pixel_unshuffle", F.pixel_unshuffle),
                    ("_weight_norm", torch._weight_norm),
-                   ("channel_shuffle", F.channel_shuffle), ("unfold", F.unfold),
+                   ("channel_shuffle", F.channel_shuffle), ("im2col", F.unfold), ("col2im", F.fold),
                    ("max_pool1d", F.max_pool1d), ("max_pool2d", F.max_pool2d),
                    ("max_pool3d", F.max_pool3d), ("avg_pool1d", F.avg_pool1d),
                    ("avg_pool2d", F.avg_pool2d), ("avg_pool3d", F.avg_pool3d),

@@ -205,8 +205,59 @@ def _positional(ctx):
     return out
 
 
-@rule("unfold", F.unfold, F.fold,
-      nn.Unfold, nn.Fold, F.grid_sample, F.affine_grid, torch.fft.fft2, torch.fft.rfft2, torch.fft.irfft2,
+@rule("unfold")
+def _sliding_windows(ctx):
+    """``x.unfold(dim, size, step)``: windows along ``dim`` (which is fixed: a
+    window holds neighbouring positions), a new last axis of window offsets;
+    every other axis is the input's."""
+    x = ctx.args[0]
+    lay = list(ctx.layout(x))
+    dim = norm_dim(ctx.value(ctx.arg(1, "dimension")), len(lay))
+    out_shape = ctx.shape()
+    ctx.block(lay[dim], "sliding windows", structural=True)
+    lay[dim] = ctx.new(out_shape[dim], "sliding windows", structural=True)
+    return lay + [ctx.new(out_shape[-1], "window offsets", structural=True)]
+
+
+@rule(F.unfold, nn.Unfold)
+def _im2col(ctx):
+    """``F.unfold`` (im2col): (N, C, H, W) -> (N, C x kernel positions, L).
+    The output's channel axis is a grid whose rows are the input's channels."""
+    x = ctx.args[0]
+    lay, shape, out_shape = ctx.layout(x), ctx.shape(x), ctx.shape()
+    c, k = shape[-3], out_shape[-2] // shape[-3]
+    out = [ctx.new(n) for n in out_shape]
+    kids = ctx.refine_product(out[-2], [c, k])
+    ctx.union(kids[0], lay[-3])
+    ctx.block(kids[1], "kernel positions", structural=True)
+    ctx.block(out[-1], "patch positions", structural=True)
+    for s in lay[-2:]:
+        ctx.block(s, "im2col", structural=True)
+    if len(out_shape) == 3:
+        ctx.union(out[0], lay[0])
+    return out
+
+
+@rule(F.fold, nn.Fold)
+def _col2im(ctx):
+    """``F.fold`` (col2im): (N, C x kernel positions, L) -> (N, C, H, W), the
+    inverse grid of :func:`_im2col`."""
+    x = ctx.args[0]
+    lay, shape, out_shape = ctx.layout(x), ctx.shape(x), ctx.shape()
+    c = out_shape[-3]
+    kids = ctx.refine_product(lay[-2], [c, shape[-2] // c])
+    ctx.block(kids[1], "kernel positions", structural=True)
+    ctx.block(lay[-1], "patch positions", structural=True)
+    out = [ctx.new(n) for n in out_shape]
+    ctx.union(out[-3], kids[0])
+    for s in out[-2:]:
+        ctx.block(s, "col2im", structural=True)
+    if len(shape) == 3:
+        ctx.union(out[0], lay[0])
+    return out
+
+
+@rule(F.grid_sample, F.affine_grid, torch.fft.fft2, torch.fft.rfft2, torch.fft.irfft2,
       torch.fft.ifft2, torch.fft.rfft, torch.fft.irfft, torch.fft.fft, torch.fft.ifft)
 def _fix_all(ctx):
     """Ops that move entries between positions of their axes in ways that do
