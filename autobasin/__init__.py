@@ -1,6 +1,7 @@
 """autobasin: align and merge neural networks modulo permutation symmetries.
 
-The pipeline: ``infer_spec`` (trace + infer) -> ``PermutationSpec`` -> a matcher
+The pipeline: ``trace_model`` (capture + infer; a ``TracedModel`` whose ``spec``
+is what ``infer_spec`` returns) -> ``PermutationSpec`` (plain data) -> a matcher
 (``weight_matching``, ``activation_matching``, ``ste_matching``) -> permutations
 -> ``apply_permutation`` -> ``interpolate`` / ``loss_barrier`` / ``merge_many``.
 ``auto_rebasin`` runs it in one call.
@@ -10,7 +11,7 @@ from .barrier import BarrierResult, loss_barrier, plot_barrier
 from .calibration import (CalibrationResult, expected_calibration_error, reliability,
                           reliability_plot)
 from .guard import MetaTensorError, NonFiniteWeightError
-from .infer import ExampleInputError, infer_spec, rule
+from .infer import ExampleInputError, TracedModel, infer_spec, rule, trace_model
 from .inputs import ModelInputs
 from .io import CheckpointError, load_into, load_perms, load_state_dict, save_perms, save_state_dict
 from .match.activation import activation_matching
@@ -26,7 +27,7 @@ from .spec import Group, Member, PermutationSpec, SpecError
 from .trace import TraceError
 
 __all__ = [
-    "infer_spec", "rule", "PermutationSpec", "Group", "Member", "ModelInputs",
+    "infer_spec", "trace_model", "TracedModel", "rule", "PermutationSpec", "Group", "Member", "ModelInputs",
     "SpecError", "TraceError", "ExampleInputError", "NonFiniteWeightError", "MetaTensorError",
     "random_permutation", "identity_permutation", "apply_permutation", "invert", "compose",
     "permute_model", "check_equivalence", "EquivalenceError", "NondeterministicModelError",

@@ -111,6 +111,7 @@ def _activation(spec: PermutationSpec, a: nn.Module, b: nn.Module, data: Iterabl
 
 
 _activation.needs_data = True
+_activation.takes_traced = True  # reads activation sites from the TracedModel
 MATCHERS["activation"] = _activation
 
 
@@ -271,9 +272,13 @@ def auto_rebasin(a: nn.Module, b: nn.Module, example_inputs=None, method: str = 
     for label, model in (("a", a), ("b", b)):
         check_model_materialized(model, "auto_rebasin", f"model {label}")
         check_model_finite(model, label)
+    traced = None
     if spec is None:
-        from .infer import infer_spec
-        spec = infer_spec(a, example_inputs)
+        from .infer import trace_model
+        traced = trace_model(a, example_inputs)
+        spec = traced.spec
+    if traced is not None and getattr(matcher, "takes_traced", False):
+        matcher_kwargs.setdefault("traced", traced)
 
     stats: dict = {}
     perms = matcher(spec, a, b, data, seed, progress, max_iter=max_iter, device=device,
@@ -288,10 +293,7 @@ def auto_rebasin(a: nn.Module, b: nn.Module, example_inputs=None, method: str = 
                            repair_data=data)
 
     if verify:
-        inference = getattr(spec, "_inference", None)
-        inputs = getattr(inference, "example_inputs", None) if inference is not None else None
-        if inputs is None:
-            inputs = example_inputs
+        inputs = traced.example_inputs if traced is not None else example_inputs
         if inputs is None:
             warnings.warn("auto_rebasin: no example inputs, so the aligned model was not "
                           "verified; pass example_inputs=... to check it", stacklevel=2)

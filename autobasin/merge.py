@@ -126,9 +126,6 @@ def _verify_aligned(models: list[nn.Module], aligned: list[StateDict], spec,
     from .inputs import as_inputs
     from .repair import model_device
 
-    inference = getattr(spec, "_inference", None)
-    if example_inputs is None and inference is not None:
-        example_inputs = inference.example_inputs
     if example_inputs is None:
         warnings.warn("merge_many: no example inputs, so the aligned models were not verified "
                       "to compute what their sources compute (a spec loaded from JSON carries "
@@ -190,7 +187,7 @@ def merge_many(models, method: str = "weight", seed: int = 0, max_rounds: int = 
     state dict (:meth:`~autobasin.spec.PermutationSpec.check_fits`, a
     :class:`~autobasin.spec.SpecError` naming the tensor), and each model,
     permuted as aligned, must compute what it computed, on ``example_inputs``
-    (default: the inputs the spec was inferred with), to a relative error of
+    (default: the inputs the spec is inferred with when none is given), to a relative error of
     1e-4 (judged as :func:`autobasin.auto_rebasin` judges it), else
     :class:`~autobasin.permute.EquivalenceError` naming the model's index. With
     no example inputs (a spec loaded from JSON and no ``example_inputs=``), or
@@ -224,14 +221,22 @@ def merge_many(models, method: str = "weight", seed: int = 0, max_rounds: int = 
     weights = [float(w) / total for w in weights]
     if method == "activation" and (data is None or not as_modules):
         raise ValueError("method='activation' needs nn.Modules and data=<batches>")
+    traced = None
     if spec is None:
         if not as_modules:
             raise ValueError("pass spec= when merging state dicts")
-        from .infer import infer_spec
-        spec = infer_spec(models[0], example_inputs)
+        from .infer import trace_model
+        traced = trace_model(models[0], example_inputs)
+        spec = traced.spec
+        if example_inputs is None:
+            example_inputs = traced.example_inputs  # to verify with
     for i, sd in enumerate(sds):
         spec.check_fits(sd, f"model {i}'s state_dict")
 
+    if method == "activation" and traced is None and example_inputs is not None:
+        from .infer import trace_model  # captured once, not once per visit
+        traced = trace_model(models[0], example_inputs, capture=spec.capture or "auto",
+                             outputs=spec.outputs)
     # activation matching runs the mean of the others as a model: one copy, reloaded per visit
     mean_model = copy.deepcopy(models[0]) if method == "activation" else None
     perms = [identity_permutation(spec) for _ in models]
@@ -256,7 +261,7 @@ def merge_many(models, method: str = "weight", seed: int = 0, max_rounds: int = 
             else:
                 mean_model.load_state_dict(target)
                 new = activation_matching(spec, mean_model, models[i], data, seed=visit_seed,
-                                          num_batches=num_batches, progress=False)
+                                          num_batches=num_batches, progress=False, traced=traced)
             if any(not torch.equal(new[g], perms[i][g]) for g in new):
                 changed = True
             perms[i] = new

@@ -228,16 +228,20 @@ def _float64_confirms(model: torch.nn.Module, spec: PermutationSpec, perms: Perm
 
 
 def check_equivalence(model: torch.nn.Module, spec: PermutationSpec, example_inputs=None,
-                      seed: int = 0, rtol: float = 1e-4) -> float:
+                      seed: int = 0, rtol: float = 1e-4, traced=None) -> float:
     """Permute every group at random and check the model computes the same.
 
     Runs ``model`` in eval mode (its mode is restored) on ``example_inputs``
-    (a tensor, a tuple of positional inputs, a dict of keyword inputs, or None
-    to use the inputs the spec was inferred with) and on a permuted copy. Returns the relative L2 error of
-    the outputs; raises :class:`EquivalenceError` above ``rtol``, naming the
-    first graph node whose value moved when the spec was traced. An error
-    above ``rtol`` that vanishes in float64 is rounding, not a wrong spec: it
-    is returned with a warning.
+    (a tensor, a tuple of positional inputs, a dict of keyword inputs, or None:
+    ``traced``'s inputs, else those of :func:`autobasin.trace.default_inputs`
+    for timm and torchvision models) and on a permuted copy. Returns the
+    relative L2 error of the outputs; raises :class:`EquivalenceError` above
+    ``rtol``, naming the first graph node whose value moved (from ``traced``,
+    the :class:`~autobasin.infer.TracedModel` the spec came from, or, for an
+    inferred spec, a fresh capture). An error above ``rtol`` that vanishes in
+    float64 is rounding, not a wrong spec: it is returned with a warning;
+    outputs that vary between two runs of the model itself raise
+    :class:`NondeterministicModelError`.
 
     A wrapped model (``nn.DataParallel``, ``DistributedDataParallel``,
     ``torch.compile``) is checked through the model it wraps
@@ -249,9 +253,8 @@ def check_equivalence(model: torch.nn.Module, spec: PermutationSpec, example_inp
 
     from .guard import unwrap_model
     model = unwrap_model(model)  # DataParallel, DDP, torch.compile: the model inside
-    inference = spec._inference
     if example_inputs is None:
-        example_inputs = inference.example_inputs if inference is not None else default_inputs(model)
+        example_inputs = traced.example_inputs if traced is not None else default_inputs(model)
     inputs = as_inputs(example_inputs, model)
     check_model_materialized(model, "check_equivalence", "the model")
     perms = random_permutation(spec, seed)
@@ -282,15 +285,21 @@ def check_equivalence(model: torch.nn.Module, spec: PermutationSpec, example_inp
         return err
     if not err <= rtol:
         where = ""
-        if inference is not None:
-            permuted = permute_model(model, spec, perms)
-            try:
-                node = inference.first_divergence(model, permuted, perms, inputs)
-            except Exception as e:  # noqa: BLE001 - the diagnosis must not hide the verdict
-                node = None
-                where = f"; the graph could not be replayed to name the node ({type(e).__name__})"
-            if node:
-                where = f"; first diverging graph node: {node}"
+        try:
+            if traced is None and spec.capture is not None:
+                # an inferred spec: capture again to name the node (its groups
+                # must be the spec's, else the names would not match)
+                from .infer import trace_model
+                traced = trace_model(model, inputs, capture=spec.capture, outputs=spec.outputs)
+                if set(traced.spec.groups) != set(spec.groups):
+                    traced = None
+            if traced is not None:
+                permuted = permute_model(model, spec, perms)
+                node = traced.first_divergence(model, permuted, perms, inputs)
+                if node:
+                    where = f"; first diverging graph node: {node}"
+        except Exception as e:  # noqa: BLE001 - the diagnosis must not hide the verdict
+            where = f"; the graph could not be replayed to name the node ({type(e).__name__})"
         raise EquivalenceError(f"permuting by the spec changed the outputs: relative error "
                                f"{err:.3g} > {rtol:g} (seed {seed}){where}")
     return err

@@ -114,17 +114,21 @@ class PermutationSpec:
     ``outputs``: the outputs that define what the model computes (keys of a
     dict / ``ModelOutput``, or indices), when inference was told to keep only
     those fixed; None means every output. Checks compare only these.
+    ``capture``: the front end that captured the model (``"fx"`` or
+    ``"export"``), None for a spec made by hand. A spec is plain data: the
+    traced graph it came from is a :class:`autobasin.infer.TracedModel`,
+    which :func:`autobasin.infer.trace_model` returns with its spec.
     """
 
     def __init__(self, groups: Iterable[Group], tensors: dict[str, TensorInfo],
                  blocked: Iterable[tuple[str, str]] = (), axes: dict[str, list[str]] | None = None,
-                 outputs: list | None = None):
+                 outputs: list | None = None, capture: str | None = None):
         self.groups: dict[str, Group] = {g.name: g for g in groups}
         self.tensors = dict(tensors)
         self.blocked = list(blocked)
         self.axes = dict(axes) if axes is not None else None
         self.outputs = list(outputs) if outputs is not None else None
-        self._inference = None  # set by infer_spec: the traced graph, for diagnosis
+        self.capture = capture
 
     # ----------------------------------------------------------------- queries
     def members_by_param(self) -> dict[str, list[tuple[str, Member]]]:
@@ -170,6 +174,24 @@ class PermutationSpec:
     def fixed_axes(self) -> list[tuple[str, str]]:
         """``("name[axis]", reason)`` for every hidden axis no group permutes."""
         return [(n, r) for n, r in self.blocked if _is_axis_entry(n)]
+
+    def fixed_reasons(self, top: int | None = None) -> list[tuple[str, float]]:
+        """Why hidden parameter axes are fixed, most weighty first: each reason
+        of :meth:`fixed_axes` with the share of all floating parameter elements
+        in the tensors it fixes (a tensor counted once per reason)."""
+        total = sum(math.prod(i.shape) for i in self.tensors.values()
+                    if i.is_parameter and i.floating)
+        weights: dict[str, int] = {}
+        seen: set[tuple[str, str]] = set()
+        for entry, reason in self.fixed_axes():
+            name = entry.partition("[")[0]
+            info = self.tensors.get(name)
+            if info is None or not (info.is_parameter and info.floating) or (name, reason) in seen:
+                continue
+            seen.add((name, reason))
+            weights[reason] = weights.get(reason, 0) + math.prod(info.shape)
+        ranked = sorted(weights.items(), key=lambda kv: -kv[1])[:top]
+        return [(r, n / total) for r, n in ranked] if total else []
 
     def blocked_ops(self) -> list[tuple[str, str]]:
         """``(node or module, reason)`` for every op inference could not see through."""
@@ -260,8 +282,7 @@ class PermutationSpec:
                  if axes is not None and axes[m.param][m.axis] == "fixed"]
         spec = PermutationSpec(kept, self.tensors,
                                self.blocked + [(n, "fixed by user") for n in names] + freed, axes,
-                               self.outputs)
-        spec._inference = self._inference
+                               self.outputs, self.capture)
         return spec
 
     # ---------------------------------------------------------------- display
@@ -301,6 +322,7 @@ class PermutationSpec:
             "blocked": [list(b) for b in self.blocked],
             **({"axes": self.axes} if self.axes is not None else {}),
             **({"outputs": self.outputs} if self.outputs is not None else {}),
+            **({"capture": self.capture} if self.capture is not None else {}),
         }
 
     def to_json(self, indent: int | None = 1) -> str:
@@ -317,7 +339,7 @@ class PermutationSpec:
         tensors = {k: TensorInfo(tuple(v["shape"]), bool(v["is_parameter"]), bool(v["floating"]))
                    for k, v in d["tensors"].items()}
         return cls(groups, tensors, [tuple(b) for b in d.get("blocked", [])], d.get("axes"),
-                   d.get("outputs"))
+                   d.get("outputs"), d.get("capture"))
 
     @classmethod
     def from_json(cls, text: str) -> "PermutationSpec":

@@ -61,10 +61,6 @@ HERE = Path(__file__).resolve()
 RTOL = 1e-4
 SEEDS = (0, 1)
 LOW_COVERAGE = 0.95
-# Reasons that only say an axis is positional or an interface: not the cause
-# of a coverage gap worth naming when a more specific reason exists.
-GENERIC_REASONS = ("conv kernel axis", "conv spatial axis", "graph input", "graph output",
-                   "spatial axis")
 
 
 def _ensure_importable() -> None:
@@ -118,42 +114,6 @@ def _torchvision_model(name: str):
     return model, default_inputs(model), ""
 
 
-def _uncovered_reasons(spec, top: int = 3) -> list[tuple[str, float]]:
-    """Why parameter elements are not permuted: for each parameter that no
-    group touches, the blocking reason of its most specific axis, weighted by
-    its number of elements (fraction of all floating parameter elements)."""
-    inf = spec._inference
-    if inf is None:
-        return []
-    sym = inf.sym
-    by_param = spec.members_by_param()
-    total = 0
-    weights: dict[str, int] = {}
-    for name, info in spec.tensors.items():
-        if not (info.is_parameter and info.floating):
-            continue
-        numel = 1
-        for s in info.shape:
-            numel *= s
-        total += numel
-        if name in by_param or numel == 0:
-            continue  # (partially covered tensors are rare and not attributed)
-        reasons = []
-        for s in inf.table.syms.get(name, []):
-            for root, *_ in sym.leaves(s):
-                if root in sym.blocked:
-                    reasons.append(sym.blocked[root])
-        if not inf.table.syms.get(name):
-            reasons.append("never used by the traced graph")
-        if not reasons:
-            reasons.append("(no blocked axis)")
-        specific = [r for r in reasons if not any(r.endswith(g) for g in GENERIC_REASONS)]
-        why = (specific or reasons)[0]
-        weights[why] = weights.get(why, 0) + numel
-    ranked = sorted(weights.items(), key=lambda kv: -kv[1])[:top]
-    return [(r, n / total) for r, n in ranked] if total else []
-
-
 def worker(source: str, name: str, result_path: str, threads: int) -> None:
     import warnings
 
@@ -200,7 +160,7 @@ def worker(source: str, name: str, result_path: str, threads: int) -> None:
     row["coverage"] = spec.coverage()
     row["blocked"] = [[str(n), str(r)[:300]] for n, r in spec.blocked[:5]]
     row["n_blocked"] = len(spec.blocked)
-    row["uncovered"] = _uncovered_reasons(spec)
+    row["uncovered"] = spec.fixed_reasons(3)
     row["phase"] = "check"
     save()
     errs = []

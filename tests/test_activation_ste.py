@@ -13,7 +13,7 @@ from autobasin import apply_permutation, auto_rebasin, invert, permute_model, ra
 from autobasin.api import MATCHERS
 from autobasin.data import loader
 from autobasin.demo import make_mlp, train_classifier
-from autobasin.infer import infer_spec
+from autobasin.infer import infer_spec, trace_model
 from autobasin.match.activation import CrossMoments, activation_entries, activation_matching
 from autobasin.match.ste import ste_matching
 from autobasin.match.weight import weight_matching
@@ -172,19 +172,20 @@ def test_fallback_groups_use_weight_matching():
 def test_activation_entries_levels():
     a = make_mlp(8, [6], 3, seed=0)
     spec = infer_spec(a, torch.randn(2, 8))
-    entries, levels = activation_entries(spec)
+    traced = trace_model(a, torch.randn(2, 8))
+    entries, levels = activation_entries(traced)
     assert [e.node for e in entries] == ["relu1"] and levels == {"fc1:out": 1}
-    entries, levels = activation_entries(spec, nodes=["fc1"])
+    entries, levels = activation_entries(traced, nodes=["fc1"])
     assert [e.node for e in entries] == ["fc1"] and levels == {"fc1:out": 2}
     with pytest.raises(ValueError, match="no graph node"):
-        activation_entries(spec, nodes=["nonsense"])
+        activation_entries(traced, nodes=["nonsense"])
 
 
 def test_spec_without_graph_is_reinferred():
     from autobasin.spec import PermutationSpec
     a = make_mlp(10, [8, 8], 3, seed=0)
     spec = PermutationSpec.from_json(infer_spec(a, torch.randn(2, 10)).to_json())
-    assert spec._inference is None
+    assert spec.capture == "fx"  # plain data: no graph comes with it
     planted = random_permutation(spec, seed=1)
     b = permute_model(a, spec, planted)
     perms = activation_matching(spec, a, b, random_batches((32, 10)), progress=False)
@@ -239,7 +240,9 @@ def test_ste_beats_weight_matching_on_a_small_mlp():
     data = loader(train, batch_size=64)
     wm = weight_matching(spec, a.state_dict(), b.state_dict(), progress=False)
     stats = {}
-    ste = ste_matching(spec, a, b, data, epochs=2, lr=1e-2, progress=False, stats=stats,
+    # (weight matching keeps the better of its two starts: here the identity's, whose
+    # midpoint STE improves on at a larger step than the greedy start's needed)
+    ste = ste_matching(spec, a, b, data, epochs=2, lr=3e-2, progress=False, stats=stats,
                        eval_batches=len(data))
     assert stats["weight_matching_eval_loss"] == pytest.approx(midpoint_loss(a, b, spec, wm, data))
     assert stats["best_eval_loss"] < stats["weight_matching_eval_loss"]

@@ -104,4 +104,4 @@ def test_hugging_face_example_prints_what_the_guide_shows():
         assert any(out.startswith(name_and_size) for out in lines), line
     assert "inv_freq" in lines[-1]                        # the fixed q/k head-dim and why
     spec = scope["spec"]
-    assert spec._inference.capture == "export" and len(spec.groups) == 9
+    assert spec.capture == "export" and len(spec.groups) == 9

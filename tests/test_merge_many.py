@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from autobasin import apply_permutation, random_permutation
-from autobasin.infer import infer_spec
+from autobasin.infer import infer_spec, trace_model
 from autobasin.merge import merge_many
 from autobasin.testing import create, randomize_state_
 
@@ -28,7 +28,7 @@ def test_merging_permuted_copies_returns_the_model(name):
     models = _copies(model, spec, 3)
     before = [{k: v.clone() for k, v in m.state_dict().items()} for m in models]
     merged = merge_many(models, progress=False, spec=spec)
-    x = spec._inference.example_inputs.args[0]
+    x = trace_model(model).example_inputs.args[0]
     with torch.no_grad():
         ref, out = model(x), merged(x)
     assert (ref - out).norm() / ref.norm() < 1e-4

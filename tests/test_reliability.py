@@ -24,6 +24,7 @@ from autobasin import (ArchitectureMismatchError, EquivalenceError, activation_m
 from autobasin.guard import MetaTensorError, NonFiniteWeightError, unwrap_model
 from autobasin.testing import randomize_state_
 from autobasin.trace import TraceError
+from autobasin.infer import trace_model
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -304,15 +305,15 @@ def test_axes_flow_through_containers_returned_by_opaque_submodules(kind):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         spec = infer_spec(a, x, capture="fx")
-    assert ab.check_equivalence(a, spec) <= 1e-5
+    assert ab.check_equivalence(a, spec, x) <= 1e-5
     if kind == "object":
         assert spec.groups == {}
         assert "body.fc.weight[0]" in dict(spec.fixed_axes())
         assert "no rule for module _DictBody" in dict(spec.fixed_axes())["body.fc.weight[0]"]
         # torch.export traces through the object: capture="auto" keeps its better spec
         spec = infer_spec(a, x)
-        assert spec._inference.capture == "export" and len(spec.groups) == 1
-        assert ab.check_equivalence(a, spec) <= 1e-5
+        assert spec.capture == "export" and len(spec.groups) == 1
+        assert ab.check_equivalence(a, spec, x) <= 1e-5
         return
     (group,) = spec.groups.values()
     assert {(m.param, m.axis) for m in group.members} == {
@@ -418,11 +419,16 @@ def test_empty_batches_are_skipped():
 
 def test_wrong_shaped_batch_names_the_batch_and_shapes():
     a, b = mlp(0), mlp(1)
-    spec = infer_spec(a, X)
+    traced = trace_model(a, X)
     with untouched(a, b), pytest.raises(
             ValueError, match=r"model a failed on batch 1 \(inputs of shapes \(5, 7\)\).*"
                               r"traced with inputs of shapes \(8, 4\)"):
-        activation_matching(spec, a, b, [X, torch.randn(5, 7)], progress=False)
+        activation_matching(traced.spec, a, b, [X, torch.randn(5, 7)], progress=False,
+                            traced=traced)
+    # without the traced model, the graph is captured on two samples of the first batch
+    with untouched(a, b), pytest.raises(
+            ValueError, match=r"model a failed on batch 1 .*traced with inputs of shapes \(2, 4\)"):
+        activation_matching(traced.spec, a, b, [X, torch.randn(5, 7)], progress=False)
     with untouched(a), pytest.raises(ab.infer.ExampleInputError,
                                      match=r"Sequential cannot run on the example inputs of "
                                            r"shapes \[\(2, 7\)\]"):
@@ -484,14 +490,14 @@ def test_keyword_inputs_as_a_dict_are_traced_and_checked_in_any_order():
     positional = infer_spec(a, (x, y))
     with untouched(a):
         spec = infer_spec(a, {"y": y, "x": x})  # keyword order differs from forward's
-    assert spec._inference.capture == "fx"
+    assert spec.capture == "fx"
     assert set(spec.groups) == set(positional.groups)
-    assert ab.check_equivalence(a, spec) <= 1e-5
+    assert ab.check_equivalence(a, spec, {"y": y, "x": x}) <= 1e-5
     assert ab.check_equivalence(a, spec, {"x": x * 2, "y": y}) <= 1e-5
     exported = infer_spec(a, {"y": y, "x": x}, capture="export")
-    assert exported._inference.capture == "export"
+    assert exported.capture == "export"
     assert set(exported.groups) == set(positional.groups)
-    assert ab.check_equivalence(a, exported) <= 1e-5
+    assert ab.check_equivalence(a, exported, {"y": y, "x": x}) <= 1e-5
 
 
 class DictOut(nn.Module):
@@ -729,7 +735,10 @@ def test_data_dependent_submodule_becomes_an_opaque_leaf():
     permuted = {m.param for g in spec.groups.values() for m in g.members}
     assert not any(p.startswith("inner.") for p in permuted)
     assert "pre.weight" in permuted
-    targets = [n.target for n in spec._inference.gm.graph.nodes if n.op == "call_module"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = trace_model(a, X)
+    targets = [n.target for n in traced.gm.graph.nodes if n.op == "call_module"]
     assert targets == ["pre", "mid", "inner", "post"]
     check_equivalence(a, spec, X)
     with warnings.catch_warnings():
@@ -937,7 +946,7 @@ def test_merge_many_refuses_a_spec_that_changes_the_function():
                                            match=r"model \d, permuted .* computes something else"):
         ab.merge_many(models, spec=wrong, example_inputs=X, progress=False)
     stats: dict = {}
-    merged = ab.merge_many(models, spec=spec, progress=False, stats=stats)
+    merged = ab.merge_many(models, spec=spec, example_inputs=X, progress=False, stats=stats)
     assert len(stats["verify_errors"]) == 3 and max(stats["verify_errors"]) <= 1e-5
     assert isinstance(merged, nn.Sequential)
     wide = infer_spec(mlp(0, width=32), X)

@@ -17,7 +17,7 @@ from .engine import GraphInference, TensorTable, layout_symbols, map_meta
 from .registry import FUNCTION_RULES, METHOD_RULES, MODULE_RULES, rule
 from .symbols import Symbols
 
-__all__ = ["infer_spec", "rule", "Inference"]
+__all__ = ["infer_spec", "trace_model", "rule", "TracedModel"]
 
 
 class ExampleInputError(ValueError):
@@ -79,13 +79,17 @@ def capture_graph(model: nn.Module, inputs: ModelInputs, opaque: Iterable = (),
     return gm, flat, {}, "export"
 
 
-class Inference:
-    """Everything inference learned about one model: the captured graph, each
-    node's axis symbols, and which symbol class became which group. Kept on the
-    spec (``spec._inference``) to explain failures; not serialised."""
+class TracedModel:
+    """A model as inference captured it: the graph (``gm``, whose submodules
+    and tensors are the model's own), the example inputs it ran on, each
+    node's axis symbols, and the spec they gave (``spec``). Returned by
+    :func:`trace_model`; checks and activation matching take it to name a
+    diverging node or to find activation sites without capturing again.
+    The spec itself is plain data and holds no reference to it."""
 
     def __init__(self, model: nn.Module, inputs: ModelInputs, opaque: Iterable = (),
-                 capture: str = "auto", outputs: Sequence | None = None):
+                 capture: str = "auto", outputs: Sequence | None = None,
+                 fixed: Iterable[str] = ()):
         self.example_inputs = inputs
         self.outputs = None if outputs is None else list(outputs)
         self.gm, self.flat_inputs, self.opaque_modules, self.capture = capture_graph(
@@ -110,6 +114,7 @@ class Inference:
         del rec
         self._finish()
         self.root_to_group: dict[int, str] = {}
+        self.spec: PermutationSpec = self._build_spec(fixed)
 
     def _selected(self, out_layout):
         """The part of the output's layout that defines what the model
@@ -143,7 +148,7 @@ class Inference:
             if not changed:
                 break
 
-    def spec(self, fixed: Iterable[str] = ()) -> PermutationSpec:
+    def _build_spec(self, fixed: Iterable[str] = ()) -> PermutationSpec:
         sym = self.sym
         state = self.table.state
         members: dict[int, list[Member]] = {}
@@ -168,8 +173,8 @@ class Inference:
         blocked = [(n, r) for n, r in self.graph.log]
         blocked += [(m, f"opaque module: {why}") for m, why in self.opaque_modules.items()]
         axes, fixed_axes = self._axis_kinds(state, members)
-        spec = PermutationSpec(groups, tensors, blocked + fixed_axes, axes, self.outputs)
-        spec._inference = self
+        spec = PermutationSpec(groups, tensors, blocked + fixed_axes, axes, self.outputs,
+                               self.capture)
         if fixed:
             spec = spec.without(*fixed)
         return spec
@@ -321,7 +326,16 @@ def _group_name(m: Member, state, used: set) -> str:
 def infer_spec(model: nn.Module, example_inputs=None, *, opaque: Iterable = (),
                fixed: Iterable[str] = (), capture: str = "auto",
                outputs: Sequence | None = None) -> PermutationSpec:
-    """Infer which parameter axes of ``model`` can be permuted together.
+    """Infer which parameter axes of ``model`` can be permuted together:
+    ``trace_model(...).spec`` (see :func:`trace_model` for the arguments)."""
+    return trace_model(model, example_inputs, opaque=opaque, fixed=fixed, capture=capture,
+                       outputs=outputs).spec
+
+
+def trace_model(model: nn.Module, example_inputs=None, *, opaque: Iterable = (),
+                fixed: Iterable[str] = (), capture: str = "auto",
+                outputs: Sequence | None = None) -> TracedModel:
+    """Capture ``model`` and infer which parameter axes can be permuted together.
 
     Args:
         model: any nn.Module that torch.fx or torch.export can capture.
@@ -345,9 +359,9 @@ def infer_spec(model: nn.Module, example_inputs=None, *, opaque: Iterable = (),
             (``spec.outputs``) and every check compares only those.
 
     Returns:
-        A :class:`PermutationSpec`. The model is run once in eval mode on the
-        example inputs to learn shapes; its state and every submodule's mode
-        are unchanged.
+        A :class:`TracedModel`; its ``spec`` is the :class:`PermutationSpec`.
+        The model is run once in eval mode on the example inputs to learn
+        shapes; its state and every submodule's mode are unchanged.
 
     ``nn.DataParallel``, ``DistributedDataParallel`` and ``torch.compile``
     wrappers are looked through (:func:`autobasin.guard.unwrap_model`): the
@@ -361,18 +375,18 @@ def infer_spec(model: nn.Module, example_inputs=None, *, opaque: Iterable = (),
     inputs = as_inputs(example_inputs, model)
     if is_meta_model(model):
         inputs = inputs.to("meta")
-    inference = Inference(model, inputs, opaque, capture, outputs)
-    spec = inference.spec(fixed)
-    if capture == "auto" and inference.capture == "fx" and not opaque and (
+    traced = TracedModel(model, inputs, opaque, capture, outputs, fixed)
+    spec = traced.spec
+    if capture == "auto" and traced.capture == "fx" and not opaque and (
             spec.blocked_ops() or spec.coverage() < 1.0):
         # fx left hidden axes fixed (an untraceable submodule, a module without
         # a rule, a weight computed by a hook or a parametrization): torch.export
         # looks through every module, so try it and keep the spec that permutes
         # more. Both fail closed.
         try:
-            other = Inference(model, inputs, (), "export", outputs).spec(fixed)
+            other = TracedModel(model, inputs, (), "export", outputs, fixed)
         except Exception:  # noqa: BLE001 - export cannot capture it either: keep fx's
-            return spec
-        if other.coverage() > spec.coverage() + 1e-9:
+            return traced
+        if other.spec.coverage() > spec.coverage() + 1e-9:
             return other
-    return spec
+    return traced

@@ -263,16 +263,20 @@ def _is_tensor_layout(layout) -> bool:
     return isinstance(layout, list) and all(isinstance(s, int) for s in layout)
 
 
-def activation_entries(spec: PermutationSpec, nodes: Iterable[str] | None = None
+def activation_entries(traced, spec: PermutationSpec | None = None,
+                       nodes: Iterable[str] | None = None
                        ) -> tuple[list[ActivationEntry], dict[str, int]]:
-    """The activation entries of ``spec``'s traced graph, and each group's level.
+    """The activation entries of a :class:`~autobasin.infer.TracedModel`'s
+    graph for the groups of ``spec`` (default: ``traced.spec``), and each
+    group's level.
 
     Without ``nodes`` the preferred entries per group are chosen (see the
     module docstring); with ``nodes`` (graph node names, as in
-    ``spec._inference.gm.graph``) exactly those values are used. Returns the
+    ``traced.gm.graph``) exactly those values are used. Returns the
     entries and ``{group: level used}`` for every group some entry carries.
     """
-    inf = spec._inference
+    spec = traced.spec if spec is None else spec
+    inf = traced
     gm, layouts, sym = inf.gm, inf.graph.layouts, inf.sym
     wanted = set(nodes) if nodes is not None else None
     graph_nodes = list(gm.graph.nodes)
@@ -410,21 +414,28 @@ def _batches(data):
     return data
 
 
-def _ensure_inference(spec: PermutationSpec, a: nn.Module, first_args: tuple) -> PermutationSpec:
-    if getattr(spec, "_inference", None) is not None:
-        return spec
-    from ..infer import infer_spec
-    fresh = infer_spec(a, tuple(t[:2] if isinstance(t, torch.Tensor) and t.dim() else t for t in first_args))
+def _fits(traced, spec: PermutationSpec) -> bool:
+    """Does ``traced``'s graph carry every group of ``spec``, at its size?"""
+    return all(g in traced.spec.groups and traced.spec.groups[g].size == grp.size
+               for g, grp in spec.groups.items())
+
+
+def _traced_for(spec: PermutationSpec, a: nn.Module, first_args: tuple, traced):
+    """The traced graph whose activations ``spec``'s groups permute: ``traced``
+    when it fits, else ``a`` captured on (two samples of) the first batch."""
+    if traced is not None and _fits(traced, spec):
+        return traced
+    from ..infer import trace_model
+    fresh = trace_model(a, tuple(t[:2] if isinstance(t, torch.Tensor) and t.dim() else t
+                                 for t in first_args),
+                        capture=spec.capture or "auto", outputs=spec.outputs)
     missing = [g for g, grp in spec.groups.items()
-               if g not in fresh.groups or fresh.groups[g].size != grp.size]
+               if g not in fresh.spec.groups or fresh.spec.groups[g].size != grp.size]
     if missing:
-        raise SpecError(f"activation matching needs the traced graph of the spec; this spec has "
-                        f"none (loaded from JSON?) and re-inferring it from model a does not give "
-                        f"group {missing[0]!r}; pass a spec from autobasin.infer.infer_spec")
-    fresh = fresh.without(*[g for g in fresh.groups if g not in spec.groups]) \
-        if any(g not in spec.groups for g in fresh.groups) else fresh
-    spec._inference = fresh._inference
-    return spec
+        raise SpecError(f"activation matching needs the traced graph of the spec; capturing "
+                        f"model a does not give group {missing[0]!r} of the spec given (edited, "
+                        f"or of another model?); pass a spec from autobasin.infer.infer_spec")
+    return fresh
 
 
 # ------------------------------------------------------------------ solving
@@ -547,15 +558,17 @@ def activation_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, data:
                         progress: bool = True, stats: dict | None = None,
                         device: torch.device | str | None = None, *,
                         nodes: Iterable[str] | None = None, input_fn: Callable | None = None,
-                        max_iter: int = 100, seed: int = 0, eps: float = 1e-6
-                        ) -> dict[str, torch.Tensor]:
+                        max_iter: int = 100, seed: int = 0, eps: float = 1e-6,
+                        traced=None) -> dict[str, torch.Tensor]:
     """Permutations of B's groups that best correlate B's activations with A's.
 
     Args:
         spec: the groups to permute, as returned by
-            :func:`autobasin.infer.infer_spec` (its traced graph says which
-            activations each group permutes). A spec without one (loaded from
-            JSON) is re-inferred from ``a`` on the first batch and must agree.
+            :func:`autobasin.infer.infer_spec`. Which activations each group
+            permutes is read from ``traced`` (the
+            :class:`~autobasin.infer.TracedModel` of :func:`autobasin.infer.trace_model`)
+            or, without it, from ``a`` captured on the first batch, whose
+            groups must include the spec's.
         a, b: the two models (same architecture); neither is modified, and
             their train/eval modes are restored (they run in eval mode).
             Wrappers (``nn.DataParallel``, DDP, ``torch.compile``) are looked
@@ -627,13 +640,18 @@ def activation_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, data:
                     bar.update(1)
                     continue
                 if entries is None:
-                    _ensure_inference(spec, a, args)
-                    entries, levels = activation_entries(spec, nodes)
+                    try:
+                        traced = _traced_for(spec, a, args, traced)
+                    except SpecError:
+                        raise
+                    except Exception as e:  # noqa: BLE001 - say which batch
+                        raise _batch_error("a", i, args, traced, e) from e
+                    entries, levels = activation_entries(traced, spec, nodes)
                     for e in entries:
                         e.moments = CrossMoments(stat_device)
                         by_node.setdefault(e.node, []).append(e)
-                    gm_a = _graph_module(a, spec._inference.gm)
-                    gm_b = _graph_module(b, spec._inference.gm)
+                    gm_a = _graph_module(a, traced.gm)
+                    gm_b = _graph_module(b, traced.gm)
                 names = set(by_node)
                 got_a: dict[int, torch.Tensor] = {}
 
@@ -650,12 +668,12 @@ def activation_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, data:
 
                 for label, gm, dev, tap in (("a", gm_a, dev_a, tap_a), ("b", gm_b, dev_b, tap_b)):
                     try:
-                        flat = spec._inference.flat(as_inputs(args, a))
+                        flat = traced.flat(as_inputs(args, a))
                         if flat is None:
                             raise ValueError("the inputs do not fit the captured graph")
                         _Tap(gm, names, tap).run(*[_to(t, dev) for t in flat])
                     except Exception as e:  # noqa: BLE001 - say which batch, and what was expected
-                        raise _batch_error(label, i, args, spec, e) from e
+                        raise _batch_error(label, i, args, traced, e) from e
                 batches += 1
                 samples += int(first.shape[0]) if first is not None and first.dim() else 1
                 bar.update(1)
@@ -710,11 +728,10 @@ def _shapes(args) -> str:
                      for t in args)
 
 
-def _batch_error(label: str, index: int, args: tuple, spec: PermutationSpec,
-                 error: Exception) -> ValueError:
+def _batch_error(label: str, index: int, args: tuple, traced, error: Exception) -> ValueError:
     """A ValueError naming the batch, its input shapes and those the spec was traced with."""
-    traced = getattr(getattr(spec, "_inference", None), "example_inputs", None)
-    expected = f"; the spec was traced with inputs of shapes {traced.describe()}" if traced else ""
+    shapes = traced.example_inputs if traced is not None else None
+    expected = f"; the spec was traced with inputs of shapes {shapes.describe()}" if shapes else ""
     first = (str(error).strip().splitlines() or [type(error).__name__])[0]
     return ValueError(f"activation matching: model {label} failed on batch {index} (inputs of "
                       f"shapes {_shapes(args)}): {type(error).__name__}: {first}{expected}. Is each "
