@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import copy
-import inspect as _inspect
 import json
 import math
 import os
@@ -35,12 +35,15 @@ import sys
 import time
 import traceback
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
+
+from .data import DataError, DataSource, check_source, make_example_inputs, resolve_data
+from .plots import format_coverage
 
 PROG = "autobasin"
 
@@ -61,11 +64,7 @@ EXIT_CODES_HELP = """exit codes:
 
 
 class UsageError(ValueError):
-    """Bad arguments or unreadable inputs (exit code 2)."""
-
-
-class DataError(UsageError):
-    """The DATA argument names nothing usable (exit code 2)."""
+    """Bad arguments or unreadable inputs (exit code 2; so is a :class:`DataError`)."""
 
 
 # ---------------------------------------------------------------------- logging
@@ -80,6 +79,16 @@ class _Log:
 
 def _out(msg: str = "") -> None:
     print(msg, flush=True)
+
+
+@contextlib.contextmanager
+def _stage(log: _Log, what: str):
+    """Progress on stderr: ``what ...`` now, ``what: done in N s`` after (with the notes
+    the block appends to the list it is given)."""
+    log(f"{what} ...")
+    t0, notes = time.perf_counter(), []
+    yield notes
+    log(f"{what}: done in {time.perf_counter() - t0:.1f} s" + "".join(f"; {n}" for n in notes))
 
 
 # ------------------------------------------------------------------- arguments
@@ -115,13 +124,10 @@ def _device(name: str) -> torch.device:
 
 
 def _seed_everything(seed: int) -> None:
+    import numpy as np
     random.seed(seed)
     torch.manual_seed(seed)
-    try:
-        import numpy as np
-        np.random.seed(seed % 2**32)
-    except ImportError:  # pragma: no cover
-        pass
+    np.random.seed(seed % 2**32)
 
 
 def _existing_file(path: str, what: str) -> Path:
@@ -146,378 +152,28 @@ def _output_path(path: str, what: str) -> Path:
 
 
 # ----------------------------------------------------------------------- models
-def _build(args) -> nn.Module:
+def _build(args, log: _Log) -> nn.Module:
     from .models import build_model
-    return build_model(args.model, num_classes=args.num_classes,
-                       **_model_kwargs(args.model_kwargs))
+    with _stage(log, f"building {args.model}") as notes:
+        model = build_model(args.model, num_classes=args.num_classes,
+                            **_model_kwargs(args.model_kwargs))
+        notes.append(f"{type(model).__name__}, {sum(p.numel() for p in model.parameters()):,} "
+                     "parameters")
+    return model
 
 
-def _example_inputs(model: nn.Module, input_size: Sequence[int] | None, batch: int = 2):
-    """Inputs to trace and verify with (``--input-size`` or the model's own); the model is run
-    on them once here, so a wrong shape is an input error before anything long starts."""
-    from .trace import default_inputs
-    if input_size:
-        gen = torch.Generator().manual_seed(0)
-        param = next(model.parameters(), None)
-        dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-        example = (torch.randn(batch, *input_size, generator=gen).to(dtype),)
-        what = f"--input-size {' '.join(map(str, input_size))}"
-    else:
-        try:
-            example = default_inputs(model, batch=batch)
-        except ValueError as e:
-            raise UsageError(f"{e}; or pass --input-size with the input shape (no batch dim)") \
-                from e
-        what = "the default example input"
-    failure = _run_naming_layer(model, example)
-    if failure is not None:
-        layer, e = failure
-        shapes = ", ".join(str(tuple(t.shape)) for t in example if isinstance(t, torch.Tensor))
-        at = f" at layer {layer!r}" if layer else ""
-        hint = "" if input_size else "; pass --input-size with the input shape (no batch dim)"
-        raise UsageError(f"{type(model).__name__} cannot run on {what} (shape {shapes}){at}: "
-                         f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}{hint}")
-    return example
-
-
-def _load_checkpoint(model: nn.Module, path: Path, key: str | None, log: _Log,
-                     in_place: bool = False) -> tuple[nn.Module, dict[str, torch.Tensor]]:
-    """``model`` (a copy unless ``in_place``) holding ``path``'s weights, and the stored
-    state dict (its own dtypes)."""
-    from .io import load_into, load_state_dict
+def _load_checkpoint(model: nn.Module, path: Path, args, log: _Log, in_place: bool = False):
+    from .io import load_checkpoint
     log(f"loading {path}")
-    sd = load_state_dict(path, key=key)
-    out = model if in_place else copy.deepcopy(model)
-    load_into(out, sd, source=path)
-    return out.eval(), sd
+    return load_checkpoint(model, path, args.checkpoint_key, in_place=in_place)
 
 
-# ------------------------------------------------------------------------- data
-@dataclass
-class DataSource:
-    """Resolved DATA: ``eval`` batches for the chosen split, ``train`` batches for
-    matching and BatchNorm resets (the training split when the source has one)."""
-
-    description: str
-    eval: Iterable
-    train: Iterable
-    has_train_split: bool
-    train_description: str = ""  # what matching and BatchNorm resets run on
-
-    @property
-    def matching_description(self) -> str:
-        return self.train_description or self.description
-
-
-def _dataloader(dataset, args, shuffle: bool = False):
-    from torch.utils.data import DataLoader
-    return DataLoader(dataset, batch_size=args.batch_size, shuffle=shuffle,
-                      num_workers=args.workers,
-                      generator=torch.Generator().manual_seed(args.seed))
-
-
-def _to_rgb(image):
-    return image.convert("RGB")
-
-
-def _image_transform(model: nn.Module, input_size: Sequence[int] | None):
-    from torchvision import transforms as T
-    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
-    torchvision_model = type(model).__module__.startswith("torchvision.models")
-    if input_size:
-        if len(input_size) != 3:
-            raise UsageError(f"--input-size for image data is C H W, got {list(input_size)}")
-        c, h, w = input_size
-    elif cfg.get("input_size"):
-        c, h, w = cfg["input_size"][-3:]
-    elif torchvision_model:
-        c, h, w = 3, 224, 224
-    else:
-        raise DataError(f"cannot tell what image size {type(model).__name__} expects: "
-                        "pass --input-size C H W")
-    mean, std = cfg.get("mean"), cfg.get("std")
-    if mean is None and torchvision_model:
-        mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-    crop_pct = cfg.get("crop_pct")
-    steps: list = []
-    if c == 1:
-        steps.append(T.Grayscale(1))
-    elif c == 3:
-        steps.append(T.Lambda(_to_rgb))
-    if crop_pct:
-        steps += [T.Resize(int(math.floor(min(h, w) / crop_pct))), T.CenterCrop((h, w))]
-    else:
-        steps.append(T.Resize((h, w)))
-    steps.append(T.ToTensor())
-    if mean is not None and std is not None and len(mean) == c:
-        steps.append(T.Normalize(mean, std))
-    return T.Compose(steps), (c, h, w)
-
-
-_TRAIN_DIRS = ("train", "training")
-_HELDOUT_DIRS = ("val", "validation", "valid", "test", "heldout")
-
-
-def _image_folder(root: Path, model, args) -> DataSource:
-    from torchvision.datasets import ImageFolder
-    transform, size = _image_transform(model, args.input_size)
-    train_dir = next((root / d for d in _TRAIN_DIRS if (root / d).is_dir()), None)
-    held_dir = next((root / d for d in _HELDOUT_DIRS if (root / d).is_dir()), None)
-    if train_dir is not None and held_dir is not None:
-        eval_dir = held_dir if args.split == "heldout" else train_dir
-    else:
-        train_dir = eval_dir = root
-
-    def folder(path: Path):
-        try:
-            return ImageFolder(str(path), transform=transform)
-        except (FileNotFoundError, RuntimeError, OSError) as e:
-            raise DataError(f"image folder {path}: {e}") from e
-
-    eval_ds = folder(eval_dir)
-    train_ds = eval_ds if train_dir == eval_dir else folder(train_dir)
-    desc = (f"image folder {eval_dir} ({len(eval_ds)} images, {len(eval_ds.classes)} classes, "
-            f"resized to {size[0]}x{size[1]}x{size[2]})")
-    return DataSource(desc, _dataloader(eval_ds, args), _dataloader(train_ds, args),
-                      has_train_split=train_dir != eval_dir,
-                      train_description=f"image folder {train_dir} ({len(train_ds)} images)")
-
-
-def _from_function(target: str, args) -> DataSource:
-    from torch.utils.data import Dataset
-    from .models import ModelSpecError, load_callable
-    try:
-        fn = load_callable(target, what="function")
-    except ModelSpecError as e:
-        raise DataError(f"DATA {target!r}: {e}") from e
-
-    def call(split: str):
-        try:
-            params = _inspect.signature(fn).parameters
-        except (TypeError, ValueError):
-            params = {}
-        kwargs = {"split": split} if "split" in params else {}
-        obj = fn(**kwargs)
-        if isinstance(obj, Dataset) and not isinstance(obj, torch.utils.data.IterableDataset):
-            obj = _dataloader(obj, args)
-        try:
-            if iter(obj) is obj:  # a one-shot iterator: keep its batches, they are read many times
-                obj = list(obj)
-        except TypeError as e:
-            raise DataError(f"DATA {target!r} returned a {type(obj).__name__}, "
-                            "not a DataLoader or an iterable of batches") from e
-        return obj
-
-    eval_data = call(args.split)
-    takes_split = "split" in getattr(_safe_signature(fn), "parameters", {})
-    train_data = call("train") if takes_split and args.split != "train" else eval_data
-    return DataSource(f"{target} ({args.split})", eval_data, train_data,
-                      has_train_split=takes_split,
-                      train_description=f"{target} (train)" if takes_split else "")
-
-
-def _safe_signature(fn):
-    try:
-        return _inspect.signature(fn)
-    except (TypeError, ValueError):
-        return None
-
-
-def resolve_data(spec: str, model: nn.Module, args) -> DataSource:
-    """Turn a DATA argument into batches (see the module docstring)."""
-    from .data import MNIST_IMAGES, digits_split, mnist_split
-    path = Path(spec).expanduser()
-    if spec == "digits" and not path.exists():
-        train, held = digits_split(seed=0)
-        eval_ds = held if args.split == "heldout" else train
-        return DataSource(f"sklearn digits, {args.split} split ({len(eval_ds)} images)",
-                          _dataloader(eval_ds, args), _dataloader(train, args), True,
-                          f"sklearn digits, train split ({len(train)} images)")
-    if path.is_dir():
-        if (path / MNIST_IMAGES).is_file():
-            try:
-                train, held = mnist_split(path)
-            except (OSError, ValueError) as e:  # missing labels, bad checksum, malformed IDX
-                raise DataError(f"MNIST data {path}: {e}") from e
-            eval_ds = held if args.split == "heldout" else train
-            return DataSource(f"MNIST IDX {path}, {args.split} split ({len(eval_ds)} images)",
-                              _dataloader(eval_ds, args), _dataloader(train, args), True,
-                              f"MNIST IDX {path}, train split ({len(train)} images)")
-        return _image_folder(path, model, args)
-    if path.exists():
-        raise DataError(f"DATA {path} is a file; DATA is an image folder, an MNIST IDX folder, "
-                        "'digits', or module:function")
-    if ":" in spec:
-        return _from_function(spec, args)
-    raise DataError(f"DATA {spec!r}: no such folder; DATA is an image folder, an MNIST IDX "
-                    "folder, 'digits', or module:function returning a DataLoader")
-
-
-def _first_batch(data: Iterable, what: str):
-    try:
-        return next(iter(data))
-    except StopIteration:
-        raise DataError(f"{what} yielded no batches") from None
-    except DataError:
-        raise
-    except Exception as e:  # noqa: BLE001 - unreadable images, bad files, user code
-        raise DataError(f"reading the first batch of {what} failed: {type(e).__name__}: {e}") from e
-
-
-def _check_batch(model: nn.Module, batch, what: str, need_target: bool) -> torch.Tensor:
-    """The input of ``batch``; the model must accept it (and a target exist if needed)."""
-    from .barrier import _batch_target
-    from .repair import batch_input
-    try:
-        x = batch_input(batch)
-    except TypeError as e:
-        raise DataError(f"{what}: {e}") from e
-    if need_target:
-        try:
-            _batch_target(batch)
-        except TypeError as e:
-            raise DataError(f"{what}: batches must be (input, target) pairs to score a loss") from e
-    layer = _run_naming_layer(model, (x[:2],))
-    if layer is not None:
-        where, e = layer
-        at = f" at layer {where!r}" if where else ""
-        raise DataError(f"the model cannot run on a batch of {what} (input shape "
-                        f"{tuple(x.shape)}){at}: {type(e).__name__}: "
-                        f"{(str(e).strip().splitlines() or [''])[0]}") from e
-    return x
-
-
-def _run_naming_layer(model: nn.Module, inputs: tuple) -> tuple[str, Exception] | None:
-    """Run ``model(*inputs)`` in eval mode without grad; on failure, the qualified name of the
-    innermost module that was running ("" for the top level) and the exception."""
-    names = {m: n for n, m in model.named_modules()}
-    running: list[str] = []
-    failed: list[str] = []
-
-    def enter(module, args):
-        running.append(names.get(module, ""))
-
-    def leave(module, args, output):
-        running.pop()
-
-    hooks = [m.register_forward_pre_hook(enter) for m in names] + \
-        [m.register_forward_hook(leave) for m in names]
-    modes = {m: m.training for m in model.modules()}
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(*inputs)
-        return None
-    except Exception as e:  # noqa: BLE001 - reported as a DataError by the caller
-        failed.extend(running)
-        return (failed[-1] if failed else ""), e
-    finally:
-        for h in hooks:
-            h.remove()
-        for m, training in modes.items():
-            m.training = training
-
-
-# ------------------------------------------------------------------------ plots
-def plot_spec(spec, path: str | os.PathLike | None = None, title: str | None = None):
-    """Draw a spec's groups over the model's tensors; returns the matplotlib Figure.
-
-    Tensors (state_dict order) sit on a horizontal line, left to right; each
-    group is a coloured hub above them, joined to the tensors it permutes: a
-    solid edge for axis 0 (outputs), dashed for axis 1 (inputs), dotted for
-    other axes. Parameters no group touches are red; buffers are small grey
-    squares. Saved to ``path`` (PNG) when given.
-    """
-    import networkx as nx
-    from matplotlib import colormaps
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.lines import Line2D
-
-    names = [n for n, info in spec.tensors.items() if info.floating]
-    index = {n: i for i, n in enumerate(names)}
-    by_param = spec.members_by_param()
-    graph = nx.MultiGraph()
-    pos: dict = {}
-    for n in names:
-        graph.add_node(("t", n))
-        pos[("t", n)] = (float(index[n]), 0.0)
-
-    groups = [g for g in spec.groups.values() if any(m.param in index for m in g.members)]
-    hub_x = {g.name: sum(index[m.param] for m in g.members if m.param in index)
-             / sum(1 for m in g.members if m.param in index) for g in groups}
-    groups.sort(key=lambda g: hub_x[g.name])
-    levels = max(1, min(5, math.ceil(2.5 * len(groups) / max(len(names), 1))))
-    levels = max(levels, min(len(groups), 3))
-    cmap = colormaps["tab20"]
-    # dark tab20 shades first, so neighbouring hubs differ clearly
-    colour = {g.name: cmap((2 * i) % 20 + (i // 10) % 2) for i, g in enumerate(groups)}
-    for k, g in enumerate(groups):
-        node = ("g", g.name)
-        graph.add_node(node)
-        pos[node] = (hub_x[g.name], 1.0 + 0.6 * (k % levels))
-        for m in g.members:
-            if m.param in index:
-                graph.add_edge(node, ("t", m.param), axis=m.axis, group=g.name)
-
-    width = min(80.0, max(8.0, 0.2 * len(names) + 2))
-    height = 3.0 + 0.6 * levels
-    fig = Figure(figsize=(width, height))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    styles = {0: "solid", 1: "dashed"}
-    for style in ("solid", "dashed", "dotted"):
-        edges = [(u, v) for u, v, d in graph.edges(data=True)
-                 if styles.get(d["axis"], "dotted") == style]
-        if edges:
-            cols = [colour[(u if u[0] == "g" else v)[1]] for u, v in edges]
-            nx.draw_networkx_edges(graph, pos, edgelist=edges, edge_color=cols, style=style,
-                                   width=1.3, alpha=0.8, ax=ax)
-    params = [("t", n) for n in names if spec.tensors[n].is_parameter]
-    covered = [t for t in params if t[1] in by_param]
-    uncovered = [t for t in params if t[1] not in by_param]
-    buffers = [("t", n) for n in names if not spec.tensors[n].is_parameter]
-    nx.draw_networkx_nodes(graph, pos, nodelist=covered, node_size=40, node_color="#9ecae1",
-                           edgecolors="k", linewidths=0.5, ax=ax)
-    if uncovered:
-        nx.draw_networkx_nodes(graph, pos, nodelist=uncovered, node_size=40,
-                               node_color="#fb6a4a", edgecolors="k", linewidths=0.5, ax=ax)
-    if buffers:
-        nx.draw_networkx_nodes(graph, pos, nodelist=buffers, node_size=18, node_shape="s",
-                               node_color="#d9d9d9", edgecolors="#737373", linewidths=0.5, ax=ax)
-    hubs = [("g", g.name) for g in groups]
-    nx.draw_networkx_nodes(graph, pos, nodelist=hubs, node_size=110,
-                           node_color=[colour[h[1]] for h in hubs], edgecolors="k",
-                           linewidths=0.6, ax=ax)
-    label_size = 7 if len(names) < 80 else 5
-    for n in names:
-        ax.text(index[n], -0.08, n, rotation=90, ha="center", va="top", fontsize=label_size)
-    for g in groups:
-        x, y = pos[("g", g.name)]
-        ax.text(x, y + 0.1, f"{g.name} ({g.size})", rotation=30, ha="left", va="bottom",
-                fontsize=label_size, color="k")
-    ax.set_xlim(-1, max(len(names), 2))
-    ax.set_ylim(-0.3, 1.9 + 0.6 * levels)
-    ax.axis("off")
-    handles = [Line2D([], [], color="k", linestyle="solid", label="axis 0 (outputs)"),
-               Line2D([], [], color="k", linestyle="dashed", label="axis 1 (inputs)"),
-               Line2D([], [], color="k", linestyle="dotted", label="other axis"),
-               Line2D([], [], marker="o", linestyle="", markerfacecolor="#9ecae1",
-                      markeredgecolor="k", label="parameter, permuted"),
-               Line2D([], [], marker="o", linestyle="", markerfacecolor="#fb6a4a",
-                      markeredgecolor="k", label="parameter, fixed"),
-               Line2D([], [], marker="s", linestyle="", markerfacecolor="#d9d9d9",
-                      markeredgecolor="#737373", label="buffer")]
-    ax.legend(handles=handles, loc="upper left", fontsize=7, frameon=False, ncol=6)
-    ax.set_title(title or f"{len(spec.groups)} permutation groups over {len(names)} tensors, "
-                 f"coverage {spec.coverage():.3f}", fontsize=9)
-    fig.tight_layout()
-    if path is not None:
-        from .io import atomic_write
-        dest = Path(path)
-        atomic_write(dest, lambda tmp: fig.savefig(tmp, dpi=100, format="png",
-                                                      bbox_inches="tight"))
-    return fig
+def _write(log: _Log, path: Path, write) -> None:
+    """``write(tmp)`` atomically to ``path``, with a progress line before and the result after."""
+    from .io import atomic_write
+    log(f"writing {path}")
+    atomic_write(path, write)
+    _out(f"wrote {path}")
 
 
 # -------------------------------------------------------------------- commands
@@ -526,18 +182,20 @@ def cmd_inspect(args, log: _Log) -> int:
     from .permute import check_equivalence
     json_out = _output_path(args.json, "--json") if args.json else None
     plot_out = _output_path(args.plot, "--plot") if args.plot else None
-    model = _build(args)
-    example = _example_inputs(model, args.input_size)
-    log(f"tracing {args.model} ({type(model).__name__}, "
-        f"{sum(p.numel() for p in model.parameters()):,} parameters)")
-    spec = infer_spec(model, example)
-    _out(str(spec))
+    model = _build(args, log)
+    example = make_example_inputs(model, args.input_size)
+    with _stage(log, f"inferring the spec of {args.model}") as notes:
+        spec = infer_spec(model, example)
+        notes.append(f"{len(spec.groups)} groups")
+    coverage = format_coverage(spec.coverage())
+    table = str(spec).partition("\n")[2]  # its first line shows the coverage another way
+    _out(f"PermutationSpec: {len(spec.groups)} groups, coverage {coverage} of hidden parameter "
+         f"axes\n{table}")
     n_params = sum(1 for i in spec.tensors.values() if i.is_parameter)
     touched = set(spec.members_by_param())
     fixed = [n for n, i in spec.tensors.items()
              if i.is_parameter and i.floating and n not in touched]
-    _out("")
-    _out(f"coverage: {spec.coverage():.3f} of hidden parameter axes are permuted; "
+    _out(f"\ncoverage: {coverage} of hidden parameter axes are permuted; "
          f"{len(spec.groups)} groups over {n_params} parameters "
          f"({len(fixed)} fixed{': ' + ', '.join(fixed[:6]) if fixed else ''}"
          f"{', ...' if len(fixed) > 6 else ''})")
@@ -555,45 +213,30 @@ def cmd_inspect(args, log: _Log) -> int:
             _out(f"  ... {len(rows) - len(shown)} more (--all lists them)")
     if args.verify and spec.groups:
         from .testing import randomize_state_
-        probe = randomize_state_(copy.deepcopy(model), seed=args.seed)
-        err = check_equivalence(probe, spec, example, seed=args.seed)
+        with _stage(log, "verifying the spec"):
+            probe = randomize_state_(copy.deepcopy(model), seed=args.seed)
+            err = check_equivalence(probe, spec, example, seed=args.seed)
         _out(f"verified: a random permutation of every group leaves the outputs unchanged "
              f"(relative error {err:.2e})")
     if json_out is not None:
-        from .io import atomic_write
-        text = spec.to_json()
-        atomic_write(json_out, lambda tmp: Path(tmp).write_text(text))
-        _out(f"wrote {json_out}")  # results go to stdout, as align, barrier and merge print theirs
+        _write(log, json_out, lambda tmp: Path(tmp).write_text(spec.to_json()))
     if plot_out is not None:
-        plot_spec(spec, plot_out, title=f"{args.model}: {len(spec.groups)} groups, "
-                                        f"coverage {spec.coverage():.3f}")
-        _out(f"wrote {plot_out}")
+        from .plots import plot_spec
+        with _stage(log, f"drawing {plot_out}"):
+            plot_spec(spec, plot_out, title=f"{args.model}: {len(spec.groups)} groups, "
+                                            f"coverage {coverage}")
+        _out(f"wrote {plot_out}")  # results go to stdout, as align, barrier and merge print theirs
     return EXIT_OK
 
 
-def _matcher_needs_data(method: str) -> bool:
-    from .api import MATCHERS
-    return bool(getattr(MATCHERS[method], "needs_data", False))
-
-
-def _distance(sd_a: dict, sd_b: dict) -> float:
-    total = 0.0
-    for k, ta in sd_a.items():
-        tb = sd_b[k]
-        if ta.is_floating_point():
-            total += float((ta.double() - tb.double()).pow(2).sum())
-    return math.sqrt(total)
+def _resolve_data(args, model: nn.Module) -> DataSource:
+    return resolve_data(args.data, model, split=args.split, batch_size=args.batch_size,
+                        workers=args.workers, seed=args.seed, input_size=args.input_size)
 
 
 def _load_spec(path: str | None):
-    if not path:
-        return None
-    from .spec import PermutationSpec, SpecError
-    p = _existing_file(path, "--spec")
-    try:
-        return PermutationSpec.from_json(p.read_text())
-    except (ValueError, KeyError, TypeError, SpecError) as e:
-        raise UsageError(f"--spec {p}: not an autobasin spec JSON ({e})") from e
+    from .io import load_spec
+    return load_spec(_existing_file(path, "--spec")) if path else None
 
 
 def _check_spec_fits(spec, args, model: nn.Module) -> None:
@@ -631,50 +274,48 @@ def _prepare_pair(args, log: _Log, need_data: bool, need_target: bool):
     path_b = _existing_file(args.b, "--b")
     device = _device(args.device)
     spec = _load_spec(getattr(args, "spec", None))
-    model = _build(args)
-    model_b, raw_b = _load_checkpoint(model, path_b, args.checkpoint_key, log)
-    model_a, _ = _load_checkpoint(model, path_a, args.checkpoint_key, log, in_place=True)
+    model = _build(args, log)
+    model_b, raw_b = _load_checkpoint(model, path_b, args, log)
+    model_a, _ = _load_checkpoint(model, path_a, args, log, in_place=True)
     data = None
     if need_data and not args.data:
         raise UsageError(f"--method {args.method} needs --data")
     if args.data:
-        data = resolve_data(args.data, model_a, args)
+        data = _resolve_data(args, model_a)
         # barrier evaluates on the chosen split; align only matches, on the training split
         log(f"data: {data.description}" if need_target else
             f"matching data: {data.matching_description}")
-        x = _check_batch(model_a, _first_batch(data.eval, f"DATA {args.data}"),
-                         f"DATA {args.data}", need_target)
-        if data.train is not data.eval:
-            _check_batch(model_a, _first_batch(data.train, f"DATA {args.data} (train split)"),
-                         f"DATA {args.data} (train split)", False)
+        x = check_source(model_a, data, f"DATA {args.data}", need_target)
         example = (x[:2].to(torch.float32) if x.is_floating_point() else x[:2],)
-        if args.input_size:
-            example = _example_inputs(model_a, args.input_size)
-    else:
-        example = _example_inputs(model_a, args.input_size)
+    if args.input_size or not args.data:
+        example = make_example_inputs(model_a, args.input_size)
     if spec is not None:  # a spec from another model fails here, not after the long part
         _check_spec_fits(spec, args, model_a)
     return model_a, model_b, raw_b, data, example, device, spec
 
 
 def cmd_align(args, log: _Log) -> int:
-    from .io import save_perms, save_state_dict
+    from .api import MATCHERS
+    from .io import save_perms, save_state_dict, state_dict_distance
     from .permute import apply_permutation
     out = _output_path(args.out, "--out")
     perms_out = _output_path(args.perms, "--perms") if args.perms else \
         out.with_name(out.stem + ".perms.safetensors")
     model_a, model_b, raw_b, data, example, device, spec = _prepare_pair(
-        args, log, need_data=_matcher_needs_data(args.method), need_target=False)
+        args, log, need_data=getattr(MATCHERS.get(args.method), "needs_data", False),
+        need_target=False)
     result, seconds = _align(args, log, model_a, model_b, example, data, device, spec)
     # permute B's stored tensors, so the file keeps B's dtypes exactly
     aligned_sd = apply_permutation(result.spec, result.perms, raw_b)
     sd_a, sd_b = model_a.state_dict(), model_b.state_dict()
-    before, after = _distance(sd_a, sd_b), _distance(sd_a, result.state_dict)
+    before, after = (state_dict_distance(sd_a, sd) for sd in (sd_b, result.state_dict))
+    log(f"writing {out} and {perms_out}")
     save_state_dict(aligned_sd, out, metadata={"autobasin": "aligned", "method": args.method,
                                                "reference": str(args.a), "source": str(args.b)})
     save_perms(result.perms, perms_out, metadata={"method": args.method})
     stats = result.stats
-    _out(f"spec: {len(result.spec.groups)} groups, coverage {result.spec.coverage():.3f}")
+    _out(f"spec: {len(result.spec.groups)} groups, "
+         f"coverage {format_coverage(result.spec.coverage())}")
     extra = f", {stats['sweeps']} sweeps" if stats.get("sweeps") else ""
     _out(f"aligned with {args.method} matching in {seconds:.2f} s{extra} "
          "(spec inference, matching and verification)")
@@ -719,22 +360,18 @@ def cmd_barrier(args, log: _Log) -> int:
     _out(f"data: {data.description}{how}")
     _out(barrier_table({"naive": (naive, 0.0), label: (aligned, seconds)}))
     if plot_out is not None:
-        from .io import atomic_write
         fig = plot_barrier({"naive": naive, label: aligned},
                            title=f"{args.model}: loss along the path A -> B")
-        atomic_write(plot_out, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
-        _out(f"wrote {plot_out}")
+        _write(log, plot_out, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     if json_out is not None:
-        from .io import atomic_write
         text = json.dumps({"naive": asdict(naive), args.method: asdict(aligned),
                            "matching_seconds": seconds, "data": data.description}, indent=1)
-        atomic_write(json_out, lambda tmp: Path(tmp).write_text(text))
-        _out(f"wrote {json_out}")
+        _write(log, json_out, lambda tmp: Path(tmp).write_text(text))
     return EXIT_OK
 
 
 def cmd_merge(args, log: _Log) -> int:
-    from .io import save_state_dict
+    from .io import cast_like, save_state_dict
     from .merge import merge_many
     out = _output_path(args.out, "--out")
     if len(args.checkpoints) < 2:
@@ -751,36 +388,34 @@ def cmd_merge(args, log: _Log) -> int:
         raise UsageError("--method activation needs --data")
     device = _device(args.device)
     spec = _load_spec(args.spec)
-    model = _build(args)
-    loaded = [_load_checkpoint(model, p, args.checkpoint_key, log) for p in paths]
+    model = _build(args, log)
+    loaded = [_load_checkpoint(model, p, args, log) for p in paths]
     models = [m for m, _ in loaded]
     if spec is not None:  # a spec from another model fails here, not after the long part
         _check_spec_fits(spec, args, models[0])
     data = None
     if args.data:
-        data = resolve_data(args.data, models[0], args)
-        _check_batch(models[0], _first_batch(data.train, f"DATA {args.data}"),
-                     f"DATA {args.data}", False)
+        data = _resolve_data(args, models[0])
+        check_source(models[0], data, f"DATA {args.data}", need_target=False, split="train")
         if args.method == "activation" and not repair:
             repair = "reset_bn"  # merge_many recomputes BatchNorm statistics whenever it has data
             log("note: BatchNorm statistics of the merged model are recomputed on DATA")
         elif not repair:
             log("note: DATA is only used to repair the merged model; add --reset-bn or --repair")
-    example = _example_inputs(models[0], args.input_size)
+    example = make_example_inputs(models[0], args.input_size)
     stats: dict = {}
-    log(f"merging {len(models)} models")
     t0 = time.perf_counter()
     if device is not None:
         models = [m.to(device) for m in models]  # the loaded copies are ours to move
-    # merge_many verifies that every checkpoint, permuted as merged, computes what it computed
-    merged_model = merge_many(models, method=args.method, seed=args.seed, spec=spec,
-                              progress=not args.quiet, example_inputs=example,
-                              max_rounds=args.max_rounds, stats=stats,
-                              data=data.train if repair else None, repair=repair)
+    # merge_many verifies each checkpoint, permuted as merged; it reports each stage to log
+    with _stage(log, f"merging {len(models)} models ({args.method} matching)"):
+        merged_model = merge_many(models, method=args.method, seed=args.seed, spec=spec,
+                                  progress=log, example_inputs=example,
+                                  max_rounds=args.max_rounds, stats=stats,
+                                  data=data.train if repair else None, repair=repair)
     seconds = time.perf_counter() - t0
-    first = loaded[0][1]
-    sd = {k: (v.detach().cpu().to(first[k].dtype) if k in first and v.is_floating_point()
-              else v.detach().cpu()) for k, v in merged_model.state_dict().items()}
+    sd = cast_like(merged_model.state_dict(), loaded[0][1])  # the first checkpoint's dtypes
+    log(f"writing {out}")
     save_state_dict(sd, out, metadata={"autobasin": "merged",
                                        "sources": ",".join(str(p) for p in paths)})
     rounds = f", {stats['rounds']} rounds" if stats.get("rounds") else ""
@@ -800,22 +435,14 @@ def cmd_merge(args, log: _Log) -> int:
 
 def cmd_demo(args, log: _Log) -> int:
     from .demo import main as demo_main
-    argv = ["--out", str(args.out), "--lambdas", str(args.lambdas)]
-    if args.quick:
-        argv.append("--quick")
-    if args.epochs is not None:
-        argv += ["--epochs", str(args.epochs)]
-    demo_main(argv)
+    demo_main(["--out", str(args.out), "--lambdas", str(args.lambdas)] + ["--quick"] * args.quick
+              + (["--epochs", str(args.epochs)] if args.epochs is not None else []))
     return EXIT_OK
 
 
 # ---------------------------------------------------------------------- parser
-def _methods() -> list[str]:
-    from .api import MATCHERS
-    return sorted(MATCHERS)
-
-
 def build_parser() -> argparse.ArgumentParser:
+    from .api import MATCHERS
     common = argparse.ArgumentParser(add_help=False)
     g = common.add_argument_group("common options")
     g.add_argument("--device", default="auto",
@@ -863,8 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
                                "(Git Re-Basin), for any PyTorch model.",
         epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub_kwargs = {"epilog": EXIT_CODES_HELP,
-                  "formatter_class": argparse.RawDescriptionHelpFormatter}
+    sub_kwargs = dict(epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub.required = True
 
     p = sub.add_parser("inspect", **sub_kwargs, parents=[model_opts, common],
@@ -880,7 +506,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     match_opts = argparse.ArgumentParser(add_help=False)
     g = match_opts.add_argument_group("matching options")
-    g.add_argument("--method", default="weight", choices=_methods(), help="matching method")
+    g.add_argument("--method", default="weight", choices=sorted(MATCHERS), help="matching method")
     g.add_argument("--spec", metavar="SPEC.json",
                    help="use this spec (from inspect --json) instead of inferring one")
     g.add_argument("--max-iter", type=int, default=100, help="most matching sweeps (default 100)")
@@ -959,10 +585,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _exit_code(exc: BaseException) -> int | None:
     """The exit code for an expected error, or None for an unexpected one."""
     from .api import ArchitectureMismatchError
-    try:
-        from .infer import ExampleInputError
-    except ImportError:  # pragma: no cover - older inference module
-        ExampleInputError = ()  # noqa: N806 - an empty tuple matches nothing in isinstance
+    from .infer import ExampleInputError
     from .io import CheckpointMismatchError, CheckpointReadError
     from .models import ModelSpecError
     from .permute import EquivalenceError
@@ -972,7 +595,7 @@ def _exit_code(exc: BaseException) -> int | None:
         return EXIT_MISMATCH
     if isinstance(exc, EquivalenceError):
         return EXIT_VERIFY
-    if isinstance(exc, (UsageError, ModelSpecError, CheckpointReadError, ExampleInputError,
+    if isinstance(exc, (UsageError, DataError, ModelSpecError, CheckpointReadError, ExampleInputError,
                         FileNotFoundError, NotADirectoryError, IsADirectoryError,
                         PermissionError)):
         return EXIT_USAGE
@@ -996,9 +619,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def show(message, category, filename, lineno, file=None, line=None):
         if not log.quiet:
-            text = str(message)
-            if text.startswith(f"{PROG}: "):
-                text = text[len(PROG) + 2:]
+            text = str(message).removeprefix(f"{PROG}: ")
             print(f"{PROG}: warning: {text}", file=sys.stderr, flush=True)
 
     with warnings.catch_warnings():

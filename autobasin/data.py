@@ -7,16 +7,27 @@ Two sources, neither of which downloads anything:
   protocol: images 0-7,999 train, 8,000-9,999 held out;
 * scikit-learn's bundled 8x8 digits (:func:`digits_split`), for a demo that
   runs anywhere.
+
+It also turns the command line's DATA argument into batches
+(:func:`resolve_data`: an image folder, an MNIST IDX folder, ``digits`` or
+``module:function``), checks that a model runs on them (:func:`check_batch`)
+and makes the example inputs a command traces with (:func:`make_example_inputs`).
+Every failure is a :class:`DataError` naming what was given.
 """
 from __future__ import annotations
 
 import gzip
 import hashlib
+import inspect
+import math
 import struct
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 MNIST_IMAGES = "t10k-images-idx3-ubyte.gz"
@@ -186,3 +197,262 @@ def loader(dataset: Dataset, batch_size: int = 128, shuffle: bool = False,
     """A single-process DataLoader whose shuffling order depends only on ``seed``."""
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle,
                       generator=torch.Generator().manual_seed(seed))
+
+
+# ------------------------------------------------------------ the DATA argument
+class DataError(ValueError):
+    """DATA names nothing usable, or a model cannot run on its batches or on the example
+    inputs (the command line's exit code 2)."""
+
+
+@dataclass
+class DataSource:
+    """Resolved DATA: ``eval`` batches for the chosen split, ``train`` batches for
+    matching and BatchNorm resets (the training split when the source has one)."""
+
+    description: str
+    eval: Iterable
+    train: Iterable
+    has_train_split: bool
+    train_description: str = ""  # what matching and BatchNorm resets run on
+
+    @property
+    def matching_description(self) -> str:
+        return self.train_description or self.description
+
+
+@dataclass(frozen=True)
+class _Batching:
+    split: str
+    batch_size: int
+    workers: int
+    seed: int
+
+    def loader(self, dataset) -> DataLoader:
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=False,
+                          num_workers=self.workers,
+                          generator=torch.Generator().manual_seed(self.seed))
+
+
+def _to_rgb(image):
+    return image.convert("RGB")
+
+
+def image_transform(model: nn.Module, input_size: Sequence[int] | None):
+    """The torchvision transform that feeds images to ``model`` (its ``pretrained_cfg`` size,
+    mean, std and crop, or torchvision's), and the (C, H, W) it produces."""
+    from torchvision import transforms as T
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    torchvision_model = type(model).__module__.startswith("torchvision.models")
+    if input_size:
+        if len(input_size) != 3:
+            raise DataError(f"--input-size for image data is C H W, got {list(input_size)}")
+        c, h, w = input_size
+    elif cfg.get("input_size"):
+        c, h, w = cfg["input_size"][-3:]
+    elif torchvision_model:
+        c, h, w = 3, 224, 224
+    else:
+        raise DataError(f"cannot tell what image size {type(model).__name__} expects: "
+                        "pass --input-size C H W")
+    mean, std = cfg.get("mean"), cfg.get("std")
+    if mean is None and torchvision_model:
+        mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    crop_pct = cfg.get("crop_pct")
+    steps: list = []
+    if c == 1:
+        steps.append(T.Grayscale(1))
+    elif c == 3:
+        steps.append(T.Lambda(_to_rgb))
+    if crop_pct:
+        steps += [T.Resize(int(math.floor(min(h, w) / crop_pct))), T.CenterCrop((h, w))]
+    else:
+        steps.append(T.Resize((h, w)))
+    steps.append(T.ToTensor())
+    if mean is not None and std is not None and len(mean) == c:
+        steps.append(T.Normalize(mean, std))
+    return T.Compose(steps), (c, h, w)
+
+
+TRAIN_DIRS = ("train", "training")
+HELDOUT_DIRS = ("val", "validation", "valid", "test", "heldout")
+
+
+def _image_folder(root: Path, model: nn.Module, input_size, how: _Batching) -> DataSource:
+    from torchvision.datasets import ImageFolder
+    transform, size = image_transform(model, input_size)
+    train_dir = next((root / d for d in TRAIN_DIRS if (root / d).is_dir()), None)
+    held_dir = next((root / d for d in HELDOUT_DIRS if (root / d).is_dir()), None)
+    if train_dir is not None and held_dir is not None:
+        eval_dir = held_dir if how.split == "heldout" else train_dir
+    else:
+        train_dir = eval_dir = root
+
+    def folder(path: Path):
+        try:
+            return ImageFolder(str(path), transform=transform)
+        except (FileNotFoundError, RuntimeError, OSError) as e:
+            raise DataError(f"image folder {path}: {e}") from e
+
+    eval_ds = folder(eval_dir)
+    train_ds = eval_ds if train_dir == eval_dir else folder(train_dir)
+    desc = (f"image folder {eval_dir} ({len(eval_ds)} images, {len(eval_ds.classes)} classes, "
+            f"resized to {size[0]}x{size[1]}x{size[2]})")
+    return DataSource(desc, how.loader(eval_ds), how.loader(train_ds),
+                      has_train_split=train_dir != eval_dir,
+                      train_description=f"image folder {train_dir} ({len(train_ds)} images)")
+
+
+def _safe_signature(fn):
+    try:
+        return inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+
+
+def _from_function(target: str, how: _Batching) -> DataSource:
+    from .models import ModelSpecError, load_callable
+    try:
+        fn = load_callable(target, what="function")
+    except ModelSpecError as e:
+        raise DataError(f"DATA {target!r}: {e}") from e
+    takes_split = "split" in getattr(_safe_signature(fn), "parameters", {})
+
+    def call(split: str):
+        obj = fn(**({"split": split} if takes_split else {}))
+        if isinstance(obj, Dataset) and not isinstance(obj, torch.utils.data.IterableDataset):
+            obj = how.loader(obj)
+        try:
+            if iter(obj) is obj:  # a one-shot iterator: keep its batches, they are read many times
+                obj = list(obj)
+        except TypeError as e:
+            raise DataError(f"DATA {target!r} returned a {type(obj).__name__}, "
+                            "not a DataLoader or an iterable of batches") from e
+        return obj
+
+    eval_data = call(how.split)
+    train_data = call("train") if takes_split and how.split != "train" else eval_data
+    return DataSource(f"{target} ({how.split})", eval_data, train_data,
+                      has_train_split=takes_split,
+                      train_description=f"{target} (train)" if takes_split else "")
+
+
+def resolve_data(spec: str, model: nn.Module, split: str = "heldout", batch_size: int = 128,
+                 workers: int = 0, seed: int = 0,
+                 input_size: Sequence[int] | None = None) -> DataSource:
+    """Turn a DATA argument into batches: an image folder (class subfolders; ``train/`` and
+    ``val/`` subfolders are the splits; images resized for ``model`` or to ``input_size``),
+    a folder holding the MNIST IDX test files, ``digits``, or ``module:function`` /
+    ``file.py:function`` returning a DataLoader, a Dataset or batches (called with
+    ``split=...`` if it takes it). ``split`` ("heldout" or "train") is what ``eval`` holds."""
+    how = _Batching(split, batch_size, workers, seed)
+    path = Path(spec).expanduser()
+    if spec == "digits" and not path.exists():
+        train, held = digits_split(seed=0)
+        eval_ds = held if split == "heldout" else train
+        return DataSource(f"sklearn digits, {split} split ({len(eval_ds)} images)",
+                          how.loader(eval_ds), how.loader(train), True,
+                          f"sklearn digits, train split ({len(train)} images)")
+    if path.is_dir():
+        if (path / MNIST_IMAGES).is_file():
+            try:
+                train, held = mnist_split(path)
+            except (OSError, ValueError) as e:  # missing labels, bad checksum, malformed IDX
+                raise DataError(f"MNIST data {path}: {e}") from e
+            eval_ds = held if split == "heldout" else train
+            return DataSource(f"MNIST IDX {path}, {split} split ({len(eval_ds)} images)",
+                              how.loader(eval_ds), how.loader(train), True,
+                              f"MNIST IDX {path}, train split ({len(train)} images)")
+        return _image_folder(path, model, input_size, how)
+    if path.exists():
+        raise DataError(f"DATA {path} is a file; DATA is an image folder, an MNIST IDX folder, "
+                        "'digits', or module:function")
+    if ":" in spec:
+        return _from_function(spec, how)
+    raise DataError(f"DATA {spec!r}: no such folder; DATA is an image folder, an MNIST IDX "
+                    "folder, 'digits', or module:function returning a DataLoader")
+
+
+def first_batch(data: Iterable, what: str):
+    """The first batch of ``data``; a :class:`DataError` naming ``what`` when there is none
+    or reading it fails."""
+    try:
+        return next(iter(data))
+    except StopIteration:
+        raise DataError(f"{what} yielded no batches") from None
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001 - unreadable images, bad files, user code
+        raise DataError(f"reading the first batch of {what} failed: {type(e).__name__}: {e}") from e
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0]
+
+
+def check_batch(model: nn.Module, batch, what: str, need_target: bool) -> torch.Tensor:
+    """The input of ``batch``; the model must accept it (and a target exist if needed)."""
+    from .barrier import _batch_target
+    from .inputs import run_naming_layer
+    from .repair import batch_input
+    try:
+        x = batch_input(batch)
+    except TypeError as e:
+        raise DataError(f"{what}: {e}") from e
+    if need_target:
+        try:
+            _batch_target(batch)
+        except TypeError as e:
+            raise DataError(f"{what}: batches must be (input, target) pairs to score a loss") from e
+    failure = run_naming_layer(model, (x[:2],))
+    if failure is not None:
+        where, e = failure
+        at = f" at layer {where!r}" if where else ""
+        raise DataError(f"the model cannot run on a batch of {what} (input shape "
+                        f"{tuple(x.shape)}){at}: {type(e).__name__}: {_first_line(e)}") from e
+    return x
+
+
+def check_source(model: nn.Module, data: DataSource, what: str, need_target: bool,
+                 split: str = "eval") -> torch.Tensor:
+    """:func:`check_batch` on the first batch of ``data.eval`` (``split="eval"``; and of
+    ``data.train`` when it is another split) or of ``data.train`` alone (``split="train"``);
+    returns the input of the first batch checked."""
+    if split == "train":
+        return check_batch(model, first_batch(data.train, what), what, False)
+    x = check_batch(model, first_batch(data.eval, what), what, need_target)
+    if data.train is not data.eval:
+        check_batch(model, first_batch(data.train, f"{what} (train split)"),
+                    f"{what} (train split)", False)
+    return x
+
+
+def make_example_inputs(model: nn.Module, input_size: Sequence[int] | None = None,
+                        batch: int = 2) -> tuple:
+    """Inputs to trace and verify with (``input_size``, without the batch dimension, or the
+    model's own); the model is run on them once here, so a wrong shape is a
+    :class:`DataError` naming the layer before anything long starts."""
+    from .inputs import run_naming_layer
+    from .trace import default_inputs
+    if input_size:
+        gen = torch.Generator().manual_seed(0)
+        param = next(model.parameters(), None)
+        dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+        example = (torch.randn(batch, *input_size, generator=gen).to(dtype),)
+        what = f"--input-size {' '.join(map(str, input_size))}"
+    else:
+        try:
+            example = default_inputs(model, batch=batch)
+        except ValueError as e:
+            raise DataError(f"{e}; or pass --input-size with the input shape (no batch dim)") \
+                from e
+        what = "the default example input"
+    failure = run_naming_layer(model, example)
+    if failure is not None:
+        layer, e = failure
+        shapes = ", ".join(str(tuple(t.shape)) for t in example if isinstance(t, torch.Tensor))
+        at = f" at layer {layer!r}" if layer else ""
+        hint = "" if input_size else "; pass --input-size with the input shape (no batch dim)"
+        raise DataError(f"{type(model).__name__} cannot run on {what} (shape {shapes}){at}: "
+                        f"{type(e).__name__}: {_first_line(e)}{hint}")
+    return example

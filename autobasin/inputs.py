@@ -136,3 +136,35 @@ def select_output(value: Any, key: Any) -> Any:
 def select_outputs(value: Any, keys: Sequence | None) -> Any:
     """The outputs named by ``keys`` (all of ``value`` when None), as a list."""
     return value if keys is None else [select_output(value, k) for k in keys]
+
+
+def run_naming_layer(model: nn.Module, inputs: tuple) -> tuple[str, Exception] | None:
+    """Run ``model(*inputs)`` in eval mode without grad; None when it runs, else the
+    qualified name of the innermost module that was running ("" for the top level) and the
+    exception. The modules' train/eval modes are restored."""
+    names = {m: n for n, m in model.named_modules()}
+    running: list[str] = []
+    failed: list[str] = []
+
+    def enter(module, args):
+        running.append(names.get(module, ""))
+
+    def leave(module, args, output):
+        running.pop()
+
+    hooks = [m.register_forward_pre_hook(enter) for m in names] + \
+        [m.register_forward_hook(leave) for m in names]
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(*inputs)
+        return None
+    except Exception as e:  # noqa: BLE001 - the caller reports it
+        failed.extend(running)
+        return (failed[-1] if failed else ""), e
+    finally:
+        for h in hooks:
+            h.remove()
+        for m, training in modes.items():
+            m.training = training

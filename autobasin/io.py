@@ -10,7 +10,8 @@
   under ``"args"`` is allowed (with ``pathlib`` paths inside it).
 * :func:`load_into` copies a state dict into a model strictly; a
   :class:`CheckpointMismatchError` names the missing and unexpected keys and
-  every shape mismatch.
+  every shape mismatch. :func:`load_checkpoint` does both for a copy of a model;
+  :func:`load_spec` reads a spec's JSON file.
 * :func:`save_state_dict` and :func:`save_perms` write to a temporary file in
   the destination folder and rename it into place, so an interrupted run never
   leaves a half-written output.
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import os
 import pathlib
@@ -230,6 +232,49 @@ def load_into(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
         raise CheckpointMismatchError(f"{where} does not load into {type(model).__name__}: "
                                       f"{str(e).strip().splitlines()[-1]}") from e
     return model
+
+
+def load_checkpoint(model: nn.Module, path: str | os.PathLike, key: str | None = None,
+                    in_place: bool = False) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """``model`` (a deep copy unless ``in_place``) holding ``path``'s weights, in eval mode,
+    and the state dict as stored (its own dtypes): :func:`load_state_dict` then
+    :func:`load_into`, with their errors."""
+    sd = load_state_dict(path, key=key)
+    out = model if in_place else copy.deepcopy(model)
+    load_into(out, sd, source=path)
+    return out.eval(), sd
+
+
+def state_dict_distance(sd_a: Mapping[str, torch.Tensor], sd_b: Mapping[str, torch.Tensor]
+                        ) -> float:
+    """The L2 distance between two state dicts over ``sd_a``'s floating-point tensors
+    (computed in float64)."""
+    total = 0.0
+    for k, ta in sd_a.items():
+        if ta.is_floating_point():
+            total += float((ta.double() - sd_b[k].double()).pow(2).sum())
+    return total ** 0.5
+
+
+def load_spec(path: str | os.PathLike):
+    """A :class:`~autobasin.spec.PermutationSpec` from a JSON file (``spec.to_json()``, what
+    ``autobasin inspect --json`` writes); :class:`CheckpointReadError` naming the file when
+    it is not one."""
+    from .spec import PermutationSpec, SpecError
+    path = Path(path).expanduser()
+    try:
+        return PermutationSpec.from_json(path.read_text())
+    except (ValueError, KeyError, TypeError, SpecError) as e:
+        raise CheckpointReadError(f"{path}: not an autobasin spec JSON ({e})") from e
+
+
+def cast_like(state_dict: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor]
+              ) -> dict[str, torch.Tensor]:
+    """Detached CPU copies of ``state_dict``'s tensors, floating ones in the dtype of the
+    same key in ``reference`` (a checkpoint as stored) where it has that key."""
+    return {k: (v.detach().cpu().to(reference[k].dtype)
+                if k in reference and v.is_floating_point() else v.detach().cpu())
+            for k, v in state_dict.items()}
 
 
 # ----------------------------------------------------------------------- saving

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import copy
+import time
 import warnings
-from typing import Mapping, TypeVar, overload
+from typing import Callable, Mapping, TypeVar, overload
 
 import torch
 from torch import nn
@@ -149,7 +150,8 @@ def _verify_aligned(models: list[nn.Module], aligned: list[StateDict], spec,
 
 
 def merge_many(models, method: str = "weight", seed: int = 0, max_rounds: int = 10,
-               data=None, weights=None, spec=None, example_inputs=None, progress: bool = True,
+               data=None, weights=None, spec=None, example_inputs=None,
+               progress: bool | Callable[[str], None] = True,
                stats: dict | None = None, repair: str | None = None,
                num_batches: int | None = None):
     """MergeMany (Ainsworth et al. 2023, Algorithm 3): align N models to a
@@ -192,11 +194,16 @@ def merge_many(models, method: str = "weight", seed: int = 0, max_rounds: int = 
     :class:`~autobasin.permute.EquivalenceError` naming the model's index. With
     no example inputs (a spec loaded from JSON and no ``example_inputs=``), or
     state dicts instead of modules, that check cannot run and a warning says so.
+
+    ``progress``: a callable such as ``print`` is given one line per stage (spec inference,
+    each model's matching in each round, verification, repair); True or False print nothing
+    (the matchers' own progress bars stay off).
     """
     from .match.activation import activation_matching
     from .match.weight import weight_matching
     from .permute import apply_permutation, identity_permutation
 
+    say = progress if callable(progress) else (lambda line: None)
     if method not in ("weight", "activation"):
         raise ValueError(f"merge_many supports method='weight' or 'activation' (got {method!r})")
     check_repair_option(repair)
@@ -226,8 +233,11 @@ def merge_many(models, method: str = "weight", seed: int = 0, max_rounds: int = 
         if not as_modules:
             raise ValueError("pass spec= when merging state dicts")
         from .infer import trace_model
+        say("inferring the spec ...")
+        t0 = time.perf_counter()
         traced = trace_model(models[0], example_inputs)
         spec = traced.spec
+        say(f"inferred the spec in {time.perf_counter() - t0:.1f} s: {len(spec.groups)} groups")
         if example_inputs is None:
             example_inputs = traced.example_inputs  # to verify with
     for i, sd in enumerate(sds):
@@ -254,6 +264,7 @@ def merge_many(models, method: str = "weight", seed: int = 0, max_rounds: int = 
             # first visit: weight matching's default start (solves each group
             # best-determined first); later visits warm-start from the last answer
             visit_seed = seed + rounds * 1000 + i
+            say(f"round {rounds}: matching model {i} to the mean of the others")
             if method == "weight":
                 start = "greedy" if rounds == 1 else perms[i]
                 new = weight_matching(spec, target, sds[i], seed=visit_seed, init=start,
@@ -268,6 +279,8 @@ def merge_many(models, method: str = "weight", seed: int = 0, max_rounds: int = 
             aligned[i] = apply_permutation(spec, new, sds[i])
         if not changed:
             break
+    if as_modules and example_inputs is not None:
+        say(f"verifying the {len(models)} aligned models")
     errors = _verify_aligned(models, aligned, spec, example_inputs) if as_modules else None
     if not as_modules:
         warnings.warn("merge_many merged state dicts: the aligned models were not verified to "
@@ -286,6 +299,8 @@ def merge_many(models, method: str = "weight", seed: int = 0, max_rounds: int = 
         return merged
     from .repair import repair as repair_model
     from .repair import reset_bn_stats
+    say("recomputing BatchNorm statistics" if repair in (None, "reset_bn") else
+        f"{repair}: setting the merged model's channel statistics")
     if repair in (None, "reset_bn"):
         return reset_bn_stats(merged, data, num_batches=num_batches)
     endpoints = []

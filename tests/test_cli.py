@@ -121,6 +121,101 @@ def test_console_script_subprocess(files, tmp_path):
     assert "Traceback" not in bad.stderr and not (tmp_path / "o.safetensors").exists()
 
 
+def _mlp_spec(layers: int, hidden: int = 4):
+    """A hand-made spec of an MLP with ``layers`` Linear layers: one group per hidden layer."""
+    from autobasin.spec import Group, Member, PermutationSpec, TensorInfo
+    tensors, groups = {}, []
+    for i in range(layers):
+        tensors[f"layers.{i}.weight"] = TensorInfo((hidden, hidden), True, True)
+        tensors[f"layers.{i}.bias"] = TensorInfo((hidden,), True, True)
+    for i in range(layers - 1):
+        groups.append(Group(f"layers.{i}:out", hidden, [
+            Member(f"layers.{i}.weight", 0, 0, (hidden,), (1,), 0),
+            Member(f"layers.{i}.bias", 0, 0, (hidden,), (1,), 0),
+            Member(f"layers.{i + 1}.weight", 1, 0, (hidden,), (1,), 0)]))
+    return PermutationSpec(groups, tensors)
+
+
+def _assert_readable(fig, path):
+    """The saved PNG has a sane size and aspect; every label is 8 pt or more, inside the
+    figure, and overlaps no other label."""
+    import numpy as np
+    from PIL import Image
+    width, height = Image.open(path).size
+    assert 300 <= width <= 8000 and 300 <= height <= 8000, (width, height)
+    assert width / height <= 4 and height / width <= 4, (width, height)
+    renderer = fig.canvas.get_renderer()
+    labels = [t for ax in fig.axes for t in ax.texts]
+    assert labels and all(t.get_fontsize() >= 8 for t in labels)
+    assert all(t.get_fontsize() >= 8 for lg in fig.legends for t in lg.get_texts())
+    assert all(t.get_fontsize() >= 8 for t in fig.texts)
+    boxes = np.array([tuple(t.get_window_extent(renderer).extents) for t in labels])
+    x0, y0, x1, y1 = boxes.T
+    assert x0.min() >= 0 and y0.min() >= 0 and x1.max() <= width and y1.max() <= height
+    overlap = ((x0[:, None] < x1[None, :]) & (x0[None, :] < x1[:, None])
+               & (y0[:, None] < y1[None, :]) & (y0[None, :] < y1[:, None]))
+    np.fill_diagonal(overlap, False)
+    assert not overlap.any(), [labels[i].get_text() for i in np.argwhere(overlap)[0]]
+
+
+def test_spec_plot_of_a_vit_stays_readable(tmp_path):
+    """vit_tiny (49 groups over 152 tensors) once made a 3230x470 px plot with 5 pt text."""
+    from autobasin.infer import infer_spec
+    from autobasin.plots import plot_spec
+    from autobasin.testing import create
+    spec = infer_spec(create("vit_tiny_patch16_224"))
+    assert len(spec.groups) >= 40
+    fig = plot_spec(spec, tmp_path / "vit.png", title="timm:vit_tiny_patch16_224")
+    _assert_readable(fig, tmp_path / "vit.png")
+
+
+@pytest.mark.parametrize("layers", [3, 80, 1000])
+def test_spec_plot_size_scales_with_the_model(tmp_path, layers):
+    from autobasin.plots import MAX_PANELS, MAX_ROWS, plot_spec
+    fig = plot_spec(_mlp_spec(layers), tmp_path / "s.png")
+    _assert_readable(fig, tmp_path / "s.png")
+    heading = fig.texts[0].get_text()
+    if 2 * layers > MAX_PANELS * MAX_ROWS:   # too many to label: the title says what is drawn
+        assert f"the first {MAX_PANELS * MAX_ROWS} of {2 * layers} tensors drawn" in heading
+    else:
+        assert "drawn" not in heading
+
+
+def test_coverage_is_printed_one_way(files, tmp_path, capsys):
+    """inspect and align print the same coverage, with 4 decimals, rounded down."""
+    import re
+    from autobasin.plots import format_coverage
+    assert [format_coverage(c) for c in (1.0, 0.99996, 0.5, 0.0)] == \
+        ["1.0000", "0.9999", "0.5000", "0.0000"]
+    code, out_inspect, err = run(capsys, "inspect", files["mlp"], "-q", "--no-verify")
+    assert code == 0, err
+    code, out_align, err = run(capsys, "align", files["mlp"], "--a", files["a"], "--b",
+                               files["b"], "--out", tmp_path / "o.safetensors", "-q")
+    assert code == 0, err
+    shown = re.findall(r"coverage:? (\S+)", out_inspect + out_align)
+    assert len(shown) == 3 and set(shown) == {"1.0000"}, shown
+
+
+def test_progress_on_stderr_unless_quiet(files, tmp_path, capsys):
+    out = tmp_path / "merged.safetensors"
+    code, stdout, err = run(capsys, "merge", files["mlp"], files["a"], files["b"], "--out", out)
+    assert code == 0, err
+    for line in ("building ", "loading ", "inferring the spec", "matching model 0",
+                 "matching model 1", "verifying", f"writing {out}"):
+        assert line in err, (line, err)
+    assert "done in" in err and "matching model" not in stdout and f"wrote {out}" in stdout
+    code, stdout, err = run(capsys, "merge", files["mlp"], files["a"], files["b"], "--out", out,
+                            "-q")
+    assert code == 0 and err == "" and f"wrote {out}" in stdout
+    code, stdout, err = run(capsys, "inspect", files["mlp"], "--plot", tmp_path / "s.png")
+    assert code == 0, err
+    assert f"inferring the spec of {files['mlp']} ..." in err
+    assert f"inferring the spec of {files['mlp']}: done in " in err
+    assert f"drawing {tmp_path / 's.png'}" in err and "inferring" not in stdout
+    code, stdout, err = run(capsys, "inspect", files["mlp"], "--plot", tmp_path / "s.png", "-q")
+    assert code == 0 and err == "" and "coverage" in stdout
+
+
 # --------------------------------------------------------------------- align
 def test_align_timm_safetensors(files, tmp_path, capsys):
     out = tmp_path / "aligned" / "rb_aligned.safetensors"
@@ -283,16 +378,13 @@ def test_barrier_image_folder_reset_bn(files, tmp_path, capsys):
 def test_mnist_idx_data(tmp_path):
     import gzip
     import struct
-    from types import SimpleNamespace
-    from autobasin.cli import resolve_data
-    from autobasin.data import MNIST_IMAGES, MNIST_LABELS
+    from autobasin.data import MNIST_IMAGES, MNIST_LABELS, resolve_data
     n = 8_010
     for name, shape in ((MNIST_IMAGES, (n, 28, 28)), (MNIST_LABELS, (n,))):
         header = struct.pack(">HBB", 0, 0x08, len(shape)) + struct.pack(f">{len(shape)}I", *shape)
         with gzip.open(tmp_path / name, "wb", compresslevel=1) as f:
             f.write(header + bytes(int(torch.tensor(shape).prod())))
-    args = SimpleNamespace(split="heldout", batch_size=16, workers=0, seed=0, input_size=None)
-    data = resolve_data(str(tmp_path), torch.nn.Identity(), args)
+    data = resolve_data(str(tmp_path), torch.nn.Identity(), split="heldout", batch_size=16)
     assert "heldout split (10 images)" in data.description and data.has_train_split
     x, y = next(iter(data.eval))
     assert x.shape == (10, 1, 28, 28) and y.shape == (10,)
@@ -545,7 +637,7 @@ def test_quiet_silences_progress_and_seed_is_reproducible(files, tmp_path, capsy
     common = ["align", files["mlp"], "--a", files["a"], "--b", files["b"], "--seed", 7]
     code, out_loud, err = run(capsys, *common, "--out", tmp_path / "loud.safetensors")
     assert code == 0, err
-    assert "weight matching:" in err and "sweep" in err      # the tqdm bar
+    assert "weight matching (" in err and "sweep" in err      # the tqdm bar, named by its start
     assert "loading" in err and "aligning B to A" in err      # progress messages
     code, out_quiet, err = run(capsys, *common, "--out", tmp_path / "quiet.safetensors", "-q")
     assert code == 0, err
