@@ -50,7 +50,7 @@ def _lambda_grid(lambdas: int | Sequence[float]) -> list[float]:
     return grid
 
 
-def _batch_target(batch) -> torch.Tensor:
+def batch_target(batch) -> torch.Tensor:
     if isinstance(batch, (tuple, list)) and len(batch) >= 2:
         return batch[1]
     if isinstance(batch, dict):
@@ -76,7 +76,7 @@ def evaluate(model: nn.Module, data: Iterable, loss_fn: Callable = F.cross_entro
     try:
         with torch.no_grad():
             for batch in data:
-                x, y = batch_input(batch).to(device), _batch_target(batch).to(device)
+                x, y = batch_input(batch).to(device), batch_target(batch).to(device)
                 logits = model(x)
                 n = y.shape[0]
                 total_loss += float(loss_fn(logits, y)) * n

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from .data import DataError, DataSource, check_source, make_example_inputs, resolve_data
-from .plots import format_coverage
+from .spec import format_coverage
 
 PROG = "autobasin"
 

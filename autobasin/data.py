@@ -392,7 +392,7 @@ def _first_line(e: BaseException) -> str:
 
 def check_batch(model: nn.Module, batch, what: str, need_target: bool) -> torch.Tensor:
     """The input of ``batch``; the model must accept it (and a target exist if needed)."""
-    from .barrier import _batch_target
+    from .barrier import batch_target
     from .inputs import run_naming_layer
     from .repair import batch_input
     try:
@@ -401,7 +401,7 @@ def check_batch(model: nn.Module, batch, what: str, need_target: bool) -> torch.
         raise DataError(f"{what}: {e}") from e
     if need_target:
         try:
-            _batch_target(batch)
+            batch_target(batch)
         except TypeError as e:
             raise DataError(f"{what}: batches must be (input, target) pairs to score a loss") from e
     failure = run_naming_layer(model, (x[:2],))

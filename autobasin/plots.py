@@ -1,6 +1,6 @@
 """How the command line shows a spec: the coverage number and the spec graph plot.
 
-:func:`format_coverage` is the one way a coverage fraction is printed;
+:func:`autobasin.spec.format_coverage` is the one way a coverage fraction is printed;
 :func:`plot_spec` draws a spec's groups over the model's tensors at a size
 that keeps every label readable (8 pt at the saved 100 dpi, none overlapping),
 whatever the number of tensors.
@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
+
+from .spec import format_coverage
 
 LABEL_PT = 8         # every label, at the saved dpi
 DPI = 100
@@ -23,12 +25,6 @@ MAX_PANELS = 8       # side-by-side columns of tensors
 MAX_ROWS = 120       # tensors per column; beyond MAX_PANELS * MAX_ROWS only the first are drawn
 MAX_LABEL_CHARS = 56
 TALLEST = 1.25       # a figure is at most this many times as high as wide, when columns allow
-
-
-def format_coverage(fraction: float) -> str:
-    """A coverage fraction with 4 decimals, rounded down: ``1.0000`` only when nothing is left
-    fixed, so a model with one fixed axis in ten thousand shows ``0.9999``, not ``1.0000``."""
-    return f"{math.floor(float(fraction) * 1e4 + 1e-9) / 1e4:.4f}"
 
 
 def _short(text: str) -> str:

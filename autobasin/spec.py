@@ -93,6 +93,12 @@ def _is_axis_entry(name: str) -> bool:
     return name.endswith("]") and "[" in name
 
 
+def format_coverage(fraction: float) -> str:
+    """A coverage fraction with 4 decimals, rounded down: ``1.0000`` only when nothing is left
+    fixed, so a model with one fixed axis in ten thousand shows ``0.9999``, not ``1.0000``."""
+    return f"{math.floor(float(fraction) * 1e4 + 1e-9) / 1e4:.4f}"
+
+
 class SpecError(ValueError):
     """A spec does not fit the tensors or permutations it is used with."""
 
@@ -288,11 +294,11 @@ class PermutationSpec:
     # ---------------------------------------------------------------- display
     def __repr__(self) -> str:
         return (f"PermutationSpec({len(self.groups)} groups, "
-                f"coverage {self.coverage():.3f})")
+                f"coverage {format_coverage(self.coverage())})")
 
     def __str__(self) -> str:
         lines = [f"PermutationSpec: {len(self.groups)} groups, "
-                 f"coverage {self.coverage():.3f} of hidden parameter axes"]
+                 f"coverage {format_coverage(self.coverage())} of hidden parameter axes"]
         width = max([len(n) for n in self.groups] + [5])
         lines.append(f"{'group':<{width}}  {'size':>6}  members")
         for g in self.groups.values():

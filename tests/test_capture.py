@@ -238,7 +238,45 @@ class Patches(nn.Module):
         return self.fc(w.transpose(1, 2))
 
 
+class FusedHeads(nn.Module):
+    """Falcon's fused projection: query heads, then one key and one value head,
+    taken with literal index lists (``h[:, :, [-2]]``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.out = nn.Linear(8, 16), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.qkv(x).view(x.shape[0], x.shape[1], 4, 4)
+        q, k, v = h[:, :, :-2], h[:, :, [-2]], h[:, :, [-1]]
+        att = torch.softmax((q * k).sum(-1, keepdim=True), dim=1)
+        return self.out((att * v).flatten(2))
+
+
+class SparseMixer(nn.Module):
+    """PhiMoE's router: the top expert by ``max``, masked with ``scatter`` at
+    its position, then the second; both picks joined and used to index the
+    experts' weights."""
+
+    def __init__(self):
+        super().__init__()
+        self.router = nn.Linear(8, 4)
+        self.experts = nn.Parameter(torch.randn(4, 8, 8))
+
+    def forward(self, x):
+        scores = self.router(x)
+        top1 = scores.max(dim=-1, keepdim=True).indices
+        masked = scores.scatter(-1, top1, float("-inf"))
+        top2 = masked.max(dim=-1, keepdim=True).indices
+        picks = torch.cat([top1, top2], dim=-1)                     # (N, 2) positions
+        w = torch.softmax(scores.gather(-1, picks), dim=-1)          # (N, 2)
+        out = torch.einsum("nkij,nj->nki", self.experts[picks], x)   # (N, 2, 8)
+        return (w.unsqueeze(-1) * out).sum(1)
+
+
 NEW_CASES = {
+    "max_scatter_router": (SparseMixer, (torch.randn(6, 8),), None),
+    "literal_index_lists": (FusedHeads, (torch.randn(2, 5, 8),), "export"),
     "patches": (Patches, (torch.randn(2, 3, 8, 8),), None),
     "outer": (Outer, (torch.randn(8),), None),
     "no_grad_region": (NoGradRegion, (torch.randn(4, 8),), "export"),

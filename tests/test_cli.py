@@ -184,7 +184,7 @@ def test_spec_plot_size_scales_with_the_model(tmp_path, layers):
 def test_coverage_is_printed_one_way(files, tmp_path, capsys):
     """inspect and align print the same coverage, with 4 decimals, rounded down."""
     import re
-    from autobasin.plots import format_coverage
+    from autobasin.spec import format_coverage
     assert [format_coverage(c) for c in (1.0, 0.99996, 0.5, 0.0)] == \
         ["1.0000", "0.9999", "0.5000", "0.0000"]
     code, out_inspect, err = run(capsys, "inspect", files["mlp"], "-q", "--no-verify")

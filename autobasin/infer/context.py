@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import torch
 import torch.fx as fx
 
 from ..trace import TensorMeta
@@ -105,6 +106,31 @@ class Context:
         if isinstance(arg, slice):
             return slice(self.value(arg.start), self.value(arg.stop), self.value(arg.step))
         return arg
+
+    def constant(self, arg):
+        """The tensor ``arg`` holds if it is a literal of the code (``x[..., [-2]]``:
+        a constant torch.export lifts into the graph, or fx's ``_tensor_constant``),
+        through copies; None for anything else (inputs, parameters, buffers,
+        computed values)."""
+        for _ in range(4):
+            if not isinstance(arg, fx.Node):
+                return None
+            if arg.op == "get_attr":
+                leaf = arg.target.rpartition(".")[2]
+                if "lifted_tensor" not in leaf and not leaf.startswith("_tensor_constant"):
+                    return None
+                obj = self.engine.gm
+                for part in arg.target.split("."):
+                    obj = getattr(obj, part, None)
+                return obj if isinstance(obj, torch.Tensor) and \
+                    not isinstance(obj, torch.nn.Parameter) else None
+            packet = getattr(arg.target, "overloadpacket", None)
+            name = packet.__name__ if packet is not None else getattr(arg.target, "__name__", "")
+            if arg.op != "call_function" or name not in ("lift_fresh_copy", "clone", "detach",
+                                                          "alias", "_to_copy", "to"):
+                return None
+            arg = arg.args[0]
+        return None
 
     def arg(self, index: int, name: str, default=None):
         if len(self.args) > index:

@@ -143,7 +143,16 @@ class GraphInference:
         """Values that are positions along an axis (see :meth:`Context.set_positions`)
         may be moved around (reshaped, copied, taken out of a tuple) and used to
         index that axis (which a rule declares with :meth:`Context.consume`);
-        any other use reads them as numbers, and fixes the axis."""
+        any other use reads them as numbers, and fixes the axis. Positions
+        joined with positions (``cat`` of the top-1 and top-2 picks) stay
+        positions, of one axis."""
+        if ctx.op_name in ("cat", "concat", "concatenate", "stack") and node.all_input_nodes and \
+                all(isinstance(self.positions.get(a), int) for a in node.all_input_nodes):
+            held = [self.positions[a] for a in node.all_input_nodes]
+            for s in held[1:]:
+                self.sym.union(held[0], s)
+            self.positions[node] = held[0]
+            return
         for a in node.all_input_nodes:
             s = self.positions.get(a)
             if s is None or a in ctx.consumed:

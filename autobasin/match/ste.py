@@ -42,7 +42,7 @@ from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 from tqdm.auto import tqdm
 
-from ..barrier import _batch_target
+from ..barrier import batch_target
 from ..guard import check_model_finite, check_model_materialized, unwrap_model
 from ..permute import _check_perm, apply_permutation
 from ..repair import batch_input, model_device
@@ -116,7 +116,7 @@ def ste_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, data: Iterab
     if target_fn is None:
         def target_fn(batch):
             try:
-                return _batch_target(batch)
+                return batch_target(batch)
             except TypeError:
                 raise TypeError(f"STE matching computes a loss, so it needs (input, target) "
                                 f"batches (or a dict with a 'target'/'label' key); got a "

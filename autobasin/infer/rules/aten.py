@@ -147,7 +147,41 @@ def _index(ctx):
     return _index_tensor(ctx, ctx.args[0], tuple(slice(None) if i is None else i for i in indices))
 
 
-@rule(*_ops("index_put", "index_put_", "scatter", "scatter_add", "scatter_reduce",
+@rule(*_ops("scatter", "scatter_"), torch.scatter, "scatter", "scatter_")
+def _scatter(ctx):
+    """``x.scatter(dim, index, src_or_value)``. When ``index`` holds positions
+    along ``x``'s own axis ``dim`` (a router masking its top pick:
+    ``scores.scatter(-1, top, -inf)``), permuting that axis renumbers the
+    positions with it and the result is permuted the same way; the other
+    axes pair up with the index's (and a source's). Else every axis is fixed."""
+    x, index = ctx.args[0], ctx.arg(2, "index")
+    lay = list(ctx.layout(x))
+    dim = norm_dim(ctx.value(ctx.arg(1, "dim")), len(lay))
+    src = ctx.arg(3, "src", ctx.kwargs.get("value"))
+    if ctx.positions(index) is None:
+        return _write_at_positions(ctx)
+    ctx.union(lay[dim], ctx.positions(index))
+    ctx.consume(index)
+    shape = ctx.shape(x)
+    others = [index] + ([src] if ctx.is_tensor(src) else [])
+    for t in others:
+        t_lay, t_shape = ctx.layout(t), ctx.shape(t)
+        if len(t_shape) != len(shape):
+            return _write_at_positions(ctx)
+        for j, (a, b) in enumerate(zip(lay, t_lay)):
+            if j == dim:
+                if t is not index:
+                    ctx.union(b, ctx.layout(index)[j]) if t_shape[j] == ctx.shape(index)[j] \
+                        else ctx.block(b, "scattered in part")
+                continue
+            if t_shape[j] == shape[j]:
+                ctx.union(a, b)
+            else:
+                ctx.block(a, "scattered in part")
+    return lay
+
+
+@rule(*_ops("index_put", "index_put_", "scatter_add", "scatter_reduce",
             "index_fill", "index_copy"))
 def _write_at_positions(ctx):
     """Writes at positions given by tensors: every axis involved is fixed."""

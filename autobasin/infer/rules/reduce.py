@@ -64,9 +64,9 @@ def _max(ctx):
     keep = ctx.value(ctx.arg(2, "keepdim", False))
     out = [ctx.new(1) if i == d else s for i, s in enumerate(lay)] if keep else \
         [s for i, s in enumerate(lay) if i != d]
-    # the indices name positions along the reduced axis: that axis must stay fixed
-    ctx.block(lay[d], "max/min indices refer to positions")
-    return [out, [ctx.new(ctx.size[s]) for s in out]]
+    # the indices are positions along the reduced axis (see _ranking)
+    ctx.set_positions(lay[d], 1)
+    return [out, list(out)]
 
 
 @rule(torch.argmax, torch.argmin, "argmax", "argmin", torch.topk, "topk", torch.sort, "sort",

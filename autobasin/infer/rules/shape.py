@@ -250,6 +250,16 @@ def _getitem(ctx):
     return _index_tensor(ctx, x, idx)
 
 
+def _literal_range(ctx, index):
+    """``("literal", (positions, index))`` for an index tensor that is a
+    literal list of the code (Falcon's ``fused_qkv[..., [-2], :]``); None
+    otherwise. Consecutive positions index like the slice they span."""
+    t = ctx.constant(index)
+    if t is None or t.dim() != 1 or t.numel() == 0 or t.dtype not in (torch.int64, torch.int32):
+        return None
+    return ("literal", (t.tolist(), index))
+
+
 def _index_tensor(ctx, x, idx):
     shape = list(ctx.shape(x))
     lay = list(ctx.layout(x))
@@ -258,7 +268,7 @@ def _index_tensor(ctx, x, idx):
     items = []
     for it in idx:
         if ctx.is_tensor(it):
-            items.append(("tensor", it))
+            items.append(_literal_range(ctx, it) or ("tensor", it))
         else:
             items.append(("value", ctx.value(it)))
     n_consuming = sum(1 for k, v in items if not (k == "value" and (v is None or v is Ellipsis)))
@@ -270,6 +280,14 @@ def _index_tensor(ctx, x, idx):
             expanded.append((k, v))
     while sum(1 for k, v in expanded if not (k == "value" and v is None)) < len(shape):
         expanded.append(("value", slice(None)))
+    axis = 0
+    for i, (k, v) in enumerate(expanded):  # literal positions: a slice when consecutive
+        if k == "literal":
+            pos = [p % shape[axis] for p in v[0]]
+            run = pos == list(range(pos[0], pos[0] + len(pos)))
+            expanded[i] = ("value", slice(pos[0], pos[0] + len(pos))) if run else ("tensor", v[1])
+        if not (k == "value" and v is None):
+            axis += 1
     tensor_items = [v for k, v in expanded if k == "tensor"]
     if tensor_items:
         # advanced indexing: the indexed axes are fixed, the result is fixed;
