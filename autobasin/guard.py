@@ -125,7 +125,11 @@ def eval_mode(*models: nn.Module):
     modes = {m: m.training for model in models for m in model.modules()}
     try:
         for model in models:
-            model.eval()
+            try:
+                model.eval()
+            except NotImplementedError:  # torch.export's modules refuse eval(): set the flags
+                for m in model.modules():
+                    m.training = False
         yield
     finally:
         for m, training in modes.items():

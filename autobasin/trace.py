@@ -487,6 +487,24 @@ def _inline_wrappers(gm: fx.GraphModule) -> None:
     gm.graph.eliminate_dead_code()
 
 
+def graph_over(model: nn.Module, gm: fx.GraphModule, copy_graph: bool = True) -> fx.GraphModule:
+    """``gm``'s graph run over ``model``'s own modules and tensors (another
+    instance of the architecture ``gm`` was captured from: B, a permuted copy).
+    Attributes the model lacks are constants the capture made (torch.export's
+    lifted tensors): they are taken from ``gm``, the same for every model.
+    ``copy_graph``: give the new module a copy of the graph (same node names);
+    else it shares ``gm``'s nodes, for comparing node by node."""
+    import copy
+    root: dict[str, Any] = {}
+    for n in gm.graph.nodes:
+        if n.op in ("call_module", "get_attr") and n.target not in root:
+            try:
+                root[n.target] = get_attr(model, n.target)
+            except AttributeError:
+                root[n.target] = get_attr(gm, n.target)
+    return fx.GraphModule(root, copy.deepcopy(gm.graph) if copy_graph else gm.graph)
+
+
 def _tensors_in(obj) -> list:
     if isinstance(obj, torch.Tensor):
         return [obj]

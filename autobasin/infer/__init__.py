@@ -11,7 +11,8 @@ from torch import nn
 from ..guard import eval_mode, is_meta_model, unwrap_model
 from ..spec import Group, Member, PermutationSpec, TensorInfo
 from ..inputs import ModelInputs, as_inputs, positional, select_output
-from ..trace import ExampleRecorder, TraceError, default_inputs, export_trace, symbolic_trace
+from ..trace import (ExampleRecorder, TraceError, default_inputs, export_trace, graph_over,
+                     symbolic_trace)
 from . import rules as _rules  # noqa: F401 - registers the built-in rules
 from .engine import GraphInference, TensorTable, layout_symbols, map_meta
 from .registry import FUNCTION_RULES, METHOD_RULES, MODULE_RULES, rule
@@ -252,7 +253,7 @@ class TracedModel:
         if args is None:
             return None
         gm_a = self.gm
-        gm_b = fx.GraphModule(permuted, self.gm.graph)
+        gm_b = graph_over(permuted, self.gm, copy_graph=False)
         env_a = _record_all(gm_a, args)
         result = [None]
         layouts = self.graph.layouts

@@ -49,7 +49,6 @@ positions, at most the axis width) and, per batch, A's gathered activations.
 """
 from __future__ import annotations
 
-import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -65,6 +64,7 @@ from ..permute import apply_permutation
 from ..inputs import as_inputs
 from ..repair import batch_input, model_device
 from ..spec import PermutationSpec, SpecError
+from ..trace import graph_over
 from .lap import solve_lap
 from .weight import weight_matching
 
@@ -368,24 +368,6 @@ def _node_entries(name: str, layout: list[int], sym, root_to_group: Mapping[int,
 
 
 # ------------------------------------------------------------------ running
-def _graph_module(model: nn.Module, gm: fx.GraphModule) -> fx.GraphModule:
-    """The traced graph over ``model``'s own modules and tensors."""
-    root: dict[str, Any] = {}
-    for n in gm.graph.nodes:
-        if n.op in ("call_module", "get_attr") and n.target not in root:
-            obj = model
-            try:
-                for part in n.target.split("."):
-                    obj = getattr(obj, part)
-            except AttributeError:  # a constant the tracer made: the same for A and B
-                obj = gm
-                for part in n.target.split("."):
-                    obj = getattr(obj, part)
-            root[n.target] = obj
-    # a copy of the graph (same node names): a GraphModule takes ownership of its graph
-    return fx.GraphModule(root, copy.deepcopy(gm.graph))
-
-
 class _Tap(fx.Interpreter):
     """Runs the graph and hands the values of chosen nodes to a callback."""
 
@@ -650,8 +632,8 @@ def activation_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, data:
                     for e in entries:
                         e.moments = CrossMoments(stat_device)
                         by_node.setdefault(e.node, []).append(e)
-                    gm_a = _graph_module(a, traced.gm)
-                    gm_b = _graph_module(b, traced.gm)
+                    gm_a = graph_over(a, traced.gm)
+                    gm_b = graph_over(b, traced.gm)
                 names = set(by_node)
                 got_a: dict[int, torch.Tensor] = {}
 
