@@ -426,6 +426,8 @@ def _plain_outputs(model: nn.Module):
     @functools.wraps(forward)
     def plain(*args, **kwargs):
         out = forward(*args, **kwargs)
+        if all(isinstance(x, _PLAIN_LEAVES) for x in pytree.tree_leaves(out)):
+            return out  # as it is: rebuilding a ModelOutput may drop fields
         return pytree.tree_map(lambda x: x if isinstance(x, _PLAIN_LEAVES) else None, out)
 
     own = model.__dict__.get("forward")  # an instance's own forward (a hook), if any
@@ -466,25 +468,19 @@ def _inline_wrappers(gm: fx.GraphModule) -> None:
             continue
         placeholders = [b for b in body.graph.nodes if b.op == "placeholder"]
         operands = n.args[k + 1:]
-        if len(placeholders) != len(operands):
-            continue
+        out = body.graph.output_node().args[0]
+        by_item = all(u.op == "call_function" and u.target is operator.getitem for u in n.users)
+        if len(placeholders) != len(operands) or (isinstance(out, (tuple, list)) and not by_item):
+            continue  # a tuple result used whole: leave the wrapper (blocked, with its reason)
         with gm.graph.inserting_before(n):
             result = gm.graph.graph_copy(body.graph, dict(zip(placeholders, operands)))
         if isinstance(result, (tuple, list)):
             for user in list(n.users):
-                if not (user.op == "call_function" and user.target is operator.getitem):
-                    break
-            else:
-                for user in list(n.users):
-                    user.replace_all_uses_with(result[user.args[1]])
-                    gm.graph.erase_node(user)
-                gm.graph.erase_node(n)
-                continue
-            # used whole: leave the wrapper in place (the copied nodes go unused)
-            continue
-        n.replace_all_uses_with(result)
+                user.replace_all_uses_with(result[user.args[1]])
+                gm.graph.erase_node(user)
+        else:
+            n.replace_all_uses_with(result)
         gm.graph.erase_node(n)
-    gm.graph.eliminate_dead_code()
 
 
 def graph_over(model: nn.Module, gm: fx.GraphModule, copy_graph: bool = True) -> fx.GraphModule:

@@ -58,24 +58,14 @@ import traceback
 from pathlib import Path
 
 HERE = Path(__file__).resolve()
+sys.path.insert(0, str(HERE.parent))
+from sweep import check_spec, ensure_importable, finish_row, first_line, watch  # noqa: E402
 RTOL = 1e-4
 SEEDS = (0, 1)
 LOW_COVERAGE = 0.95
 
 
-def _ensure_importable() -> None:
-    try:
-        import autobasin  # noqa: F401
-    except ImportError:  # running from a checkout that is not pip-installed
-        sys.path.insert(0, str(HERE.parents[1]))
-
-
 # =============================================================== worker side
-def _first_line(e: BaseException, limit: int = 300) -> str:
-    text = f"{type(e).__name__}: {e}".strip().splitlines()
-    return (text[0] if text else type(e).__name__)[:limit]
-
-
 def _timm_model(name: str):
     """Build a timm model; returns (model, inputs, note)."""
     import timm
@@ -121,10 +111,8 @@ def worker(source: str, name: str, result_path: str, threads: int) -> None:
 
     warnings.filterwarnings("ignore")
     torch.set_num_threads(max(1, threads))
-    _ensure_importable()
+    ensure_importable()
     from autobasin.infer import infer_spec
-    from autobasin.permute import EquivalenceError, check_equivalence
-    from autobasin.spec import SpecError
     from autobasin.testing import randomize_state_
 
     row: dict = {"status": None, "phase": "create"}
@@ -138,7 +126,7 @@ def worker(source: str, name: str, result_path: str, threads: int) -> None:
         model, inputs, note = (_timm_model if source == "timm" else _torchvision_model)(name)
         randomize_state_(model)
     except Exception as e:  # noqa: BLE001
-        row.update(status="create-error", message=_first_line(e))
+        row.update(status="create-error", message=first_line(e))
         save()
         return
     row["params"] = sum(p.numel() for p in model.parameters())
@@ -151,7 +139,7 @@ def worker(source: str, name: str, result_path: str, threads: int) -> None:
     try:
         spec = infer_spec(model, inputs)
     except Exception as e:  # noqa: BLE001
-        row.update(status="trace-error", message=_first_line(e),
+        row.update(status="trace-error", message=first_line(e),
                    infer_s=round(time.perf_counter() - t0, 2))
         save()
         return
@@ -163,32 +151,13 @@ def worker(source: str, name: str, result_path: str, threads: int) -> None:
     row["uncovered"] = spec.fixed_reasons(3)
     row["phase"] = "check"
     save()
-    errs = []
-    try:
-        for seed in SEEDS:
-            errs.append(check_equivalence(model, spec, inputs, seed=seed, rtol=RTOL))
-        row.update(status="exact", err=max(errs))
-    except (EquivalenceError, SpecError) as e:
-        row.update(status="caught", message=_first_line(e, 500), err=max(errs) if errs else None)
-    except Exception as e:  # noqa: BLE001
-        row.update(status="check-error", message=_first_line(e))
+    check_spec(model, spec, inputs, row, SEEDS, RTOL)
     row["phase"] = "done"
     row["total_s"] = round(time.perf_counter() - t_start, 2)
     save()
 
 
 # =============================================================== parent side
-def _rss_bytes(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
 def run_one(entry: dict, timeout: float, mem_bytes: int, threads: int) -> dict:
     """Run the worker for one model in a subprocess; always returns a row."""
     row = dict(entry)
@@ -198,31 +167,21 @@ def run_one(entry: dict, timeout: float, mem_bytes: int, threads: int) -> dict:
            "--result", path, "--threads", str(threads)]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     t0 = time.monotonic()
-    killed = None
-    peak = 0
-    log = b""
     with subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
                           start_new_session=True) as proc:
         err_chunks: list[bytes] = []
         reader = threading.Thread(target=lambda: err_chunks.append(proc.stderr.read()), daemon=True)
         reader.start()
-        while proc.poll() is None:
-            time.sleep(0.5)
-            rss = _rss_bytes(proc.pid)
-            peak = max(peak, rss)
-            if time.monotonic() - t0 > timeout:
-                killed = "timeout"
-            elif mem_bytes and rss > mem_bytes:
-                killed = "memory"
-            if killed:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                proc.wait()
-                break
+
+        def kill():
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+        killed, peak = watch(proc.pid, lambda: proc.poll() is None, kill, timeout, mem_bytes)
         reader.join(timeout=5)
-        log = b"".join(err_chunks)
+        log = b"".join(err_chunks).decode(errors="replace")
     wall = time.monotonic() - t0
     try:
         res = json.loads(Path(path).read_text() or "{}")
@@ -234,24 +193,9 @@ def run_one(entry: dict, timeout: float, mem_bytes: int, threads: int) -> dict:
         except OSError:
             pass
     params_meta = row.get("params")
-    row.update(res)
+    finish_row(row, res, killed, timeout, mem_bytes, proc.returncode, log, wall, peak)
     if row.get("params") is None:
         row["params"] = params_meta
-    row["wall_s"] = round(wall, 1)
-    row["peak_rss_gb"] = round(peak / 2**30, 2)
-    if killed == "timeout":
-        row["status"] = "timeout"
-        row["message"] = f"no result after {timeout:.0f} s (in phase {res.get('phase', 'start')})"
-    elif killed == "memory":
-        row["status"] = "crash"
-        row["message"] = (f"used more than {mem_bytes / 2**30:.1f} GiB of memory "
-                          f"(in phase {res.get('phase', 'start')})")
-    elif not res.get("status"):
-        tail = log.decode(errors="replace").strip().splitlines()
-        row["status"] = "crash"
-        row["message"] = (f"worker exited with code {proc.returncode} in phase "
-                          f"{res.get('phase', 'start')}: " + (tail[-1][:300] if tail else ""))
-    row.pop("phase", None)
     return row
 
 
@@ -287,7 +231,7 @@ def timm_choices(out: Path, families: list[str] | None = None, refresh: bool = F
                 counts[n] = sum(p.numel() for p in m.parameters())
                 del m
             except Exception as e:  # noqa: BLE001
-                print(f"  [meta] {n}: {_first_line(e)}", file=sys.stderr)
+                print(f"  [meta] {n}: {first_line(e)}", file=sys.stderr)
         if counts:
             best = min(counts, key=lambda n: (counts[n], len(n), n))
         fams[fam] = {"model": best, "params": counts.get(best), "candidates": len(names)}
@@ -507,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
-    _ensure_importable()
+    ensure_importable()
     if args.worker:
         try:
             worker(args.worker[0], args.worker[1], args.result, args.threads or os.cpu_count())

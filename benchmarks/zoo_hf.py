@@ -1,0 +1,1070 @@
+"""Hugging Face transformers zoo: infer a PermutationSpec for every model type
+of transformers' auto mapping, built from a tiny config, and check it.
+
+Every model type that has a base model class (``MODEL_MAPPING_NAMES`` of
+``transformers.models.auto.modeling_auto``) is tried. Nothing is downloaded:
+each model is built from a config object. For each type, in its own subprocess
+(a crash, a hang or a memory blow-up of one model does not stop the sweep),
+the worker
+
+1. makes a tiny config: the config class with its defaults, shrunk generically
+   (:func:`shrink_kwargs`: hidden width 64, 2 layers, 4 heads / 2 key-value
+   heads, feed-forward 128, vocabulary 128, 128 positions, 32x32 images, MoE
+   with 4 experts of which 2 per token, ...), sub-configs (``text_config``,
+   ``vision_config``, ``encoder``/``decoder``, ...) shrunk the same way, then
+   the few documented per-type overrides of :data:`OVERRIDES`. When a model
+   does not build or run at that size, milder levels are tried
+   (:data:`LEVELS`: no generic shrinking of unnamed sizes, then 64x64 images,
+   then only the depth, then the defaults), each only under
+   :data:`MAX_PARAMS` parameters (counted on the meta device first);
+2. builds the type's model with transformers' own head when it has one (the
+   first of :data:`HEADS` that maps the type: ``...ForConditionalGeneration``,
+   ``...ForMaskedLM``, ``...ForCausalLM``, ``...ForImageClassification``, ...;
+   it contains the base model), else the base model class, with
+   ``attn_implementation="sdpa"`` (``"eager"`` when sdpa is not supported),
+   in eval mode, every parameter and buffer made non-trivial
+   (:func:`autobasin.testing.randomize_state_`). A head matters: the base
+   model's output *is* its residual stream (``last_hidden_state``), which no
+   spec may permute; behind a head the stream is hidden. ``--base`` builds
+   the base model class instead;
+3. makes keyword inputs of batch 2 from forward's signature: ``input_ids``
+   (length 8, ids that are no special token), ``decoder_input_ids`` (length 5)
+   when forward takes them, ``pixel_values`` at the config's image size,
+   ``input_features`` / ``input_values`` for audio; a multimodal forward gets
+   every modality it takes when that runs, else its main input alone
+   (``main_input_name``). The first input set the model runs on is used;
+4. times :func:`autobasin.infer.infer_spec` (``capture="auto"``; a model with
+   a head is given ``outputs=["logits"]``: the logits define it, and an
+   encoder-decoder's ``encoder_last_hidden_state`` would otherwise fix the
+   encoder's stream);
+5. permutes every group at random (two seeds) and compares the outputs
+   (:func:`autobasin.check_equivalence`, relative L2 <= 1e-4).
+
+Status: ``exact`` (every check passed), ``caught`` (a permutation changed the
+outputs, or the spec does not fit the state_dict: a wrong spec that would have
+shipped silently without the check), ``check-error`` (the check itself failed
+for another reason), ``trace-error`` (infer_spec raised), ``create-error`` (no
+tiny config of the type builds and runs offline), ``timeout``, ``crash`` (the
+worker died, or used more memory than ``--mem-gb``).
+
+Residual stream permuted: some group acts on the model's first hidden axis,
+the word embedding's columns (axis 1 of ``get_input_embeddings().weight``) for
+a model given ``input_ids``, else the output axis of the first Conv/Linear
+weight in module order (a patch embedding's or stem's channels).
+
+Target: of the types that build, >= 95% exact with coverage >= 0.9 and the
+residual stream permuted where the model has a head (a model without one
+outputs its stream, which no spec may permute); none caught.
+
+Usage::
+
+    python benchmarks/zoo_hf.py [--jobs 2] [--out docs/] [--timeout 180]
+        [--only TYPE[,TYPE]] [--limit N] [--base] [--mem-gb G] [--update]
+
+A full sweep writes ``OUT/zoo_hf.md`` and ``OUT/zoo_hf.json``; a partial one
+(``--only``, ``--limit``, ``--base``) writes ``OUT/zoo_hf_partial.md`` and
+``.json``, so the published page always comes from a full run. ``--update``
+with ``--only`` re-runs those types into the published sweep.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import datetime
+import inspect
+import json
+import os
+import platform
+import re
+import shlex
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+HERE = Path(__file__).resolve()
+sys.path.insert(0, str(HERE.parent))
+from sweep import check_spec, ensure_importable, finish_row, first_line, watch  # noqa: E402
+RTOL = 1e-4
+SEEDS = (0, 1)
+TARGET_COVERAGE = 0.9
+TARGET_SHARE = 0.95
+MAX_PARAMS = 60_000_000  # a config level above this is not built
+
+# -------------------------------------------------------------- tiny configs
+HIDDEN, HEADS, KV_HEADS, LAYERS, FFN, VOCAB, POSITIONS = 64, 4, 2, 2, 128, 128, 128
+IMAGE, PATCH = 32, 8
+SEQ, DEC_SEQ, BATCH = 8, 5, 2
+# input ids are drawn below this; special token ids that do not fit the tiny
+# vocabulary are moved above it
+ID_LIMIT = 99
+
+# named config fields and their tiny values (a field is set only when the
+# config has it and its default is an int)
+NAMED = {
+    # width of the residual stream
+    **dict.fromkeys(("hidden_size", "d_model", "n_embd", "dim", "word_embed_proj_dim",
+                     "text_embed_dim", "vision_embed_dim", "d_embed"), HIDDEN),
+    # depth
+    **dict.fromkeys(("num_hidden_layers", "n_layer", "n_layers", "num_layers", "encoder_layers",
+                     "decoder_layers", "num_encoder_layers", "num_decoder_layers",
+                     "num_text_layers", "num_vision_layers", "depth"), LAYERS),
+    # heads
+    **dict.fromkeys(("num_attention_heads", "n_head", "n_heads", "num_heads",
+                     "encoder_attention_heads", "decoder_attention_heads",
+                     "num_encoder_attention_heads", "num_decoder_attention_heads"), HEADS),
+    **dict.fromkeys(("num_key_value_heads", "num_kv_heads", "multi_query_group_num",
+                     "n_head_kv", "num_kv"), KV_HEADS),
+    **dict.fromkeys(("head_dim", "d_kv", "kv_channels", "attention_head_dim",
+                     "attention_head_size"), HIDDEN // HEADS),
+    "rotary_dim": HIDDEN // HEADS // 2,
+    # feed-forward
+    **dict.fromkeys(("intermediate_size", "ffn_dim", "d_ff", "n_inner", "encoder_ffn_dim",
+                     "decoder_ffn_dim", "ffn_hidden_size", "mlp_dim", "inner_dim"), FFN),
+    **dict.fromkeys(("moe_intermediate_size", "shared_expert_intermediate_size",
+                     "expert_intermediate_size", "moe_ffn_hidden_size"), FFN // 2),
+    # mixtures of experts: 4 experts, 2 per token, the first layer dense
+    **dict.fromkeys(("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts",
+                     "num_routed_experts"), 4),
+    **dict.fromkeys(("num_experts_per_tok", "moe_topk", "num_experts_per_token",
+                     "moe_k"), 2),
+    **dict.fromkeys(("n_shared_experts", "num_shared_experts"), 1),
+    **dict.fromkeys(("n_group", "topk_group"), 1),
+    "first_k_dense_replace": 1,
+    # multi-head latent attention (DeepSeek)
+    **dict.fromkeys(("q_lora_rank", "kv_lora_rank"), 32),
+    # (rope part = head_dim: DeepSeek's rotary embedding is sized by head_dim)
+    "qk_rope_head_dim": 16, "qk_nope_head_dim": 16, "v_head_dim": 16, "qk_head_dim": 32,
+    # embeddings
+    **dict.fromkeys(("vocab_size", "n_vocab"), VOCAB),
+    **dict.fromkeys(("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len",
+                     "max_sequence_length", "max_target_positions", "max_text_len"), POSITIONS),
+    "max_source_positions": 64,
+    "embedding_size": HIDDEN // 2, "projection_dim": 32, "projection_size": 32,
+    # vision
+    "image_size": IMAGE, "patch_size": PATCH, "num_frames": 4, "tubelet_size": 2,
+    "mm_tokens_per_image": 4,
+    # audio
+    "num_mel_bins": 16, "conv_channels": 32, "max_length": 64,
+}
+# list-valued fields (hierarchical vision models, convolutional feature extractors)
+LIST_SCALED = ("hidden_sizes", "embed_dims", "dims", "conv_dim", "channels",
+               "encoder_hidden_sizes", "decoder_hidden_sizes", "neck_hidden_sizes")
+LIST_DEPTH = ("depths", "num_layers_per_stage", "encoder_layers_per_stage")
+LIST_HEADS = ("num_heads", "num_attention_heads", "encoder_num_heads", "heads")
+# never shrunk by the generic rule
+GENERIC_SKIP = ("vocab", "position", "window", "max_", "length", "token", "image", "patch",
+                "bucket", "chunk", "seq", "sampling_rate", "rate", "freq", "theta", "size_per",
+                "ctx", "label", "_id", "frame", "hop", "n_fft", "stride", "kernel", "batch")
+GENERIC_WORDS = ("_dim", "dim_", "_size", "size_", "rank", "channels", "_hidden", "width")
+
+# Per-type overrides (config kwargs applied after shrinking), each with its reason.
+OVERRIDES: dict[str, tuple[dict, str]] = {
+}
+
+# (label, generic shrink of unnamed sizes, image side, shrink widths)
+LEVELS = (
+    ("tiny", True, IMAGE, True),
+    ("tiny-named", False, IMAGE, True),
+    ("tiny-img64", False, 64, True),
+    ("shallow", False, None, False),
+    ("default", False, None, None),
+)
+
+# transformers' head mappings, in order of preference; the first that maps a
+# type gives its model (a head keeps the residual stream hidden)
+HEADS = ("MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", "MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES",
+         "MODEL_FOR_MASKED_LM_MAPPING_NAMES", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
+         "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES", "MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES",
+         "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES", "MODEL_FOR_CTC_MAPPING_NAMES",
+         "MODEL_FOR_AUDIO_CLASSIFICATION_MAPPING_NAMES",
+         "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
+         "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES")
+
+
+def _n_layers(d: dict) -> int | None:
+    for k in ("num_hidden_layers", "n_layer", "n_layers", "num_layers"):
+        if isinstance(d.get(k), int) and not isinstance(d.get(k), bool):
+            return d[k]
+    return None
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+DEPTH_KEYS = ("num_hidden_layers", "n_layer", "n_layers", "num_layers", "encoder_layers",
+              "decoder_layers", "num_encoder_layers", "num_decoder_layers", "num_text_layers",
+              "num_vision_layers", "depth")
+WIDTH_KEYS = ("hidden_size", "d_model", "n_embd", "dim")
+# fields that may default to None, meaning "set me" (a model does not build without them)
+NONE_SET = ("vocab_size", "n_routed_experts", "num_experts_per_tok")
+
+
+def _widths(d: dict) -> set[int]:
+    """The default widths of the residual streams in a config tree."""
+    found = set()
+    for k, v in d.items():
+        if isinstance(v, dict):
+            found |= _widths(v)
+        elif k in WIDTH_KEYS and _is_int(v):
+            found.add(v)
+    return found
+
+
+def shrink_kwargs(cfg, generic: bool, image: int | None, widths: bool | None,
+                  stream_widths: set[int] | None = None) -> dict:
+    """Config kwargs that make ``cfg`` (a default config) tiny; sub-configs
+    are returned as dicts (their defaults updated with their own shrunk
+    kwargs). ``widths`` False: only the depth; None: nothing but the
+    sub-configs' depth. Rules, in order, for a field of the defaults:
+
+    - a named field (:data:`NAMED`) takes its tiny value when that is smaller;
+    - an unnamed size whose default equals a residual stream's width anywhere
+      in the config tree (a projection into the stream, a codebook of its
+      width) becomes :data:`HIDDEN`;
+    - with ``generic``, any other unnamed size of 256 or more becomes 32;
+    - lists: stage depths become 1, stage widths are scaled down, stage heads
+      are divided by the first stage's;
+    - per-layer lists (and per-layer dicts keyed by layer index) follow the depth;
+    - the image side shrinks with a patch size that divides it;
+    - special token ids beyond the tiny vocabulary move into its top.
+    """
+    from transformers import PretrainedConfig
+
+    d = cfg.to_dict()
+    if stream_widths is None:
+        stream_widths = _widths(d)
+    out: dict = {}
+    subs = dict(getattr(cfg, "sub_configs", None) or {})
+    for k in ("encoder", "decoder", "text_config", "vision_config", "audio_config",
+              "backbone_config", "qformer_config", "speech_config", "prior_config"):
+        if isinstance(getattr(cfg, k, None), PretrainedConfig):
+            subs.setdefault(k, None)
+    for k in subs:
+        sub = getattr(cfg, k, None)
+        if isinstance(sub, PretrainedConfig):
+            kw = shrink_kwargs(sub, generic, image, widths, stream_widths)
+            out[k] = {**sub.to_dict(), **kw}
+    if widths is None:
+        return out
+    for k, v in d.items():
+        if k in out or not isinstance(k, str) or k.startswith("_") or k in ("image_size", "patch_size"):
+            continue
+        if k in NAMED and (_is_int(v) or v is None and k in NONE_SET):
+            if not widths and k not in DEPTH_KEYS:
+                continue
+            new = NAMED[k]
+            if v is None or v > new or k == "first_k_dense_replace":
+                out[k] = new
+        elif not widths:
+            continue
+        elif isinstance(v, (list, tuple)) and v and all(_is_int(x) for x in v):
+            if k in LIST_DEPTH:
+                out[k] = [min(x, 1) for x in v]
+            elif k in LIST_SCALED and max(v) > 64:
+                f = max(1, min(v) // 16)
+                out[k] = [max(4, x // f) for x in v]
+            elif k in LIST_HEADS and len(v) > 1:
+                out[k] = [max(1, x // v[0]) for x in v]
+        elif _is_int(v) and k not in NAMED and v >= 64 and any(w in k for w in GENERIC_WORDS) \
+                and not any(w in k for w in GENERIC_SKIP):
+            if v in stream_widths:
+                out[k] = HIDDEN
+            elif generic and v >= 256:
+                out[k] = 32
+    # per-layer lists, patterns and dicts follow the depth
+    layers_default = _n_layers(d)
+    new_layers = _n_layers({**d, **out})
+    if layers_default and new_layers and new_layers < layers_default and layers_default >= 3:
+        for k, v in d.items():
+            if k in out or k in NAMED:
+                continue
+            if isinstance(v, (list, tuple)) and len(v) == layers_default or \
+                    isinstance(v, str) and len(v) == layers_default and len(v) >= 6 and "act" not in k:
+                out[k] = v[:new_layers]
+            elif isinstance(v, dict) and v and all(str(x).isdigit() for x in v):
+                out[k] = {x: y for x, y in v.items() if int(x) < new_layers}
+        for k in ("out_features", "out_indices"):  # backbone stages that no longer exist
+            if d.get(k) is not None:
+                out[k] = None
+    if image is not None:
+        img = d.get("image_size")
+        if _is_int(img) and img > image or isinstance(img, (list, tuple)) and len(img) == 2 \
+                and all(_is_int(x) for x in img) and max(img) > image:
+            out["image_size"] = image if _is_int(img) else [image, image]
+            p = d.get("patch_size")
+            if _is_int(p) and (image % p != 0 or p > image // 2):
+                out["patch_size"] = PATCH if image % PATCH == 0 else 4
+            elif isinstance(p, (list, tuple)) and len(p) == 2:
+                out["patch_size"] = [PATCH, PATCH]
+    # special token ids beyond the tiny vocabulary
+    vocab = out.get("vocab_size", d.get("vocab_size"))
+    if vocab is None:  # a composite config: its token ids index the text model's vocabulary
+        vocab = (out.get("text_config") or {}).get("vocab_size")
+    if _is_int(vocab) and vocab <= VOCAB:
+        nxt = [vocab - 1]
+
+        def fit(x):
+            if _is_int(x) and x >= ID_LIMIT:
+                nxt[0] -= 1
+                return max(ID_LIMIT, nxt[0] + 1)
+            return x
+
+        for k, v in d.items():
+            if k in out or not isinstance(k, str) or not (
+                    k.endswith(("token_id", "token_index", "token_ids", "_token"))):
+                continue
+            if _is_int(v) and v >= ID_LIMIT:
+                out[k] = fit(v)
+            elif isinstance(v, list) and any(_is_int(x) and x >= ID_LIMIT for x in v):
+                out[k] = [fit(x) for x in v]
+    return out
+
+
+def special_ids(cfg) -> set[int]:
+    """Every token id a config names (recursively): kept out of input_ids."""
+    found: set[int] = set()
+
+    def walk(d):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(v)
+            elif isinstance(k, str) and "token" in k and ("id" in k or "index" in k):
+                for x in (v if isinstance(v, list) else [v]):
+                    if _is_int(x):
+                        found.add(x)
+
+    walk(cfg.to_dict())
+    return found
+
+
+def model_classes(model_type: str, base: bool) -> list[str]:
+    """Class names to try, best first: the type's head (unless ``base``), then
+    its base model class."""
+    from transformers.models.auto import modeling_auto as ma
+    names = []
+    if not base:
+        for mapping in HEADS:
+            c = getattr(ma, mapping, {}).get(model_type)
+            if isinstance(c, (list, tuple)):
+                c = c[0]
+            if c:
+                names.append(c)
+                break
+    c = ma.MODEL_MAPPING_NAMES[model_type]
+    names.append(c[0] if isinstance(c, (list, tuple)) else c)
+    return names
+
+
+def _find(cfg, key):
+    """A config field, looked up in the config then its sub-configs."""
+    v = getattr(cfg, key, None)
+    if v is not None:
+        return v
+    for k in ("vision_config", "audio_config", "encoder", "backbone_config", "text_config"):
+        sub = getattr(cfg, k, None)
+        if sub is not None and getattr(sub, key, None) is not None:
+            return getattr(sub, key)
+    return None
+
+
+def input_options(model, cfg, gen) -> list[dict]:
+    """Keyword input sets to try, best first (see the module docstring)."""
+    import torch
+
+    params = inspect.signature(model.forward).parameters
+    vocab = _find(cfg, "vocab_size") or VOCAB
+    avoid = special_ids(cfg)
+    allowed = torch.tensor([i for i in range(min(vocab, ID_LIMIT)) if i not in avoid] or [0])
+
+    def ids(n):
+        return allowed[torch.randint(0, len(allowed), (BATCH, n), generator=gen)]
+
+    mods: dict[str, list[dict]] = {}
+    if "input_ids" in params:
+        mods["text"] = [{"input_ids": ids(SEQ)}]
+    if "pixel_values" in params:
+        img = _find(cfg, "image_size") or 224
+        h, w = (img, img) if _is_int(img) else tuple(img)[-2:]
+        c = _find(cfg, "num_channels") or 3
+        frames = _find(cfg, "num_frames")
+        opts = [{"pixel_values": torch.randn(BATCH, c, h, w, generator=gen)}]
+        if _is_int(frames):
+            opts.insert(0, {"pixel_values": torch.randn(BATCH, frames, c, h, w, generator=gen)})
+        mods["vision"] = opts
+    audio = []
+    if "input_features" in params:
+        mel = _find(cfg, "num_mel_bins") or _find(cfg, "feature_size") or \
+            _find(cfg, "input_feat_per_channel") or 80
+        src = _find(cfg, "max_source_positions")
+        t = 2 * src if _is_int(src) else 64
+        # a mask of the frames where forward takes one (all frames real)
+        mask = next((m for m in ("input_features_mask", "feature_attention_mask",
+                                 "input_features_attention_mask") if m in params), None)
+        for shape in ((BATCH, mel, t), (BATCH, t, mel)):
+            opt = {"input_features": torch.randn(*shape, generator=gen)}
+            if mask:
+                opt[mask] = torch.ones(BATCH, t, dtype=torch.long)
+            audio.append(opt)
+    if "input_values" in params:
+        mel = _find(cfg, "num_mel_bins")
+        length = _find(cfg, "max_length")
+        audio += [{"input_values": torch.randn(BATCH, 4000, generator=gen)}]
+        if _is_int(mel):
+            audio += [{"input_values": torch.randn(BATCH, length if _is_int(length) else 64, mel,
+                                                   generator=gen)}]
+        audio += [{"input_values": torch.randn(BATCH, 1, 4000, generator=gen)}]
+    if audio:
+        mods["audio"] = audio
+    if "text" in mods and "vision" in mods:
+        # a vision-language model: input_ids hold one image token per image feature
+        tok = _image_token(cfg)
+        for opt in mods["vision"] if tok is not None and tok < vocab else []:
+            n = _image_tokens_per_image(model, opt["pixel_values"])
+            if n:
+                image = torch.full((BATCH, n), tok, dtype=torch.long)
+                mods["text"].insert(0, {"input_ids": torch.cat([image, ids(SEQ)], 1), **opt})
+                break
+    extra = {}
+    if "decoder_input_ids" in params:
+        extra["decoder_input_ids"] = ids(DEC_SEQ)
+    main = getattr(model, "main_input_name", None)
+    main_mod = next((m for m, opts in mods.items() if main in opts[0]), None)
+    sets: list[dict] = []
+    if len(mods) > 1:  # every modality at once, main input's shapes first
+        import itertools
+        for combo in itertools.product(*mods.values()):
+            d = {}
+            for part in combo:
+                d.update(part)
+            sets.append(d)
+    order = ([main_mod] if main_mod else []) + [m for m in mods if m != main_mod]
+    for m in order:
+        sets += mods[m]
+    out = []
+    for s in sets:
+        s = {**s, **extra}
+        if "bbox" in params and "input_ids" in s:  # layout models: one (empty) box per token
+            s["bbox"] = torch.zeros(*s["input_ids"].shape, 4, dtype=torch.long)
+        out.append(s)
+    return out
+
+
+def _image_token(cfg) -> int | None:
+    for key in ("image_token_id", "image_token_index"):
+        v = _find(cfg, key)
+        if _is_int(v):
+            return v
+    return None
+
+
+def _image_tokens_per_image(model, pixel_values) -> int | None:
+    """How many image tokens one image becomes (``get_image_features``'s
+    projected features), or None."""
+    import torch
+    if not hasattr(model, "get_image_features"):
+        return None
+    try:
+        with torch.no_grad():
+            f = model.get_image_features(pixel_values=pixel_values)
+    except Exception:  # noqa: BLE001 - needs more than pixel_values
+        return None
+    f = getattr(f, "pooler_output", None) if not isinstance(f, (torch.Tensor, list, tuple)) else f
+    if isinstance(f, torch.Tensor):
+        if f.dim() == 3 and f.shape[0] == BATCH:
+            return f.shape[1]
+        if f.dim() == 2 and f.shape[0] % BATCH == 0:
+            return f.shape[0] // BATCH
+    if isinstance(f, (list, tuple)) and len(f) == BATCH and all(
+            isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[0] == f[0].shape[0] for t in f):
+        return f[0].shape[0]
+    return None
+
+
+def _run(model, inputs: dict):
+    import torch
+    from autobasin.inputs import as_inputs
+    with torch.no_grad():
+        return as_inputs(inputs, model).call(model)
+
+
+def _count_meta(cls, cfg) -> int | None:
+    import torch
+    try:
+        with torch.device("meta"):
+            m = cls._from_config(cfg)
+        return sum(p.numel() for p in m.parameters())
+    except Exception:  # noqa: BLE001 - cannot build on meta: build for real
+        return None
+
+
+def build(model_type: str, base: bool):
+    """(model, inputs, info) for the first level / class / attention
+    implementation / input set that builds and runs; raises the first error
+    otherwise."""
+    import torch
+    import transformers
+    from transformers import CONFIG_MAPPING
+
+    cfg_cls = CONFIG_MAPPING[model_type]
+    default = cfg_cls()
+    classes = model_classes(model_type, base)
+    errors: list[tuple[int, str]] = []  # (how far it got: 0 config .. 3 forward, message)
+    for label, generic, image, widths in LEVELS:
+        kw = shrink_kwargs(default, generic, image, widths)
+        override, _why = OVERRIDES.get(model_type, ({}, ""))
+        if widths is not None:
+            kw.update(override)
+        try:
+            cfg = cfg_cls(**kw)
+        except Exception as e:  # noqa: BLE001
+            errors.append((0, f"{label} config: {first_line(e)}"))
+            continue
+        for cname in classes:
+            cls = getattr(transformers, cname, None)
+            if cls is None:
+                errors.append((0, f"{cname}: not exported by transformers"))
+                continue
+            n = _count_meta(cls, cfg)
+            if n is None and widths is not True:
+                # not buildable on meta, at a size that may be large: not built for real
+                errors.append((-1, f"{label} {cname}: does not build on the meta device"))
+                continue
+            if n is not None and n > MAX_PARAMS:
+                errors.append((-1, f"{label} {cname}: {n / 1e6:.0f}M parameters"))
+                continue
+            for attn in ("sdpa", "eager"):
+                torch.manual_seed(0)
+                try:
+                    model = cls._from_config(cfg, attn_implementation=attn).eval()
+                except Exception as e:  # noqa: BLE001
+                    supported = "does not support an attention implementation" not in str(e)
+                    errors.append((1 if supported else 0, f"{label} {cname} {attn}: {first_line(e)}"))
+                    continue
+                gen = torch.Generator().manual_seed(0)
+                options = input_options(model, cfg, gen)
+                if not options:
+                    takes = ", ".join(inspect.signature(model.forward).parameters)
+                    errors.append((2, f"{label} {cname}: no input set for forward({takes})"))
+                for inputs in options:
+                    try:
+                        out = _run(model, inputs)
+                    except Exception as e:  # noqa: BLE001
+                        errors.append((3, f"{label} {cname} {attn} {sorted(inputs)}: "
+                                          f"{first_line(e)}"))
+                        continue
+                    keys = list(out.keys()) if hasattr(out, "keys") else []
+                    info = {"level": label, "attn": attn, "cls": cname,
+                            "head": cname != classes[-1],
+                            "output_keys": keys, "inputs": sorted(inputs),
+                            "input_shapes": {k: list(v.shape) for k, v in inputs.items()}}
+                    return model, inputs, info
+                break  # built but no input set runs: eager will not help
+    # the error of the try that got furthest (the first such)
+    stage = max((s for s, _ in errors), default=0)
+    first = next((m for s, m in errors if s == stage), "?")
+    raise RuntimeError(f"no tiny config builds and runs ({len(errors)} tries); furthest: {first}")
+
+
+# ------------------------------------------------------------ spec analysis
+def _param_name(entry: str) -> tuple[str, int | None]:
+    """'a.b.weight[0@0:4x4.d1]' -> ('a.b.weight', 0)."""
+    name, _, rest = entry.partition("[")
+    m = re.match(r"(\d+)", rest)
+    return name, int(m.group(1)) if m else None
+
+
+def residual_probe(model, inputs: dict) -> tuple[str | None, int | None]:
+    """(state_dict name, axis) of the model's first hidden axis: the word
+    embedding's columns, else the first Conv/Linear's output channels."""
+    import torch
+    names = {}
+    for n, t in model.state_dict(keep_vars=True).items():
+        names.setdefault(id(t), n)
+    if "input_ids" in inputs:
+        try:
+            emb = model.get_input_embeddings()
+        except Exception:  # noqa: BLE001
+            emb = None
+        w = getattr(emb, "weight", None)
+        if isinstance(w, torch.Tensor) and w.dim() == 2 and id(w) in names:
+            return names[id(w)], 1
+    kinds = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Linear)
+    for m in model.modules():
+        if isinstance(m, kinds) and id(m.weight) in names:
+            return names[id(m.weight)], 0
+    return None, None
+
+
+def residual_status(spec, tensor: str | None, axis: int | None) -> tuple[bool | None, str]:
+    """Whether a group acts on (tensor, axis), and if not, why."""
+    if tensor is None:
+        return None, "no embedding or Conv/Linear found"
+    for g in spec.groups.values():
+        for m in g.members:
+            if m.param == tensor and m.axis == axis:
+                return True, ""
+    for entry, reason in spec.fixed_axes():
+        n, a = _param_name(entry)
+        if n == tensor and a == axis:
+            return False, reason
+    try:
+        kind = spec.axis_kinds(tensor)[axis]
+    except Exception:  # noqa: BLE001
+        kind = "?"
+    return False, f"{tensor}[{axis}] is {kind}"
+
+
+# =============================================================== worker side
+def worker(model_type: str, base: bool, result_path: str, threads: int) -> None:
+    import warnings
+
+    import torch
+
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(max(1, threads))
+    ensure_importable()
+    import transformers
+    transformers.logging.set_verbosity_error()
+    from autobasin.infer import infer_spec
+    from autobasin.testing import randomize_state_
+
+    row: dict = {"status": None, "phase": "create"}
+
+    def save():
+        Path(result_path).write_text(json.dumps(row))
+
+    save()
+    t_start = time.perf_counter()
+    try:
+        model, inputs, info = build(model_type, base)
+        randomize_state_(model)
+    except Exception as e:  # noqa: BLE001
+        row.update(status="create-error", message=first_line(e, 500))
+        save()
+        return
+    row.update(info)
+    row["params"] = sum(p.numel() for p in model.parameters())
+    row["create_s"] = round(time.perf_counter() - t_start, 2)
+    row["residual_tensor"], row["residual_axis"] = residual_probe(model, inputs)
+    outputs = ["logits"] if info["head"] and "logits" in info["output_keys"] else None
+    row["outputs"] = outputs
+    row["phase"] = "infer"
+    save()
+    t0 = time.perf_counter()
+    try:
+        spec = infer_spec(model, inputs, outputs=outputs)
+    except Exception as e:  # noqa: BLE001
+        row.update(status="trace-error", message=first_line(e, 500),
+                   infer_s=round(time.perf_counter() - t0, 2))
+        save()
+        return
+    row["infer_s"] = round(time.perf_counter() - t0, 2)
+    row["capture"] = spec.capture or "?"
+    row["groups"] = len(spec.groups)
+    row["coverage"] = spec.coverage()
+    hidden = getattr(spec, "hidden_coverage", None)
+    if callable(hidden):
+        row["hidden_coverage"] = hidden()
+    row["residual"], row["residual_why"] = residual_status(
+        spec, row["residual_tensor"], row["residual_axis"])
+    row["short"] = spec.fixed_reasons(3)
+    row["blocked_ops"] = [[str(n), str(r)[:300]] for n, r in spec.blocked_ops()[:5]]
+    row["n_fixed"] = len(spec.fixed_axes())
+    row["phase"] = "check"
+    save()
+    check_spec(model, spec, inputs, row, SEEDS, RTOL)
+    row["phase"] = "done"
+    row["total_s"] = round(time.perf_counter() - t_start, 2)
+    save()
+
+
+# =============================================================== parent side
+_CTX = None
+WORKER_RUN_NAME = "__zoo_hf_worker__"
+
+
+def _context():
+    """A forkserver that has imported torch, transformers and autobasin once:
+    each type still runs in a process of its own, without paying the imports."""
+    global _CTX
+    if _CTX is None:
+        import multiprocessing as mp
+        _CTX = mp.get_context("forkserver")
+        _CTX.set_forkserver_preload(["torch", "torch.export", "transformers",
+                                     "transformers.modeling_utils", "transformers.generation",
+                                     "autobasin",
+                                     "autobasin.infer", "autobasin.permute", "autobasin.testing"])
+    return _CTX
+
+
+def _worker_entry(model_type: str, base: bool, result_path: str, threads: int) -> None:
+    try:
+        worker(model_type, base, result_path, threads)
+    except BaseException:  # noqa: BLE001 - leave the traceback for the parent
+        Path(result_path + ".log").write_text(traceback.format_exc())
+        raise
+
+
+def run_one(entry: dict, base: bool, timeout: float, mem_bytes: int, threads: int) -> dict:
+    """Run the worker for one type in a process of its own; always returns a row."""
+    row = dict(entry)
+    fd, path = tempfile.mkstemp(prefix="zoo_hf_", suffix=".json")
+    os.close(fd)
+    t0 = time.monotonic()
+    # the child runs this file (whether it was run as a script or imported)
+    # with the arguments below, see the end of the file
+    import runpy
+    proc = _context().Process(target=runpy.run_path, args=(str(HERE),), kwargs=dict(
+        run_name=WORKER_RUN_NAME, init_globals={"WORKER_ARGS": (entry["type"], base, path, threads)}),
+        daemon=True)
+    proc.start()
+
+    def kill():
+        proc.kill()
+        proc.join()
+    killed, peak = watch(proc.pid, proc.is_alive, kill, timeout, mem_bytes)
+    proc.join()
+    wall = time.monotonic() - t0
+    try:
+        res = json.loads(Path(path).read_text() or "{}")
+    except (OSError, ValueError):
+        res = {}
+    try:
+        log = Path(path + ".log").read_text()
+    except OSError:
+        log = ""
+    for f in (path, path + ".log"):
+        try:
+            os.unlink(f)
+        except OSError:
+            pass
+    row["built"] = res.get("phase", "start") in ("infer", "check", "done")
+    return finish_row(row, res, killed, timeout, mem_bytes, proc.exitcode, log, wall, peak)
+
+
+def all_types() -> list[dict]:
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+    out = []
+    for t in sorted(MODEL_MAPPING_NAMES):
+        c = MODEL_MAPPING_NAMES[t]
+        out.append({"type": t, "base_class": c[0] if isinstance(c, (list, tuple)) else c,
+                    "config_class": CONFIG_MAPPING_NAMES.get(t)})
+    return out
+
+
+# ------------------------------------------------------------------- report
+def on_target(r: dict) -> bool:
+    """Exact, coverage >= TARGET_COVERAGE, and, for a model built with a head,
+    the residual stream permuted. A model without a head outputs its residual
+    stream (``last_hidden_state``, a dual encoder's embeddings): no spec may
+    permute it, so that part does not apply."""
+    return (r["status"] == "exact" and isinstance(r.get("coverage"), (int, float))
+            and r["coverage"] >= TARGET_COVERAGE
+            and (r.get("residual") is True or not r.get("head")))
+
+
+def _why(r: dict) -> str:
+    if r["status"] != "exact":
+        return r.get("message", "") or ""
+    parts = []
+    if r.get("residual") is False and r.get("head"):
+        parts.append(f"residual stream fixed: {r.get('residual_why', '')}")
+    elif r.get("residual") is None:
+        parts.append(f"no residual probe: {r.get('residual_why', '')}")
+    if isinstance(r.get("coverage"), float) and r["coverage"] < TARGET_COVERAGE or \
+            (r.get("residual") is not True and r.get("head")):
+        parts += [f"{why} ({f:.1%} of params)" for why, f in r.get("short", [])[:2]]
+        if not r.get("short") and r.get("blocked_ops"):
+            parts += [f"{n}: {why}" for n, why in r["blocked_ops"][:2]]
+    return "; ".join(parts)
+
+
+def _md(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ").replace("`", "'")
+
+
+def category(message: str) -> str:
+    """A failure message with the parts that name one model made generic:
+    module paths, numbers, shapes, quoted names."""
+    s = message
+    s = re.sub(r"'[^']*'", "'…'", s)
+    s = re.sub(r'"[^"]*"', '"…"', s)
+    s = re.sub(r"\b[A-Za-z_][\w]*(\.[\w]+)+\b", "<name>", s)
+    s = re.sub(r"\b[A-Z]\w*(Model|For\w+|Config|Layer|Block|Attention|Encoder|Decoder)\b",
+               "<Class>", s)
+    s = re.sub(r"\d+(\.\d+)?(e-?\d+)?", "N", s)
+    s = re.sub(r"\s+", " ", s).strip()
+    return s[:220]
+
+
+def stats(rows: list[dict]) -> dict:
+    by_status: dict[str, int] = {}
+    for r in rows:
+        by_status[r["status"]] = by_status.get(r["status"], 0) + 1
+    built = [r for r in rows if r.get("built")]
+    exact = [r for r in rows if r["status"] == "exact"]
+    target = [r for r in built if on_target(r)]
+    return {"tried": len(rows), "built": len(built), "exact": len(exact),
+            "on_target": len(target),
+            "on_target_share": len(target) / len(built) if built else None,
+            "exact_residual": sum(1 for r in exact if r.get("residual") is True),
+            "head_exact": sum(1 for r in exact if r.get("head")),
+            "head_residual": sum(1 for r in exact if r.get("head") and r.get("residual") is True),
+            "exact_cov": sum(1 for r in exact if (r.get("coverage") or 0) >= TARGET_COVERAGE),
+            "caught": by_status.get("caught", 0), "by_status": by_status,
+            "capture": {c: sum(1 for r in built if r.get("capture") == c)
+                        for c in sorted({r.get("capture") for r in built if r.get("capture")})}}
+
+
+def write_report(rows: list[dict], out: Path, stem: str, argv: list[str], elapsed: float,
+                 jobs: int, base_meta: dict | None = None) -> dict:
+    import torch
+    import transformers
+
+    rows = sorted(rows, key=lambda r: r["type"])
+    st = stats(rows)
+    date = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    cmd = "python benchmarks/zoo_hf.py" + (" " + shlex.join(argv) if argv else "")
+    reruns = []
+    if base_meta is not None:
+        reruns = base_meta.get("reruns", []) + [
+            {"command": cmd, "date": date, "types": sorted(r["type"] for r in rows if r.get("rerun"))}]
+        cmd, date = base_meta["command"], base_meta["date"]
+        elapsed, jobs = base_meta.get("elapsed_min", float("nan")) * 60, base_meta.get("jobs", jobs)
+    share = st["on_target_share"]
+
+    def num(x, fmt):
+        return format(x, fmt) if isinstance(x, (int, float)) and not isinstance(x, bool) else ""
+
+    lines = ["# Hugging Face transformers zoo: inferred permutation specs", ""]
+    if stem != "zoo_hf":
+        lines += ["**Partial run** (not the published sweep).", ""]
+    lines += [
+        "Every model type of transformers' auto mapping that has a base model class, built from "
+        "a tiny config (nothing downloaded) with random weights and every parameter and buffer "
+        "made non-trivial: infer the spec (`capture=\"auto\"`), then permute every group at "
+        f"random (seeds {', '.join(map(str, SEEDS))}) and compare the outputs (relative L2 <= "
+        f"{RTOL:g}, float32, eval mode). A type is built with transformers' own head when it has "
+        "one (the base model's output is its residual stream, which no spec may permute; behind "
+        "a head it is hidden), and the spec is told the head's `logits` define the model. "
+        "How configs are shrunk, which head and which inputs: see the docstring of "
+        "`benchmarks/zoo_hf.py`.",
+        "",
+        "## Summary",
+        "",
+        f"- model types tried: **{st['tried']}**; built and ran at a tiny size: **{st['built']}**",
+        f"- exact: **{st['exact']}**; exact with coverage >= {TARGET_COVERAGE}: {st['exact_cov']}; "
+        f"exact with the residual stream permuted: {st['exact_residual']}",
+        f"- with a head: {st['head_residual']} / {st['head_exact']} exact types permute the "
+        "residual stream; without one the stream is an output (no spec may permute it)",
+        f"- **target — exact, coverage >= {TARGET_COVERAGE} and (with a head) residual stream permuted: "
+        f"{st['on_target']} / {st['built']} built types"
+        + (f" = {share:.1%}" if share is not None else "")
+        + f"** (goal >= {TARGET_SHARE:.0%})",
+        f"- **wrong specs caught by the equivalence check (would have shipped silently wrong): "
+        f"{st['caught']}**" + (" — must be zero" if st["caught"] else ""),
+        "- status: " + ", ".join(f"{k} {v}" for k, v in sorted(st["by_status"].items())),
+        "- front end of the built types' specs: "
+        + (", ".join(f"{k} {v}" for k, v in st["capture"].items()) or "none"),
+        "",
+        "Produced by:",
+        "",
+        "```",
+        cmd,
+        "```",
+        "",
+        *[f"Rows re-run since, with `{r['command']}` ({r['date']}): "
+          + ", ".join(f"`{t}`" for t in r["types"]) + "." for r in reruns],
+        *([""] if reruns else []),
+        f"{date}; transformers {transformers.__version__}, torch {torch.__version__}, Python "
+        f"{platform.python_version()}, {platform.machine()}, {os.cpu_count()} CPU cores, "
+        f"{jobs} parallel job(s); sweep took {elapsed / 60:.1f} min.",
+        "",
+        "Status: `exact` every check passed; `caught` a random permutation changed the outputs "
+        "(or the spec did not fit the state_dict); `check-error` the check failed otherwise; "
+        "`trace-error` inference raised; `create-error` no tiny config of the type builds and "
+        "runs offline; `timeout`; `crash` the worker died or ran out of memory. Columns: "
+        "`level` the config level that built (`tiny`, `tiny-named`: no generic shrinking of "
+        "unnamed sizes, `tiny-img64`, `shallow`: depth only, `default`), `attn` the attention "
+        "implementation, `front end` the capture that produced the spec (fx / export), "
+        "`coverage` the share of hidden parameter axes permuted (`spec.coverage()`), "
+        "`residual` whether a group acts on the model's first hidden axis (word embedding "
+        "columns, else the first Conv/Linear's output channels). \"why short\" is given for "
+        f"every row that is not on target: the exception, or why the residual stream is fixed "
+        "and the reasons of the fixed hidden axes (share of all parameter elements).",
+        "",
+    ]
+    # failure categories
+    fails: dict[str, dict[str, list[dict]]] = {}
+    for r in rows:
+        if r["status"] in ("trace-error", "check-error", "caught", "timeout", "crash") and r.get("built"):
+            fails.setdefault(r["status"], {}).setdefault(category(r.get("message", "")), []).append(r)
+    short: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["status"] == "exact" and not on_target(r):
+            if r.get("residual") is not True and r.get("head"):
+                key = "residual stream fixed: " + category(r.get("residual_why", "") or "?")
+            else:
+                top = r.get("short") or [["?", 0]]
+                key = f"coverage < {TARGET_COVERAGE}: " + category(top[0][0])
+            short.setdefault(key, []).append(r)
+    lines += ["## Failure categories", "",
+              "Built types that are not exact, grouped by their error with model-specific names "
+              "and numbers made generic (`<name>`, `N`, `'…'`); then exact types that miss the "
+              "target, grouped by why. Each with up to three examples and one exact message.", ""]
+    for status in ("caught", "check-error", "trace-error", "timeout", "crash"):
+        cats = fails.get(status)
+        if not cats:
+            continue
+        lines += [f"### {status} ({sum(len(v) for v in cats.values())})", "",
+                  "| n | category | examples | one message |", "|---:|---|---|---|"]
+        for cat, rs in sorted(cats.items(), key=lambda kv: (-len(kv[1]), kv[0])):
+            lines.append(f"| {len(rs)} | {_md(cat)} | "
+                         + ", ".join(f"`{r['type']}`" for r in rs[:3])
+                         + f" | {_md(rs[0].get('message', ''))[:400]} |")
+        lines.append("")
+    if short:
+        lines += [f"### exact but short of the target ({sum(len(v) for v in short.values())})", "",
+                  "| n | category | examples |", "|---:|---|---|"]
+        for cat, rs in sorted(short.items(), key=lambda kv: (-len(kv[1]), kv[0])):
+            lines.append(f"| {len(rs)} | {_md(cat)} | "
+                         + ", ".join(f"`{r['type']}`" for r in rs[:3]) + " |")
+        lines.append("")
+    not_built = [r for r in rows if not r.get("built")]
+    if not_built:
+        cats2: dict[str, list[dict]] = {}
+        for r in not_built:
+            cats2.setdefault(category(r.get("message", "")), []).append(r)
+        lines += [f"### not built ({len(not_built)})", "",
+                  "| n | category | types | one message |", "|---:|---|---|---|"]
+        for cat, rs in sorted(cats2.items(), key=lambda kv: (-len(kv[1]), kv[0])):
+            lines.append(f"| {len(rs)} | {_md(cat)} | "
+                         + ", ".join(f"`{r['type']}`" for r in rs[:8])
+                         + (f" (+{len(rs) - 8})" if len(rs) > 8 else "")
+                         + f" | {_md(rs[0].get('message', ''))[:400]} |")
+        lines.append("")
+    if OVERRIDES:
+        lines += ["## Config overrides", "", "| type | override | why |", "|---|---|---|"]
+        for t, (kw, why) in sorted(OVERRIDES.items()):
+            lines.append(f"| `{t}` | `{_md(json.dumps(kw))}` | {_md(why)} |")
+        lines.append("")
+    lines += ["## All types", "",
+              "| type | model class | params (M) | inputs | level | attn | front end | status "
+              "| groups | coverage | residual | max rel err | infer time (s) | why short |",
+              "|---|---|---:|---|---|---|---|---|---:|---:|---|---:|---:|---|"]
+    for r in rows:
+        res = {True: "yes", False: "no", None: ""}.get(r.get("residual"), "")
+        cov = num(r.get("coverage"), ".3f")
+        if isinstance(r.get("hidden_coverage"), float):
+            cov += f" (hidden {r['hidden_coverage']:.3f})"
+        lines.append("| " + " | ".join([
+            r["type"], f"`{r.get('cls') or r.get('base_class')}`",
+            num(r["params"] / 1e6 if isinstance(r.get("params"), int) else None, ".2f"),
+            ", ".join(r.get("inputs") or []), r.get("level", ""), r.get("attn", ""),
+            r.get("capture", "") or "", r["status"], str(r.get("groups", "")), cov, res,
+            num(r.get("err"), ".1e"), num(r.get("infer_s"), ".1f"),
+            "" if on_target(r) else _md(_why(r))[:400],
+        ]) + " |")
+    lines.append("")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.md").write_text("\n".join(lines))
+    meta = {"command": cmd, "date": date, "transformers": transformers.__version__,
+            "torch": torch.__version__, "python": platform.python_version(), "rtol": RTOL,
+            "seeds": list(SEEDS), "elapsed_min": elapsed / 60, "jobs": jobs, "reruns": reruns,
+            "summary": st}
+    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    return st
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--only", help="comma-separated model types (e.g. llama,bert,vit)")
+    p.add_argument("--limit", type=int, default=0, help="run only the first N types")
+    p.add_argument("--jobs", type=int, default=1, help="types run in parallel")
+    p.add_argument("--out", default="docs/", help="output folder")
+    p.add_argument("--timeout", type=float, default=180.0, help="seconds per type")
+    p.add_argument("--mem-gb", type=float, default=0.0,
+                   help="kill a worker above this resident memory (default: 12 GiB / jobs)")
+    p.add_argument("--base", action="store_true",
+                   help="build the base model class, not the type's head (a partial run)")
+    p.add_argument("--update", action="store_true",
+                   help="with --only: replace those rows in OUT/zoo_hf.json and rewrite "
+                        "OUT/zoo_hf.md (the page lists the re-run)")
+    args = p.parse_args(argv)
+
+    ensure_importable()
+
+    import warnings
+    warnings.filterwarnings("ignore")
+    out = Path(args.out)
+    partial = bool(args.only or args.limit or args.base)
+    stem = "zoo_hf_partial" if partial else "zoo_hf"
+    base_doc = None
+    if args.update:
+        if not args.only or args.base:
+            p.error("--update needs --only (the types to re-run) and no --base")
+        try:
+            base_doc = json.loads((out / "zoo_hf.json").read_text())
+        except (OSError, ValueError) as e:
+            p.error(f"--update: cannot read {out / 'zoo_hf.json'} ({e}); run the full sweep first")
+        stem = "zoo_hf"
+    t0 = time.monotonic()
+    entries = all_types()
+    if args.only:
+        wanted = [s.strip() for s in args.only.split(",") if s.strip()]
+        known = {e["type"] for e in entries}
+        unknown = [w for w in wanted if w not in known]
+        if unknown:
+            p.error(f"unknown model type(s): {', '.join(unknown)}")
+        entries = [e for e in entries if e["type"] in wanted]
+    if args.limit:
+        entries = entries[:args.limit]
+    jobs = max(1, args.jobs)
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    mem = int((args.mem_gb or 12.0 / jobs) * 2**30)
+    # inherited by the forkserver and every worker: nothing is downloaded
+    os.environ.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+                      HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+                      TOKENIZERS_PARALLELISM="false")
+    print(f"{len(entries)} model types, {jobs} job(s), {threads} thread(s) each", file=sys.stderr)
+    rows = []
+    with cf.ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = [pool.submit(run_one, e, args.base, args.timeout, mem, threads) for e in entries]
+        for k, fut in enumerate(cf.as_completed(futures), 1):
+            r = fut.result()
+            rows.append(r)
+            cov = r.get("coverage")
+            print(f"[{k}/{len(entries)}] {r['type']} ({r.get('cls')}): {r['status']} "
+                  f"capture={r.get('capture')} coverage={cov if cov is None else round(cov, 4)} "
+                  f"residual={r.get('residual')} groups={r.get('groups')} "
+                  f"infer={r.get('infer_s')}s wall={r['wall_s']}s rss={r['peak_rss_gb']}G "
+                  f"{'' if on_target(r) else _why(r)[:200]}", file=sys.stderr, flush=True)
+            if k % 20 == 0 and k < len(entries):  # progress page, for a long sweep
+                write_report(rows, out, stem + "_progress" if not partial else stem, argv,
+                             time.monotonic() - t0, jobs)
+    if base_doc is not None:
+        for r in rows:
+            r["rerun"] = True
+        new = {r["type"] for r in rows}
+        rows = [{k: v for k, v in r.items() if k != "rerun"} for r in base_doc["rows"]
+                if r["type"] not in new] + rows
+    st = write_report(rows, out, stem, argv, time.monotonic() - t0, jobs,
+                      base_doc["meta"] if base_doc is not None else None)
+    if not partial and (out / "zoo_hf_progress.md").exists():
+        for ext in ("md", "json"):
+            (out / f"zoo_hf_progress.{ext}").unlink(missing_ok=True)
+    print(f"wrote {out / (stem + '.md')}: built {st['built']}/{st['tried']}, exact {st['exact']}, "
+          f"on target {st['on_target']}, caught {st['caught']}", file=sys.stderr)
+    return 0
+
+
+if __name__ == WORKER_RUN_NAME:
+    ensure_importable()
+    _worker_entry(*WORKER_ARGS)  # noqa: F821 - given by run_one
+elif __name__ == "__main__":
+    sys.exit(main())
