@@ -364,8 +364,12 @@ def write_report(rows: list[dict], out: Path, stem: str, argv: list[str], elapse
         "Every timm model family (its smallest variant) and every torchvision classification "
         "model, with random weights: infer the spec, then permute every group at random "
         f"(seeds {', '.join(map(str, SEEDS))}) and compare the outputs (relative L2 <= {RTOL:g}, "
-        "float32, eval mode, randomized BatchNorm statistics). Coverage is the fraction of "
-        "floating-point parameter elements that some group permutes.",
+        "float32, eval mode, randomized BatchNorm statistics). Coverage (`spec.coverage()`) is "
+        "the share of hidden parameter axes that some group permutes: for each floating-point "
+        "parameter, the fraction of its hidden axes (not tied to the model's inputs or outputs, "
+        "not kernel, spatial or vocabulary axes) that a group acts on, weighted by its elements. "
+        "Every hidden axis left fixed has a reason (`spec.fixed_axes()`): \"why short\" gives the "
+        "weightiest.",
         "",
         "## Summary",
         "",
