@@ -46,7 +46,7 @@ def compose(first: Perms, then: Perms) -> Perms:
     return {k: first[k][then[k]] for k in first}
 
 
-def _check_perm(name: str, p: torch.Tensor, n: int) -> torch.Tensor:
+def check_perm(name: str, p: torch.Tensor, n: int) -> torch.Tensor:
     p = torch.as_tensor(p)
     if p.dim() != 1 or p.numel() != n:
         raise SpecError(f"permutation for group {name!r} has shape {tuple(p.shape)}, expected ({n},)")
@@ -100,7 +100,7 @@ def _permuted_entry(param: str, t: torch.Tensor, gm: list[tuple[str, Member]],
 def _permute_model_(model: torch.nn.Module, spec: PermutationSpec, perms: Perms) -> None:
     """Permute ``model``'s own tensors in place, one temporary tensor at a time
     (for checks of models too large to copy twice)."""
-    checked = {name: _check_perm(name, perms[name], g.size) for name, g in spec.groups.items()}
+    checked = {name: check_perm(name, perms[name], g.size) for name, g in spec.groups.items()}
     state = model.state_dict(keep_vars=True)
     spec.check_fits(state, "the model")
     done: set[int] = set()  # a tied tensor (one Parameter, two names) is permuted once
@@ -156,7 +156,7 @@ def apply_permutation(spec: PermutationSpec, perms: Mapping[str, torch.Tensor],
     missing = [g for g in spec.groups if g not in perms]
     if missing:
         raise SpecError(f"no permutation given for group {missing[0]!r}")
-    checked = {name: _check_perm(name, perms[name], g.size) for name, g in spec.groups.items()}
+    checked = {name: check_perm(name, perms[name], g.size) for name, g in spec.groups.items()}
     prefix = wrapper_prefix(spec, state_dict)
     inner = {k[len(prefix):]: v for k, v in state_dict.items()} if prefix else state_dict
     spec.check_fits(inner, f"state_dict (keys under {prefix!r})" if prefix else "state_dict")

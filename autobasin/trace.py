@@ -100,7 +100,7 @@ class AutoLeafTracer(fx.Tracer):
         self.inline = set(inline)
         self.failed: dict[str, str] = {}
         # nodes recorded while tracing into a module that then failed: the module
-        # runs whole as a leaf, so they never run (see _prune)
+        # runs whole as a leaf, so they never run (see prune_unused)
         self.abandoned: set[fx.Node] = set()
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
@@ -328,7 +328,7 @@ def symbolic_trace(model: nn.Module, opaque: Iterable = (), warn: bool = True,
             "data-dependent part into a submodule, or wrap the function with "
             "torch.fx.wrap / timm.layers.register_notrace_function.") from e
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
-    _prune(gm, tracer.abandoned)
+    prune_unused(gm, tracer.abandoned)
     if warn:
         for name, why in tracer.failed.items():
             warnings.warn(f"autobasin: submodule {name!r} ({type(gm.get_submodule(name)).__name__}) "
@@ -523,7 +523,7 @@ def _may_mutate(n: fx.Node) -> bool:
     return n.op == "call_function" and n.is_impure()
 
 
-def _prune(gm: fx.GraphModule, abandoned: Iterable[fx.Node] = ()) -> None:
+def prune_unused(gm: fx.GraphModule, abandoned: Iterable[fx.Node] = ()) -> None:
     """Drop unused nodes left by a failed attempt to trace into a submodule.
 
     fx's own dead-code elimination would also drop in-place writes whose

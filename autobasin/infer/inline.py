@@ -21,7 +21,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch import nn
 
-from ..trace import AutoLeafTracer, ConcreteTracer, ExampleRecorder, _prune
+from ..trace import AutoLeafTracer, ConcreteTracer, ExampleRecorder, prune_unused
 
 MAX_INLINE_DEPTH = 4
 
@@ -48,7 +48,7 @@ def recorded_body(tracer, graph: fx.Graph, call: "_InlineCall"):
     """The traced body of an inlined call as a pruned GraphModule, and a
     recorder that has run it on the call's example tensors."""
     gm = fx.GraphModule(tracer.root, graph)
-    _prune(gm)
+    prune_unused(gm)
     capture = {n for n in gm.graph.nodes if n.op in ("call_module", "call_function")}
     rec = ExampleRecorder(gm, capture)
     with torch.no_grad():

@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 
 from ..barrier import batch_target
 from ..guard import check_model_finite, check_model_materialized, unwrap_model
-from ..permute import _check_perm, apply_permutation
+from ..permute import check_perm, apply_permutation
 from ..repair import batch_input, model_device
 from ..spec import PermutationSpec
 from .weight import weight_matching
@@ -214,7 +214,7 @@ def ste_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, data: Iterab
     optimizer = torch.optim.Adam(leaves, lr=lr)
     init_perms = None
     if init is not None:
-        init_perms = {k: _check_perm(k, v, spec.groups[k].size) for k, v in init.items()
+        init_perms = {k: check_perm(k, v, spec.groups[k].size) for k, v in init.items()
                       if k in spec.groups}
     total = max_steps
     if total is None and hasattr(data, "__len__"):

@@ -67,7 +67,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..guard import check_finite, check_materialized
-from ..permute import _check_perm, axis_index
+from ..permute import check_perm, axis_index
 from ..spec import Member, PermutationSpec, SpecError
 from .lap import solve_lap
 
@@ -464,7 +464,7 @@ def weight_matching(spec: PermutationSpec, state_dict_a: Mapping[str, torch.Tens
 
         perms: Perms = {}
         for name, g in spec.groups.items():
-            p = _check_perm(name, given[name], g.size) if name in given else torch.arange(g.size)
+            p = check_perm(name, given[name], g.size) if name in given else torch.arange(g.size)
             perms[name] = p.to(device)
 
         # Per group: the static part of C and the terms that depend on other groups.

@@ -17,10 +17,10 @@ import torch.nn.functional as F
 
 from ..registry import alias, rule
 from .common import broadcast_layouts, norm_dim
-from .elementwise import _broadcast, _constant_like, _unary
+from .elementwise import elementwise_rule, constant_like, unary_rule
 from .linear import conv_rule, embedding_rule
 from .norm import group_norm_rule, layer_norm_rule, per_channel
-from .shape import _index_tensor, _permute, _reshape, _split_outputs, strided_slice
+from .shape import index_tensor, permute_rule, reshape_rule, split_outputs, strided_slice
 
 aten = torch.ops.aten
 
@@ -50,19 +50,19 @@ _ELEMENTWISE = (
 )
 # in-place forms (``x.add_(y)``, ``x.masked_fill_(m, v)``) write the result into
 # their first argument, whose layout the broadcast already shares
-rule(*_ops(*_ELEMENTWISE, *(name + "_" for name in _ELEMENTWISE), "copy_", "zero_"))(_broadcast)
+rule(*_ops(*_ELEMENTWISE, *(name + "_" for name in _ELEMENTWISE), "copy_", "zero_"))(elementwise_rule)
 # the first tensor's layout only: casts, copies, views of the whole tensor
 rule(*_ops("to", "_to_copy", "clone", "contiguous", "alias", "detach", "detach_", "lift_fresh_copy",
-           "type_as", "_to_dim_order_copy", "view_as_real_copy"))(_unary)
+           "type_as", "_to_dim_order_copy", "view_as_real_copy"))(unary_rule)
 # tensors of one value everywhere: any permutation leaves them as they are
 rule(*_ops("zeros_like", "ones_like", "full_like", "empty_like", "new_zeros", "new_ones",
-           "new_full", "new_empty", "zeros", "ones", "full", "empty", "scalar_tensor"))(_constant_like)
+           "new_full", "new_empty", "zeros", "ones", "full", "empty", "scalar_tensor"))(constant_like)
 
 # ---------------------------------------------------------- shapes and order
 rule(*_ops("view", "reshape", "_unsafe_view", "unsqueeze", "squeeze", "flatten", "unflatten",
-           "view_copy", "ravel", "reshape_as", "view_as"))(_reshape)
+           "view_copy", "ravel", "reshape_as", "view_as"))(reshape_rule)
 rule(*_ops("permute", "transpose", "swapaxes", "swapdims", "t", "numpy_T", "movedim",
-           "moveaxis"))(_permute)
+           "moveaxis"))(permute_rule)
 for _name, _fn in [("expand", "expand"), ("expand_as", "expand_as"), ("index_add", "index_add"),
                    ("index_add_", "index_add"), ("repeat", "repeat"), ("repeat_interleave", "repeat_interleave"),
                    ("narrow", "narrow"), ("select", "select"), ("unbind", "unbind"),
@@ -136,7 +136,7 @@ def _slice(ctx):
     if step == 1 and start == 0 and stop == n:
         return lay
     if step == 1 and stop > start:
-        return _split_outputs(ctx, x, dim, [start, stop - start, n - stop])[1]
+        return split_outputs(ctx, x, dim, [start, stop - start, n - stop])[1]
     return strided_slice(ctx, lay, shape, dim, start, stop, step)
 
 
@@ -144,7 +144,7 @@ def _slice(ctx):
 def _index(ctx):
     """``aten.index.Tensor(x, [i0, None, i2, ...])``: ``x[i0, :, i2]``."""
     indices = ctx.arg(1, "indices")
-    return _index_tensor(ctx, ctx.args[0], tuple(slice(None) if i is None else i for i in indices))
+    return index_tensor(ctx, ctx.args[0], tuple(slice(None) if i is None else i for i in indices))
 
 
 @rule(*_ops("scatter", "scatter_"), torch.scatter, "scatter", "scatter_")

@@ -74,7 +74,7 @@ ELEMENTWISE_MODULES = [
 
 
 @rule(*BROADCAST_FUNCS, *BROADCAST_METHODS, *ELEMENTWISE_MODULES)
-def _broadcast(ctx):
+def elementwise_rule(ctx):
     if ctx.node.op == "call_module":
         tensors = [a for a in ctx.args if ctx.is_tensor(a)]
     else:
@@ -87,7 +87,7 @@ def _broadcast(ctx):
 
 
 @rule(*UNARY_METHODS, *UNARY_FUNCS)
-def _unary(ctx):
+def unary_rule(ctx):
     x = first_tensor(ctx)
     return list(ctx.layout(x))
 
@@ -116,7 +116,7 @@ def _glu(ctx):
 
 @rule(torch.zeros_like, torch.ones_like, torch.full_like, torch.empty_like, "new_zeros",
       "new_ones", "new_full", "new_empty")
-def _constant_like(ctx):
+def constant_like(ctx):
     # A constant tensor is unchanged by any permutation of any of its axes.
     return ctx.fresh()
 

@@ -60,7 +60,7 @@ def reshape_layout(ctx, lay: list[int], in_shape, out_shape) -> list[int]:
 @rule("view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as",
       "squeeze_", "unsqueeze_", torch.reshape, torch.flatten, torch.squeeze, torch.unsqueeze,
       torch.unflatten, nn.Flatten, nn.Unflatten, torch.ravel, "ravel", torch.atleast_2d)
-def _reshape(ctx):
+def reshape_rule(ctx):
     x = ctx.args[0]
     return reshape_layout(ctx, ctx.layout(x), ctx.shape(x), ctx.shape())
 
@@ -68,7 +68,7 @@ def _reshape(ctx):
 @rule("permute", torch.permute, "transpose", torch.transpose, "transpose_", "swapaxes",
       torch.swapaxes, "swapdims", torch.swapdims, "t", torch.t, "movedim", torch.movedim,
       "moveaxis", torch.moveaxis, torch.Tensor.permute)
-def _permute(ctx):
+def permute_rule(ctx):
     x = ctx.args[0]
     lay = list(ctx.layout(x))
     nd = len(lay)
@@ -157,7 +157,7 @@ def _stack(ctx):
     return layouts[0][:dim] + [o] + layouts[0][dim:]
 
 
-def _split_outputs(ctx, x, dim, lengths, keep_dim=True):
+def split_outputs(ctx, x, dim, lengths, keep_dim=True):
     lay = list(ctx.layout(x))
     pieces = ctx.cut(lay, dim, lengths)
     if keep_dim:
@@ -176,7 +176,7 @@ def _split(ctx):
     dim = norm_dim(dim, len(ctx.shape(x)))
     lengths = [o.shape[dim] for o in outs]
     del name
-    return _split_outputs(ctx, x, dim, lengths)
+    return split_outputs(ctx, x, dim, lengths)
 
 
 @rule(torch.unbind, "unbind")
@@ -184,7 +184,7 @@ def _unbind(ctx):
     x = ctx.args[0]
     dim = norm_dim(ctx.value(ctx.arg(1, "dim", 0)), len(ctx.shape(x)))
     n = ctx.shape(x)[dim]
-    return _split_outputs(ctx, x, dim, [1] * n, keep_dim=False)
+    return split_outputs(ctx, x, dim, [1] * n, keep_dim=False)
 
 
 @rule("narrow", torch.narrow)
@@ -195,7 +195,7 @@ def _narrow(ctx):
     start = ctx.value(ctx.arg(2, "start"))
     length = ctx.value(ctx.arg(3, "length"))
     start = start % shape[dim] if start < 0 else start
-    return _split_outputs(ctx, x, dim, [start, length, shape[dim] - start - length])[1]
+    return split_outputs(ctx, x, dim, [start, length, shape[dim] - start - length])[1]
 
 
 @rule("select", torch.select)
@@ -247,7 +247,7 @@ def _getitem(ctx):
         if isinstance(lay, dict):
             return lay[i]
         return lay[i] if isinstance(i, int) else list(lay[i])
-    return _index_tensor(ctx, x, idx)
+    return index_tensor(ctx, x, idx)
 
 
 def _literal_range(ctx, index):
@@ -260,7 +260,7 @@ def _literal_range(ctx, index):
     return ("literal", (t.tolist(), index))
 
 
-def _index_tensor(ctx, x, idx):
+def index_tensor(ctx, x, idx):
     shape = list(ctx.shape(x))
     lay = list(ctx.layout(x))
     if not isinstance(idx, tuple):
@@ -454,7 +454,7 @@ def _setitem(ctx):
     x, idx, v = ctx.args[0], ctx.args[1], ctx.args[2]
     if not ctx.is_tensor(x):
         raise ValueError("setitem on a non-tensor")
-    slice_lay = _index_tensor(ctx, x, idx)
+    slice_lay = index_tensor(ctx, x, idx)
     if ctx.is_tensor(v):
         lv, sv = ctx.layout(v), ctx.shape(v)
         target = _slice_shape(ctx, x, idx)
