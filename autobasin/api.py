@@ -5,16 +5,15 @@ import copy
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
 
-from .guard import check_model_finite, check_model_materialized, eval_mode, unwrap_model
-from .inputs import as_inputs, select_outputs
+from .guard import check_model_finite, check_model_materialized, unwrap_model
 from .match.weight import weight_matching
 from .merge import state_dict_mismatch
-from .permute import EquivalenceError, apply_permutation, relative_error
+from .permute import EquivalenceError, apply_permutation, verify_error
 from .repair import check_repair_option
 from .spec import PermutationSpec
 
@@ -173,48 +172,6 @@ def check_same_architecture(a: nn.Module, b: nn.Module) -> None:
     problem = state_dict_mismatch(a.state_dict(), b.state_dict(), dtypes=True)
     if problem:
         raise ArchitectureMismatchError(problem)
-
-
-def outputs_relative_error(reference: nn.Module, other: nn.Module, example_inputs,
-                           outputs: Sequence | None = None) -> float:
-    """Relative L2 error of ``other``'s outputs against ``reference``'s, in eval mode,
-    over the ``outputs`` named (all when None; see :func:`autobasin.infer.infer_spec`).
-
-    Both run without grad; every submodule's train/eval mode is restored.
-    """
-    inputs = as_inputs(example_inputs, reference)
-    with torch.no_grad(), eval_mode(reference, other):
-        ref, out = inputs.call(reference), inputs.call(other)
-    return relative_error(select_outputs(ref, outputs), select_outputs(out, outputs))
-
-
-def verify_error(reference: nn.Module, other: nn.Module, example_inputs,
-                 rtol: float = 1e-4, outputs: Sequence | None = None
-                 ) -> tuple[float, torch.dtype | None]:
-    """:func:`outputs_relative_error`, judged in float32 or wider.
-
-    Permuting hidden units changes the order of sums, so half-precision
-    outputs differ by rounding (1e-3 on a bf16 ResNet): a model with float16 /
-    bfloat16 tensors is compared on float32 copies. An error above ``rtol``
-    is re-judged on float64 copies, as :func:`autobasin.check_equivalence`
-    does: a deep network can amplify float32 rounding. Returns the error and
-    the dtype it was computed in (None: the models' own).
-    """
-    dtypes = {t.dtype for m in (reference, other) for t in (*m.parameters(), *m.buffers())
-              if t.is_floating_point()}
-    low = any(d.itemsize < 4 for d in dtypes)
-    err = float("inf")
-    if not low:
-        err = outputs_relative_error(reference, other, example_inputs, outputs)
-        if err <= rtol or dtypes == {torch.float64}:
-            return err, None
-    for wide in ((torch.float32, torch.float64) if low else (torch.float64,)):
-        inputs = as_inputs(example_inputs, reference).to(dtype=wide)
-        err = outputs_relative_error(copy.deepcopy(reference).to(wide),
-                                     copy.deepcopy(other).to(wide), inputs, outputs)
-        if err <= rtol:
-            break
-    return err, wide
 
 
 # ------------------------------------------------------------------------ main

@@ -12,7 +12,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .merge import interpolate_state_dicts
-from .repair import (_InputBatches, batch_input, channel_stats, check_repair_option,
+from .repair import (InputBatches, batch_input, channel_stats, check_repair_option,
                      model_device)
 from .repair import repair as repair_model
 from .repair import reset_bn_stats
@@ -126,7 +126,7 @@ def loss_barrier(a: nn.Module, b: nn.Module, eval_fn_or_data: Callable | Iterabl
         repair_data = repair_data if repair_data is not None else reset_bn
         if repair_data is None:
             raise ValueError(f"repair={repair!r} needs repair_data=<batches>")
-        repair_data = _InputBatches(repair_data, repair_batches)
+        repair_data = InputBatches(repair_data, repair_batches)
         endpoint_stats = None
         if repair != "reset_bn":
             endpoint_stats = [channel_stats(m, repair_data) for m in (a, b)]

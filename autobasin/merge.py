@@ -122,7 +122,7 @@ def _verify_aligned(models: list[nn.Module], aligned: list[StateDict], spec,
     inputs (``example_inputs``, else the spec's); :class:`EquivalenceError` naming
     the model otherwise. Returns the errors, or None (with a warning) when there
     are no inputs to run."""
-    from .api import verify_error
+    from .permute import verify_error
     from .permute import EquivalenceError
     from .inputs import as_inputs
     from .repair import model_device

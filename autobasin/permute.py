@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import collections
 import copy
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 
-from .inputs import select_outputs
-from .spec import Member, PermutationSpec, SpecError
+from torch import nn
+
+from .guard import eval_mode
+from .inputs import ModelInputs, as_inputs, select_outputs
+from .spec import Member, PermutationSpec, SpecError, axis_index  # noqa: F401 - axis_index: re-exported
 
 Perms = dict[str, torch.Tensor]
 
@@ -54,20 +57,6 @@ def check_perm(name: str, p: torch.Tensor, n: int) -> torch.Tensor:
     if not torch.equal(torch.sort(p).values, torch.arange(n)):
         raise SpecError(f"permutation for group {name!r} is not a permutation of 0..{n - 1}")
     return p
-
-
-def axis_index(length: int, members: list[tuple[Member, torch.Tensor]]) -> torch.Tensor:
-    """Index vector of one axis of ``length`` after all its members act.
-
-    Each member permutes its grid dimension; grids of one axis act on disjoint
-    positions or different grid dimensions, so the order does not matter.
-    """
-    idx = torch.arange(length)
-    for m, p in members:
-        pos = m.positions()
-        cur = idx[pos.reshape(-1)].reshape(m.shape)
-        idx[pos.reshape(-1)] = cur.index_select(m.dim, p).reshape(-1)
-    return idx
 
 
 def with_metadata(out: dict, source: Mapping) -> dict:
@@ -204,6 +193,48 @@ def relative_error(a, b) -> float:
             continue
         worst = max(worst, float((x - y).norm() / x.norm().clamp_min(1e-30)))
     return worst
+
+
+def outputs_relative_error(reference: nn.Module, other: nn.Module, example_inputs,
+                           outputs: Sequence | None = None) -> float:
+    """Relative L2 error of ``other``'s outputs against ``reference``'s, in eval mode,
+    over the ``outputs`` named (all when None; see :func:`autobasin.infer.infer_spec`).
+
+    Both run without grad; every submodule's train/eval mode is restored.
+    """
+    inputs = as_inputs(example_inputs, reference)
+    with torch.no_grad(), eval_mode(reference, other):
+        ref, out = inputs.call(reference), inputs.call(other)
+    return relative_error(select_outputs(ref, outputs), select_outputs(out, outputs))
+
+
+def verify_error(reference: nn.Module, other: nn.Module, example_inputs,
+                 rtol: float = 1e-4, outputs: Sequence | None = None
+                 ) -> tuple[float, torch.dtype | None]:
+    """:func:`outputs_relative_error`, judged in float32 or wider.
+
+    Permuting hidden units changes the order of sums, so half-precision
+    outputs differ by rounding (1e-3 on a bf16 ResNet): a model with float16 /
+    bfloat16 tensors is compared on float32 copies. An error above ``rtol``
+    is re-judged on float64 copies, as :func:`autobasin.check_equivalence`
+    does: a deep network can amplify float32 rounding. Returns the error and
+    the dtype it was computed in (None: the models' own).
+    """
+    dtypes = {t.dtype for m in (reference, other) for t in (*m.parameters(), *m.buffers())
+              if t.is_floating_point()}
+    low = any(d.itemsize < 4 for d in dtypes)
+    err = float("inf")
+    if not low:
+        err = outputs_relative_error(reference, other, example_inputs, outputs)
+        if err <= rtol or dtypes == {torch.float64}:
+            return err, None
+    for wide in ((torch.float32, torch.float64) if low else (torch.float64,)):
+        inputs = as_inputs(example_inputs, reference).to(dtype=wide)
+        err = outputs_relative_error(copy.deepcopy(reference).to(wide),
+                                     copy.deepcopy(other).to(wide), inputs, outputs)
+        if err <= rtol:
+            break
+    return err, wide
 
 
 def _float64_confirms(model: torch.nn.Module, spec: PermutationSpec, perms: Perms,

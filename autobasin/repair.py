@@ -176,7 +176,7 @@ def _channels_last(module: nn.Module, out: torch.Tensor) -> torch.Tensor:
     return channels.reshape(channels.shape[0], -1).t()
 
 
-class _InputBatches:
+class InputBatches:
     """Re-iterable model inputs: at most ``limit`` batches of ``data``.
 
     A one-shot iterator (a generator, ``iter(loader)``) is read once and its
@@ -185,7 +185,7 @@ class _InputBatches:
     """
 
     def __init__(self, data: Iterable, limit: int | None = None) -> None:
-        if isinstance(data, _InputBatches):
+        if isinstance(data, InputBatches):
             data, limit = data.data, data.limit if limit is None else min(limit, data.limit or limit)
         if isinstance(data, torch.Tensor):
             data = [data]
@@ -299,7 +299,7 @@ def channel_stats(model: nn.Module, data: Iterable, modules: Sequence[str] | Non
     leading axes (Linear on tokens) count as samples. Returns
     ``{name: ChannelStats}`` in forward order. The model is not modified.
     """
-    batches = _InputBatches(data, num_batches)
+    batches = InputBatches(data, num_batches)
     device = torch.device(device) if device is not None else model_device(model)
     if modules is None:
         first = next(iter(batches), None)
@@ -441,7 +441,7 @@ def repair(merged: nn.Module, endpoints: Sequence[nn.Module | Mapping[str, Chann
     if device is not None:
         model.to(device)
     device = torch.device(device) if device is not None else model_device(model)
-    batches = _InputBatches(data, num_batches)
+    batches = InputBatches(data, num_batches)
     first = next(iter(batches), None)
     if first is None:
         raise ValueError("the repair data yielded no batches")

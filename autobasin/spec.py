@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field, asdict
+from dataclasses import dataclass, field
 from typing import Iterable
 
 import torch
@@ -91,6 +91,20 @@ class TensorInfo:
 
 def _is_axis_entry(name: str) -> bool:
     return name.endswith("]") and "[" in name
+
+
+def axis_index(length: int, members: list[tuple[Member, torch.Tensor]]) -> torch.Tensor:
+    """Index vector of one axis of ``length`` after all its members act.
+
+    Each member permutes its grid dimension; grids of one axis act on disjoint
+    positions or different grid dimensions, so the order does not matter.
+    """
+    idx = torch.arange(length)
+    for m, p in members:
+        pos = m.positions()
+        cur = idx[pos.reshape(-1)].reshape(m.shape)
+        idx[pos.reshape(-1)] = cur.index_select(m.dim, p).reshape(-1)
+    return idx
 
 
 def format_coverage(fraction: float) -> str:

@@ -581,7 +581,7 @@ def test_half_precision_verification_is_not_fooled_by_rounding():
     outputs (by 1e-3 on a ResNet-18 at 224x224). auto_rebasin's check judges
     half-precision models on float32 copies, so a right alignment passes and a
     wrong one still fails."""
-    from autobasin.api import outputs_relative_error, verify_error
+    from autobasin.permute import outputs_relative_error, verify_error
     n = 512
     x = torch.randn(8, n, generator=torch.Generator().manual_seed(0)) + 1.0
     forward = FoldSum(range(n)).to(torch.bfloat16)

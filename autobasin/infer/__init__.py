@@ -224,7 +224,7 @@ class TracedModel:
     # ------------------------------------------------------------- diagnosis
     def value_index(self, s: int, perms: dict[str, torch.Tensor]) -> torch.Tensor:
         """Where each position of axis ``s`` comes from under ``perms``."""
-        from ..permute import axis_index
+        from ..spec import axis_index
         n = self.sym.size[s]
         ms = []
         for root, offset, shape, strides, dim in self.sym.leaves(s):
