@@ -480,3 +480,27 @@ def test_export_captures_a_model_that_returns_an_unknown_object_beside_its_outpu
     spec = infer_spec(model, torch.randn(4, 8), capture="export", outputs=["logits"])
     assert spec.coverage() == 1.0 and "forward" not in model.__dict__
     assert ab.check_equivalence(model, spec, torch.randn(4, 8)) <= 1e-5
+
+
+class Codes(nn.Module):
+    """A vector quantizer that returns its codes: the nearest codebook entry's
+    index is an output, a number the caller reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc, self.codebook = nn.Linear(8, 4), nn.Parameter(torch.randn(6, 4))
+
+    def forward(self, x):
+        z = self.enc(x)
+        codes = (z @ self.codebook.T).max(dim=-1).indices
+        return nn.functional.embedding(codes, self.codebook), codes
+
+
+def test_positions_that_are_returned_fix_their_axis():
+    torch.manual_seed(0)
+    model = randomize_state_(Codes().eval(), 0, 0.3)
+    x = torch.randn(5, 8)
+    for capture in ("fx", "export"):
+        spec = infer_spec(model, x, capture=capture)
+        assert "codebook[0]" in dict(spec.fixed_axes()), capture
+        assert ab.check_equivalence(model, spec, x) <= 1e-6

@@ -91,6 +91,11 @@ class GraphInference:
                 continue
             if node.op == "output":
                 out_layout = self._collect(node.args[0])
+                for a in node.all_input_nodes:  # positions handed out are read as numbers
+                    held = self.positions.get(a)
+                    for s in (held.values() if isinstance(held, dict) else
+                              [held] if held is not None else []):
+                        self.sym.block(s, f"{a.name}: positions along the axis are returned")
                 if block_io and block_outputs:
                     for s in layout_symbols(out_layout):
                         self.sym.block(s, "graph output", structural=True)
