@@ -504,3 +504,19 @@ def test_positions_that_are_returned_fix_their_axis():
         spec = infer_spec(model, x, capture=capture)
         assert "codebook[0]" in dict(spec.fixed_axes()), capture
         assert ab.check_equivalence(model, spec, x) <= 1e-6
+
+
+def test_the_diverging_node_of_an_exported_graph_with_lifted_constants_is_named():
+    """A wrong spec of a model whose export holds lifted constants (the literal
+    index lists): the check replays the graph over the permuted model and
+    names the node where the values part."""
+    torch.manual_seed(0)
+    model = randomize_state_(FusedHeads().eval(), 0, 0.3)
+    x = torch.randn(2, 5, 8)
+    traced = ab.trace_model(model, x, capture="export")
+    assert any("lifted_tensor" in str(n.target) for n in traced.gm.graph.nodes if n.op == "get_attr")
+    groups = [ab.Group(g.name, g.size, [m for m in g.members if m.param != "out.weight"])
+              for g in traced.spec.groups.values()]
+    wrong = ab.PermutationSpec(groups, traced.spec.tensors, capture="export")
+    with pytest.raises(ab.EquivalenceError, match="first diverging graph node"):
+        ab.check_equivalence(model, wrong, x, traced=traced)
