@@ -282,6 +282,17 @@ class ConcreteTracer(AutoLeafTracer):
         return super().getattr(attr, attr_val, parameter_proxy_cache)
 
 
+def op_name_of(target) -> str:
+    """An fx node target's plain name: ``"transpose"`` for ``Tensor.transpose``
+    (a method name), ``torch.transpose`` and ``aten.transpose.int`` alike."""
+    if isinstance(target, str):
+        return target
+    packet = getattr(target, "overloadpacket", None)
+    if packet is not None:
+        return packet.__name__
+    return getattr(target, "__name__", str(target))
+
+
 def get_attr(root: nn.Module, target: str):
     """``root``'s attribute at the dotted path ``target``."""
     obj = root

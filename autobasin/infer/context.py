@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.fx as fx
 
-from ..trace import TensorMeta
+from ..trace import TensorMeta, get_attr, op_name_of
 from .registry import ALIASES
 from .symbols import Symbols
 
@@ -36,6 +36,12 @@ def map_meta(meta, fn):
     if isinstance(meta, dict):
         return {k: map_meta(m, fn) for k, m in meta.items()}
     return None
+
+
+# ops whose result holds their first argument's values, in place along every
+# axis (casts and copies): what is true of the input's values is true of it
+VALUE_COPIES = frozenset({"to", "_to_copy", "clone", "contiguous", "alias", "detach", "type_as",
+                          "_to_dim_order_copy", "lift_fresh_copy"})
 
 
 def layout_symbols(layout) -> list[int]:
@@ -67,13 +73,7 @@ class Context:
     def op_name(self) -> str:
         """The op's plain name: ``"transpose"`` for ``Tensor.transpose``,
         ``torch.transpose`` and ``aten.transpose.int`` alike."""
-        t = self.target
-        if isinstance(t, str):
-            return t
-        packet = getattr(t, "overloadpacket", None)
-        if packet is not None:
-            return packet.__name__
-        return getattr(t, "__name__", str(t))
+        return op_name_of(self.target)
 
     # -------------------------------------------------------------- reading
     def layout(self, arg):
@@ -119,15 +119,13 @@ class Context:
                 leaf = arg.target.rpartition(".")[2]
                 if "lifted_tensor" not in leaf and not leaf.startswith("_tensor_constant"):
                     return None
-                obj = self.engine.gm
-                for part in arg.target.split("."):
-                    obj = getattr(obj, part, None)
+                try:
+                    obj = get_attr(self.engine.gm, arg.target)
+                except AttributeError:
+                    return None
                 return obj if isinstance(obj, torch.Tensor) and \
                     not isinstance(obj, torch.nn.Parameter) else None
-            packet = getattr(arg.target, "overloadpacket", None)
-            name = packet.__name__ if packet is not None else getattr(arg.target, "__name__", "")
-            if arg.op != "call_function" or name not in ("lift_fresh_copy", "clone", "detach",
-                                                          "alias", "_to_copy", "to"):
+            if arg.op != "call_function" or op_name_of(arg.target) not in VALUE_COPIES:
                 return None
             arg = arg.args[0]
         return None

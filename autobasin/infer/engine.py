@@ -92,9 +92,7 @@ class GraphInference:
             if node.op == "output":
                 out_layout = self._collect(node.args[0])
                 for a in node.all_input_nodes:  # positions handed out are read as numbers
-                    held = self.positions.get(a)
-                    for s in (held.values() if isinstance(held, dict) else
-                              [held] if held is not None else []):
+                    for s in self._held_positions(a):
                         self.sym.block(s, f"{a.name}: positions along the axis are returned")
                 if block_io and block_outputs:
                     for s in layout_symbols(out_layout):
@@ -131,9 +129,7 @@ class GraphInference:
             reason = f"rule for {what} failed: {type(e).__name__}: {e}"
             self.log.append((node.name, reason))
             for a in node.all_input_nodes:  # positions it may have used as numbers
-                held = self.positions.get(a)
-                for sym in (held.values() if isinstance(held, dict) else [held] if held is not None
-                            else []):
+                for sym in self._held_positions(a):
                     self.sym.block(sym, reason)
             # every input, containers too (a ModelOutput, a dict, a tuple of
             # tensors): whatever the rule would have related stays fixed
@@ -143,6 +139,13 @@ class GraphInference:
                 # it failed: none of them may move
                 self.block_module_tensors(ctx.module, reason)
             return ctx.fresh(blocked=reason)
+
+    def _held_positions(self, node: fx.Node) -> list[int]:
+        """The axes whose positions ``node``'s value holds (one per tuple element)."""
+        held = self.positions.get(node)
+        if isinstance(held, dict):
+            return list(held.values())
+        return [] if held is None else [held]
 
     def _follow_positions(self, node: fx.Node, ctx: "Context") -> None:
         """Values that are positions along an axis (see :meth:`Context.set_positions`)

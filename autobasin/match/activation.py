@@ -396,23 +396,22 @@ def _batches(data):
     return data
 
 
-def _fits(traced, spec: PermutationSpec) -> bool:
-    """Does ``traced``'s graph carry every group of ``spec``, at its size?"""
-    return all(g in traced.spec.groups and traced.spec.groups[g].size == grp.size
-               for g, grp in spec.groups.items())
+def _missing(traced, spec: PermutationSpec) -> list[str]:
+    """The groups of ``spec`` that ``traced``'s graph does not carry at their size."""
+    return [g for g, grp in spec.groups.items()
+            if g not in traced.spec.groups or traced.spec.groups[g].size != grp.size]
 
 
 def _traced_for(spec: PermutationSpec, a: nn.Module, first_args: tuple, traced):
     """The traced graph whose activations ``spec``'s groups permute: ``traced``
-    when it fits, else ``a`` captured on (two samples of) the first batch."""
-    if traced is not None and _fits(traced, spec):
+    when it carries them, else ``a`` captured on (two samples of) the first batch."""
+    if traced is not None and not _missing(traced, spec):
         return traced
     from ..infer import trace_model
     fresh = trace_model(a, tuple(t[:2] if isinstance(t, torch.Tensor) and t.dim() else t
                                  for t in first_args),
                         capture=spec.capture or "auto", outputs=spec.outputs)
-    missing = [g for g, grp in spec.groups.items()
-               if g not in fresh.spec.groups or fresh.spec.groups[g].size != grp.size]
+    missing = _missing(fresh, spec)
     if missing:
         raise SpecError(f"activation matching needs the traced graph of the spec; capturing "
                         f"model a does not give group {missing[0]!r} of the spec given (edited, "

@@ -15,8 +15,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ...trace import op_name_of
+from ..context import VALUE_COPIES
 from ..registry import alias, rule
-from .common import broadcast_layouts, norm_dim
+from .common import broadcast_layouts, norm_dim, pair_axes
 from .elementwise import elementwise_rule, constant_like, unary_rule
 from .linear import conv_rule, embedding_rule
 from .norm import group_norm_rule, layer_norm_rule, per_channel
@@ -168,16 +170,12 @@ def _scatter(ctx):
         t_lay, t_shape = ctx.layout(t), ctx.shape(t)
         if len(t_shape) != len(shape):
             return _write_at_positions(ctx)
-        for j, (a, b) in enumerate(zip(lay, t_lay)):
-            if j == dim:
-                if t is not index:
-                    ctx.union(b, ctx.layout(index)[j]) if t_shape[j] == ctx.shape(index)[j] \
-                        else ctx.block(b, "scattered in part")
-                continue
-            if t_shape[j] == shape[j]:
-                ctx.union(a, b)
+        pair_axes(ctx, lay, shape, t_lay, t_shape, dim, "scattered in part")
+        if t is not index:  # a source's entry j along dim goes where the index's entry j says
+            if t_shape[dim] == ctx.shape(index)[dim]:
+                ctx.union(t_lay[dim], ctx.layout(index)[dim])
             else:
-                ctx.block(a, "scattered in part")
+                ctx.block(t_lay[dim], "scattered in part")
     return lay
 
 
@@ -188,11 +186,6 @@ def _write_at_positions(ctx):
     for t in ctx.tensor_args():
         ctx.block_layout(ctx.layout(t), f"{ctx.op_name} writes at indexed positions")
     return ctx.fresh(blocked=f"{ctx.op_name} output")
-
-
-# ops that keep the values of their input, along any axis
-_SAME_VALUES = {"to", "_to_copy", "clone", "contiguous", "alias", "detach", "type_as",
-                "_to_dim_order_copy", "lift_fresh_copy"}
 
 
 def _broadcast_along_last(node, depth: int = 8) -> bool:
@@ -208,15 +201,14 @@ def _broadcast_along_last(node, depth: int = 8) -> bool:
             return True
         if node.op != "call_function":
             return False
-        packet = getattr(node.target, "overloadpacket", None)
-        name = packet.__name__ if packet is not None else getattr(node.target, "__name__", "")
+        name = op_name_of(node.target)
         if name in ("expand", "expand_as", "broadcast_to"):
             src = node.args[0]
             val = src.meta.get("val") if isinstance(src, fx.Node) else None
             out = node.meta.get("val")
             return val is not None and out is not None and \
                 (val.dim() < out.dim() or val.shape[-1] == 1) and out.shape[-1] > 1
-        if name not in _SAME_VALUES:
+        if name not in VALUE_COPIES:
             return False
         node = node.args[0]
     return False

@@ -35,6 +35,19 @@ def broadcast(ctx: Context, tensors: list, out_shape: tuple[int, ...]) -> list[i
     return broadcast_layouts(ctx, [(ctx.layout(t), ctx.shape(t)) for t in tensors], out_shape)
 
 
+def pair_axes(ctx: Context, lay, shape, other_lay, other_shape, skip: int, reason: str) -> None:
+    """Relate two tensors' axes position by position, all but ``skip`` (an
+    index and the tensor it gathers from or scatters into): an axis of equal
+    length is one axis; one that ``other`` covers only in part is fixed."""
+    for j, (a, b) in enumerate(zip(lay, other_lay)):
+        if j == skip:
+            continue
+        if other_shape[j] == shape[j]:
+            ctx.union(a, b)
+        else:
+            ctx.block(a, reason)
+
+
 def first_tensor(ctx: Context):
     for a in list(ctx.args) + list(ctx.kwargs.values()):
         if ctx.is_tensor(a):

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..registry import rule
-from .common import norm_dim
+from .common import norm_dim, pair_axes
 
 
 def reshape_layout(ctx, lay: list[int], in_shape, out_shape) -> list[int]:
@@ -407,13 +407,7 @@ def _index_select(ctx):
         idx_lay, idx_shape, shape = ctx.layout(index), ctx.shape(index), ctx.shape(x)
         ctx.union(lay[dim], ctx.positions(index))
         ctx.consume(index)
-        for j, (a, b) in enumerate(zip(lay, idx_lay)):
-            if j == dim:
-                continue
-            if idx_shape[j] == shape[j]:
-                ctx.union(a, b)
-            else:
-                ctx.block(a, "gathered in part")
+        pair_axes(ctx, lay, shape, idx_lay, idx_shape, dim, "gathered in part")
         return list(idx_lay)
     if ctx.target not in (torch.gather, "gather") and ctx.positions(index) is not None:
         ctx.union(lay[dim], ctx.positions(index))  # picked by positions along itself
