@@ -7,6 +7,7 @@ Not a benchmark by itself; the sweeps import it (they put this folder on
 """
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -58,6 +59,58 @@ def check_spec(model, spec, inputs, row: dict, seeds, rtol: float) -> None:
         row.update(status="caught", message=first_line(e, 500), err=max(errs) if errs else None)
     except Exception as e:  # noqa: BLE001
         row.update(status="check-error", message=first_line(e, 500))
+
+
+def work(result_path: str, threads: int, create: Callable[[dict], tuple],
+         describe: Callable[[object, dict], None], seeds, rtol: float, limit: int = 300) -> None:
+    """One model's run in a worker, its row saved to ``result_path`` after
+    every phase (so the parent learns how far it got if the worker dies):
+    ``create(row)`` builds ``(model, inputs)`` and may add to the row (its
+    ``outputs`` are passed to inference); the spec is inferred and timed,
+    ``describe(spec, row)`` records what the sweep reports of it, and the spec
+    is checked (:func:`check_spec`). Error messages are cut to ``limit``."""
+    import warnings
+
+    import torch
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(max(1, threads))
+    ensure_importable()
+    from autobasin.infer import infer_spec
+    from autobasin.testing import randomize_state_
+
+    row: dict = {"status": None, "phase": "create"}
+
+    def save(phase: str | None = None):
+        if phase is not None:
+            row["phase"] = phase
+        Path(result_path).write_text(json.dumps(row))
+
+    save()
+    t_start = time.perf_counter()
+    try:
+        model, inputs = create(row)
+        randomize_state_(model)
+    except Exception as e:  # noqa: BLE001
+        row.update(status="create-error", message=first_line(e, limit))
+        return save()
+    row["params"] = sum(p.numel() for p in model.parameters())
+    row["create_s"] = round(time.perf_counter() - t_start, 2)
+    save("infer")
+    t0 = time.perf_counter()
+    try:
+        spec = infer_spec(model, inputs, outputs=row.get("outputs"))
+    except Exception as e:  # noqa: BLE001
+        row.update(status="trace-error", message=first_line(e, limit),
+                   infer_s=round(time.perf_counter() - t0, 2))
+        return save()
+    row["infer_s"] = round(time.perf_counter() - t0, 2)
+    row["groups"] = len(spec.groups)
+    row["coverage"] = spec.coverage()
+    describe(spec, row)
+    save("check")
+    check_spec(model, spec, inputs, row, seeds, rtol)
+    row["total_s"] = round(time.perf_counter() - t_start, 2)
+    save("done")
 
 
 def watch(pid: int, alive: Callable[[], bool], kill: Callable[[], None], timeout: float,

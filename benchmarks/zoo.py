@@ -59,7 +59,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve()
 sys.path.insert(0, str(HERE.parent))
-from sweep import check_spec, ensure_importable, finish_row, first_line, watch  # noqa: E402
+from sweep import ensure_importable, finish_row, first_line, watch, work  # noqa: E402
 RTOL = 1e-4
 SEEDS = (0, 1)
 LOW_COVERAGE = 0.95
@@ -105,56 +105,18 @@ def _torchvision_model(name: str):
 
 
 def worker(source: str, name: str, result_path: str, threads: int) -> None:
-    import warnings
-
-    import torch
-
-    warnings.filterwarnings("ignore")
-    torch.set_num_threads(max(1, threads))
-    ensure_importable()
-    from autobasin.infer import infer_spec
-    from autobasin.testing import randomize_state_
-
-    row: dict = {"status": None, "phase": "create"}
-
-    def save():
-        Path(result_path).write_text(json.dumps(row))
-
-    save()
-    t_start = time.perf_counter()
-    try:
+    def create(row):
         model, inputs, note = (_timm_model if source == "timm" else _torchvision_model)(name)
-        randomize_state_(model)
-    except Exception as e:  # noqa: BLE001
-        row.update(status="create-error", message=first_line(e))
-        save()
-        return
-    row["params"] = sum(p.numel() for p in model.parameters())
-    row["input_size"] = list(inputs[0].shape[1:]) if inputs and hasattr(inputs[0], "shape") else None
-    row["note"] = note
-    row["create_s"] = round(time.perf_counter() - t_start, 2)
-    row["phase"] = "infer"
-    save()
-    t0 = time.perf_counter()
-    try:
-        spec = infer_spec(model, inputs)
-    except Exception as e:  # noqa: BLE001
-        row.update(status="trace-error", message=first_line(e),
-                   infer_s=round(time.perf_counter() - t0, 2))
-        save()
-        return
-    row["infer_s"] = round(time.perf_counter() - t0, 2)
-    row["groups"] = len(spec.groups)
-    row["coverage"] = spec.coverage()
-    row["blocked"] = [[str(n), str(r)[:300]] for n, r in spec.blocked[:5]]
-    row["n_blocked"] = len(spec.blocked)
-    row["uncovered"] = spec.fixed_reasons(3)
-    row["phase"] = "check"
-    save()
-    check_spec(model, spec, inputs, row, SEEDS, RTOL)
-    row["phase"] = "done"
-    row["total_s"] = round(time.perf_counter() - t_start, 2)
-    save()
+        row["input_size"] = list(inputs[0].shape[1:]) if inputs and hasattr(inputs[0], "shape") else None
+        row["note"] = note
+        return model, inputs
+
+    def describe(spec, row):
+        row["blocked"] = [[str(n), str(r)[:300]] for n, r in spec.blocked[:5]]
+        row["n_blocked"] = len(spec.blocked)
+        row["uncovered"] = spec.fixed_reasons(3)
+
+    work(result_path, threads, create, describe, SEEDS, RTOL)
 
 
 # =============================================================== parent side

@@ -85,7 +85,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve()
 sys.path.insert(0, str(HERE.parent))
-from sweep import check_spec, ensure_importable, finish_row, first_line, watch  # noqa: E402
+from sweep import ensure_importable, finish_row, first_line, watch, work  # noqa: E402
 RTOL = 1e-4
 SEEDS = (0, 1)
 TARGET_COVERAGE = 0.9
@@ -619,66 +619,25 @@ def residual_status(spec, tensor: str | None, axis: int | None) -> tuple[bool | 
 
 # =============================================================== worker side
 def worker(model_type: str, base: bool, result_path: str, threads: int) -> None:
-    import warnings
-
-    import torch
-
-    warnings.filterwarnings("ignore")
-    torch.set_num_threads(max(1, threads))
-    ensure_importable()
     import transformers
     transformers.logging.set_verbosity_error()
-    from autobasin.infer import infer_spec
-    from autobasin.testing import randomize_state_
 
-    row: dict = {"status": None, "phase": "create"}
-
-    def save():
-        Path(result_path).write_text(json.dumps(row))
-
-    save()
-    t_start = time.perf_counter()
-    try:
+    def create(row):
         model, inputs, info = build(model_type, base)
-        randomize_state_(model)
-    except Exception as e:  # noqa: BLE001
-        row.update(status="create-error", message=first_line(e, 500))
-        save()
-        return
-    row.update(info)
-    row["params"] = sum(p.numel() for p in model.parameters())
-    row["create_s"] = round(time.perf_counter() - t_start, 2)
-    row["residual_tensor"], row["residual_axis"] = residual_probe(model, inputs)
-    outputs = ["logits"] if info["head"] and "logits" in info["output_keys"] else None
-    row["outputs"] = outputs
-    row["phase"] = "infer"
-    save()
-    t0 = time.perf_counter()
-    try:
-        spec = infer_spec(model, inputs, outputs=outputs)
-    except Exception as e:  # noqa: BLE001
-        row.update(status="trace-error", message=first_line(e, 500),
-                   infer_s=round(time.perf_counter() - t0, 2))
-        save()
-        return
-    row["infer_s"] = round(time.perf_counter() - t0, 2)
-    row["capture"] = spec.capture or "?"
-    row["groups"] = len(spec.groups)
-    row["coverage"] = spec.coverage()
-    hidden = getattr(spec, "hidden_coverage", None)
-    if callable(hidden):
-        row["hidden_coverage"] = hidden()
-    row["residual"], row["residual_why"] = residual_status(
-        spec, row["residual_tensor"], row["residual_axis"])
-    row["short"] = spec.fixed_reasons(3)
-    row["blocked_ops"] = [[str(n), str(r)[:300]] for n, r in spec.blocked_ops()[:5]]
-    row["n_fixed"] = len(spec.fixed_axes())
-    row["phase"] = "check"
-    save()
-    check_spec(model, spec, inputs, row, SEEDS, RTOL)
-    row["phase"] = "done"
-    row["total_s"] = round(time.perf_counter() - t_start, 2)
-    save()
+        row.update(info)
+        row["residual_tensor"], row["residual_axis"] = residual_probe(model, inputs)
+        row["outputs"] = ["logits"] if info["head"] and "logits" in info["output_keys"] else None
+        return model, inputs
+
+    def describe(spec, row):
+        row["capture"] = spec.capture or "?"
+        row["residual"], row["residual_why"] = residual_status(
+            spec, row["residual_tensor"], row["residual_axis"])
+        row["short"] = spec.fixed_reasons(3)
+        row["blocked_ops"] = [[str(n), str(r)[:300]] for n, r in spec.blocked_ops()[:5]]
+        row["n_fixed"] = len(spec.fixed_axes())
+
+    work(result_path, threads, create, describe, SEEDS, RTOL, limit=500)
 
 
 # =============================================================== parent side
@@ -959,8 +918,6 @@ def write_report(rows: list[dict], out: Path, stem: str, argv: list[str], elapse
     for r in rows:
         res = {True: "yes", False: "no", None: ""}.get(r.get("residual"), "")
         cov = num(r.get("coverage"), ".3f")
-        if isinstance(r.get("hidden_coverage"), float):
-            cov += f" (hidden {r['hidden_coverage']:.3f})"
         lines.append("| " + " | ".join([
             r["type"], f"`{r.get('cls') or r.get('base_class')}`",
             num(r["params"] / 1e6 if isinstance(r.get("params"), int) else None, ".2f"),
