@@ -847,3 +847,18 @@ def test_barrier_on_mnist_idx_folder(tmp_path, capsys):
     assert "heldout" not in err
     doc = json.loads((tmp_path / "curve.json").read_text())
     assert len(doc["naive"]["losses"]) == 3 and doc["naive"]["accuracies"] is not None
+
+
+def test_results_piped_into_a_reader_that_stops_still_write_the_files(tmp_path):
+    """``autobasin inspect ... | head -1``: stdout closes early; the command
+    still exits 0 and writes what it was asked to."""
+    import subprocess
+    import sys
+    out = tmp_path / "spec.json"
+    proc = subprocess.Popen([sys.executable, "-m", "autobasin.cli", "inspect", "timm:resnet10t",
+                             "--json", str(out), "-q"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=tmp_path)
+    proc.stdout.close()  # the reader stops before the first line
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err.decode()[-500:]
+    assert out.exists() and b"BrokenPipe" not in err
