@@ -274,7 +274,25 @@ class SparseMixer(nn.Module):
         return (w.unsqueeze(-1) * out).sum(1)
 
 
+class DenseRouting(nn.Module):
+    """Router weights scattered back to a dense expert axis:
+    ``zeros.scatter(-1, top, weights)`` (a source tensor, not a value)."""
+
+    def __init__(self):
+        super().__init__()
+        self.router, self.body = nn.Linear(8, 4), nn.Linear(8, 3)
+        self.expert_scale = nn.Parameter(torch.randn(4))
+
+    def forward(self, x):
+        scores = self.router(x)
+        top = scores.topk(2, dim=-1).indices
+        weights = scores.gather(-1, top).softmax(-1)
+        dense = torch.zeros_like(scores).scatter(-1, top, weights)
+        return self.body(x) * (dense * self.expert_scale).sum(-1, keepdim=True)
+
+
 NEW_CASES = {
+    "scatter_source_by_positions": (DenseRouting, (torch.randn(6, 8),), None),
     "max_scatter_router": (SparseMixer, (torch.randn(6, 8),), None),
     "literal_index_lists": (FusedHeads, (torch.randn(2, 5, 8),), "export"),
     "patches": (Patches, (torch.randn(2, 3, 8, 8),), None),
