@@ -422,14 +422,20 @@ def export_trace(model: nn.Module, inputs) -> tuple[fx.GraphModule, tuple]:
     return gm, flat
 
 
-_PLAIN_LEAVES = (torch.Tensor, int, float, bool, str, type(None))
+def _is_generation_cache(x) -> bool:
+    """A transformers key/value cache (``transformers.cache_utils.Cache``)."""
+    return any(c.__name__ == "Cache" and c.__module__.startswith("transformers")
+               for c in type(x).__mro__)
 
 
 @contextlib.contextmanager
 def _plain_outputs(model: nn.Module):
-    """While exporting, ``model``'s outputs with every leaf that pytree cannot
-    flatten (a key-value cache object returned beside the logits) replaced by
-    None: torch.export refuses such outputs, and no spec is about them."""
+    """While exporting, ``model``'s outputs with every transformers key/value
+    cache (returned beside the logits even with ``use_cache=False`` by some
+    models) replaced by None: torch.export refuses such objects, and a cache
+    is generation state, not what the model computes. Any other object
+    pytree cannot flatten is left in place: export refuses it and capture
+    fails with its reason, never a spec blind to that output."""
     import functools
     import torch.utils._pytree as pytree
     forward = model.forward
@@ -437,9 +443,9 @@ def _plain_outputs(model: nn.Module):
     @functools.wraps(forward)
     def plain(*args, **kwargs):
         out = forward(*args, **kwargs)
-        if all(isinstance(x, _PLAIN_LEAVES) for x in pytree.tree_leaves(out)):
+        if not any(_is_generation_cache(x) for x in pytree.tree_leaves(out)):
             return out  # as it is: rebuilding a ModelOutput may drop fields
-        return pytree.tree_map(lambda x: x if isinstance(x, _PLAIN_LEAVES) else None, out)
+        return pytree.tree_map(lambda x: None if _is_generation_cache(x) else x, out)
 
     own = model.__dict__.get("forward")  # an instance's own forward (a hook), if any
     model.forward = plain

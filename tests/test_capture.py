@@ -475,29 +475,43 @@ def test_a_model_that_varies_by_itself_is_reported_as_such():
         ab.check_equivalence(model, spec, torch.randn(4, 8))
 
 
-class KVCache:
-    """An object holding tensors that pytree does not know (a key-value cache)."""
+class ReturnsCache(nn.Module):
+    """Logits and a transformers key/value cache beside them (``holder``
+    decides what the cache is: a real one, or another object)."""
+
+    def __init__(self, holder):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 3)
+        self.holder = holder
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x))
+        return {"logits": self.fc2(h), "cache": self.holder(h)}
+
+
+class Holder:
+    """An object holding a hidden tensor that pytree does not know."""
 
     def __init__(self, t):
         self.t = t
 
 
-class ReturnsCache(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 3)
-
-    def forward(self, x):
-        h = torch.relu(self.fc1(x))
-        return {"logits": self.fc2(h), "cache": KVCache(h)}
-
-
-def test_export_captures_a_model_that_returns_an_unknown_object_beside_its_outputs():
+def test_export_captures_a_model_that_returns_a_kv_cache_beside_its_outputs():
+    transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    model = randomize_state_(ReturnsCache().eval(), 0, 0.3)
+    model = randomize_state_(ReturnsCache(lambda h: transformers.DynamicCache()).eval(), 0, 0.3)
     spec = infer_spec(model, torch.randn(4, 8), capture="export", outputs=["logits"])
     assert spec.coverage() == 1.0 and "forward" not in model.__dict__
     assert ab.check_equivalence(model, spec, torch.randn(4, 8)) <= 1e-5
+
+
+def test_another_object_among_the_outputs_is_not_dropped_but_refused():
+    """An output object holding a hidden tensor may be what the caller reads:
+    capture fails with a reason rather than giving a spec blind to it."""
+    model = ReturnsCache(Holder).eval()
+    with pytest.raises(ab.TraceError, match="torch.export"):
+        infer_spec(model, torch.randn(4, 8), capture="export", outputs=["logits"])
+    assert "forward" not in model.__dict__
 
 
 class Codes(nn.Module):
