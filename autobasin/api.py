@@ -12,12 +12,11 @@ from torch import nn
 
 from .guard import check_model_finite, check_model_materialized, unwrap_model
 from .match.weight import weight_matching
-from .merge import state_dict_mismatch
+from .state import state_dict_mismatch
 from .permute import EquivalenceError, apply_permutation, verify_error
 from .repair import check_repair_option
-from .spec import PermutationSpec
+from .spec import PermutationSpec, Perms
 
-Perms = dict[str, torch.Tensor]
 _DEFAULT = type("_Default", (), {"__repr__": lambda self: "<as given to auto_rebasin>"})()
 
 

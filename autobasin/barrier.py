@@ -11,9 +11,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .merge import interpolate_state_dicts
-from .repair import (InputBatches, batch_input, channel_stats, check_repair_option,
-                     model_device)
+from .state import interpolate_state_dicts
+from .guard import eval_mode
+from .batches import InputBatches, batch_input, batch_target, model_device
+from .repair import channel_stats, check_repair_option
 from .repair import repair as repair_model
 from .repair import reset_bn_stats
 
@@ -50,17 +51,6 @@ def _lambda_grid(lambdas: int | Sequence[float]) -> list[float]:
     return grid
 
 
-def batch_target(batch) -> torch.Tensor:
-    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
-        return batch[1]
-    if isinstance(batch, dict):
-        for key in ("target", "targets", "label", "labels", "y"):
-            if key in batch:
-                return batch[key]
-    raise TypeError("a data loader for loss_barrier must yield (input, target) batches; "
-                    "pass an eval_fn for other data")
-
-
 def evaluate(model: nn.Module, data: Iterable, loss_fn: Callable = F.cross_entropy,
              device: torch.device | str | None = None) -> tuple[float, float]:
     """Mean loss and accuracy of ``model`` over ``data`` in eval mode, without grad.
@@ -70,21 +60,15 @@ def evaluate(model: nn.Module, data: Iterable, loss_fn: Callable = F.cross_entro
     with ``target``. The model's train/eval modes are restored.
     """
     device = torch.device(device) if device is not None else model_device(model)
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
     total_loss, correct, count = 0.0, 0, 0
-    try:
-        with torch.no_grad():
-            for batch in data:
-                x, y = batch_input(batch).to(device), batch_target(batch).to(device)
-                logits = model(x)
-                n = y.shape[0]
-                total_loss += float(loss_fn(logits, y)) * n
-                correct += int((logits.argmax(-1) == y).sum())
-                count += n
-    finally:
-        for m, training in modes.items():
-            m.training = training
+    with eval_mode(model), torch.no_grad():
+        for batch in data:
+            x, y = batch_input(batch).to(device), batch_target(batch).to(device)
+            logits = model(x)
+            n = y.shape[0]
+            total_loss += float(loss_fn(logits, y)) * n
+            correct += int((logits.argmax(-1) == y).sum())
+            count += n
     if count == 0:
         raise ValueError("the evaluation data yielded no samples")
     return total_loss / count, correct / count

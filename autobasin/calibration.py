@@ -21,7 +21,8 @@ from typing import Iterable, Mapping
 import torch
 from torch import nn
 
-from .repair import batch_input, model_device
+from .batches import batch_input, model_device
+from .guard import eval_mode
 
 
 @dataclass
@@ -104,19 +105,13 @@ def predict(model: nn.Module, data: Iterable,
     """Logits (N, classes) float32 and labels (N,) of ``model`` over ``(input, target)``
     batches, on the CPU; eval mode without grad (the model's modes are restored)."""
     device = torch.device(device) if device is not None else model_device(model)
-    modes = {m: m.training for m in model.modules()}
     logits, labels = [], []
-    model.eval()
-    try:
-        with torch.no_grad():
-            for batch in data:
-                if not (isinstance(batch, (tuple, list)) and len(batch) >= 2):
-                    raise TypeError("predict needs (input, target) batches")
-                logits.append(model(batch_input(batch).to(device)).float().cpu())
-                labels.append(torch.as_tensor(batch[1]).cpu())
-    finally:
-        for m, training in modes.items():
-            m.training = training
+    with eval_mode(model), torch.no_grad():
+        for batch in data:
+            if not (isinstance(batch, (tuple, list)) and len(batch) >= 2):
+                raise TypeError("predict needs (input, target) batches")
+            logits.append(model(batch_input(batch).to(device)).float().cpu())
+            labels.append(torch.as_tensor(batch[1]).cpu())
     if not logits:
         raise ValueError("the data yielded no batches")
     return torch.cat(logits), torch.cat(labels)

@@ -299,7 +299,8 @@ def _prepare_pair(args, log: _Log, need_data: bool, need_target: bool):
 
 def cmd_align(args, log: _Log) -> int:
     from .api import MATCHERS
-    from .io import save_perms, save_state_dict, state_dict_distance
+    from .io import save_perms, save_state_dict
+    from .state import state_dict_distance
     from .permute import apply_permutation
     out = _output_path(args.out, "--out")
     perms_out = _output_path(args.perms, "--perms") if args.perms else \
@@ -374,7 +375,8 @@ def cmd_barrier(args, log: _Log) -> int:
 
 
 def cmd_merge(args, log: _Log) -> int:
-    from .io import cast_like, save_state_dict
+    from .io import save_state_dict
+    from .state import cast_like
     from .merge import merge_many
     out = _output_path(args.out, "--out")
     if len(args.checkpoints) < 2:

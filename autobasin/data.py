@@ -392,9 +392,8 @@ def _first_line(e: BaseException) -> str:
 
 def check_batch(model: nn.Module, batch, what: str, need_target: bool) -> torch.Tensor:
     """The input of ``batch``; the model must accept it (and a target exist if needed)."""
-    from .barrier import batch_target
     from .inputs import run_naming_layer
-    from .repair import batch_input
+    from .batches import batch_input, batch_target
     try:
         x = batch_input(batch)
     except TypeError as e:

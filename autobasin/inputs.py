@@ -18,6 +18,8 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
+from .guard import eval_mode
+
 
 @dataclass(frozen=True)
 class ModelInputs:
@@ -154,10 +156,8 @@ def run_naming_layer(model: nn.Module, inputs: tuple) -> tuple[str, Exception] |
 
     hooks = [m.register_forward_pre_hook(enter) for m in names] + \
         [m.register_forward_hook(leave) for m in names]
-    modes = {m: m.training for m in model.modules()}
     try:
-        model.eval()
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             model(*inputs)
         return None
     except Exception as e:  # noqa: BLE001 - the caller reports it
@@ -166,5 +166,3 @@ def run_naming_layer(model: nn.Module, inputs: tuple) -> tuple[str, Exception] |
     finally:
         for h in hooks:
             h.remove()
-        for m, training in modes.items():
-            m.training = training

@@ -245,17 +245,6 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, key: str | None =
     return out.eval(), sd
 
 
-def state_dict_distance(sd_a: Mapping[str, torch.Tensor], sd_b: Mapping[str, torch.Tensor]
-                        ) -> float:
-    """The L2 distance between two state dicts over ``sd_a``'s floating-point tensors
-    (computed in float64)."""
-    total = 0.0
-    for k, ta in sd_a.items():
-        if ta.is_floating_point():
-            total += float((ta.double() - sd_b[k].double()).pow(2).sum())
-    return total ** 0.5
-
-
 def load_spec(path: str | os.PathLike):
     """A :class:`~autobasin.spec.PermutationSpec` from a JSON file (``spec.to_json()``, what
     ``autobasin inspect --json`` writes); :class:`CheckpointReadError` naming the file when
@@ -266,15 +255,6 @@ def load_spec(path: str | os.PathLike):
         return PermutationSpec.from_json(path.read_text())
     except (ValueError, KeyError, TypeError, SpecError) as e:
         raise CheckpointReadError(f"{path}: not an autobasin spec JSON ({e})") from e
-
-
-def cast_like(state_dict: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor]
-              ) -> dict[str, torch.Tensor]:
-    """Detached CPU copies of ``state_dict``'s tensors, floating ones in the dtype of the
-    same key in ``reference`` (a checkpoint as stored) where it has that key."""
-    return {k: (v.detach().cpu().to(reference[k].dtype)
-                if k in reference and v.is_floating_point() else v.detach().cpu())
-            for k, v in state_dict.items()}
 
 
 # ----------------------------------------------------------------------- saving

@@ -9,65 +9,11 @@ from typing import Callable, Mapping, TypeVar, overload
 import torch
 from torch import nn
 
-from .permute import with_metadata
+from .batches import model_device
+from .state import StateDict, average, check_compatible, interpolate_state_dicts
 from .repair import check_repair_option
 
-StateDict = Mapping[str, torch.Tensor]
 M = TypeVar("M", bound=nn.Module)
-
-
-def state_dict_mismatch(sd_a: StateDict, sd_b: StateDict, dtypes: bool = False) -> str | None:
-    """The first difference in keys, shapes (and dtypes) of two state dicts,
-    as a sentence naming the key, or None when they match."""
-    for key in sd_a:
-        if key not in sd_b:
-            return f"{key!r} is in a's state_dict but missing from b's"
-    for key in sd_b:
-        if key not in sd_a:
-            return f"{key!r} is in b's state_dict but missing from a's"
-    for key, ta in sd_a.items():
-        tb = sd_b[key]
-        if not (isinstance(ta, torch.Tensor) and isinstance(tb, torch.Tensor)):
-            continue
-        if ta.shape != tb.shape:
-            return f"{key!r} has shape {tuple(ta.shape)} in a but {tuple(tb.shape)} in b"
-        if dtypes and ta.dtype != tb.dtype:
-            return f"{key!r} has dtype {ta.dtype} in a but {tb.dtype} in b"
-    return None
-
-
-def _check_compatible(sd_a: StateDict, sd_b: StateDict) -> None:
-    problem = state_dict_mismatch(sd_a, sd_b)
-    if problem:
-        raise ValueError(problem)
-
-
-def _is_interpolable(t: torch.Tensor) -> bool:
-    return t.is_floating_point() or t.is_complex()
-
-
-def _lerp(ta: torch.Tensor, tb: torch.Tensor, lam: float) -> torch.Tensor:
-    wide = torch.float64 if ta.dtype == torch.float64 else torch.float32
-    if ta.is_complex():
-        wide = torch.complex128 if ta.dtype == torch.complex128 else torch.complex64
-    x = ta.detach().to(wide)
-    y = tb.detach().to(ta.device, wide)
-    return ((1.0 - lam) * x + lam * y).to(ta.dtype)
-
-
-def interpolate_state_dicts(sd_a: StateDict, sd_b: StateDict, lam: float) -> dict[str, torch.Tensor]:
-    """``(1 - lam) * a + lam * b`` entry by entry; see :func:`interpolate`."""
-    _check_compatible(sd_a, sd_b)
-    out: dict[str, torch.Tensor] = {}
-    for key, ta in sd_a.items():
-        tb = sd_b[key]
-        if isinstance(ta, torch.Tensor) and _is_interpolable(ta):
-            out[key] = _lerp(ta, tb, float(lam))
-        elif isinstance(ta, torch.Tensor):
-            out[key] = ta.detach().clone()
-        else:
-            out[key] = copy.deepcopy(ta)
-    return with_metadata(out, sd_a)
 
 
 @overload
@@ -100,22 +46,6 @@ def interpolate(a, b, lam: float):
                     f"got {type(a).__name__} and {type(b).__name__}")
 
 
-def _average(state_dicts: list[StateDict], weights: list[float]) -> dict[str, torch.Tensor]:
-    """Weighted mean of floating entries (computed in float32/64, cast back);
-    integer buffers such as ``num_batches_tracked`` are taken from the first."""
-    out = {}
-    for key, first in state_dicts[0].items():
-        if not (isinstance(first, torch.Tensor) and _is_interpolable(first)):
-            out[key] = first
-            continue
-        wide = torch.float64 if first.dtype == torch.float64 else torch.float32
-        acc = torch.zeros(first.shape, dtype=wide, device=first.device)
-        for sd, w in zip(state_dicts, weights):
-            acc += w * sd[key].detach().to(first.device, wide)
-        out[key] = acc.to(first.dtype)
-    return with_metadata(out, state_dicts[0])
-
-
 def _verify_aligned(models: list[nn.Module], aligned: list[StateDict], spec,
                     example_inputs) -> list[float] | None:
     """Each model, with its aligned state, must compute what it computes on the example
@@ -125,7 +55,6 @@ def _verify_aligned(models: list[nn.Module], aligned: list[StateDict], spec,
     from .permute import verify_error
     from .permute import EquivalenceError
     from .inputs import as_inputs
-    from .repair import model_device
 
     if example_inputs is None:
         warnings.warn("merge_many: no example inputs, so the aligned models were not verified "
@@ -217,7 +146,7 @@ def merge_many(models, method: str = "weight", seed: int = 0, max_rounds: int = 
     sds = [m.state_dict() if isinstance(m, nn.Module) else dict(m) for m in models]
     for i, sd in enumerate(sds[1:], 1):
         try:
-            _check_compatible(sds[0], sd)
+            check_compatible(sds[0], sd)
         except ValueError as e:
             raise ValueError(f"model {i} does not match model 0: {e}") from None
     if weights is None:
@@ -260,7 +189,7 @@ def merge_many(models, method: str = "weight", seed: int = 0, max_rounds: int = 
             w_others = [weights[j] for j in others]
             norm = sum(w_others)
             w_others = [w / norm for w in w_others] if norm > 0 else [1 / len(others)] * len(others)
-            target = _average([aligned[j] for j in others], w_others)
+            target = average([aligned[j] for j in others], w_others)
             # first visit: weight matching's default start (solves each group
             # best-determined first); later visits warm-start from the last answer
             visit_seed = seed + rounds * 1000 + i
@@ -286,7 +215,7 @@ def merge_many(models, method: str = "weight", seed: int = 0, max_rounds: int = 
         warnings.warn("merge_many merged state dicts: the aligned models were not verified to "
                       "compute what their sources compute (only that the spec fits them); pass "
                       "nn.Modules and example_inputs=... to verify", stacklevel=2)
-    merged_sd = _average(aligned, weights)
+    merged_sd = average(aligned, weights)
     if stats is not None:
         stats.update(rounds=rounds, perms=perms)
         if errors is not None:

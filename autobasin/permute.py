@@ -6,7 +6,6 @@ position ``p[i]``.
 """
 from __future__ import annotations
 
-import collections
 import copy
 from typing import Mapping, Sequence
 
@@ -16,9 +15,9 @@ from torch import nn
 
 from .guard import eval_mode
 from .inputs import ModelInputs, as_inputs, select_outputs
-from .spec import Member, PermutationSpec, SpecError, axis_index  # noqa: F401 - axis_index: re-exported
+from .state import with_metadata
+from .spec import Member, PermutationSpec, Perms, SpecError, axis_index  # noqa: F401 - axis_index: re-exported
 
-Perms = dict[str, torch.Tensor]
 
 
 class EquivalenceError(AssertionError):
@@ -57,21 +56,6 @@ def check_perm(name: str, p: torch.Tensor, n: int) -> torch.Tensor:
     if not torch.equal(torch.sort(p).values, torch.arange(n)):
         raise SpecError(f"permutation for group {name!r} is not a permutation of 0..{n - 1}")
     return p
-
-
-def with_metadata(out: dict, source: Mapping) -> dict:
-    """Give ``out`` the ``_metadata`` of the state dict it was made from.
-
-    ``nn.Module.state_dict()`` records each module's version there, and some
-    modules' ``_load_from_state_dict`` need it (torchvision's MNASNet refuses a
-    state dict without it). Returns ``out``.
-    """
-    meta = getattr(source, "_metadata", None)
-    if meta is None:
-        return out
-    out = collections.OrderedDict(out)  # a plain dict cannot carry attributes
-    out._metadata = copy.deepcopy(meta)  # type: ignore[attr-defined]
-    return out
 
 
 def _permuted_entry(param: str, t: torch.Tensor, gm: list[tuple[str, Member]],

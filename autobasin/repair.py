@@ -9,49 +9,15 @@ from :func:`repair` (REPAIR), fused into their Conv/Linear weights.
 from __future__ import annotations
 
 import copy
-import itertools
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .batches import InputBatches, batch_input, model_device
 from .guard import eval_mode
-
-_INPUT_KEYS = ("input", "inputs", "x", "image", "images", "img", "pixel_values")
-
-
-def batch_input(batch: Any) -> torch.Tensor:
-    """The model input of one batch from a data loader.
-
-    A tensor is the input; a tuple or list ``(input, target, ...)`` gives its
-    element 0; a dict gives the value of the first of the keys ``input``,
-    ``inputs``, ``x``, ``image``, ``images``, ``img``, ``pixel_values`` it has,
-    else its first tensor value.
-    """
-    if isinstance(batch, torch.Tensor):
-        return batch
-    if isinstance(batch, (tuple, list)) and batch:
-        return batch[0]
-    if isinstance(batch, dict):
-        for key in _INPUT_KEYS:
-            if key in batch:
-                return batch[key]
-        for value in batch.values():
-            if isinstance(value, torch.Tensor):
-                return value
-    raise TypeError(f"cannot find the model input in a batch of type {type(batch).__name__}")
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """Device of the model's first parameter or buffer (CPU if it has none)."""
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
-
 
 def reset_bn_stats(model: nn.Module, data: Iterable, num_batches: int | None = None,
                    device: torch.device | str | None = None) -> nn.Module:
@@ -174,28 +140,6 @@ def _channels_last(module: nn.Module, out: torch.Tensor) -> torch.Tensor:
     unbatched = out.dim() == module.weight.dim() - 1  # (C, *spatial)
     channels = out if unbatched else out.movedim(1, 0)
     return channels.reshape(channels.shape[0], -1).t()
-
-
-class InputBatches:
-    """Re-iterable model inputs: at most ``limit`` batches of ``data``.
-
-    A one-shot iterator (a generator, ``iter(loader)``) is read once and its
-    inputs are kept in memory, since REPAIR passes over the data several times.
-    A tensor is one batch.
-    """
-
-    def __init__(self, data: Iterable, limit: int | None = None) -> None:
-        if isinstance(data, InputBatches):
-            data, limit = data.data, data.limit if limit is None else min(limit, data.limit or limit)
-        if isinstance(data, torch.Tensor):
-            data = [data]
-        elif iter(data) is data:
-            data = [batch_input(b) for b in itertools.islice(data, limit)]
-        self.data, self.limit = data, limit
-
-    def __iter__(self):
-        for batch in itertools.islice(self.data, self.limit):
-            yield batch_input(batch)
 
 
 class _Stop(Exception):

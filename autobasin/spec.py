@@ -113,6 +113,10 @@ def format_coverage(fraction: float) -> str:
     return f"{math.floor(float(fraction) * 1e4 + 1e-9) / 1e4:.4f}"
 
 
+Perms = dict[str, torch.Tensor]
+"""Permutations by group name: ``{group: LongTensor (n,)}``."""
+
+
 class SpecError(ValueError):
     """A spec does not fit the tensors or permutations it is used with."""
 

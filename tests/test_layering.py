@@ -55,3 +55,28 @@ def test_no_module_imports_underscore_names_of_another():
              for target, names in _imports(name, path, modules) for n in names
              if n.startswith("_") and not n.startswith("__")]
     assert found == []
+
+
+# The bottom layer: plain data and plumbing that every other module may use.
+# None of them may import a module above it (the pipeline, matchers, the CLI).
+BOTTOM = {"autobasin.guard", "autobasin.batches", "autobasin.state", "autobasin.spec"}
+
+
+def test_the_bottom_layer_imports_only_the_bottom_layer():
+    modules = _modules()
+    found = [(name, target) for name in sorted(BOTTOM)
+             for target, names in _imports(name, modules[name], modules)
+             if target not in BOTTOM]
+    assert found == []
+
+
+def test_matchers_do_not_import_the_layers_above_them():
+    # matching may use the bottom layer, permute and the captured graph, never
+    # barrier/merge/repair/api/cli (which use matching)
+    above = {"autobasin.barrier", "autobasin.merge", "autobasin.repair", "autobasin.api",
+             "autobasin.cli", "autobasin.calibration", "autobasin.data", "autobasin.demo"}
+    modules = _modules()
+    found = [(name, target) for name in modules if name.startswith("autobasin.match")
+             for target, names in _imports(name, modules[name], modules)
+             if target in above or any(f"{target}.{n}" in above for n in names)]
+    assert found == []

@@ -14,8 +14,8 @@ from ..inputs import ModelInputs, as_inputs, positional, select_output
 from ..trace import (ExampleRecorder, TraceError, default_inputs, export_trace, graph_over,
                      symbolic_trace)
 from . import rules as _rules  # noqa: F401 - registers the built-in rules
-from .engine import GraphInference, TensorTable, layout_symbols, map_meta
-from .registry import FUNCTION_RULES, METHOD_RULES, MODULE_RULES, rule
+from .engine import GraphInference, TensorTable, layout_symbols
+from .registry import rule
 from .symbols import Symbols
 
 __all__ = ["infer_spec", "trace_model", "rule", "TracedModel"]

@@ -20,9 +20,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..spec import Group, Member, PermutationSpec, TensorInfo
 from ..guard import eval_mode
-from ..trace import OPAQUE_VALUE, TensorMeta, get_attr
+from ..trace import OPAQUE_VALUE, get_attr
 from .context import Context, is_tensor_meta, layout_symbols, map_meta
 from .inline import MAX_INLINE_DEPTH, paired_layouts, trace_body
 from .registry import FUNCTION_RULES, METHOD_RULES, module_rule

@@ -59,16 +59,15 @@ import torch.fx as fx
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..guard import check_model_finite, check_model_materialized, unwrap_model
+from ..guard import check_model_finite, check_model_materialized, eval_mode, unwrap_model
 from ..permute import apply_permutation
 from ..inputs import as_inputs
-from ..repair import batch_input, model_device
-from ..spec import PermutationSpec, SpecError
+from ..batches import batch_args, model_device, to_device
+from ..spec import PermutationSpec, Perms, SpecError
 from ..trace import graph_over
 from .lap import solve_lap
 from .weight import weight_matching
 
-Perms = dict[str, torch.Tensor]
 
 SIMILARITIES = ("correlation", "inner")
 
@@ -383,13 +382,6 @@ class _Tap(fx.Interpreter):
         return value
 
 
-def _as_args(batch, input_fn) -> tuple:
-    x = input_fn(batch) if input_fn is not None else batch_input(batch)
-    if isinstance(x, torch.Tensor):
-        return (x,)
-    return tuple(x)
-
-
 def _batches(data):
     if isinstance(data, torch.Tensor):
         return [data]
@@ -556,7 +548,7 @@ def activation_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, data:
             through. The spec must fit both (:meth:`PermutationSpec.check_fits`):
             a spec of another model is a :class:`SpecError` naming the tensor.
         data: an iterable of batches; each batch is the model input or
-            ``(input, target, ...)`` / a dict (see :func:`autobasin.repair.batch_input`),
+            ``(input, target, ...)`` / a dict (see :func:`autobasin.batches.batch_input`),
             or whatever ``input_fn(batch)`` turns into the positional inputs.
         num_batches: use at most this many batches (default: all of ``data``).
         similarity: ``"correlation"`` (Pearson; a unit without variance has
@@ -602,10 +594,7 @@ def activation_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, data:
     by_node: dict[str, list[ActivationEntry]] = {}
     gm_a = gm_b = None
     batches = samples = empty = 0
-    modes = {m: m.training for model in (a, b) for m in model.modules()}
-    try:
-        a.eval()
-        b.eval()
+    with eval_mode(a, b):
         total = num_batches
         if total is None and hasattr(data, "__len__") and not isinstance(data, torch.Tensor):
             total = len(data)
@@ -614,7 +603,7 @@ def activation_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, data:
             for i, batch in enumerate(_batches(data)):
                 if num_batches is not None and i >= num_batches:
                     break
-                args = _as_args(batch, input_fn)
+                args = batch_args(batch, input_fn)
                 first = next((t for t in args if isinstance(t, torch.Tensor)), None)
                 if first is not None and first.dim() and first.shape[0] == 0:
                     empty += 1  # an empty batch has no samples to correlate
@@ -652,16 +641,13 @@ def activation_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, data:
                         flat = traced.flat(as_inputs(args, a))
                         if flat is None:
                             raise ValueError("the inputs do not fit the captured graph")
-                        _Tap(gm, names, tap).run(*[_to(t, dev) for t in flat])
+                        _Tap(gm, names, tap).run(*[to_device(t, dev) for t in flat])
                     except Exception as e:  # noqa: BLE001 - say which batch, and what was expected
                         raise _batch_error(label, i, args, traced, e) from e
                 batches += 1
                 samples += int(first.shape[0]) if first is not None and first.dim() else 1
                 bar.update(1)
         bar.close()
-    finally:
-        for m, training in modes.items():
-            m.training = training
     if entries is None:
         if empty:
             raise ValueError(f"activation matching got no samples from data: all {empty} "
@@ -722,6 +708,3 @@ def _batch_error(label: str, index: int, args: tuple, traced, error: Exception) 
 def _all_zero(entries, sims, g) -> bool:
     return all(float(s.abs().max()) == 0.0 for e, s in zip(entries, sims) if g in e.groups)
 
-
-def _to(t, device):
-    return t.to(device) if isinstance(t, torch.Tensor) else t

@@ -42,20 +42,12 @@ from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 from tqdm.auto import tqdm
 
-from ..barrier import batch_target
 from ..guard import check_model_finite, check_model_materialized, unwrap_model
 from ..permute import check_perm, apply_permutation
-from ..repair import batch_input, model_device
-from ..spec import PermutationSpec
+from ..batches import batch_args, batch_target, model_device
+from ..spec import PermutationSpec, Perms
 from .weight import weight_matching
 
-Perms = dict[str, torch.Tensor]
-
-
-def _args(batch, input_fn, device) -> tuple:
-    x = input_fn(batch) if input_fn is not None else batch_input(batch)
-    xs = (x,) if isinstance(x, torch.Tensor) else tuple(x)
-    return tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in xs)
 
 
 def _key(perms: Perms) -> tuple:
@@ -146,7 +138,7 @@ def ste_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, data: Iterab
     for i, batch in enumerate(data):
         if i >= eval_batches:
             break
-        eval_set.append((_args(batch, input_fn, device), target_fn(batch).to(device)))
+        eval_set.append((batch_args(batch, input_fn, device), target_fn(batch).to(device)))
     if not eval_set:
         raise ValueError("ste_matching got no batches from data")
     eval_samples = sum(int(t.shape[0]) if t.dim() else 1 for _, t in eval_set)
@@ -237,7 +229,7 @@ def ste_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, data: Iterab
                         if any(not torch.equal(new[k], perms[k]) for k in perms):
                             perm_changes += 1
                         perms = new
-                    args = _args(batch, input_fn, device)
+                    args = batch_args(batch, input_fn, device)
                     target = target_fn(batch).to(device)
                     state = midpoint_state(perms, straight_through=True)
                     loss = loss_fn(functional_call(a, state, args), target)

@@ -68,10 +68,9 @@ from tqdm.auto import tqdm
 
 from ..guard import check_finite, check_materialized
 from ..permute import check_perm, axis_index
-from ..spec import Member, PermutationSpec, SpecError
+from ..spec import Member, PermutationSpec, Perms, SpecError
 from .lap import solve_lap
 
-Perms = dict[str, torch.Tensor]
 
 _REL_TOL = 1e-12
 # A greedy step with at most this many columns of evidence per row accumulates its

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..registry import rule
-from .common import broadcast_layouts, norm_dim
+from .common import broadcast_layouts
 
 
 def _broadcast_batch(ctx, la, sa, lb, sb, out_batch_shape):

@@ -5,7 +5,6 @@ refines them as a row-major product (channels = heads x head_dim,
 conv features -> flatten -> Linear)."""
 from __future__ import annotations
 
-import math
 import operator
 
 import torch
