@@ -2,7 +2,8 @@
 
 The pipeline: ``trace_model`` (capture + infer; a ``TracedModel`` whose ``spec``
 is what ``infer_spec`` returns) -> ``PermutationSpec`` (plain data) -> a matcher
-(``weight_matching``, ``activation_matching``, ``ste_matching``) -> permutations
+(``weight_matching``, ``activation_matching``, ``ste_matching``) -> a ``Matching``
+(the permutations and how they were found)
 -> ``apply_permutation`` -> ``interpolate`` / ``loss_barrier`` / ``merge_many``.
 ``auto_rebasin`` runs it in one call.
 """
@@ -14,9 +15,7 @@ from .guard import MetaTensorError, NonFiniteWeightError
 from .infer import ExampleInputError, TracedModel, infer_spec, rule, trace_model
 from .inputs import ModelInputs
 from .io import CheckpointError, load_into, load_perms, load_state_dict, save_perms, save_state_dict
-from .match.activation import activation_matching
-from .match.ste import ste_matching
-from .match.weight import weight_matching
+from .match import Matching, activation_matching, ste_matching, weight_matching
 from .merge import interpolate, merge_many
 from .models import ModelSpecError, build_model
 from .permute import (EquivalenceError, NondeterministicModelError, apply_permutation,
@@ -31,7 +30,7 @@ __all__ = [
     "SpecError", "TraceError", "ExampleInputError", "NonFiniteWeightError", "MetaTensorError",
     "random_permutation", "identity_permutation", "apply_permutation", "invert", "compose",
     "permute_model", "check_equivalence", "EquivalenceError", "NondeterministicModelError",
-    "weight_matching", "activation_matching", "ste_matching",
+    "weight_matching", "activation_matching", "ste_matching", "Matching",
     "auto_rebasin", "RebasinResult", "ArchitectureMismatchError",
     "interpolate", "merge_many", "reset_bn_stats", "loss_barrier", "plot_barrier", "BarrierResult",
     "load_state_dict", "save_state_dict", "load_into", "save_perms", "load_perms", "CheckpointError",

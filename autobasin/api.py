@@ -5,13 +5,13 @@ import copy
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import torch
 from torch import nn
 
 from .guard import check_model_finite, check_model_materialized, unwrap_model
-from .match.weight import weight_matching
+from .match import MATCHERS, Matching
 from .state import state_dict_mismatch
 from .permute import EquivalenceError, apply_permutation, verify_error
 from .repair import check_repair_option
@@ -31,8 +31,13 @@ class RebasinResult:
     ``model`` is a deep copy of B whose state is permuted to line up with A;
     it computes what B computes. ``state_dict`` is that state (sharing storage
     with ``model``). ``perms`` maps each group of ``spec`` to a CPU LongTensor
-    (n,). ``stats`` holds what the matcher reported (e.g. ``sweeps``) plus
-    ``seconds`` and, when verified, ``verify_error``.
+    (n,). ``matching`` is what the matcher returned (a
+    :class:`~autobasin.match.result.Matching`, e.g. ``matching.sweeps``,
+    ``matching.objective``). ``verify_error`` is the relative error between the
+    aligned model's and B's outputs on the example inputs (None when not
+    verified), ``verify_dtype`` the dtype it was confirmed in when float32
+    rounding needed a float64 re-check, and ``seconds`` the whole call's time.
+    ``stats`` (kept for compatibility) is all of that as one dict.
 
     ``reference`` is model A itself (not a copy) and ``repair`` /
     ``repair_data`` what :func:`auto_rebasin` was given for them: the defaults
@@ -44,10 +49,23 @@ class RebasinResult:
     spec: PermutationSpec
     state_dict: dict[str, torch.Tensor]
     method: str
-    stats: dict = field(default_factory=dict)
+    matching: Matching | None = None
+    verify_error: float | None = None
+    verify_dtype: str | None = None
+    seconds: float = 0.0
     reference: nn.Module | None = field(default=None, repr=False)
     repair: str | None = None
     repair_data: Iterable | None = field(default=None, repr=False)
+
+    @property
+    def stats(self) -> dict:
+        out = self.matching.as_dict() if self.matching is not None else {}
+        if self.verify_error is not None:
+            out["verify_error"] = self.verify_error
+        if self.verify_dtype is not None:
+            out["verify_dtype"] = self.verify_dtype
+        out["seconds"] = self.seconds
+        return out
 
     def _repair_args(self, repair: str | None | type, data: Iterable | None) -> tuple:
         repair = self.repair if repair is _DEFAULT else repair
@@ -83,45 +101,6 @@ class RebasinResult:
         repair, data = self._repair_args(repair, data)
         return loss_barrier(self.reference, self.model, eval_fn_or_data, repair=repair,
                             repair_data=data, **kwargs)
-
-
-# --------------------------------------------------------------------- matchers
-# A matcher is ``(spec, a, b, data, seed, progress, **kw) -> perms`` with ``a`` and
-# ``b`` the two nn.Modules. Set ``needs_data = True`` on one that needs ``data``
-# (activation, STE matching) and auto_rebasin refuses to call it without.
-Matcher = Callable[..., Perms]
-
-
-def _weight(spec: PermutationSpec, a: nn.Module, b: nn.Module, data: Iterable | None,
-            seed: int, progress: bool, **kw: Any) -> Perms:
-    return weight_matching(spec, a.state_dict(), b.state_dict(), seed=seed, progress=progress, **kw)
-
-
-_weight.needs_data = False
-
-MATCHERS: dict[str, Matcher] = {"weight": _weight}
-
-
-def _activation(spec: PermutationSpec, a: nn.Module, b: nn.Module, data: Iterable | None,
-                seed: int, progress: bool, **kw: Any) -> Perms:
-    from .match.activation import activation_matching
-    return activation_matching(spec, a, b, data, seed=seed, progress=progress, **kw)
-
-
-_activation.needs_data = True
-_activation.takes_traced = True  # reads activation sites from the TracedModel
-MATCHERS["activation"] = _activation
-
-
-def _ste(spec: PermutationSpec, a: nn.Module, b: nn.Module, data: Iterable | None,
-         seed: int, progress: bool, **kw: Any) -> Perms:
-    from .match.ste import ste_matching
-    kw.pop("device", None)  # STE runs where model a is
-    return ste_matching(spec, a, b, data, seed=seed, progress=progress, **kw)
-
-
-_ste.needs_data = True
-MATCHERS["ste"] = _ste
 
 
 # ---------------------------------------------------------------------- checks
@@ -187,7 +166,8 @@ def auto_rebasin(a: nn.Module, b: nn.Module, example_inputs=None, method: str = 
         example_inputs: inputs to trace ``a`` with when inferring the spec, and to
             verify with (a tensor, a tuple of positional inputs, or a dict of
             keyword inputs).
-        method: a key of :data:`MATCHERS` (``"weight"``).
+        method: a key of :data:`autobasin.match.MATCHERS`: ``"weight"`` (default),
+            ``"activation"`` or ``"ste"`` (these two need ``data``).
         data: batches for matchers that need data, and for ``repair``.
         seed: seeds the matcher.
         verify: check that the aligned B computes what B computes on the example
@@ -222,7 +202,7 @@ def auto_rebasin(a: nn.Module, b: nn.Module, example_inputs=None, method: str = 
     check_repair_option(repair)
     if repair is not None and data is None:
         raise ValueError(f"repair={repair!r} needs data=<iterable of batches>")
-    if getattr(matcher, "needs_data", False) and data is None:
+    if matcher.needs_data and data is None:
         raise ValueError(f"method {method!r} needs data: pass data=<iterable of batches>")
     check_same_architecture(a, b)
     for label, model in (("a", a), ("b", b)):
@@ -233,19 +213,22 @@ def auto_rebasin(a: nn.Module, b: nn.Module, example_inputs=None, method: str = 
         from .infer import trace_model
         traced = trace_model(a, example_inputs)
         spec = traced.spec
-    if traced is not None and getattr(matcher, "takes_traced", False):
+    if traced is not None and matcher.takes_traced:
         matcher_kwargs.setdefault("traced", traced)
+    if not matcher.runs_on_a:
+        matcher_kwargs["device"] = device
 
-    stats: dict = {}
-    perms = matcher(spec, a, b, data, seed, progress, max_iter=max_iter, device=device,
-                    stats=stats, **matcher_kwargs)
-    perms = {k: torch.as_tensor(p).long().cpu() for k, p in perms.items()}
+    matching = matcher.run(spec, a, b, data, seed=seed, progress=progress, max_iter=max_iter,
+                           **matcher_kwargs)
+    if not isinstance(matching, Matching):  # a registered matcher that returns a plain mapping
+        matching = Matching(perms=dict(matching), method=method)
+    perms = {k: torch.as_tensor(p).long().cpu() for k, p in matching.items()}
     state = apply_permutation(spec, perms, b.state_dict())
     aligned = copy.deepcopy(b)
     aligned.load_state_dict(state)
     # the aligned model's own tensors: no aliasing with b's
     result = RebasinResult(model=aligned, perms=perms, spec=spec, state_dict=aligned.state_dict(),
-                           method=method, stats=stats, reference=a, repair=repair,
+                           method=method, matching=matching, reference=a, repair=repair,
                            repair_data=data)
 
     if verify:
@@ -255,13 +238,13 @@ def auto_rebasin(a: nn.Module, b: nn.Module, example_inputs=None, method: str = 
                           "verified; pass example_inputs=... to check it", stacklevel=2)
         else:
             err, wide = verify_error(b, aligned, inputs, outputs=spec.outputs)
-            stats["verify_error"] = err
+            result.verify_error = err
             if wide is not None:
-                stats["verify_dtype"] = str(wide).removeprefix("torch.")
+                result.verify_dtype = str(wide).removeprefix("torch.")
             if not err <= 1e-4:
                 raise EquivalenceError(
                     f"the aligned model computes something else than b: relative error "
                     f"{err:.3g} > 1e-4; the permutation spec does not fit this model "
                     f"(check it with autobasin.check_equivalence)")
-    stats["seconds"] = time.perf_counter() - start
+    result.seconds = time.perf_counter() - start
     return result

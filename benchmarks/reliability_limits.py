@@ -80,9 +80,8 @@ def child_match(name: str) -> dict:
     params = sum(t.numel() for t in sds[0].values())
     _reset_peak()
     before = _status_kib("VmRSS") / 2 ** 20
-    stats: dict = {}
     t0 = time.perf_counter()
-    perms = weight_matching(spec, sds[0], sds[1], progress=False, stats=stats)
+    perms = weight_matching(spec, sds[0], sds[1], progress=False)
     seconds = time.perf_counter() - t0
     peak = _status_kib("VmHWM") / 2 ** 20
     # a sanity check that the permutations are usable: applying them keeps B's norm
@@ -93,8 +92,8 @@ def child_match(name: str) -> dict:
     return {"model": name, "params": params, "model_gib": model_gib, "rss_before_gib": before,
             "peak_rss_gib": peak, "growth_gib": peak - before,
             "peak_over_model": peak / model_gib, "growth_over_model": (peak - before) / model_gib,
-            "seconds": seconds, "sweeps": stats["sweeps"], "groups": len(spec.groups),
-            "init_seconds": stats["init_seconds"], "norm_kept": same_norm}
+            "seconds": seconds, "sweeps": perms.sweeps, "groups": len(spec.groups),
+            "init_seconds": perms.init_seconds, "norm_kept": same_norm}
 
 
 def child_save(path: str, gib: float) -> None:

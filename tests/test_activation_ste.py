@@ -161,11 +161,13 @@ def test_fallback_groups_use_weight_matching():
     spec = infer_spec(a, torch.randn(2, 20))
     planted = random_permutation(spec, seed=4)
     b = permute_model(a, spec, planted)
-    stats = {}
     perms = activation_matching(spec, a, b, random_batches((32, 20)), nodes=["relu2"],
-                                progress=False, stats=stats)
-    assert sorted(stats["fallback_groups"]) == ["fc1:out", "fc3:out"]
-    assert stats["activation_groups"] == 1 and "weight_matching" in stats
+                                progress=False)
+    assert sorted(perms.fallback_groups) == ["fc1:out", "fc3:out"]
+    assert perms.activation_groups == 1
+    # the fallback's own typed result, over the fallback groups only
+    assert sorted(perms.weight_matching) == ["fc1:out", "fc3:out"]
+    assert perms.as_dict()["weight_matching"]["method"] == "weight"
     assert_recovered(spec, perms, planted)
 
 

@@ -8,6 +8,7 @@ from torch import nn
 from autobasin import (EquivalenceError, Group, Member, PermutationSpec, SpecError,
                        apply_permutation, auto_rebasin, random_permutation, weight_matching)
 from autobasin.api import MATCHERS, ArchitectureMismatchError
+from autobasin.match import Matcher, Matching
 from autobasin.match import solve_lap
 from autobasin.spec import TensorInfo
 
@@ -354,15 +355,15 @@ def test_auto_rebasin_matcher_registry_passes_data(monkeypatch):
         seen.update(data=data, seed=seed, kw=sorted(kw))
         return {name: torch.arange(g.size) for name, g in spec.groups.items()}
 
-    needs_data.needs_data = True
-    monkeypatch.setitem(MATCHERS, "fake", needs_data)
+    monkeypatch.setitem(MATCHERS, "fake", Matcher("fake", needs_data, needs_data=True))
     a, spec = make_mlp(), mlp_spec(make_mlp())
     with pytest.raises(ValueError, match="needs data"):
         auto_rebasin(a, make_mlp(seed=1), spec=spec, method="fake", progress=False)
     result = auto_rebasin(a, make_mlp(seed=1), spec=spec, method="fake", data=[1, 2], seed=3,
                           progress=False, example_inputs=torch.randn(2, 20), extra=1)
-    assert seen == {"data": [1, 2], "seed": 3, "kw": ["device", "extra", "max_iter", "stats"]}
+    assert seen == {"data": [1, 2], "seed": 3, "kw": ["device", "extra", "max_iter"]}
     assert result.method == "fake"
+    assert isinstance(result.matching, Matching) and result.matching.method == "fake"
 
 
 def test_auto_rebasin_verification_catches_a_wrong_spec():
@@ -474,3 +475,67 @@ def test_best_start_keeps_the_higher_objective():
     perms = weight_matching(spec, a, apply_permutation(spec, p, a), progress=False, stats=planted)
     assert planted["starts"]["identity"] is None and planted["init"] == "greedy"
     assert_same_state(apply_permutation(spec, perms, apply_permutation(spec, p, a)), a, atol=1e-5)
+
+
+# ------------------------------------------------------------ typed results
+def test_weight_matching_returns_a_typed_result_that_is_the_permutation_mapping():
+    from collections.abc import Mapping
+
+    from autobasin.match import WeightMatching
+    a, b = make_mlp(), make_mlp(seed=1)
+    spec = mlp_spec(a)
+    stats: dict = {}
+    result = weight_matching(spec, a.state_dict(), b.state_dict(), progress=False, stats=stats)
+    assert isinstance(result, WeightMatching) and isinstance(result, Mapping)
+    assert sorted(result) == sorted(spec.groups) and len(result) == len(spec.groups)
+    assert all(torch.equal(torch.sort(result[g]).values, torch.arange(spec.groups[g].size))
+               for g in spec.groups)
+    assert result.method == "weight" and result.sweeps >= 1 and result.converged
+    assert result.objective == result.objective_history[-1] >= result.initial_objective
+    assert result.starts["greedy"] is not None
+    # the compatibility dict holds the same figures, and no permutations
+    assert "perms" not in result.as_dict() and stats == result.as_dict()
+    # it applies like a dict of permutations
+    aligned = apply_permutation(spec, result, b.state_dict())
+    first = next(iter(spec.groups))
+    layer = first.split(":")[0]
+    assert torch.equal(aligned[f"{layer}.weight"], b.state_dict()[f"{layer}.weight"][result[first]])
+
+
+def test_a_registered_matcher_is_a_record_read_by_auto_rebasin():
+    from autobasin.match import MATCHERS as REGISTRY
+    assert REGISTRY is MATCHERS
+    assert {m: (r.needs_data, r.takes_traced) for m, r in MATCHERS.items()
+            if m in ("weight", "activation", "ste")} == {
+        "weight": (False, False), "activation": (True, True), "ste": (True, False)}
+    a = make_mlp()
+    result = auto_rebasin(a, make_mlp(seed=1), spec=mlp_spec(a), progress=False,
+                          example_inputs=torch.randn(2, 20))
+    assert result.matching.method == "weight" and result.verify_error <= 1e-5
+    assert result.stats["verify_error"] == result.verify_error
+    assert result.stats["sweeps"] == result.matching.sweeps
+
+
+def test_coordinate_descent_stops_after_a_sweep_that_changes_nothing():
+    from autobasin.match.descent import coordinate_descent
+    gen = torch.Generator().manual_seed(0)
+    sims = {g: torch.randn(6, 6, generator=gen, dtype=torch.float64) for g in ("x", "y")}
+    perms = {g: torch.arange(6) for g in sims}
+    calls = []
+
+    def similarity(g):
+        calls.append(g)
+        return sims[g]
+
+    out = coordinate_descent(["x", "y"], similarity, perms, max_iter=10, seed=0)
+    # independent groups: one sweep solves both, the second changes nothing
+    assert out.converged and out.sweeps == 2 and len(calls) == 4
+    for g, s in sims.items():
+        assert torch.equal(perms[g], solve_lap(s))
+    # a tolerance that says stop ends after the first sweep; max_iter=0 does nothing
+    fresh = {g: torch.arange(6) for g in sims}
+    assert coordinate_descent(["x", "y"], similarity, fresh, max_iter=10, seed=0,
+                              after_sweep=lambda: True).sweeps == 1
+    idle = {g: torch.arange(6) for g in sims}
+    out = coordinate_descent(["x", "y"], similarity, idle, max_iter=0, seed=0)
+    assert out.sweeps == 0 and not out.converged and torch.equal(idle["x"], torch.arange(6))

@@ -65,13 +65,14 @@ from ..inputs import as_inputs
 from ..batches import batch_args, model_device, to_device
 from ..spec import PermutationSpec, Perms, SpecError
 from ..trace import graph_over
+from .descent import coordinate_descent
 from .lap import solve_lap
+from .result import ActivationMatching, fill_stats
 from .weight import weight_matching
 
 
 SIMILARITIES = ("correlation", "inner")
 
-_REL_TOL = 1e-12
 
 
 # ------------------------------------------------------------------ moments
@@ -499,24 +500,8 @@ def _solve(entries: list[ActivationEntry], sims: list[torch.Tensor], spec: Permu
             s = d if s is None else s + d
         return s
 
-    sweeps = 0
     dyn = [g for g in groups if g in dynamic]
-    if dyn:
-        gen = torch.Generator().manual_seed(seed)
-        for _ in range(max_iter):
-            sweeps += 1
-            improved = False
-            for k in torch.randperm(len(dyn), generator=gen).tolist():
-                g = dyn[k]
-                s = similarity(g)
-                new = solve_lap(s, name=g)
-                rows = torch.arange(s.shape[0])
-                old_v, new_v = float(s[rows, perms[g]].sum()), float(s[rows, new].sum())
-                if new_v - old_v > _REL_TOL * max(abs(old_v), abs(new_v)):
-                    perms[g] = new
-                    improved = True
-            if not improved:
-                break
+    sweeps = coordinate_descent(dyn, similarity, perms, max_iter=max_iter, seed=seed).sweeps if dyn else 0
     matched = {}
     for g in groups:
         s = similarity(g)
@@ -532,7 +517,7 @@ def activation_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, data:
                         device: torch.device | str | None = None, *,
                         nodes: Iterable[str] | None = None, input_fn: Callable | None = None,
                         max_iter: int = 100, seed: int = 0, eps: float = 1e-6,
-                        traced=None) -> dict[str, torch.Tensor]:
+                        traced=None) -> ActivationMatching:
     """Permutations of B's groups that best correlate B's activations with A's.
 
     Args:
@@ -554,16 +539,8 @@ def activation_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, data:
         similarity: ``"correlation"`` (Pearson; a unit without variance has
             correlation 0) or ``"inner"`` (mean product, uncentred).
         progress: show a tqdm bar over batches.
-        stats: if a dict is given, it receives ``activation_groups`` (how many
-            groups were matched on activations), ``fallback_groups`` (names of
-            those matched by weight matching instead), ``entries`` (activation
-            grids used), ``nodes`` (graph values used), ``group_nodes``
-            (``{group: [node names]}``), ``levels`` (``{group: 1|2|3}``, see the
-            module docstring), ``matched_similarity`` (``{group: mean similarity
-            of matched units, averaged over its entries}``), ``batches``,
-            ``samples``, ``sweeps`` (coordinate descent on structured grids),
-            ``seconds`` and, when there was a fallback, ``weight_matching``
-            (its stats).
+        stats: kept for compatibility: a dict given here receives the result's
+            fields (:meth:`~autobasin.match.result.Matching.as_dict`).
         device: where the statistics are accumulated (default: A's device); the
             models run where they are, inputs are moved to each model's device.
         nodes: graph node names to take activations from instead of the
@@ -574,8 +551,10 @@ def activation_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, data:
         eps: relative threshold below which a unit's standard deviation counts as 0.
 
     Returns:
-        ``{group name: CPU LongTensor (n,)}``; apply it to B with
-        :func:`autobasin.permute.apply_permutation`.
+        an :class:`~autobasin.match.result.ActivationMatching`: the mapping
+        ``{group name: CPU LongTensor (n,)}`` (apply it to B with
+        :func:`autobasin.permute.apply_permutation`) with the groups, graph
+        values, similarities and fallbacks as attributes.
     """
     start = time.perf_counter()
     if similarity not in SIMILARITIES:
@@ -661,7 +640,7 @@ def activation_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, data:
     # groups without a usable activation (or with only zero similarity): weight matching
     fallback = [g for g, grp in spec.groups.items()
                 if grp.size > 1 and (g not in perms or _all_zero(used, sims, g))]
-    wm_stats: dict = {}
+    wm = None
     for g, grp in spec.groups.items():
         if g not in perms or g in fallback:
             perms[g] = torch.arange(grp.size)
@@ -669,24 +648,22 @@ def activation_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, data:
         sd_a, sd_b = a.state_dict(), b.state_dict()
         b_now = apply_permutation(spec, perms, sd_b)
         sub = spec.without(*[g for g in spec.groups if g not in fallback])
-        perms.update(weight_matching(sub, sd_a, b_now, max_iter=max_iter, seed=seed,
-                                     progress=False, stats=wm_stats))
+        wm = weight_matching(sub, sd_a, b_now, max_iter=max_iter, seed=seed, progress=False)
+        perms.update(wm)
 
-    result = {g: perms[g].long().cpu() for g in spec.groups}
-    if stats is not None:
-        group_nodes: dict[str, list[str]] = {}
-        for e in used:
-            for g in e.groups:
-                if g is not None and e.node not in group_nodes.setdefault(g, []):
-                    group_nodes[g].append(e.node)
-        stats.update(activation_groups=len([g for g in matched if g not in fallback]),
-                     fallback_groups=fallback, entries=len(used),
-                     nodes=sorted({e.node for e in used}), group_nodes=group_nodes,
-                     levels={g: levels[g] for g in group_nodes}, matched_similarity=matched,
-                     batches=batches, samples=samples, sweeps=sweeps,
-                     seconds=time.perf_counter() - start)
-        if fallback:
-            stats["weight_matching"] = wm_stats
+    group_nodes: dict[str, list[str]] = {}
+    for e in used:
+        for g in e.groups:
+            if g is not None and e.node not in group_nodes.setdefault(g, []):
+                group_nodes[g].append(e.node)
+    result = ActivationMatching(
+        perms={g: perms[g].long().cpu() for g in spec.groups}, method="activation",
+        activation_groups=len([g for g in matched if g not in fallback]),
+        fallback_groups=fallback, entries=len(used), nodes=sorted({e.node for e in used}),
+        group_nodes=group_nodes, levels={g: levels[g] for g in group_nodes},
+        matched_similarity=matched, batches=batches, samples=samples, sweeps=sweeps,
+        converged=True, weight_matching=wm, seconds=time.perf_counter() - start)
+    fill_stats(stats, result)
     return result
 
 

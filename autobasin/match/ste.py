@@ -46,6 +46,7 @@ from ..guard import check_model_finite, check_model_materialized, unwrap_model
 from ..permute import check_perm, apply_permutation
 from ..batches import batch_args, batch_target, model_device
 from ..spec import PermutationSpec, Perms
+from .result import STEMatching, fill_stats
 from .weight import weight_matching
 
 
@@ -60,7 +61,7 @@ def ste_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, data: Iterab
                  max_steps: int | None = None, *, eval_batches: int = 8, eval_every: int = 10,
                  init: Mapping[str, torch.Tensor] | None = None, max_iter: int = 100,
                  input_fn: Callable | None = None, target_fn: Callable | None = None
-                 ) -> dict[str, torch.Tensor]:
+                 ) -> STEMatching:
     """Permutations of B's groups that minimise the loss of the A-B midpoint.
 
     Args:
@@ -77,13 +78,8 @@ def ste_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, data: Iterab
         seed: seeds weight matching's sweep order and torch's RNG inside; equal
             seeds (and data order) give equal results.
         progress: show a tqdm bar over steps.
-        stats: if a dict is given, it receives ``steps``, ``epochs``,
-            ``loss_history`` (midpoint loss of each step's batch, with that
-            step's ``π``), ``eval_history`` (``(step, eval loss)`` of each scored
-            candidate; step 0 is weight matching), ``weight_matching_eval_loss``,
-            ``best_eval_loss``, ``best_step``, ``perm_changes`` (steps whose
-            ``π`` differed from the previous step's), ``eval_samples`` and
-            ``seconds``.
+        stats: kept for compatibility: a dict given here receives the result's
+            fields (:meth:`~autobasin.match.result.Matching.as_dict`).
         max_steps: stop after this many steps in all.
         eval_batches: how many leading batches of ``data`` score candidates.
         eval_every: score the current ``π`` every this many steps (if new).
@@ -94,7 +90,9 @@ def ste_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, data: Iterab
             ``target``/``label``/... key).
 
     Returns:
-        ``{group name: CPU LongTensor (n,)}``, the best permutation found.
+        an :class:`~autobasin.match.result.STEMatching`: the best permutation
+        found, ``{group name: CPU LongTensor (n,)}``, with the loss histories as
+        attributes.
     """
     start = time.perf_counter()
     if epochs < 1:
@@ -253,9 +251,10 @@ def ste_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, data: Iterab
             m.training = training
 
     value, best_step, best_perms = best
-    if stats is not None:
-        stats.update(steps=step, epochs=epochs, loss_history=history, eval_history=eval_history,
-                     weight_matching_eval_loss=eval_history[0][1], best_eval_loss=value,
-                     best_step=best_step, perm_changes=perm_changes, eval_samples=eval_samples,
-                     seconds=time.perf_counter() - start)
-    return {k: v.long().cpu() for k, v in best_perms.items()}
+    result = STEMatching(
+        perms={k: v.long().cpu() for k, v in best_perms.items()}, method="ste", steps=step,
+        epochs=epochs, loss_history=history, eval_history=eval_history,
+        weight_matching_eval_loss=eval_history[0][1], best_eval_loss=value, best_step=best_step,
+        perm_changes=perm_changes, eval_samples=eval_samples, seconds=time.perf_counter() - start)
+    fill_stats(stats, result)
+    return result

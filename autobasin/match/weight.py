@@ -57,6 +57,7 @@ skipped: its assignment would come out the same.
 """
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import math
 import time
@@ -69,10 +70,11 @@ from tqdm.auto import tqdm
 from ..guard import check_finite, check_materialized
 from ..permute import check_perm, axis_index
 from ..spec import Member, PermutationSpec, Perms, SpecError
+from .descent import Descent, coordinate_descent
 from .lap import solve_lap
+from .result import WeightMatching, fill_stats
 
 
-_REL_TOL = 1e-12
 # A greedy step with at most this many columns of evidence per row accumulates its
 # similarity in float64: with one or two columns (a bias, a norm scale) the margin
 # of the right assignment over a swap of two close rows is below float32 rounding.
@@ -345,7 +347,7 @@ def weight_matching(spec: PermutationSpec, state_dict_a: Mapping[str, torch.Tens
                     init: Mapping[str, torch.Tensor] | str | None = "best", progress: bool = True,
                     device: torch.device | str | None = None,
                     stats: dict | None = None, tol: float = 0.0,
-                    match_buffers: bool = False) -> dict[str, torch.Tensor]:
+                    match_buffers: bool = False) -> WeightMatching:
     """Permutations of B's groups that maximise its inner product with A.
 
     Args:
@@ -380,27 +382,14 @@ def weight_matching(spec: PermutationSpec, state_dict_a: Mapping[str, torch.Tens
             its value. The default 0 is the paper's rule: stop after a sweep
             that changes nothing. A small ``tol`` (say 1e-4) trades the last
             sweeps' tiny gains for time on large models.
-        stats: if a dict is given, it receives ``sweeps`` (int, descent sweeps
-            after the initialisation), ``objective_history`` (the objective
-            ``sum_T <A_T, P(B_T)>`` after each sweep, floats),
-            ``initial_objective`` (at the start of descent, after the
-            initialisation), ``objective`` (at the end), ``starts`` (for
-            ``init="best"``: ``{"greedy": objective, "identity": objective
-            or None when not run}``), ``converged`` (bool), ``optimal_by_bound`` (True
-            when the start already reached the bound ``||A|| ||B||`` that no
-            permutation exceeds, up to a relative 1e-12, so the first sweep was
-            cut short: it could improve nothing), ``init`` (``"greedy"``,
-            ``"identity"`` or ``"given"``), ``init_order`` (groups in the order the
-            greedy solved them) and the seconds spent in ``init_seconds``,
-            ``similarity_seconds`` and ``lap_seconds`` (both including the
-            initialisation's) and in all, ``seconds``; ``sweep_seconds``: the
-            time since the call began when the initialisation ended (first
-            entry) and when each sweep ended (one per entry of
-            ``objective_history``).
+        stats: kept for compatibility: a dict given here receives the result's
+            fields (:meth:`~autobasin.match.result.Matching.as_dict`).
 
     Returns:
-        ``{group name: CPU LongTensor (n,)}``; apply it to B with
-        :func:`autobasin.permute.apply_permutation` to align B to A.
+        a :class:`~autobasin.match.result.WeightMatching`: the mapping ``{group
+        name: CPU LongTensor (n,)}`` (apply it to B with
+        :func:`autobasin.permute.apply_permutation` to align B to A) with the
+        objective, sweeps, starts and timings as attributes.
 
     Similarities are computed in float32 (float64 when the tensor is float64),
     on ``device``; assignments are solved in float64.
@@ -413,19 +402,17 @@ def weight_matching(spec: PermutationSpec, state_dict_a: Mapping[str, torch.Tens
     if isinstance(init, str) and init == "best":
         kw = dict(max_iter=max_iter, seed=seed, progress=progress, device=device, tol=tol,
                   match_buffers=match_buffers)
-        runs = {}
+        runs: dict[str, WeightMatching] = {}
         for mode in ("greedy", "identity"):
-            runs[mode] = ({}, None)
-            perms = weight_matching(spec, state_dict_a, state_dict_b, init=mode, stats=runs[mode][0], **kw)
-            runs[mode] = (runs[mode][0], perms)
-            if runs[mode][0]["optimal_by_bound"]:
+            runs[mode] = weight_matching(spec, state_dict_a, state_dict_b, init=mode, **kw)
+            if runs[mode].optimal_by_bound:
                 break  # the greedy start reached ||A|| ||B||: no start can end higher
-        kept = max(runs, key=lambda m: (runs[m][0]["objective"], m == "greedy"))
-        if stats is not None:
-            stats.update(runs[kept][0], seconds=time.perf_counter() - start,
-                         starts={m: runs[m][0]["objective"] if m in runs else None
-                                 for m in ("greedy", "identity")})
-        return runs[kept][1]
+        kept = max(runs, key=lambda m: (runs[m].objective, m == "greedy"))
+        result = dataclasses.replace(
+            runs[kept], seconds=time.perf_counter() - start,
+            starts={m: runs[m].objective if m in runs else None for m in ("greedy", "identity")})
+        fill_stats(stats, result)
+        return result
     if not (isinstance(tol, (int, float)) and 0 <= tol < math.inf):
         raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
     _validate(spec, state_dict_a, state_dict_b)
@@ -531,7 +518,6 @@ def weight_matching(spec: PermutationSpec, state_dict_a: Mapping[str, torch.Tens
                     solved_at[gname] = tuple(version[d] for d in deps[gname])
             init_s = time.perf_counter() - t0
 
-        gen = torch.Generator().manual_seed(seed)
         history: list[float] = []
         initial = objective()
         # No permutation beats ||A|| ||B|| (Cauchy-Schwarz). Reaching it (B = P(A), a
@@ -544,64 +530,51 @@ def weight_matching(spec: PermutationSpec, state_dict_a: Mapping[str, torch.Tens
         optimal = bound > 0 and initial >= (1 - 1e-6) * bound and \
             1 - objective(torch.float64) / bound <= _BOUND_TOL
         sweep_seconds = [time.perf_counter() - start]
-        sweeps = 0
-        converged = False
         bar = tqdm(total=max_iter, desc=f"weight matching ({mode} start)", unit="sweep", disable=not progress)
+
+        def similarity(gname: str) -> torch.Tensor | None:
+            nonlocal sim_s
+            key = tuple(version[d] for d in deps[gname])
+            if spec.groups[gname].size <= 1 or solved_at[gname] == key:
+                return None  # same inputs as last time: same assignment
+            t0 = time.perf_counter()
+            c = _static_matrix(static[gname])
+            for term in dynamic[gname]:
+                c = _accumulate(c, term.a_rows, _b_rows(term, b_t[term.member.param], perms))
+            solved_at[gname] = key
+            if c is None:  # a group without members: nothing to align
+                return None
+            sim_s += time.perf_counter() - t0
+            return c.double()
+
+        def changed(gname: str) -> None:
+            version[gname] += 1
+
+        def after_sweep() -> bool:
+            history.append(objective())
+            sweep_seconds.append(time.perf_counter() - start)
+            bar.set_postfix(objective=f"{history[-1]:.6g}", refresh=False)
+            bar.update(1)
+            before = history[-2] if len(history) > 1 else initial
+            return tol > 0 and history[-1] - before <= tol * abs(history[-1])
+
         if optimal and max_iter > 0:
-            sweeps, converged = 1, True
+            descent = Descent(sweeps=1, converged=True)
             history.append(initial)
             sweep_seconds.append(time.perf_counter() - start)
             bar.update(1)
-        for _ in range(max_iter if not optimal else 0):
-            sweeps += 1
-            improved = False
-            for k in torch.randperm(len(names), generator=gen).tolist():
-                gname = names[k]
-                n = spec.groups[gname].size
-                key = tuple(version[d] for d in deps[gname])
-                if n <= 1 or solved_at[gname] == key:
-                    continue  # same inputs as last time: same assignment
-                t0 = time.perf_counter()
-                c = _static_matrix(static[gname])
-                for term in dynamic[gname]:
-                    c = _accumulate(c, term.a_rows, _b_rows(term, b_t[term.member.param], perms))
-                if c is None:  # a group without members: nothing to align
-                    solved_at[gname] = key
-                    continue
-                c = c.double()
-                t1 = time.perf_counter()
-                new = solve_lap(c, name=gname).to(device)
-                lap_s += time.perf_counter() - t1
-                sim_s += t1 - t0
-                rows = torch.arange(n, device=device)
-                old_obj = float(c[rows, perms[gname]].sum())
-                new_obj = float(c[rows, new].sum())
-                solved_at[gname] = key
-                if new_obj - old_obj > _REL_TOL * max(abs(old_obj), abs(new_obj)):
-                    perms[gname] = new
-                    version[gname] += 1
-                    improved = True
-            if stats is not None or progress or tol > 0:
-                history.append(objective())
-                sweep_seconds.append(time.perf_counter() - start)
-                bar.set_postfix(objective=f"{history[-1]:.6g}", refresh=False)
-            bar.update(1)
-            if not improved:
-                converged = True
-                break
-            if tol > 0:
-                before = history[-2] if len(history) > 1 else initial
-                if history[-1] - before <= tol * abs(history[-1]):
-                    converged = True
-                    break
+        else:
+            descent = coordinate_descent(names, similarity, perms, max_iter=max_iter, seed=seed,
+                                         on_change=changed, after_sweep=after_sweep)
+            lap_s += descent.lap_seconds
         bar.close()
 
-    result = {name: p.cpu() for name, p in perms.items()}
-    if stats is not None:
-        stats.update(sweeps=sweeps, objective_history=history, initial_objective=initial,
-                     converged=converged, optimal_by_bound=optimal, init=mode,
-                     objective=history[-1] if history else initial,
-                     init_order=order, init_seconds=init_s,
-                     similarity_seconds=sim_s, lap_seconds=lap_s, sweep_seconds=sweep_seconds,
-                     seconds=time.perf_counter() - start)
+    result = WeightMatching(
+        perms={name: p.cpu() for name, p in perms.items()}, method="weight",
+        sweeps=descent.sweeps, converged=descent.converged, objective_history=history,
+        initial_objective=initial, optimal_by_bound=optimal, init=mode,
+        objective=history[-1] if history else initial, init_order=order, init_seconds=init_s,
+        similarity_seconds=sim_s, lap_seconds=lap_s, sweep_seconds=sweep_seconds,
+        seconds=time.perf_counter() - start)
+    fill_stats(stats, result)
     return result
