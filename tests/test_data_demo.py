@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-import autobasin
 from autobasin.data import (MNIST_IMAGES, MNIST_LABELS, ChecksumError, digits_split,
                             load_mnist_idx, loader, mnist_split, read_idx)
 
@@ -106,12 +105,7 @@ def test_loader_is_seeded():
     assert first == second and first[0] != list(range(10))
 
 
-@pytest.mark.skipif(not all(hasattr(autobasin, f) for f in ("auto_rebasin", "loss_barrier",
-                                                            "plot_barrier")),
-                    reason="matcher layer (autobasin.auto_rebasin, loss_barrier, plot_barrier) "
-                           "not available yet")
 def test_demo_quick_writes_plot(tmp_path, capsys):
-    pytest.importorskip("sklearn")
     from autobasin.demo import main
 
     out = main(["--quick", "--out", str(tmp_path)])

@@ -378,10 +378,6 @@ def test_auto_rebasin_verification_catches_a_wrong_spec():
 
 
 def test_auto_rebasin_with_inferred_spec():
-    try:
-        from autobasin.infer import infer_spec  # noqa: F401
-    except ImportError:
-        pytest.skip("autobasin.infer is not available yet")
     a, b = make_mlp(seed=0), make_mlp(seed=0)
     b_state, expected = plant(mlp_spec(a), a.state_dict(), seed=4)
     b.load_state_dict(b_state)

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..guard import eval_mode, is_meta_model, unwrap_model
 from ..spec import Group, Member, PermutationSpec, TensorInfo
-from ..inputs import ModelInputs, as_inputs, positional, select_output
+from ..inputs import ModelInputs, as_inputs, positional, seeded_rng, select_output
 from ..trace import (ExampleRecorder, TraceError, default_inputs, export_trace, graph_over,
                      symbolic_trace)
 from . import rules as _rules  # noqa: F401 - registers the built-in rules
@@ -131,23 +131,23 @@ class TracedModel:
         """Undo a q/k/v distribution whose shared factors were constrained
         elsewhere (see GraphInference.cut): re-share them, or fix the axis."""
         sym = self.sym
-        for _ in range(3):
+        # Each pass only blocks a class or joins two classes, so it reaches a fixed
+        # point: run passes until one changes nothing.
+        changed = True
+        while changed:
             changed = False
             for x, others, copies in self.graph.distributions:
                 rx = sym.find(x)
-                if sym.uf.weights[rx] > 1 or rx in sym.refinement:
+                if sym.class_size(x) > 1 or sym.refined(x) is not None:
                     if rx not in sym.blocked:
                         sym.block(x, "a cut axis is used elsewhere")
                         changed = True
                 for j, f in enumerate(others):
-                    rf = sym.find(f)
-                    if sym.uf.weights[rf] > 1 or rf in sym.refinement or rf in sym.blocked:
+                    if not sym.pristine(f):
                         for cp in copies:
                             if sym.find(cp[j]) != sym.find(f):
                                 sym.union(cp[j], f)
                                 changed = True
-            if not changed:
-                break
 
     def _build_spec(self, fixed: Iterable[str] = ()) -> PermutationSpec:
         sym = self.sym
@@ -281,7 +281,7 @@ class TracedModel:
                         if err > rtol:
                             result[0] = f"{n.name} ({n.op} {_target_name(n)}), relative error {float(err):.3g}"
                 return value
-        with torch.no_grad(), eval_mode(permuted, gm_b):
+        with torch.no_grad(), eval_mode(permuted, gm_b), seeded_rng(gm_b):
             Compare(gm_b).run(*args)
         return result[0]
 
@@ -296,7 +296,7 @@ def _record_all(gm, args):
             env[n] = v.clone() if isinstance(v, torch.Tensor) else v
             return v
     # gm's submodules are the model's own: every one gets its mode back
-    with torch.no_grad(), eval_mode(gm):
+    with torch.no_grad(), eval_mode(gm), seeded_rng(gm):  # the draws the check saw
         Rec(gm).run(*args)
     return env
 

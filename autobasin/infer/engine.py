@@ -25,7 +25,7 @@ from ..trace import OPAQUE_VALUE, get_attr
 from .context import Context, is_tensor_meta, layout_symbols, map_meta
 from .inline import MAX_INLINE_DEPTH, paired_layouts, trace_body
 from .registry import FUNCTION_RULES, METHOD_RULES, module_rule
-from .symbols import Refinement, Symbols
+from .symbols import Symbols
 
 # Ops that move, copy or cast the values of their first argument without computing on them:
 # positions along an axis (see Context.set_positions) stay positions through them.
@@ -351,9 +351,9 @@ class GraphInference:
                 piece_syms.append(cp[0])
                 continue
             piece = sym.new(math.prod(sym.size[f] for f in others))
-            sym.refinement[piece] = Refinement("product", cp)
+            sym.set_refinement(piece, "product", cp)
             piece_syms.append(piece)
-        sym.refinement[sym.find(p)] = Refinement("concat", piece_syms)
+        sym.set_refinement(p, "concat", piece_syms)
         self.distributions.append((x, others, copies))
         out = []
         for cp in copies:
@@ -366,10 +366,7 @@ class GraphInference:
         return out
 
     def _pristine(self, s: int) -> bool:
-        sym = self.sym
-        r = sym.find(s)
-        return (r not in sym.blocked and r not in sym.refinement
-                and sym.uf.weights[r] == 1)
+        return self.sym.pristine(s)
 
 
 def _owns_tensors(module: nn.Module) -> bool:

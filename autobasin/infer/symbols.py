@@ -97,6 +97,21 @@ class Symbols:
     def refined(self, s: int) -> Refinement | None:
         return self.refinement.get(self.find(s))
 
+    def class_size(self, s: int) -> int:
+        """How many symbols share ``s``'s class (1: nothing was joined to it)."""
+        return self.uf.weights[self.find(s)]
+
+    def pristine(self, s: int) -> bool:
+        """``s``'s class is alone, unblocked and unrefined: nothing constrains it yet."""
+        r = self.find(s)
+        return r not in self.blocked and r not in self.refinement and self.uf.weights[r] == 1
+
+    def set_refinement(self, s: int, kind: str, parts: list[int]) -> None:
+        """Declare ``s``'s class the ``kind`` (``"product"`` / ``"concat"``) of ``parts``
+        as they are, for a symbol just made (:meth:`refine_product` and
+        :meth:`refine_concat` reconcile with an existing refinement instead)."""
+        self.refinement[self.find(s)] = Refinement(kind, list(parts))
+
     def block(self, s: int, reason: str, structural: bool = False) -> None:
         """Fix the class of ``s`` (see the module docstring for ``structural``)."""
         if self.trivial(s):
