@@ -11,6 +11,7 @@ than a walker of our own.
 from __future__ import annotations
 
 import inspect
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -19,6 +20,17 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from .guard import eval_mode
+
+
+@contextmanager
+def seeded_rng(model: nn.Module, seed: int = 0):
+    """Seed torch's random generators (CPU, and the CUDA devices ``model`` is on)
+    with ``seed`` for the block, and restore their states after it."""
+    cuda = sorted({t.device.index or 0 for t in (*model.parameters(), *model.buffers())
+                   if t.is_cuda})
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        yield
 
 
 @dataclass(frozen=True)
@@ -30,6 +42,13 @@ class ModelInputs:
 
     def call(self, model: Callable) -> Any:
         return model(*self.args, **self.kwargs)
+
+    def call_seeded(self, model: nn.Module, seed: int = 0) -> Any:
+        """:meth:`call` under :func:`seeded_rng`: two models run this way draw the
+        same random numbers (a sampled mask, noise), so a comparison of their
+        outputs sees only what their weights compute."""
+        with seeded_rng(model, seed):
+            return self.call(model)
 
     def map_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "ModelInputs":
         """A copy with ``fn`` applied to every tensor (nested containers too)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -459,18 +460,45 @@ def test_a_failed_rule_fixes_the_tensors_inside_containers_it_was_given():
 
 
 class Noisy(nn.Module):
-    def __init__(self):
+    """Draws noise in eval mode: on its outputs (``where="out"``), on its hidden
+    units (``"hidden"``), or from a generator torch does not seed (``"numpy"``)."""
+
+    def __init__(self, where="out"):
         super().__init__()
+        self.where = where
         self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 3)
 
     def forward(self, x):
-        return self.fc2(torch.relu(self.fc1(x))) + torch.rand(3)
+        h = torch.relu(self.fc1(x))
+        if self.where == "hidden":
+            h = h + torch.rand(16)
+        out = self.fc2(h)
+        if self.where == "numpy":
+            return out + torch.from_numpy(np.random.rand(3)).float()
+        return out + torch.rand(3)
+
+
+def test_a_model_that_draws_random_numbers_is_checked_on_the_same_draws():
+    torch.manual_seed(0)
+    x = torch.randn(4, 8)
+    model = Noisy().eval()
+    spec = infer_spec(model, x, capture="fx")
+    assert list(spec.groups) == ["fc1:out"]
+    state = torch.random.get_rng_state()
+    for seed in (0, 1):
+        assert ab.check_equivalence(model, spec, x, seed=seed) <= 1e-6
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's generator untouched
+    # noise drawn along the permuted axis does not follow the permutation: caught
+    hidden = Noisy("hidden").eval()
+    hidden.load_state_dict(model.state_dict())
+    with pytest.raises(ab.EquivalenceError, match="changed the outputs"):
+        ab.check_equivalence(hidden, spec, x)
 
 
 def test_a_model_that_varies_by_itself_is_reported_as_such():
     torch.manual_seed(0)
-    model = Noisy().eval()
-    spec = infer_spec(model, torch.randn(4, 8))
+    model = Noisy("numpy").eval()
+    spec = infer_spec(model, torch.randn(4, 8), capture="fx")
     with pytest.raises(ab.NondeterministicModelError, match="differ .* between two runs"):
         ab.check_equivalence(model, spec, torch.randn(4, 8))
 
