@@ -393,19 +393,42 @@ def _batched_experts(model: nn.Module):
             cfg._experts_implementation = impl
 
 
-def export_trace(model: nn.Module, inputs) -> tuple[fx.GraphModule, tuple]:
+def export_trace(model: nn.Module, inputs, concrete: bool = True) -> tuple[fx.GraphModule, tuple]:
     """Capture ``model`` with torch.export (non-strict, ATen level).
 
     Returns a GraphModule whose placeholders are the flattened example inputs
     (in the order of the returned tuple) and whose parameters and buffers are
     ``get_attr`` nodes named by their state_dict names (``ExportedProgram.module()``
     keeps the model's own tensors under their qualified names), with the
-    export's run-time guards and shape assertions removed.
+    export's run-time guards and shape assertions removed. Where torch.export
+    fails and ``concrete`` is true, :func:`concrete_aten_trace` captures the
+    graph these inputs run instead, with a warning (and fails where a branch
+    depends on the weights).
     """
     import torch.fx._pytree as fx_pytree
     from .guard import eval_mode
-    with eval_mode(model), _batched_experts(model), _quiet_torch_logs(), _plain_outputs(model):
-        ep = torch.export.export(model, tuple(inputs.args), dict(inputs.kwargs), strict=False)
+    try:
+        with eval_mode(model), _batched_experts(model), _quiet_torch_logs(), _plain_outputs(model):
+            ep = torch.export.export(model, tuple(inputs.args), dict(inputs.kwargs), strict=False)
+    except Exception as e:  # noqa: BLE001 - the ATen graph of these inputs is the way out
+        if not concrete:
+            raise
+        if is_data_dependent(e):
+            why = (f"a branch depends on the values of the example inputs "
+                   f"({caused_by(e) or 'a data-dependent guard'})")
+        else:
+            why = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+        try:
+            out = concrete_aten_trace(model, inputs)
+        except Exception as again:  # noqa: BLE001 - report both
+            e.add_note(f"the ATen graph on the example inputs could not be traced either: "
+                       f"{type(again).__name__}: {(str(again).strip().splitlines() or [''])[0]}")
+            raise e from again
+        warnings.warn(
+            f"torch.export cannot capture {type(model).__name__} for all inputs: {why}. Captured "
+            f"the ATen graph these example inputs run instead (every branch as they take it); "
+            f"the spec is checked on them", stacklevel=3)
+        return out
     gm = ep.module()
     flat = tuple(fx_pytree.tree_flatten_spec((tuple(inputs.args), dict(inputs.kwargs)), gm._in_spec))
     _inline_wrappers(gm)
@@ -420,6 +443,186 @@ def export_trace(model: nn.Module, inputs) -> tuple[fx.GraphModule, tuple]:
     gm.graph._codegen = fx.graph.CodeGen()  # flat inputs in, flat outputs out
     gm.recompile()
     return gm, flat
+
+
+def is_data_dependent(error: BaseException) -> bool:
+    """Whether torch.export stopped at a branch on the values (not the shapes) of tensors."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if type(error).__name__ in ("GuardOnDataDependentSymNode", "DataDependentOutputException") \
+                or "data-dependent" in str(error).split("\n", 1)[0]:
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def caused_by(error: BaseException) -> str | None:
+    """The ``file:line in function`` torch.export names as the cause of a failed guard."""
+    import re
+    found = re.search(r"Caused by: \((.*?)\)", str(error))
+    return found.group(1) if found else None
+
+
+# Python reads of a tensor's values, and of a shape that values decided
+_VALUE_READS = {"item", "__bool__", "tolist", "numpy", "__int__", "__float__", "__index__",
+                "__complex__", "equal", "is_nonzero", "allclose"}
+_SHAPE_READS = {"size", "numel", "nelement", "__len__", "__iter__", "unbind", "shape"}
+# ops whose output shape depends on the values of one argument: its position
+_VALUE_SHAPED = {"nonzero": 0, "argwhere": 0, "unique": 0, "unique_consecutive": 0,
+                 "bincount": 0, "masked_select": 1, "repeat_interleave": 1}
+# ops that take only the shape, dtype and device of their tensor argument
+_SHAPE_ONLY = {"new_ones", "new_zeros", "new_empty", "new_full", "new_tensor", "zeros_like",
+               "ones_like", "empty_like", "full_like", "rand_like", "randn_like", "randint_like"}
+
+
+def _value_shaped(name: str, args, kwargs, valued) -> bool:
+    """Does this call's output shape depend on values in ``valued``?"""
+    import torch.utils._pytree as pytree
+    if name in _VALUE_SHAPED:
+        k = _VALUE_SHAPED[name]
+        arg = args[k] if len(args) > k else kwargs.get("repeats" if k == 1 else "input")
+        return isinstance(arg, torch.Tensor) and arg in valued
+    if name == "where" and len(args) + len(kwargs) == 1:
+        return args[0] in valued
+    if name == "__getitem__" and len(args) > 1:  # a boolean mask picks a valued number of rows
+        return any(isinstance(t, torch.Tensor) and t.dtype == torch.bool and t in valued
+                   for t in pytree.tree_leaves(args[1]))
+    return False
+
+
+class _TensorSet:
+    """Tensors by identity (``==`` on tensors compares values), held weakly."""
+
+    def __init__(self, tensors=()):
+        self._refs: dict[int, Any] = {}
+        self.update(tensors)
+
+    def update(self, tensors) -> None:
+        import weakref
+        for t in tensors:
+            self._refs[id(t)] = weakref.ref(t)
+
+    def __contains__(self, t) -> bool:
+        ref = self._refs.get(id(t))
+        return ref is not None and ref() is t
+
+
+class _WeightBranches(torch.overrides.TorchFunctionMode):
+    """Runs a forward and records where Python reads values computed from the
+    model's parameters or buffers (``if h.mean() > 0``, ``.tolist()`` of a
+    router's picks), or a shape such values decided: places where another
+    checkpoint could take another branch."""
+
+    def __init__(self, tensors):
+        super().__init__()
+        self.valued = _TensorSet(tensors)   # computed from parameters / buffers
+        self.shaped = _TensorSet()          # shape decided by such values
+        self.found: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        import torch.utils._pytree as pytree
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name == "__get__":  # a property: Tensor.shape, .dtype, ...
+            name = getattr(getattr(func, "__self__", None), "__name__", name)
+        leaves = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        valued = any(t in self.valued for t in leaves)
+        shaped = any(t in self.shaped for t in leaves)
+        if (name in _VALUE_READS and valued) or (name in _SHAPE_READS and shaped):
+            self.found.append(f"{name} at {_user_frame()}")
+        out = func(*args, **kwargs)
+        outs = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+        if name in _SHAPE_ONLY:
+            valued = any(t in self.valued for t in leaves[1:])  # a fill value, say
+        if valued:
+            self.valued.update(outs)
+        if shaped or _value_shaped(name, args, kwargs, self.valued):
+            self.shaped.update(outs)
+        return out
+
+
+def _user_frame() -> str:
+    """``file:line in function`` of the innermost caller outside torch and autobasin."""
+    import traceback
+    for frame in reversed(traceback.extract_stack()):
+        path = frame.filename.replace("\\", "/")
+        if "/torch/" not in path and "/autobasin/" not in path and "<" not in path:
+            return f"{'/'.join(path.split('/')[-3:])}:{frame.lineno} in {frame.name}"
+    return "?"
+
+
+def weight_dependent_branches(model: nn.Module, inputs) -> list[str]:
+    """Where ``model``'s forward on ``inputs`` reads values (or value-decided shapes)
+    computed from its parameters or buffers; empty when its control flow depends on
+    the inputs alone."""
+    from .guard import eval_mode
+    mode = _WeightBranches([*model.parameters(), *model.buffers()])
+    with eval_mode(model), _batched_experts(model), _plain_outputs(model), torch.no_grad(), mode:
+        inputs.call(model)
+    return mode.found
+
+
+def concrete_aten_trace(model: nn.Module, inputs) -> tuple[fx.GraphModule, tuple]:
+    """The ATen graph of ``model`` on these example inputs, control flow resolved.
+
+    For a forward that branches on tensor values (``.item()``, ``if mask.any()``),
+    which torch.export cannot capture for every input: the model runs for real
+    under torch's ``make_fx`` (pre-dispatch ATen, the op set torch.export emits),
+    every branch taken as these inputs take it. Parameters and buffers are inputs
+    of the traced function (``torch.func.functional_call``) and become ``get_attr``
+    nodes under their state_dict names, so the result looks like
+    :func:`export_trace`'s: placeholders are the flat example inputs, with the
+    same ``in_spec`` / ``out_spec`` metadata.
+
+    Refused (``TraceError``) when a branch depends on the model's weights
+    (:func:`weight_dependent_branches`): another checkpoint could take another
+    branch, which the graph would not show. Branches on the inputs alone are
+    taken as these inputs take them.
+    """
+    reads = weight_dependent_branches(model, inputs)
+    if reads:
+        raise TraceError(f"{type(model).__name__}'s forward branches on values computed from its "
+                         f"weights ({reads[0]}{f', and {len(reads) - 1} more' if len(reads) > 1 else ''}):"
+                         f" a graph of these example inputs would not hold for another checkpoint")
+    import torch.utils._pytree as pytree
+    from torch.func import functional_call
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from .guard import eval_mode
+
+    state = dict(model.named_parameters(remove_duplicate=False))
+    state.update(model.named_buffers(remove_duplicate=False))
+    names = list(state)
+    flat_in, in_spec = pytree.tree_flatten((tuple(inputs.args), dict(inputs.kwargs)))
+    out_spec: list = [None]
+
+    def forward(*flat):
+        tensors = dict(zip(names, flat[:len(names)]))
+        args, kwargs = pytree.tree_unflatten(list(flat[len(names):]), in_spec)
+        out = functional_call(model, tensors, tuple(args), kwargs, tie_weights=False, strict=False)
+        leaves, out_spec[0] = pytree.tree_flatten(out)
+        return leaves
+
+    with eval_mode(model), _batched_experts(model), _plain_outputs(model), torch.no_grad():
+        traced = make_fx(forward, tracing_mode="real", pre_dispatch=True, record_module_stack=True,
+                         _error_on_data_dependent_ops=False)(*state.values(), *flat_in)
+    graph = traced.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    for name, node in zip(names, placeholders[:len(names)]):
+        with graph.inserting_before(node):  # (graph.get_attr would look for it in make_fx's module)
+            attr = graph.create_node("get_attr", name)
+        attr.meta.update(node.meta)
+        node.replace_all_uses_with(attr)
+        graph.erase_node(node)
+    # the model's own tensors under their state_dict names, and the tensors forward
+    # created (kept by make_fx as constants)
+    attrs = {n.target: n for n in graph.nodes if n.op == "get_attr"}
+    root = {name: state[name] if name in state else get_attr(traced, name) for name in attrs}
+    gm = fx.GraphModule(root, graph)
+    gm.meta["in_spec"] = in_spec
+    gm.meta["out_spec"] = out_spec[0]
+    gm.recompile()
+    return gm, tuple(flat_in)
 
 
 def _is_generation_cache(x) -> bool:

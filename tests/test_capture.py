@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+import torch.nn.functional as F
 
 import autobasin as ab
 from autobasin.infer import infer_spec
@@ -292,6 +293,86 @@ class DenseRouting(nn.Module):
         return self.body(x) * (dense * self.expert_scale).sum(-1, keepdim=True)
 
 
+class PickPatches(nn.Module):
+    """Advanced indexing with two index tensors (ViLT picking patches): adjacent
+    (``h[rows, cols]``, the picked axis in place) and apart (``h[rows, :, cols]``,
+    the picked axis in front); the hidden axis passes through both."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        b, p = x.shape[0], x.shape[1]
+        rows = torch.arange(b, device=x.device).repeat_interleave(2)
+        cols = torch.arange(2 * b, device=x.device) % p
+        h = self.fc1(x)
+        picked = h[rows, cols] + h.transpose(1, 2)[rows, :, cols].flip(0)
+        return self.fc2(torch.relu(picked))
+
+
+class TransposedConvArgs(nn.Module):
+    """``F.conv_transpose1d`` with every argument positional: groups is the 7th
+    (``input, weight, bias, stride, padding, output_padding, groups, dilation``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(4, 8, 1)
+        self.up_w = nn.Parameter(torch.randn(8, 4, 3) / 4)   # groups 2: 8 outputs
+        self.up_b = nn.Parameter(torch.randn(8))
+        self.dil_w = nn.Parameter(torch.randn(8, 6, 3) / 4)  # groups 1, dilation 2
+        self.head_a, self.head_c = nn.Conv1d(8, 3, 1), nn.Conv1d(6, 3, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x))
+        a = torch.relu(F.conv_transpose1d(h, self.up_w, self.up_b, 1, 0, 0, 2, 1))
+        c = torch.relu(F.conv_transpose1d(h, self.dil_w, None, 1, 0, 0, 1, 2))
+        return self.head_a(a).mean(-1) + self.head_c(c).mean(-1)
+
+
+class Durations(nn.Module):
+    """Each token repeated by its own count (a duration predictor's frames)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 3)
+
+    def forward(self, x, counts):
+        h = torch.relu(self.fc1(x)).repeat_interleave(counts, dim=1)
+        return self.fc2(h)
+
+
+class MaskedWrite(nn.Module):
+    """``h[mask] = g[mask]`` over batch and tokens (``index_put``), and a gather of
+    tokens by an index expanded over the hidden axis: whole hidden vectors move."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc1b, self.fc2 = nn.Linear(8, 16), nn.Linear(8, 16), nn.Linear(16, 3)
+
+    def forward(self, x, mask, order):
+        h = torch.relu(self.fc1(x))
+        g = torch.relu(self.fc1b(x))
+        h = h.clone()
+        h[mask] = g[mask]
+        picked = h.gather(1, order[:, :, None].expand(-1, -1, h.shape[-1]))
+        return self.fc2(picked)
+
+
+class BranchOnValues(nn.Module):
+    """A branch on the values of a tensor: torch.export cannot capture it for every input."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x))
+        if (x.mean() > -10).item():
+            h = h * 2
+        return self.fc2(h)
+
+
 NEW_CASES = {
     "scatter_source_by_positions": (DenseRouting, (torch.randn(6, 8),), None),
     "max_scatter_router": (SparseMixer, (torch.randn(6, 8),), None),
@@ -302,6 +383,11 @@ NEW_CASES = {
     "tile": (Tiled, (torch.randn(4, 8),), "export"),
     "router_gather": (RouterGather, (torch.randn(5, 8),), None),
     "interleaved_glu": (InterleavedGLU, (torch.randn(2, 3, 8),), None),
+    "transposed_conv_args": (TransposedConvArgs, (torch.randn(2, 4, 7),), None),
+    "durations": (Durations, (torch.randn(2, 4, 8), torch.tensor([1, 2, 1, 3])), None),
+    "masked_write": (MaskedWrite, (torch.randn(2, 5, 8), torch.tensor([[1, 0, 1, 1, 0], [0, 1, 0, 0, 1]]).bool(),
+                                   torch.tensor([[4, 0, 2], [1, 1, 3]])), "export"),
+    "pick_patches": (PickPatches, (torch.randn(3, 5, 8),), None),
     "image_tokens": (ImageTokens, (torch.tensor([[1, 3, 3, 5], [3, 2, 3, 4]]), torch.randn(4, 6)),
                      "export"),
 }
@@ -580,3 +666,46 @@ def test_the_diverging_node_of_an_exported_graph_with_lifted_constants_is_named(
     wrong = ab.PermutationSpec(groups, traced.spec.tensors, capture="export")
     with pytest.raises(ab.EquivalenceError, match="first diverging graph node"):
         ab.check_equivalence(model, wrong, x, traced=traced)
+
+
+def test_a_branch_on_tensor_values_is_captured_as_these_inputs_take_it():
+    torch.manual_seed(0)
+    model = BranchOnValues().eval()
+    x = torch.randn(4, 8)
+    with pytest.warns(UserWarning, match="branch depends on the values"):
+        traced = ab.trace_model(model, x, capture="export")
+    spec = traced.spec
+    assert spec.capture == "export" and list(spec.groups) == ["fc1:out"]
+    for seed in (0, 1):
+        assert ab.check_equivalence(model, spec, x, seed=seed, traced=traced) <= 1e-5
+
+
+class LSTMStack(nn.Module):
+    """A bidirectional two-layer LSTM with its default (zero) state and a GRU given
+    an initial state whose final state is read: torch.export records them as
+    ``aten.lstm`` / ``aten.gru`` with flat parameter lists."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(4, 8)
+        self.lstm = nn.LSTM(8, 16, num_layers=2, bidirectional=True, batch_first=True)
+        self.gru = nn.GRU(32, 12, batch_first=True)
+        self.h0 = nn.Linear(4, 12)
+        self.fc = nn.Linear(12 + 12, 3)
+
+    def forward(self, x):
+        h, _ = self.lstm(torch.relu(self.inp(x)))
+        out, h_n = self.gru(h, torch.tanh(self.h0(x[:, 0]))[None])
+        return self.fc(torch.cat([out[:, -1], h_n[0]], -1))
+
+
+def test_recurrent_layers_captured_by_export_keep_their_hidden_units_free():
+    torch.manual_seed(0)
+    model = randomize_state_(LSTMStack().eval(), 0, 0.3)
+    x = torch.randn(2, 5, 4)
+    spec = infer_spec(model, x, capture="export")
+    assert spec.coverage() == 1.0, spec.fixed_axes()[:4]
+    sizes = sorted(g.size for g in spec.groups.values())
+    assert sizes == [8, 12, 16, 16, 16, 16]  # inp, the GRU's shared units, 2 layers x 2 directions
+    for seed in (0, 1):
+        assert ab.check_equivalence(model, spec, x, seed=seed) <= 1e-4

@@ -12,9 +12,9 @@ from autobasin.infer import infer_spec
 from autobasin.testing import randomize_state_
 
 
-def exact(model, *inputs, min_groups=1):
+def exact(model, *inputs, min_groups=1, capture="auto"):
     model = randomize_state_(model.eval())
-    spec = infer_spec(model, inputs)
+    spec = infer_spec(model, inputs, capture=capture)
     assert len(spec.groups) >= min_groups, str(spec)
     for seed in range(3):
         assert check_equivalence(model, spec, inputs, seed=seed) <= 1e-4
@@ -191,7 +191,8 @@ def test_a_failing_module_rule_leaves_every_tensor_of_the_module_fixed():
 
         def forward(self, x):
             return self.b(self.h(self.a(x)))
-    spec = exact(M(), torch.randn(4, 3), min_groups=0)
+    # fx: the opaque leaf's module rule runs (torch.export would trace its body)
+    spec = exact(M(), torch.randn(4, 3), min_groups=0, capture="fx")
     assert any("and then the rule fails" in reason for _, reason in spec.blocked)
     assert not any(m.param.startswith("h.") for g in spec.groups.values() for m in g.members)
 
@@ -369,8 +370,27 @@ def test_top_level_untraceable_is_a_clear_error():
             if x.sum() > 0:
                 return self.a(x)
             return x
-    with pytest.raises(TraceError, match="top-level forward of M"):
-        infer_spec(M(), torch.randn(2, 3))
+    # a branch on the inputs alone: the graph these inputs run, with a warning
+    # that says so (torch.fx and torch.export cannot capture it for every input)
+    with pytest.warns(UserWarning, match="branch depends on the values of the example inputs"):
+        spec = infer_spec(M(), torch.ones(2, 3))
+    assert spec.capture == "export" and not spec.groups  # a's outputs are the model's
+
+    class OnWeights(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 6), nn.Linear(6, 2)
+
+        def forward(self, x):
+            h = self.a(x)
+            if h.mean() > 0:  # another checkpoint may take the other branch
+                h = h * 2
+            return self.b(h)
+    # a branch on values computed from the weights: no graph of one branch is
+    # a spec for every checkpoint; the error names the line
+    with pytest.raises(TraceError, match=r"branches on values computed from its weights "
+                                         r"\(__bool__ at .*test_rules.py:\d+ in forward\)"):
+        infer_spec(OnWeights(), torch.randn(2, 3))
 
 
 def test_user_overrides_opaque_and_fixed():

@@ -11,7 +11,7 @@ from torch import nn
 from ..guard import eval_mode, is_meta_model, unwrap_model
 from ..spec import Group, Member, PermutationSpec, TensorInfo
 from ..inputs import ModelInputs, as_inputs, positional, seeded_rng, select_output
-from ..trace import (ExampleRecorder, TraceError, default_inputs, export_trace, graph_over,
+from ..trace import (ExampleRecorder, TraceError, caused_by, default_inputs, export_trace, graph_over,
                      symbolic_trace)
 from . import rules as _rules  # noqa: F401 - registers the built-in rules
 from .engine import GraphInference, TensorTable, layout_symbols
@@ -39,7 +39,8 @@ CAPTURES = ("auto", "fx", "export")
 
 
 def capture_graph(model: nn.Module, inputs: ModelInputs, opaque: Iterable = (),
-                  capture: str = "auto") -> tuple[fx.GraphModule, tuple, dict[str, str], str]:
+                  capture: str = "auto", concrete: bool = True
+                  ) -> tuple[fx.GraphModule, tuple, dict[str, str], str]:
     """Capture ``model``'s forward as an fx graph.
 
     ``"fx"``: torch.fx symbolic tracing, with timm's leaves and opaque
@@ -47,6 +48,9 @@ def capture_graph(model: nn.Module, inputs: ModelInputs, opaque: Iterable = (),
     non-strict, at ATen level (every submodule is looked through; parameters
     keep their state_dict names). ``"auto"``: fx first, export when fx cannot
     trace the top-level forward or cannot take the inputs positionally.
+    Where torch.export fails, ``concrete`` allows the ATen graph of these
+    inputs (:func:`autobasin.trace.concrete_aten_trace`: refused when a branch
+    depends on the weights).
 
     Returns the graph, its flat inputs (one per placeholder), the modules fx
     made opaque with why, and which front end captured it.
@@ -71,12 +75,15 @@ def capture_graph(model: nn.Module, inputs: ModelInputs, opaque: Iterable = (),
     if opaque:
         raise ValueError("opaque= applies to the fx front end only (capture='fx')")
     try:
-        gm, flat = export_trace(model, inputs)
+        gm, flat = export_trace(model, inputs, concrete=concrete)
     except Exception as e:  # noqa: BLE001 - say what each front end reported
         tried = f"{fx_error}; " if fx_error is not None else ""
         first = (str(e).strip().splitlines() or [""])[0]
+        notes = "".join(f"; {n}" for n in getattr(e, "__notes__", []))
+        where = caused_by(e)
         raise TraceError(f"cannot capture {type(model).__name__}: {tried}torch.export "
-                         f"(non-strict) failed too: {type(e).__name__}: {first}") from e
+                         f"(non-strict) failed too: {type(e).__name__}: {first}"
+                         f"{f' (at {where})' if where else ''}{notes}") from e
     return gm, flat, {}, "export"
 
 
@@ -90,11 +97,11 @@ class TracedModel:
 
     def __init__(self, model: nn.Module, inputs: ModelInputs, opaque: Iterable = (),
                  capture: str = "auto", outputs: Sequence | None = None,
-                 fixed: Iterable[str] = ()):
+                 fixed: Iterable[str] = (), concrete: bool = True):
         self.example_inputs = inputs
         self.outputs = None if outputs is None else list(outputs)
         self.gm, self.flat_inputs, self.opaque_modules, self.capture = capture_graph(
-            model, inputs, opaque, capture)
+            model, inputs, opaque, capture, concrete)
         capture_nodes = {n for n in self.gm.graph.nodes
                          if n.op == "call_module" or (n.op == "call_function"
                                                       and inspect.isfunction(n.target))}
@@ -383,9 +390,10 @@ def trace_model(model: nn.Module, example_inputs=None, *, opaque: Iterable = (),
         # fx left hidden axes fixed (an untraceable submodule, a module without
         # a rule, a weight computed by a hook or a parametrization): torch.export
         # looks through every module, so try it and keep the spec that permutes
-        # more. Both fail closed.
+        # more. Both fail closed. (Not the graph of these inputs' branches: fx's
+        # opaque leaves hold for every input.)
         try:
-            other = TracedModel(model, inputs, (), "export", outputs, fixed)
+            other = TracedModel(model, inputs, (), "export", outputs, fixed, concrete=False)
         except Exception:  # noqa: BLE001 - export cannot capture it either: keep fx's
             return traced
         if other.spec.coverage() > spec.coverage() + 1e-9:

@@ -36,7 +36,9 @@ _MOVES_VALUES = {"view", "reshape", "_unsafe_view", "flatten", "unflatten", "squ
 # Reading a tensor's shape or type says nothing about the order of its entries.
 SHAPE_QUERIES = {"size", "dim", "numel", "shape", "dtype", "device", "is_contiguous", "ndim",
                  "ndimension", "get_device", "is_floating_point", "element_size", "nelement",
-                 "is_cuda", "layout", "requires_grad", "data_ptr"}
+                 "is_cuda", "layout", "requires_grad", "data_ptr",
+                 # the ATen ops torch.export records for a size it cannot know in advance
+                 "sym_size", "sym_numel", "sym_stride", "sym_storage_offset"}
 
 
 class GraphInference:
@@ -235,6 +237,8 @@ class GraphInference:
         fn = METHOD_RULES.get(target) if isinstance(target, str) else FUNCTION_RULES.get(target)
         if fn is None and hasattr(target, "overloadpacket"):
             fn = FUNCTION_RULES.get(target.overloadpacket)  # an ATen op, any overload
+            if fn is None and target.overloadpacket.__name__ in SHAPE_QUERIES:
+                fn = _no_constraint
         if fn is None and target is getattr and len(node.args) > 1 and node.args[1] in SHAPE_QUERIES:
             fn = _no_constraint
         if fn is None and isinstance(target, type) and dataclasses.is_dataclass(target):

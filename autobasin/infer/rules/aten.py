@@ -179,8 +179,47 @@ def _scatter(ctx):
     return lay
 
 
-@rule(*_ops("index_put", "index_put_", "scatter_add", "scatter_reduce",
-            "index_fill", "index_copy"))
+@rule(*_ops("index_put", "index_put_"))
+def _index_put(ctx):
+    """``x[i0, i1, ...] = values`` (``index_put``): the axes the index tensors
+    address are fixed; the axes after them are written whole, so each is one
+    axis with the matching trailing axis of ``values`` (a boolean mask over
+    batch and tokens writing whole hidden vectors leaves the hidden axis free).
+    Index tensors other than leading ones, one after another, fix everything."""
+    x, indices, values = ctx.args[0], ctx.arg(1, "indices"), ctx.arg(2, "values")
+    lay, shape = list(ctx.layout(x)), ctx.shape(x)
+    entries = list(indices)
+    while entries and entries[-1] is None:
+        entries.pop()
+    if not entries or any(e is None or not ctx.is_tensor(e) for e in entries) or \
+            not ctx.is_tensor(values):
+        return _write_at_positions(ctx)
+    consumed = 0
+    for e in entries:
+        meta = ctx.meta(e)
+        consumed += meta.ndim if meta.dtype == torch.bool else 1
+    if consumed > len(shape):
+        return _write_at_positions(ctx)
+    for e in entries:
+        ctx.block_layout(ctx.layout(e), "index")
+    for s in lay[:consumed]:
+        ctx.block(s, "written at indexed positions")
+    v_lay, v_shape = ctx.layout(values), ctx.shape(values)
+    trailing = len(shape) - consumed
+    lead = len(v_shape) - min(trailing, len(v_shape))
+    for j in range(lead):
+        ctx.block(v_lay[j], "written at indexed positions")
+    for j in range(lead, len(v_shape)):
+        k = len(shape) - (len(v_shape) - j)
+        if v_shape[j] == shape[k]:
+            ctx.union(v_lay[j], lay[k])
+        elif v_shape[j] != 1:  # (1: broadcast, equal along the axis)
+            ctx.block(v_lay[j], "written in part")
+            ctx.block(lay[k], "written in part")
+    return lay
+
+
+@rule(*_ops("scatter_add", "scatter_reduce", "index_fill", "index_copy"))
 def _write_at_positions(ctx):
     """Writes at positions given by tensors: every axis involved is fixed."""
     for t in ctx.tensor_args():

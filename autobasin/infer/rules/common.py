@@ -38,7 +38,9 @@ def broadcast(ctx: Context, tensors: list, out_shape: tuple[int, ...]) -> list[i
 def pair_axes(ctx: Context, lay, shape, other_lay, other_shape, skip: int, reason: str) -> None:
     """Relate two tensors' axes position by position, all but ``skip`` (an
     index and the tensor it gathers from or scatters into): an axis of equal
-    length is one axis; one that ``other`` covers only in part is fixed."""
+    length is one axis; one that ``other`` covers only in part is fixed, in
+    both (the entries the index reaches keep their places, so the index's axis
+    cannot move without the other's)."""
     for j, (a, b) in enumerate(zip(lay, other_lay)):
         if j == skip:
             continue
@@ -46,6 +48,7 @@ def pair_axes(ctx: Context, lay, shape, other_lay, other_shape, skip: int, reaso
             ctx.union(a, b)
         else:
             ctx.block(a, reason)
+            ctx.block(b, reason)
 
 
 def first_tensor(ctx: Context):

@@ -94,8 +94,9 @@ CONV_FUNCS = {F.conv1d: (1, False), F.conv2d: (2, False), F.conv3d: (3, False),
 def _conv_fn(ctx):
     spatial, transposed = CONV_FUNCS[ctx.target]
     b = ctx.arg(2, "bias")
-    groups_pos = 7 if transposed else 6
-    groups = ctx.value(ctx.arg(groups_pos, "groups", 1))
+    # conv: (input, weight, bias, stride, padding, dilation, groups); transposed:
+    # (input, weight, bias, stride, padding, output_padding, groups, dilation)
+    groups = ctx.value(ctx.arg(6, "groups", 1))
     return conv_rule(ctx, ctx.arg(0, "input"), ctx.layout(ctx.arg(1, "weight")),
                      ctx.layout(b) if b is not None else None, groups, spatial, transposed)
 

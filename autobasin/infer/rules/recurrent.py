@@ -21,6 +21,8 @@ import operator
 import torch
 from torch import nn
 
+from ...trace import op_name_of
+from ..context import VALUE_COPIES
 from ..registry import rule
 
 _GATES = {nn.LSTM: 4, nn.GRU: 3, nn.RNN: 1, nn.LSTMCell: 4, nn.GRUCell: 3, nn.RNNCell: 1}
@@ -131,3 +133,83 @@ def _cell_op(ctx):
     w = [ctx.layout(a) if ctx.is_tensor(a) else None for a in ctx.args[2:6]]
     w += [None] * (4 - len(w))
     return cell_rule(ctx, ctx.args[0], states, *w, gates, n_out)
+
+
+_ZERO_FACTORIES = {"zeros", "new_zeros", "zeros_like"}
+_SAME_VALUES = VALUE_COPIES | {"expand", "view", "reshape", "unsqueeze", "_unsafe_view"}
+
+
+def _is_zeros(ctx, node) -> bool:
+    """Is ``node`` all zeros whatever the inputs (a default initial state)?"""
+    for _ in range(8):
+        t = ctx.constant(node)
+        if t is not None:
+            return bool((t == 0).all())
+        if getattr(node, "op", None) != "call_function":
+            return False
+        name = op_name_of(node.target)
+        if name in _ZERO_FACTORIES:
+            return True
+        if name not in _SAME_VALUES:
+            return False
+        node = node.args[0]
+    return False
+
+
+_LAYER_OPS = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
+
+
+@rule(*[getattr(aten, n) for n in _LAYER_OPS if hasattr(aten, n)])
+def _layer_op(ctx):
+    """``aten.lstm(x, [h0, c0], params, has_biases, num_layers, dropout, train,
+    bidirectional, batch_first)`` and the GRU / Elman ops (``hx`` one tensor):
+    what torch.export records for ``nn.LSTM`` and the others, with ``params``
+    flat, ``[w_ih, w_hh, b_ih, b_hh]`` per layer and direction. As the module
+    rule; an initial state made of zeros counts as none."""
+    gates = _LAYER_OPS[ctx.op_name]
+    x, hx, params = ctx.args[0], ctx.args[1], list(ctx.args[2])
+    has_biases, num_layers, bidirectional, batch_first = (
+        ctx.value(ctx.args[3]), ctx.value(ctx.args[4]), ctx.value(ctx.args[7]), ctx.value(ctx.args[8]))
+    dirs = 2 if bidirectional else 1
+    per = 4 if has_biases else 2
+    if len(params) != num_layers * dirs * per:
+        raise ValueError("recurrent layer with projections or an unknown parameter layout")
+    lay = list(ctx.layout(x))
+    batched = len(lay) == 3
+    ctx.block(lay[1 if (batched and batch_first) else 0], "recurrence over time", structural=True)
+    states_in = list(hx) if isinstance(hx, (tuple, list)) else [hx]
+    given = [s for s in states_in if ctx.is_tensor(s) and not _is_zeros(ctx, s)]
+    reads_state = any(not (u.op == "call_function" and u.target is operator.getitem
+                           and (u.args[1] == 0 or not u.users)) for u in ctx.node.users)
+    hidden_size = ctx.shape(params[1])[1]
+    shared = ctx.new(hidden_size) if given or reads_state else None
+    prev = lay[-1]
+    for k in range(num_layers):
+        hidden = []
+        for d in range(dirs):
+            w = [ctx.layout(p) for p in params[(k * dirs + d) * per:(k * dirs + d + 1) * per]]
+            b = w[2:4] if has_biases else [None, None]
+            h = gate_rows(ctx, w[0], w[1], *b, gates, prev)
+            if shared is not None:
+                ctx.union(h, shared)
+            hidden.append(h)
+        if dirs == 1:
+            prev = hidden[0]
+        else:
+            prev = ctx.new(dirs * hidden_size)
+            for piece, h in zip(ctx.refine_concat(prev, [hidden_size] * dirs), hidden):
+                ctx.union(piece, h)
+    out = lay[:-1] + [prev]
+    metas = ctx.meta()
+    if shared is None:
+        return [out] + [ctx.fresh(m, blocked="final RNN state") for m in metas[1:]]
+    states = []
+    for s_in, m in zip(states_in, metas[1:]):
+        st = [ctx.new(m.shape[0], "RNN layers x directions", structural=True)]
+        st += [lay[0 if batch_first else 1]] if batched else []
+        st.append(shared)
+        if ctx.is_tensor(s_in) and not _is_zeros(ctx, s_in):
+            for a, s in zip(ctx.layout(s_in), st):
+                ctx.union(a, s)
+        states.append(st)
+    return [out] + states

@@ -303,17 +303,25 @@ def index_tensor(ctx, x, idx):
             elif k == "tensor" or not (isinstance(v, slice) and v == slice(None)):
                 ctx.block(lay[axis], "indexed by a tensor")
             axis += 1
-        if len(tensor_items) == 1 and all(k == "tensor" or v == slice(None) for k, v in expanded):
-            # x[idx] with one index tensor and full slices elsewhere: the other
-            # axes keep their symbols (swin's relative position bias table)
-            out_meta = ctx.meta()
-            pos = [i for i, (k, _) in enumerate(expanded) if k == "tensor"][0]
-            idx_nd = len(ctx.shape(tensor_items[0]))
-            before = lay[:pos]
-            after = lay[pos + 1:]
+        if all(k == "tensor" or (k == "value" and v == slice(None)) for k, v in expanded):
+            # index tensors and full slices (swin's relative position bias table,
+            # x[rows, cols] picking patches): the sliced axes keep their symbols;
+            # the indexed ones are replaced by the indices' broadcast shape, in
+            # their place when they are adjacent, else in front (numpy's rule)
+            out_shape = list(ctx.meta().shape)
+            where = [i for i, (k, _) in enumerate(expanded) if k == "tensor"]
+            idx_nd = len(out_shape) - (len(shape) - len(where))
+            adjacent = where == list(range(where[0], where[-1] + 1))
+            start = where[0] if adjacent else 0
             mid = list(ctx.layout(tensor_items[0])) if by_position else \
-                [ctx.new(n, "gathered by index") for n in out_meta.shape[pos:pos + idx_nd]]
-            return before + mid + after
+                [ctx.new(n, "gathered by index") for n in out_shape[start:start + idx_nd]]
+            kept = [lay[i] for i in range(len(lay)) if i not in where]
+            if adjacent:
+                return lay[:where[0]] + mid + lay[where[-1] + 1:]
+            return mid + kept
+        # anything else: every axis of x, whatever it becomes in the result, is fixed
+        for s in lay:
+            ctx.block(s, "advanced indexing")
         return ctx.fresh(blocked="advanced indexing")
     ints = [i for i, (k, v) in enumerate(expanded) if isinstance(v, int) and not isinstance(v, bool)]
     if len(ints) == 1 and all(v == slice(None) for i, (k, v) in enumerate(expanded) if i != ints[0]):
@@ -379,12 +387,20 @@ def _repeat(ctx):
 @rule("repeat_interleave", torch.repeat_interleave)
 def _repeat_interleave(ctx):
     x = ctx.args[0]
-    reps = ctx.value(ctx.arg(1, "repeats"))
+    repeats = ctx.arg(1, "repeats")
     dim = ctx.value(ctx.arg(2, "dim"))
-    if not isinstance(reps, int) or dim is None:
-        raise ValueError("only integer repeats along a given dim")
+    if dim is None:
+        raise ValueError("repeat_interleave without dim flattens its input")
     lay, shape = list(ctx.layout(x)), ctx.shape(x)
     dim = norm_dim(dim, len(shape))
+    reps = None if ctx.is_tensor(repeats) else ctx.value(repeats)
+    if not isinstance(reps, int):
+        # a count per position (durations expanding phonemes into frames): the
+        # axis's positions each become a run of their own length, so the axis is
+        # fixed and the result's is new; the other axes pass through
+        ctx.block(lay[dim], "repeated by a tensor of counts")
+        lay[dim] = ctx.new(ctx.shape()[dim], "repeated by a tensor of counts")
+        return lay
     o = ctx.new(shape[dim] * reps)
     kids = ctx.refine_product(o, [shape[dim], reps])
     ctx.union(kids[0], lay[dim])
@@ -416,8 +432,13 @@ def _index_select(ctx):
         return out
     ctx.block(lay[dim], "indexed by a tensor")
     if ctx.target in (torch.gather, "gather"):
-        ctx.block_layout(lay, "gather")
-        return ctx.fresh(blocked="gather")
+        # out[p] = x[p with p[dim] = index[p]]: along every other axis x, the
+        # index and the result go together (an index expanded over the hidden
+        # axis, picking tokens, leaves that axis free); along dim the result
+        # follows the index, and x's axis is fixed
+        idx_lay, idx_shape, shape = ctx.layout(index), ctx.shape(index), ctx.shape(x)
+        pair_axes(ctx, lay, shape, idx_lay, idx_shape, dim, "gathered in part")
+        return list(idx_lay)
     out = list(lay)
     out[dim] = ctx.new(ctx.shape()[dim], "indexed by a tensor")
     return out
