@@ -100,6 +100,12 @@ class TracedModel:
                  fixed: Iterable[str] = (), concrete: bool = True):
         self.example_inputs = inputs
         self.outputs = None if outputs is None else list(outputs)
+        try:  # forward's parameter names, to match later inputs given another way
+            self._names = [n for n, prm in inspect.signature(model.forward).parameters.items()
+                           if prm.kind in (prm.POSITIONAL_ONLY, prm.POSITIONAL_OR_KEYWORD,
+                                           prm.KEYWORD_ONLY)]
+        except (TypeError, ValueError):
+            self._names = []
         self.gm, self.flat_inputs, self.opaque_modules, self.capture = capture_graph(
             model, inputs, opaque, capture, concrete)
         capture_nodes = {n for n in self.gm.graph.nodes
@@ -246,11 +252,33 @@ class TracedModel:
         if self.capture == "fx":
             return positional(self.gm, inputs) if inputs.kwargs else tuple(inputs.args)
         import torch.fx._pytree as fx_pytree
-        try:
-            return tuple(fx_pytree.tree_flatten_spec((tuple(inputs.args), dict(inputs.kwargs)),
-                                                     self.gm.meta["in_spec"]))
-        except Exception:  # noqa: BLE001 - another input structure
-            return None
+        for args, kwargs in ((tuple(inputs.args), dict(inputs.kwargs)), self.as_captured(inputs)):
+            try:
+                return tuple(fx_pytree.tree_flatten_spec((args, kwargs), self.gm.meta["in_spec"]))
+            except Exception:  # noqa: BLE001 - another input structure
+                continue
+        return None
+
+    def as_captured(self, inputs: ModelInputs) -> tuple[tuple, dict]:
+        """``inputs`` arranged as the example inputs were (positional or by name,
+        matched through forward's signature: a batch's ``input_ids`` given
+        positionally fits a graph captured with ``input_ids=``); the example's
+        non-tensor keywords (``use_cache=False``) are kept."""
+        given = dict(zip(self._names, inputs.args))
+        given.update(inputs.kwargs)
+        ex = self.example_inputs
+        names = self._names[:len(ex.args)]
+        if any(n not in given for n in names):
+            return (), {}
+        kwargs = {}
+        for key, value in ex.kwargs.items():
+            if key in given:
+                kwargs[key] = given[key]
+            elif not isinstance(value, torch.Tensor):
+                kwargs[key] = value
+            else:
+                return (), {}
+        return tuple(given[n] for n in names), kwargs
 
     def first_divergence(self, model: nn.Module, permuted: nn.Module, perms,
                          inputs: ModelInputs, rtol: float = 1e-3) -> str | None:

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
@@ -61,7 +62,7 @@ from tqdm.auto import tqdm
 
 from ..guard import check_model_finite, check_model_materialized, eval_mode, unwrap_model
 from ..permute import apply_permutation
-from ..inputs import as_inputs
+from ..inputs import ModelInputs, as_inputs
 from ..batches import batch_args, model_device, to_device
 from ..spec import PermutationSpec, Perms, SpecError
 from ..trace import graph_over
@@ -395,15 +396,36 @@ def _missing(traced, spec: PermutationSpec) -> list[str]:
             if g not in traced.spec.groups or traced.spec.groups[g].size != grp.size]
 
 
+def _fits(traced, inputs) -> tuple | None:
+    """``inputs`` as ``traced``'s placeholders, or None when they do not fit it: another
+    structure, or other shapes for a graph torch.export captured at its example's
+    shapes (fx graphs take any shape)."""
+    flat = traced.flat(inputs)
+    if flat is None or traced.capture == "fx":
+        return flat
+    shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else None for t in flat]
+    captured = [tuple(t.shape) if isinstance(t, torch.Tensor) else None for t in traced.flat_inputs]
+    return flat if shapes == captured else None
+
+
 def _traced_for(spec: PermutationSpec, a: nn.Module, first_args: tuple, traced):
     """The traced graph whose activations ``spec``'s groups permute: ``traced``
-    when it carries them, else ``a`` captured on (two samples of) the first batch."""
-    if traced is not None and not _missing(traced, spec):
+    when it carries them and takes the first batch, else ``a`` captured on the
+    first batch (two of its samples for fx; the whole batch for torch.export,
+    whose graph keeps the shapes it was captured at)."""
+    if traced is not None and not _missing(traced, spec) and \
+            _fits(traced, as_inputs(first_args, a)) is not None:
         return traced
     from ..infer import trace_model
-    fresh = trace_model(a, tuple(t[:2] if isinstance(t, torch.Tensor) and t.dim() else t
-                                 for t in first_args),
-                        capture=spec.capture or "auto", outputs=spec.outputs)
+    capture = spec.capture or (traced.capture if traced is not None else "auto")
+    first = first_args if capture == "export" else \
+        tuple(t[:2] if isinstance(t, torch.Tensor) and t.dim() else t for t in first_args)
+    inputs = as_inputs(first, a)
+    if traced is not None:  # given as the graph was captured (input_ids by name, use_cache)
+        args, kwargs = traced.as_captured(inputs)
+        if args or kwargs:
+            inputs = ModelInputs(args, kwargs)
+    fresh = trace_model(a, inputs, capture=capture, outputs=spec.outputs)
     missing = _missing(fresh, spec)
     if missing:
         raise SpecError(f"activation matching needs the traced graph of the spec; capturing "
@@ -572,7 +594,7 @@ def activation_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, data:
     entries: list[ActivationEntry] | None = None
     by_node: dict[str, list[ActivationEntry]] = {}
     gm_a = gm_b = None
-    batches = samples = empty = 0
+    batches = samples = empty = skipped = 0
     with eval_mode(a, b):
         total = num_batches
         if total is None and hasattr(data, "__len__") and not isinstance(data, torch.Tensor):
@@ -615,9 +637,15 @@ def activation_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, data:
                         if xa is not None and isinstance(value, torch.Tensor):
                             e.moments.update(xa, e.gather(value))
 
+                flat = _fits(traced, as_inputs(args, a))
+                if flat is None and traced.flat(as_inputs(args, a)) is not None:
+                    # another shape than the graph torch.export captured (a last,
+                    # smaller batch): its samples are left out
+                    skipped += 1
+                    bar.update(1)
+                    continue
                 for label, gm, dev, tap in (("a", gm_a, dev_a, tap_a), ("b", gm_b, dev_b, tap_b)):
                     try:
-                        flat = traced.flat(as_inputs(args, a))
                         if flat is None:
                             raise ValueError("the inputs do not fit the captured graph")
                         _Tap(gm, names, tap).run(*[to_device(t, dev) for t in flat])
@@ -627,6 +655,11 @@ def activation_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, data:
                 samples += int(first.shape[0]) if first is not None and first.dim() else 1
                 bar.update(1)
         bar.close()
+    if skipped:
+        warnings.warn(f"activation matching left out {skipped} batch(es) whose input shapes differ "
+                      f"from those the graph was captured at ({traced.example_inputs.describe()}); "
+                      f"torch.export graphs keep their shapes: give batches of one shape",
+                      stacklevel=2)
     if entries is None:
         if empty:
             raise ValueError(f"activation matching got no samples from data: all {empty} "
@@ -662,6 +695,7 @@ def activation_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, data:
         fallback_groups=fallback, entries=len(used), nodes=sorted({e.node for e in used}),
         group_nodes=group_nodes, levels={g: levels[g] for g in group_nodes},
         matched_similarity=matched, batches=batches, samples=samples, sweeps=sweeps,
+        skipped_batches=skipped,
         converged=True, weight_matching=wm, seconds=time.perf_counter() - start)
     fill_stats(stats, result)
     return result

@@ -97,7 +97,9 @@ class ActivationMatching(Matching):
     kind of activation each group used (1: input of a parametrised op, 2: its
     output, 3: any other value); ``matched_similarity``: per group, the mean
     similarity of matched units averaged over its entries; ``batches`` and
-    ``samples`` read. ``sweeps``: coordinate descent on structured grids.
+    ``samples`` read; ``skipped_batches``: batches left out because their shapes
+    differ from those a torch.export graph was captured at. ``sweeps``:
+    coordinate descent on structured grids.
     """
 
     activation_groups: int = 0
@@ -109,6 +111,7 @@ class ActivationMatching(Matching):
     matched_similarity: dict[str, float] = field(default_factory=dict)
     batches: int = 0
     samples: int = 0
+    skipped_batches: int = 0
     weight_matching: WeightMatching | None = None
 
 
