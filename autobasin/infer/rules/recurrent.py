@@ -42,6 +42,30 @@ def gate_rows(ctx, w_ih, w_hh, b_ih, b_hh, gates: int, x_features: int) -> int:
     return hidden
 
 
+def stack_layers(ctx, x_features: int, num_layers: int, dirs: int, hidden_size: int,
+                 weights, gates: int, shared: int | None) -> int:
+    """Relate a stacked (and perhaps bidirectional) recurrent layer's tensors;
+    ``weights(k, d)`` gives layer ``k``, direction ``d``'s ``(w_ih, w_hh, b_ih,
+    b_hh)`` layouts (None for absent biases). Returns the output features'
+    symbol: the last layer's hidden units, the directions concatenated. With
+    ``shared``, every layer and direction takes that one permutation."""
+    prev = x_features
+    for k in range(num_layers):
+        hidden = []
+        for d in range(dirs):
+            h = gate_rows(ctx, *weights(k, d), gates, prev)
+            if shared is not None:
+                ctx.union(h, shared)
+            hidden.append(h)
+        if dirs == 1:
+            prev = hidden[0]
+        else:
+            prev = ctx.new(dirs * hidden_size)
+            for piece, h in zip(ctx.refine_concat(prev, [hidden_size] * dirs), hidden):
+                ctx.union(piece, h)
+    return prev
+
+
 def _state_users_only_read_output(ctx) -> bool:
     return all(u.op == "call_function" and u.target is operator.getitem and u.args[0] is ctx.node
                and u.args[1] == 0 for u in ctx.node.users)
@@ -64,24 +88,13 @@ def _rnn(ctx):
                if ctx.is_tensor(t)]
     shared = ctx.new(m.hidden_size) if initial or not _state_users_only_read_output(ctx) else None
     dirs = 2 if m.bidirectional else 1
-    prev = lay[-1]
-    for k in range(m.num_layers):
-        hidden = []
-        for d in range(dirs):
-            sfx = f"l{k}" + ("_reverse" if d else "")
-            b = [ctx.param(f"bias_ih_{sfx}"), ctx.param(f"bias_hh_{sfx}")] if m.bias else [None, None]
-            h = gate_rows(ctx, ctx.param(f"weight_ih_{sfx}"), ctx.param(f"weight_hh_{sfx}"), *b,
-                          _GATES[type(m)], prev)
-            if shared is not None:
-                ctx.union(h, shared)
-            hidden.append(h)
-        if dirs == 1:
-            prev = hidden[0]
-        else:
-            prev = ctx.new(dirs * m.hidden_size)
-            for piece, h in zip(ctx.refine_concat(prev, [m.hidden_size] * dirs), hidden):
-                ctx.union(piece, h)
-    out = lay[:-1] + [prev]
+
+    def weights(k, d):
+        sfx = f"l{k}" + ("_reverse" if d else "")
+        b = [ctx.param(f"bias_ih_{sfx}"), ctx.param(f"bias_hh_{sfx}")] if m.bias else [None, None]
+        return ctx.param(f"weight_ih_{sfx}"), ctx.param(f"weight_hh_{sfx}"), *b
+    out = lay[:-1] + [stack_layers(ctx, lay[-1], m.num_layers, dirs, m.hidden_size, weights,
+                                   _GATES[type(m)], shared)]
     state_meta = ctx.meta()[1]
     if shared is None:
         return [out, ctx.fresh(state_meta, blocked="final RNN state")]
@@ -183,23 +196,12 @@ def _layer_op(ctx):
                            and (u.args[1] == 0 or not u.users)) for u in ctx.node.users)
     hidden_size = ctx.shape(params[1])[1]
     shared = ctx.new(hidden_size) if given or reads_state else None
-    prev = lay[-1]
-    for k in range(num_layers):
-        hidden = []
-        for d in range(dirs):
-            w = [ctx.layout(p) for p in params[(k * dirs + d) * per:(k * dirs + d + 1) * per]]
-            b = w[2:4] if has_biases else [None, None]
-            h = gate_rows(ctx, w[0], w[1], *b, gates, prev)
-            if shared is not None:
-                ctx.union(h, shared)
-            hidden.append(h)
-        if dirs == 1:
-            prev = hidden[0]
-        else:
-            prev = ctx.new(dirs * hidden_size)
-            for piece, h in zip(ctx.refine_concat(prev, [hidden_size] * dirs), hidden):
-                ctx.union(piece, h)
-    out = lay[:-1] + [prev]
+
+    def weights(k, d):
+        w = [ctx.layout(p) for p in params[(k * dirs + d) * per:(k * dirs + d + 1) * per]]
+        return (w[0], w[1], *(w[2:4] if has_biases else [None, None]))
+    out = lay[:-1] + [stack_layers(ctx, lay[-1], num_layers, dirs, hidden_size, weights, gates,
+                                   shared)]
     metas = ctx.meta()
     if shared is None:
         return [out] + [ctx.fresh(m, blocked="final RNN state") for m in metas[1:]]
