@@ -554,10 +554,12 @@ def _user_frame() -> str:
 
 def weight_dependent_branches(model: nn.Module, inputs) -> list[str]:
     """Where ``model``'s forward on ``inputs`` reads values (or value-decided shapes)
-    computed from its parameters or buffers; empty when its control flow depends on
-    the inputs alone."""
+    computed from its state_dict's tensors (parameters, persistent buffers); empty
+    when its control flow depends on the inputs (and the config) alone."""
     from .guard import eval_mode
-    mode = _WeightBranches([*model.parameters(), *model.buffers()])
+    # the checkpoint's tensors: non-persistent buffers (a conv's stride kept as a
+    # tensor, RoPE frequencies) come from the config, the same for every checkpoint
+    mode = _WeightBranches(model.state_dict(keep_vars=True).values())
     with eval_mode(model), _batched_experts(model), _plain_outputs(model), torch.no_grad(), mode:
         inputs.call(model)
     return mode.found

@@ -709,3 +709,28 @@ def test_recurrent_layers_captured_by_export_keep_their_hidden_units_free():
     assert sizes == [8, 12, 16, 16, 16, 16]  # inp, the GRU's shared units, 2 layers x 2 directions
     for seed in (0, 1):
         assert ab.check_equivalence(model, spec, x, seed=seed) <= 1e-4
+
+
+class BranchOnBuffer(nn.Module):
+    """A branch on a tensor kept as a buffer: one the config makes (not in the
+    state_dict, like EnCodec's conv strides) or one a checkpoint carries."""
+
+    def __init__(self, persistent: bool):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 3)
+        self.register_buffer("stride", torch.tensor(2), persistent=persistent)
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x))
+        if torch.ceil(x.shape[0] / self.stride) > 1:
+            h = h * 2
+        return self.fc2(h)
+
+
+def test_a_branch_on_a_config_buffer_is_captured_and_one_on_a_checkpoint_buffer_refused():
+    x = torch.randn(4, 8)
+    with pytest.warns(UserWarning, match="branch depends on the values"):
+        spec = infer_spec(BranchOnBuffer(persistent=False).eval(), x, capture="export")
+    assert list(spec.groups) == ["fc1:out"]
+    with pytest.raises(ab.TraceError, match="branches on values computed from its weights"):
+        infer_spec(BranchOnBuffer(persistent=True).eval(), x, capture="export")
