@@ -734,3 +734,42 @@ def test_a_branch_on_a_config_buffer_is_captured_and_one_on_a_checkpoint_buffer_
     assert list(spec.groups) == ["fc1:out"]
     with pytest.raises(ab.TraceError, match="branches on values computed from its weights"):
         infer_spec(BranchOnBuffer(persistent=True).eval(), x, capture="export")
+
+
+class MaybeAux(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        if x.shape[0] > 100:  # fx: a branch on a traced size, so an opaque leaf
+            return self.fc(x)
+        return None
+
+
+class OptionalAux(nn.Module):
+    """fx traces ``a is not None`` as true (``a`` is a proxy), so its graph adds
+    None on these inputs (LUKE's entity head); the model itself runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.aux = nn.Linear(8, 16), nn.Linear(16, 3), MaybeAux()
+
+    def forward(self, x):
+        out = self.fc2(torch.relu(self.fc1(x)))
+        a = self.aux(x)
+        if a is not None:
+            out = out + a
+        return out
+
+
+def test_auto_captures_with_export_when_the_fx_graph_cannot_run_the_inputs():
+    model, x = OptionalAux().eval(), torch.randn(4, 8)
+    with pytest.raises(ab.ExampleInputError), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        infer_spec(model, x, capture="fx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        spec = infer_spec(model, x)
+    assert spec.capture == "export" and list(spec.groups) == ["fc1:out"]
+    assert ab.check_equivalence(model, spec, x) <= 1e-5

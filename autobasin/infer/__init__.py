@@ -321,6 +321,16 @@ class TracedModel:
         return result[0]
 
 
+def _runs(model: nn.Module, inputs: ModelInputs) -> bool:
+    """Whether ``model`` itself runs on ``inputs`` (eval mode, no grad)."""
+    try:
+        with torch.no_grad(), eval_mode(model):
+            inputs.call(model)
+        return True
+    except Exception:  # noqa: BLE001 - only whether it runs
+        return False
+
+
 def _record_all(gm, args):
     env = {}
 
@@ -411,7 +421,14 @@ def trace_model(model: nn.Module, example_inputs=None, *, opaque: Iterable = (),
     inputs = as_inputs(example_inputs, model)
     if is_meta_model(model):
         inputs = inputs.to("meta")
-    traced = TracedModel(model, inputs, opaque, capture, outputs, fixed)
+    try:
+        traced = TracedModel(model, inputs, opaque, capture, outputs, fixed)
+    except ExampleInputError:
+        # fx's graph cannot run on the inputs although the model can (fx took
+        # another path through forward than these inputs do): capture with export
+        if capture != "auto" or opaque or not _runs(model, inputs):
+            raise
+        traced = TracedModel(model, inputs, (), "export", outputs, fixed)
     spec = traced.spec
     if capture == "auto" and traced.capture == "fx" and not opaque and (
             spec.blocked_ops() or spec.coverage() < 1.0):

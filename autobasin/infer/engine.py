@@ -115,7 +115,10 @@ class GraphInference:
         ctx = Context(self, node)
         if node.op == "get_attr":
             meta = self.meta.get(node)
-            if is_tensor_meta(meta):
+            # a tensor the graph reads but never uses (export lifts every
+            # parameter, used or not) gets no symbols: its axes stay fixed as
+            # "not used by forward on the example inputs"
+            if is_tensor_meta(meta) and node.users:
                 return list(self.tensor_symbols(node.target))
             return None
         fn, what = self.find_rule(node, ctx)
