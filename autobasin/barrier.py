@@ -7,13 +7,12 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from .state import interpolate_state_dicts
 from .guard import eval_mode
-from .batches import InputBatches, batch_input, batch_target, model_device
+from .batches import InputBatches, model_device, run_batch, score_batch
 from .repair import channel_stats, check_repair_option
 from .repair import repair as repair_model
 from .repair import reset_bn_stats
@@ -51,23 +50,28 @@ def _lambda_grid(lambdas: int | Sequence[float]) -> list[float]:
     return grid
 
 
-def evaluate(model: nn.Module, data: Iterable, loss_fn: Callable = F.cross_entropy,
+def evaluate(model: nn.Module, data: Iterable, loss_fn: Callable | None = None,
              device: torch.device | str | None = None) -> tuple[float, float]:
     """Mean loss and accuracy of ``model`` over ``data`` in eval mode, without grad.
 
-    Batches are ``(input, target)``; the loss is ``loss_fn(logits, target)`` (a
-    batch mean) weighted by batch size; accuracy compares ``logits.argmax(-1)``
-    with ``target``. The model's train/eval modes are restored.
+    Batches are ``(input, target)`` pairs or dicts (keyword inputs of the model's
+    forward, such as ``{"input_ids": ...}``, are passed by name: see
+    :func:`autobasin.batches.batch_inputs`). The default loss is the batch's
+    (:func:`autobasin.batches.score_batch`): cross-entropy against the target,
+    weighted by batch size, with top-1 accuracy; for a causal LM batch
+    (``input_ids``, no target) next-token cross-entropy and accuracy over every
+    predicted token; for a masked LM batch (``input_ids`` and per-token ``labels``)
+    the cross-entropy of the labelled tokens. ``loss_fn(logits, target)`` replaces
+    the cross-entropy of ``(input, target)`` batches. The model's train/eval modes
+    are restored.
     """
     device = torch.device(device) if device is not None else model_device(model)
     total_loss, correct, count = 0.0, 0, 0
     with eval_mode(model), torch.no_grad():
         for batch in data:
-            x, y = batch_input(batch).to(device), batch_target(batch).to(device)
-            logits = model(x)
-            n = y.shape[0]
-            total_loss += float(loss_fn(logits, y)) * n
-            correct += int((logits.argmax(-1) == y).sum())
+            loss, right, n = score_batch(run_batch(model, batch, device), batch, loss_fn)
+            total_loss += loss
+            correct += right
             count += n
     if count == 0:
         raise ValueError("the evaluation data yielded no samples")
@@ -76,7 +80,7 @@ def evaluate(model: nn.Module, data: Iterable, loss_fn: Callable = F.cross_entro
 
 def loss_barrier(a: nn.Module, b: nn.Module, eval_fn_or_data: Callable | Iterable,
                  lambdas: int | Sequence[float] = 25, reset_bn: Iterable | None = None,
-                 loss_fn: Callable = F.cross_entropy, device: torch.device | str | None = None,
+                 loss_fn: Callable | None = None, device: torch.device | str | None = None,
                  progress: bool = True, repair: str | None = None,
                  repair_data: Iterable | None = None,
                  repair_batches: int | None = None) -> BarrierResult:
@@ -86,8 +90,11 @@ def loss_barrier(a: nn.Module, b: nn.Module, eval_fn_or_data: Callable | Iterabl
         a, b: two models of one architecture (align ``b`` to ``a`` first, e.g. with
             :func:`autobasin.auto_rebasin`); neither is modified.
         eval_fn_or_data: a callable ``model -> loss`` or ``model -> (loss, accuracy)``,
-            or an iterable of ``(input, target)`` batches scored with the mean of
-            ``loss_fn`` and top-1 accuracy (see :func:`evaluate`).
+            or an iterable of batches scored by :func:`evaluate`: ``(input, target)``
+            batches with the mean of ``loss_fn`` (default cross-entropy) and top-1
+            accuracy; ``{"input_ids": ...}`` batches of a causal LM with next-token
+            cross-entropy and accuracy (so two ``LlamaForCausalLM`` need no more
+            arguments); masked LM batches with ``labels`` with the labelled tokens' loss.
         lambdas: an int ``k`` for ``k`` evenly spaced points from 0 to 1 inclusive, or
             the points themselves (they must include 0 and 1).
         reset_bn: if an iterable of batches, BatchNorm statistics are recomputed on

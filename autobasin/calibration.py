@@ -21,7 +21,7 @@ from typing import Iterable, Mapping
 import torch
 from torch import nn
 
-from .batches import batch_input, model_device
+from .batches import batch_target, lm_logits, model_device, run_batch
 from .guard import eval_mode
 
 
@@ -103,15 +103,19 @@ def expected_calibration_error(scores: torch.Tensor, labels: torch.Tensor, n_bin
 def predict(model: nn.Module, data: Iterable,
             device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits (N, classes) float32 and labels (N,) of ``model`` over ``(input, target)``
-    batches, on the CPU; eval mode without grad (the model's modes are restored)."""
+    batches (or dicts with a target; keyword inputs of forward passed by name), on the
+    CPU; eval mode without grad (the model's modes are restored)."""
     device = torch.device(device) if device is not None else model_device(model)
     logits, labels = [], []
     with eval_mode(model), torch.no_grad():
         for batch in data:
-            if not (isinstance(batch, (tuple, list)) and len(batch) >= 2):
-                raise TypeError("predict needs (input, target) batches")
-            logits.append(model(batch_input(batch).to(device)).float().cpu())
-            labels.append(torch.as_tensor(batch[1]).cpu())
+            try:
+                target = batch_target(batch)
+            except TypeError:
+                raise TypeError("predict needs (input, target) batches, or dicts with a "
+                                "target/labels key") from None
+            logits.append(lm_logits(run_batch(model, batch, device)).float().cpu())
+            labels.append(torch.as_tensor(target).cpu())
     if not logits:
         raise ValueError("the data yielded no batches")
     return torch.cat(logits), torch.cat(labels)

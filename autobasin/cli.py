@@ -13,6 +13,9 @@ MODEL is ``timm:NAME``, ``torchvision:NAME`` or ``path/to/file.py:factory``
 PyTorch files (:mod:`autobasin.io`). DATA is an image folder, a folder holding
 the MNIST IDX test files, ``digits`` (scikit-learn's bundled digits) or
 ``module:function`` / ``file.py:function`` returning a DataLoader.
+MODEL ``hf:DIR`` is a ``save_pretrained`` folder (:mod:`autobasin.hf`): then
+checkpoints and OUT are such folders (``--a`` defaults to DIR) and DATA may be
+a text file or folder (:mod:`autobasin.text`).
 
 Every input is checked (files exist, checkpoints load into the architecture,
 data yields batches the model accepts) before any long computation. Exit
@@ -24,25 +27,27 @@ interrupted. Expected errors print one line ``autobasin: error: ...``.
 from __future__ import annotations
 
 import argparse
-import ast
 import contextlib
 import copy
 import json
 import math
 import os
-import random
 import sys
 import time
 import traceback
 import warnings
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
 
-from .data import DataError, DataSource, check_source, make_example_inputs, resolve_data
+from .data import (DataError, DataSource, check_source, example_of, make_example_inputs,
+                   resolve_data)
+from .cliargs import (UsageError, checkpoint_path, existing_file, model_kwargs,
+                      output_path, parse_device, save_result, seed_everything)
+from .hf import hf_folder, is_hf, load_folder
 from .spec import format_coverage
 
 PROG = "autobasin"
@@ -61,10 +66,6 @@ EXIT_CODES_HELP = """exit codes:
        else than its checkpoint
   130  interrupted (Ctrl-C); no output file is left half-written
 """
-
-
-class UsageError(ValueError):
-    """Bad arguments or unreadable inputs (exit code 2; so is a :class:`DataError`)."""
 
 
 # ---------------------------------------------------------------------- logging
@@ -94,72 +95,15 @@ def _stage(log: _Log, what: str):
     log(f"{what}: done in {time.perf_counter() - t0:.1f} s" + "".join(f"; {n}" for n in notes))
 
 
-# ------------------------------------------------------------------- arguments
-def _model_kwargs(items: Sequence[str] | None) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {}
-    for item in items or ():
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise UsageError(f"--model-kwargs expects KEY=VALUE, got {item!r}")
-        try:
-            kwargs[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            kwargs[key] = value
-    return kwargs
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise UsageError(f"--device {name!r}: {e}") from e
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: CUDA is not available on this machine")
-    if device.type == "cuda" and device.index is not None \
-            and device.index >= torch.cuda.device_count():
-        raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} "
-                         "CUDA devices")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UsageError(f"--device {name}: MPS is not available on this machine")
-    return device
-
-
-def _seed_everything(seed: int) -> None:
-    import numpy as np
-    random.seed(seed)
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-
-
-def _existing_file(path: str, what: str) -> Path:
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise UsageError(f"{what} {p}: no such file")
-    if not p.is_file():
-        raise UsageError(f"{what} {p} is not a file")
-    return p
-
-
-def _output_path(path: str, what: str) -> Path:
-    p = Path(path).expanduser()
-    if p.is_dir():
-        raise UsageError(f"{what} {p} is a folder; give a file name")
-    parent = p.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not os.access(parent, os.W_OK):
-        raise UsageError(f"{what} {p}: cannot write to {parent}")
-    return p
-
-
 # ----------------------------------------------------------------------- models
 def _build(args, log: _Log) -> nn.Module:
     from .models import build_model
-    with _stage(log, f"building {args.model}") as notes:
-        model = build_model(args.model, num_classes=args.num_classes,
-                            **_model_kwargs(args.model_kwargs))
+    if is_hf(args.model) and (args.num_classes is not None or args.model_kwargs):
+        raise UsageError("hf: models are built from their folder's config.json; drop "
+                         "--num-classes / --model-kwargs")
+    with _stage(log, f"{'loading' if is_hf(args.model) else 'building'} {args.model}") as notes:
+        model = load_folder(args.model, not args.quiet) if is_hf(args.model) else \
+            build_model(args.model, num_classes=args.num_classes, **model_kwargs(args.model_kwargs))
         notes.append(f"{type(model).__name__}, {sum(p.numel() for p in model.parameters()):,} "
                      "parameters")
     return model
@@ -168,6 +112,10 @@ def _build(args, log: _Log) -> nn.Module:
 def _load_checkpoint(model: nn.Module, path: Path, args, log: _Log, in_place: bool = False):
     from .io import load_checkpoint
     log(f"loading {path}")
+    if is_hf(args.model):  # a model folder: its own config and weights
+        out = model if in_place and path == hf_folder(args.model) else \
+            load_folder(path, not args.quiet)
+        return out, out.state_dict()
     return load_checkpoint(model, path, args.checkpoint_key, in_place=in_place)
 
 
@@ -183,10 +131,10 @@ def _write(log: _Log, path: Path, write) -> None:
 def cmd_inspect(args, log: _Log) -> int:
     from .infer import infer_spec
     from .permute import check_equivalence
-    json_out = _output_path(args.json, "--json") if args.json else None
-    plot_out = _output_path(args.plot, "--plot") if args.plot else None
+    json_out = output_path(args.json, "--json") if args.json else None
+    plot_out = output_path(args.plot, "--plot") if args.plot else None
     model = _build(args, log)
-    example = make_example_inputs(model, args.input_size)
+    example = make_example_inputs(model, args.input_size, seq_len=args.seq_len)
     with _stage(log, f"inferring the spec of {args.model}") as notes:
         spec = infer_spec(model, example)
         notes.append(f"{len(spec.groups)} groups")
@@ -234,12 +182,13 @@ def cmd_inspect(args, log: _Log) -> int:
 
 def _resolve_data(args, model: nn.Module) -> DataSource:
     return resolve_data(args.data, model, split=args.split, batch_size=args.batch_size,
-                        workers=args.workers, seed=args.seed, input_size=args.input_size)
+                        workers=args.workers, seed=args.seed, input_size=args.input_size,
+                        seq_len=args.seq_len)
 
 
 def _load_spec(path: str | None):
     from .io import load_spec
-    return load_spec(_existing_file(path, "--spec")) if path else None
+    return load_spec(existing_file(path, "--spec")) if path else None
 
 
 def _check_spec_fits(spec, args, model: nn.Module) -> None:
@@ -273,9 +222,8 @@ def _prepare_pair(args, log: _Log, need_data: bool, need_target: bool):
         raise UsageError(f"--tol must be a finite number >= 0, got {args.tol}")
     if args.tol and args.method != "weight":
         raise UsageError(f"--tol applies to weight matching only, not --method {args.method}")
-    path_a = _existing_file(args.a, "--a")
-    path_b = _existing_file(args.b, "--b")
-    device = _device(args.device)
+    path_a, path_b = checkpoint_path(args, args.a, "--a"), checkpoint_path(args, args.b, "--b")
+    device = parse_device(args.device)
     spec = _load_spec(getattr(args, "spec", None))
     model = _build(args, log)
     model_b, raw_b = _load_checkpoint(model, path_b, args, log)
@@ -288,10 +236,9 @@ def _prepare_pair(args, log: _Log, need_data: bool, need_target: bool):
         # barrier evaluates on the chosen split; align only matches, on the training split
         log(f"data: {data.description}" if need_target else
             f"matching data: {data.matching_description}")
-        x = check_source(model_a, data, f"DATA {args.data}", need_target)
-        example = (x[:2].to(torch.float32) if x.is_floating_point() else x[:2],)
+        example = example_of(check_source(model_a, data, f"DATA {args.data}", need_target))
     if args.input_size or not args.data:
-        example = make_example_inputs(model_a, args.input_size)
+        example = make_example_inputs(model_a, args.input_size, seq_len=args.seq_len)
     if spec is not None:  # a spec from another model fails here, not after the long part
         _check_spec_fits(spec, args, model_a)
     return model_a, model_b, raw_b, data, example, device, spec
@@ -299,11 +246,11 @@ def _prepare_pair(args, log: _Log, need_data: bool, need_target: bool):
 
 def cmd_align(args, log: _Log) -> int:
     from .api import MATCHERS
-    from .io import save_perms, save_state_dict
+    from .io import save_perms
     from .state import state_dict_distance
     from .permute import apply_permutation
-    out = _output_path(args.out, "--out")
-    perms_out = _output_path(args.perms, "--perms") if args.perms else \
+    out = Path(args.out).expanduser() if is_hf(args.model) else output_path(args.out, "--out")
+    perms_out = output_path(args.perms, "--perms") if args.perms else \
         out.with_name(out.stem + ".perms.safetensors")
     model_a, model_b, raw_b, data, example, device, spec = _prepare_pair(
         args, log, need_data=getattr(MATCHERS.get(args.method), "needs_data", False),
@@ -314,8 +261,8 @@ def cmd_align(args, log: _Log) -> int:
     sd_a, sd_b = model_a.state_dict(), model_b.state_dict()
     before, after = (state_dict_distance(sd_a, sd) for sd in (sd_b, result.state_dict))
     log(f"writing {out} and {perms_out}")
-    save_state_dict(aligned_sd, out, metadata={"autobasin": "aligned", "method": args.method,
-                                               "reference": str(args.a), "source": str(args.b)})
+    save_result(args, out, model_b, aligned_sd, args.b, {"autobasin": "aligned", "method": args.method,
+                                                   "reference": str(args.a), "source": str(args.b)})
     save_perms(result.perms, perms_out, metadata={"method": args.method})
     stats = result.stats
     _out(f"spec: {len(result.spec.groups)} groups, "
@@ -338,8 +285,8 @@ def cmd_align(args, log: _Log) -> int:
 def cmd_barrier(args, log: _Log) -> int:
     from .barrier import loss_barrier, plot_barrier
     from .demo import barrier_table
-    plot_out = _output_path(args.plot, "--plot") if args.plot else None
-    json_out = _output_path(args.json, "--json") if args.json else None
+    plot_out = output_path(args.plot, "--plot") if args.plot else None
+    json_out = output_path(args.json, "--json") if args.json else None
     if args.lambdas < 2:
         raise UsageError(f"--lambdas must be at least 2, got {args.lambdas}")
     model_a, model_b, _, data, example, device, spec = _prepare_pair(args, log, need_data=True,
@@ -375,13 +322,12 @@ def cmd_barrier(args, log: _Log) -> int:
 
 
 def cmd_merge(args, log: _Log) -> int:
-    from .io import save_state_dict
     from .state import cast_like
     from .merge import merge_many
-    out = _output_path(args.out, "--out")
+    out = Path(args.out).expanduser() if is_hf(args.model) else output_path(args.out, "--out")
     if len(args.checkpoints) < 2:
         raise UsageError(f"merge needs at least 2 checkpoints, got {len(args.checkpoints)}")
-    paths = [_existing_file(p, "checkpoint") for p in args.checkpoints]
+    paths = [checkpoint_path(args, p, "checkpoint") for p in args.checkpoints]
     if args.reset_bn and args.repair:
         raise UsageError("--repair already recomputes BatchNorm statistics; drop --reset-bn")
     repair = "reset_bn" if args.reset_bn else args.repair
@@ -391,7 +337,7 @@ def cmd_merge(args, log: _Log) -> int:
         raise UsageError(f"--max-rounds must be at least 1, got {args.max_rounds}")
     if args.method == "activation" and not args.data:
         raise UsageError("--method activation needs --data")
-    device = _device(args.device)
+    device = parse_device(args.device)
     spec = _load_spec(args.spec)
     model = _build(args, log)
     loaded = [_load_checkpoint(model, p, args, log) for p in paths]
@@ -407,7 +353,7 @@ def cmd_merge(args, log: _Log) -> int:
             log("note: BatchNorm statistics of the merged model are recomputed on DATA")
         elif not repair:
             log("note: DATA is only used to repair the merged model; add --reset-bn or --repair")
-    example = make_example_inputs(models[0], args.input_size)
+    example = make_example_inputs(models[0], args.input_size, seq_len=args.seq_len)
     stats: dict = {}
     t0 = time.perf_counter()
     if device is not None:
@@ -421,8 +367,8 @@ def cmd_merge(args, log: _Log) -> int:
     seconds = time.perf_counter() - t0
     sd = cast_like(merged_model.state_dict(), loaded[0][1])  # the first checkpoint's dtypes
     log(f"writing {out}")
-    save_state_dict(sd, out, metadata={"autobasin": "merged",
-                                       "sources": ",".join(str(p) for p in paths)})
+    save_result(args, out, models[0], sd, paths[0],
+          {"autobasin": "merged", "sources": ",".join(str(p) for p in paths)})
     rounds = f", {stats['rounds']} rounds" if stats.get("rounds") else ""
     how = {None: "", "reset_bn": "; BatchNorm statistics reset",
            "repair": "; REPAIRed (channel mean and std)", "rescale": "; rescaled (channel std)"}
@@ -462,7 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
     model_opts = argparse.ArgumentParser(add_help=False)
     g = model_opts.add_argument_group("model options")
     g.add_argument("model", metavar="MODEL",
-                   help="timm:NAME, torchvision:NAME, or path/to/file.py:factory")
+                   help="timm:NAME, torchvision:NAME, path/to/file.py:factory, or hf:DIR (a "
+                        "save_pretrained folder: checkpoints and OUT are then such folders)")
     g.add_argument("--num-classes", type=int, default=None,
                    help="number of classes of the classifier head (passed to the constructor)")
     g.add_argument("--model-kwargs", nargs="*", metavar="KEY=VALUE", default=[],
@@ -470,6 +417,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--input-size", type=int, nargs="+", metavar="N", default=None,
                    help="input shape without the batch dimension, e.g. 3 224 224 "
                         "(default: the model's pretrained_cfg, or a guess)")
+    g.add_argument("--seq-len", type=int, default=64, metavar="T",
+                   help="tokens per window of text DATA and of random example input_ids of "
+                        "a language model (default 64)")
 
     ckpt_opts = argparse.ArgumentParser(add_help=False)
     g = ckpt_opts.add_argument_group("checkpoint options")
@@ -488,7 +438,9 @@ def build_parser() -> argparse.ArgumentParser:
     data_help = ("an image folder (class subfolders; train/ and val/ subfolders are used "
                  "as splits), a folder holding the MNIST IDX files (t10k-images-idx3-ubyte.gz), "
                  "'digits' (scikit-learn's digits), or module:function / file.py:function "
-                 "returning a DataLoader (called with split=... if it takes it)")
+                 "returning a DataLoader (called with split=... if it takes it); for hf: "
+                 "models, a text file or folder (bytes, or the model folder's tokenizer; the "
+                 "last files or a single file's last 10%% held out)")
 
     parser = argparse.ArgumentParser(
         prog=PROG, description="Align and merge neural networks modulo permutation symmetry "
@@ -523,10 +475,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="permute checkpoint B to line up with checkpoint A",
                        description="Write B permuted to line up with A (it computes what B "
                                    "computes, in B's dtypes), and the permutations.")
-    p.add_argument("--a", required=True, metavar="A", help="reference checkpoint")
+    p.add_argument("--a", metavar="A", help="reference checkpoint (hf: default MODEL's folder)")
     p.add_argument("--b", required=True, metavar="B", help="checkpoint to permute")
     p.add_argument("--out", required=True, metavar="OUT",
-                   help="aligned B (.safetensors; .pt/.pth/.bin for torch.save)")
+                   help="aligned B (.safetensors; .pt/.pth/.bin for torch.save; hf: a folder)")
     p.add_argument("--data", metavar="DATA", help="batches for data-based methods: " + data_help)
     p.add_argument("--perms", metavar="PERMS",
                    help="where to write the permutations (.safetensors or .json; default "
@@ -559,7 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="loss barrier between A and B, naive and aligned",
                        description="Evaluate the straight line between A and B before and after "
                                    "aligning B to A; print a table, optionally plot it.")
-    p.add_argument("--a", required=True, metavar="A", help="checkpoint A")
+    p.add_argument("--a", metavar="A", help="checkpoint A (hf: default MODEL's folder)")
     p.add_argument("--b", required=True, metavar="B", help="checkpoint B")
     p.add_argument("--data", required=True, metavar="DATA", help=data_help)
     p.add_argument("--plot", metavar="FILE.png", help="plot both loss curves")
@@ -631,7 +583,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         warnings.showwarning = show
         try:
             if hasattr(args, "seed"):
-                _seed_everything(args.seed)
+                seed_everything(args.seed)
             if getattr(args, "threads", None):
                 torch.set_num_threads(args.threads)
             return args.func(args, log)

@@ -23,7 +23,7 @@ import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -200,9 +200,9 @@ def loader(dataset: Dataset, batch_size: int = 128, shuffle: bool = False,
 
 
 # ------------------------------------------------------------ the DATA argument
-class DataError(ValueError):
-    """DATA names nothing usable, or a model cannot run on its batches or on the example
-    inputs (the command line's exit code 2)."""
+# DataError lives with the batch plumbing (autobasin.text raises it too); this
+# module's name for it stays the public one.
+from .batches import DataError  # noqa: E402
 
 
 @dataclass
@@ -337,16 +337,56 @@ def _from_function(target: str, how: _Batching) -> DataSource:
                       train_description=f"{target} (train)" if takes_split else "")
 
 
+def _text(path: Path, model: nn.Module, how: _Batching, seq_len: int) -> DataSource:
+    """Batches of ``{"input_ids": ...}`` windows of a text file or folder, for a model
+    that takes ``input_ids``: tokens of the model folder's tokenizer, else bytes."""
+    from .text import (is_masked_lm, lm_batches, mask_batches, mask_token_id, text_splits,
+                       tokenizer_for, windows)
+    tokenizer = tokenizer_for(model)
+    train, held, desc = text_splits(path, tokenizer)
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    top = max((int(t.max()) for t in (train, held) if t.numel()), default=0)
+    if vocab and top >= vocab:
+        raise DataError(f"DATA {path}: token id {top} is beyond the model's vocab_size {vocab}"
+                        + ("; byte-level tokens need vocab_size >= 256, or a tokenizer in the "
+                           "model folder" if tokenizer is None else ""))
+    train_w, held_w = windows(train, seq_len), windows(held, seq_len)
+    if len(train_w) == 0 or len(held_w) == 0:
+        raise DataError(f"DATA {path}: too short for windows of --seq-len {seq_len} tokens in "
+                        f"both splits ({train.numel()} training, {held.numel()} held-out tokens)")
+    eval_w = held_w if how.split == "heldout" else train_w
+    eval_b = lm_batches(eval_w, how.batch_size)
+    train_b = lm_batches(train_w, how.batch_size, shuffle=True, seed=how.seed)
+    kind = "windows"
+    if is_masked_lm(model):  # scored by the model's own loss on masked tokens
+        mask = mask_token_id(model, tokenizer)
+        eval_b, train_b = mask_batches(eval_b, mask, seed=how.seed), \
+            mask_batches(train_b, mask, seed=how.seed + 1)
+        kind = "windows, 15% of tokens masked,"
+    return DataSource(f"{desc}; {how.split} split: {len(eval_w)} {kind} of {seq_len}",
+                      eval_b, train_b, has_train_split=True,
+                      train_description=f"{desc}; train split: {len(train_w)} {kind} of {seq_len}")
+
+
 def resolve_data(spec: str, model: nn.Module, split: str = "heldout", batch_size: int = 128,
                  workers: int = 0, seed: int = 0,
-                 input_size: Sequence[int] | None = None) -> DataSource:
+                 input_size: Sequence[int] | None = None, seq_len: int = 64) -> DataSource:
     """Turn a DATA argument into batches: an image folder (class subfolders; ``train/`` and
     ``val/`` subfolders are the splits; images resized for ``model`` or to ``input_size``),
     a folder holding the MNIST IDX test files, ``digits``, or ``module:function`` /
     ``file.py:function`` returning a DataLoader, a Dataset or batches (called with
-    ``split=...`` if it takes it). ``split`` ("heldout" or "train") is what ``eval`` holds."""
+    ``split=...`` if it takes it). ``split`` ("heldout" or "train") is what ``eval`` holds.
+
+    For a model whose forward takes ``input_ids`` (a language model), a text file or a
+    folder of text files gives ``{"input_ids": ...}`` batches of ``seq_len``-token windows
+    (:func:`autobasin.text.text_splits`: the last files, or a single file's last 10%,
+    held out; the training windows shuffled by ``seed``)."""
+    from .batches import forward_parameters
     how = _Batching(split, batch_size, workers, seed)
     path = Path(spec).expanduser()
+    if path.exists() and "input_ids" in forward_parameters(model) and \
+            not (path / MNIST_IMAGES).is_file():
+        return _text(path, model, how, seq_len)
     if spec == "digits" and not path.exists():
         train, held = digits_split(seed=0)
         eval_ds = held if split == "heldout" else train
@@ -390,26 +430,45 @@ def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [""])[0]
 
 
-def check_batch(model: nn.Module, batch, what: str, need_target: bool) -> torch.Tensor:
-    """The input of ``batch``; the model must accept it (and a target exist if needed)."""
+def check_batch(model: nn.Module, batch, what: str, need_target: bool) -> Any:
+    """The input of ``batch`` (a dict of keyword inputs for a batch such as
+    ``{"input_ids": ...}``, else the positional input tensor); the model must accept it,
+    and a loss must be defined (a target, or an LM batch) if ``need_target``."""
     from .inputs import run_naming_layer
-    from .batches import batch_input, batch_target
+    from .batches import batch_input, batch_target, is_lm_batch, is_token_batch, keyword_inputs
+    keywords = keyword_inputs(batch, model) if isinstance(batch, dict) else {}
     try:
-        x = batch_input(batch)
+        x = keywords or batch_input(batch)
     except TypeError as e:
         raise DataError(f"{what}: {e}") from e
-    if need_target:
+    if need_target and not (is_lm_batch(batch) or is_token_batch(batch)):
         try:
             batch_target(batch)
         except TypeError as e:
-            raise DataError(f"{what}: batches must be (input, target) pairs to score a loss") from e
-    failure = run_naming_layer(model, (x[:2],))
+            raise DataError(f"{what}: batches must be (input, target) pairs or language-model "
+                            "batches ({'input_ids': ...}) to score a loss") from e
+    first = example_of(x)
+    failure = run_naming_layer(model, first)
     if failure is not None:
         where, e = failure
         at = f" at layer {where!r}" if where else ""
+        shape = example_of(x, count=None).describe()  # the whole batch's shapes
         raise DataError(f"the model cannot run on a batch of {what} (input shape "
-                        f"{tuple(x.shape)}){at}: {type(e).__name__}: {_first_line(e)}") from e
+                        f"{shape}){at}: {type(e).__name__}: {_first_line(e)}") from e
     return x
+
+
+def example_of(x, count: int | None = 2):
+    """Example inputs from a checked batch input (:func:`check_batch`): its first
+    ``count`` samples (all when None), floating tensors as float32, as
+    :class:`autobasin.inputs.ModelInputs`."""
+    from .inputs import as_inputs
+
+    def head(t):
+        if not isinstance(t, torch.Tensor) or not t.dim():
+            return t
+        return t[:count].float() if t.is_floating_point() else t[:count]
+    return as_inputs(x if isinstance(x, dict) else (x,)).map_tensors(head)
 
 
 def check_source(model: nn.Module, data: DataSource, what: str, need_target: bool,
@@ -427,12 +486,23 @@ def check_source(model: nn.Module, data: DataSource, what: str, need_target: boo
 
 
 def make_example_inputs(model: nn.Module, input_size: Sequence[int] | None = None,
-                        batch: int = 2) -> tuple:
+                        batch: int = 2, seq_len: int = 64) -> Any:
     """Inputs to trace and verify with (``input_size``, without the batch dimension, or the
-    model's own); the model is run on them once here, so a wrong shape is a
-    :class:`DataError` naming the layer before anything long starts."""
-    from .inputs import run_naming_layer
+    model's own; for a language model, ``{"input_ids": ...}`` random ids of ``seq_len``
+    below its ``config.vocab_size``); the model is run on them once here, so a wrong shape
+    is a :class:`DataError` naming the layer before anything long starts."""
+    from .hf import random_ids
+    from .inputs import as_inputs, run_naming_layer
     from .trace import default_inputs
+    ids = None if input_size else random_ids(model, seq_len, batch)
+    if ids is not None:
+        failure = run_naming_layer(model, as_inputs(ids, model))
+        if failure is not None:
+            layer, e = failure
+            raise DataError(f"{type(model).__name__} cannot run on random input_ids of "
+                            f"--seq-len {seq_len}{f' at layer {layer!r}' if layer else ''}: "
+                            f"{type(e).__name__}: {_first_line(e)}")
+        return ids
     if input_size:
         gen = torch.Generator().manual_seed(0)
         param = next(model.parameters(), None)

@@ -159,10 +159,12 @@ def select_outputs(value: Any, keys: Sequence | None) -> Any:
     return value if keys is None else [select_output(value, k) for k in keys]
 
 
-def run_naming_layer(model: nn.Module, inputs: tuple) -> tuple[str, Exception] | None:
-    """Run ``model(*inputs)`` in eval mode without grad; None when it runs, else the
-    qualified name of the innermost module that was running ("" for the top level) and the
-    exception. The modules' train/eval modes are restored."""
+def run_naming_layer(model: nn.Module, inputs: "tuple | ModelInputs"
+                     ) -> tuple[str, Exception] | None:
+    """Run ``model(*inputs)`` (``inputs.call(model)`` for :class:`ModelInputs`) in eval
+    mode without grad; None when it runs, else the qualified name of the innermost module
+    that was running ("" for the top level) and the exception. The modules' train/eval modes
+    are restored."""
     names = {m: n for n, m in model.named_modules()}
     running: list[str] = []
     failed: list[str] = []
@@ -177,7 +179,10 @@ def run_naming_layer(model: nn.Module, inputs: tuple) -> tuple[str, Exception] |
         [m.register_forward_hook(leave) for m in names]
     try:
         with eval_mode(model), torch.no_grad():
-            model(*inputs)
+            if isinstance(inputs, ModelInputs):
+                inputs.call(model)
+            else:
+                model(*inputs)
         return None
     except Exception as e:  # noqa: BLE001 - the caller reports it
         failed.extend(running)

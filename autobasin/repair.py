@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .batches import InputBatches, batch_input, model_device
+from .batches import InputBatches, model_device, run_batch
 from .guard import eval_mode
 
 def reset_bn_stats(model: nn.Module, data: Iterable, num_batches: int | None = None,
@@ -32,7 +32,7 @@ def reset_bn_stats(model: nn.Module, data: Iterable, num_batches: int | None = N
     batch means (the dataset mean when batches are equal in size) and the
     running variance the mean of the unbiased batch variances.
 
-    ``data`` is an iterable of batches (see :func:`batch_input`); at most
+    ``data`` is an iterable of batches (see :func:`autobasin.batches.batch_inputs`); at most
     ``num_batches`` of them are used. Inputs go to ``device`` (the model is moved
     there too when given), else to the model's device. Each BatchNorm's momentum
     and every submodule's train/eval mode are restored afterwards. A model
@@ -55,7 +55,7 @@ def reset_bn_stats(model: nn.Module, data: Iterable, num_batches: int | None = N
             for i, batch in enumerate(data):
                 if num_batches is not None and i >= num_batches:
                     break
-                model(batch_input(batch).to(device))
+                run_batch(model, batch, device)
     finally:
         for m, momentum in momenta.items():
             m.momentum = momentum
@@ -220,7 +220,7 @@ def _measure(model: nn.Module, batches: Iterable[torch.Tensor], names: Sequence[
         with eval_mode(model), torch.no_grad():
             for x in batches:
                 try:
-                    model(x.to(device))
+                    run_batch(model, x, device)
                 except _Stop:
                     pass
     finally:
@@ -360,7 +360,7 @@ def repair(merged: nn.Module, endpoints: Sequence[nn.Module | Mapping[str, Chann
         merged: the merged or interpolated model.
         endpoints: the models that were merged, aligned to ``merged``, or their
             :func:`channel_stats` (e.g. computed once for a whole lambda sweep).
-        data: batches (see :func:`batch_input`; a tensor is one batch), at most
+        data: batches (see :func:`autobasin.batches.batch_inputs`; a tensor is one batch), at most
             ``num_batches`` of them. A one-shot iterator is read once into memory.
         alphas: one weight per endpoint (normalized to sum 1; default equal), or
             for two endpoints a single number ``lam`` meaning ``(1 - lam, lam)``.

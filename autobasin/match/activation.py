@@ -63,7 +63,7 @@ from tqdm.auto import tqdm
 from ..guard import check_model_finite, check_model_materialized, eval_mode, unwrap_model
 from ..permute import apply_permutation
 from ..inputs import ModelInputs, as_inputs
-from ..batches import batch_args, model_device, to_device
+from ..batches import batch_inputs, model_device, to_device
 from ..spec import PermutationSpec, Perms, SpecError
 from ..trace import graph_over
 from .descent import coordinate_descent
@@ -408,7 +408,7 @@ def _fits(traced, inputs) -> tuple | None:
     return flat if shapes == captured else None
 
 
-def _traced_for(spec: PermutationSpec, a: nn.Module, first_args: tuple, traced):
+def _traced_for(spec: PermutationSpec, a: nn.Module, first_args: ModelInputs, traced):
     """The traced graph whose activations ``spec``'s groups permute: ``traced``
     when it carries them and takes the first batch, else ``a`` captured on the
     first batch (two of its samples for fx; the whole batch for torch.export,
@@ -418,9 +418,9 @@ def _traced_for(spec: PermutationSpec, a: nn.Module, first_args: tuple, traced):
         return traced
     from ..infer import trace_model
     capture = spec.capture or (traced.capture if traced is not None else "auto")
-    first = first_args if capture == "export" else \
-        tuple(t[:2] if isinstance(t, torch.Tensor) and t.dim() else t for t in first_args)
-    inputs = as_inputs(first, a)
+    inputs = first_args if capture == "export" else \
+        first_args.map_tensors(lambda t: t[:2] if t.dim() else t)
+    inputs = as_inputs(inputs, a)
     if traced is not None:  # given as the graph was captured (input_ids by name, use_cache)
         args, kwargs = traced.as_captured(inputs)
         if args or kwargs:
@@ -604,8 +604,8 @@ def activation_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, data:
             for i, batch in enumerate(_batches(data)):
                 if num_batches is not None and i >= num_batches:
                     break
-                args = batch_args(batch, input_fn)
-                first = next((t for t in args if isinstance(t, torch.Tensor)), None)
+                args = batch_inputs(batch, input_fn, model=a)
+                first = next(iter(args.tensors()), None)
                 if first is not None and first.dim() and first.shape[0] == 0:
                     empty += 1  # an empty batch has no samples to correlate
                     bar.update(1)
@@ -701,18 +701,13 @@ def activation_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, data:
     return result
 
 
-def _shapes(args) -> str:
-    return ", ".join(str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
-                     for t in args)
-
-
-def _batch_error(label: str, index: int, args: tuple, traced, error: Exception) -> ValueError:
+def _batch_error(label: str, index: int, args: ModelInputs, traced, error: Exception) -> ValueError:
     """A ValueError naming the batch, its input shapes and those the spec was traced with."""
     shapes = traced.example_inputs if traced is not None else None
     expected = f"; the spec was traced with inputs of shapes {shapes.describe()}" if shapes else ""
     first = (str(error).strip().splitlines() or [type(error).__name__])[0]
     return ValueError(f"activation matching: model {label} failed on batch {index} (inputs of "
-                      f"shapes {_shapes(args)}): {type(error).__name__}: {first}{expected}. Is each "
+                      f"shapes {args.describe()}): {type(error).__name__}: {first}{expected}. Is each "
                       f"batch the model input or (input, target, ...)? Else pass input_fn=...")
 
 

@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 
 from ..guard import check_model_finite, check_model_materialized, unwrap_model
 from ..permute import check_perm, apply_permutation
-from ..batches import batch_args, batch_target, model_device
+from ..batches import batch_inputs, batch_target, default_loss_fns, model_device
 from ..spec import PermutationSpec, Perms
 from .result import STEMatching, fill_stats
 from .weight import weight_matching
@@ -102,6 +102,8 @@ def ste_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, data: Iterab
         check_model_materialized(model, "STE matching", f"model {label}")
         check_model_finite(model, label)
         spec.check_fits(model.state_dict(), f"model {label}")  # a spec of another model
+    if loss_fn is None and target_fn is None:  # LM batches: next-token / masked-token loss
+        target_fn, loss_fn = default_loss_fns(next(iter(data), None)) or (None, None)
     loss_fn = F.cross_entropy if loss_fn is None else loss_fn
     if target_fn is None:
         def target_fn(batch):
@@ -136,7 +138,8 @@ def ste_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, data: Iterab
     for i, batch in enumerate(data):
         if i >= eval_batches:
             break
-        eval_set.append((batch_args(batch, input_fn, device), target_fn(batch).to(device)))
+        eval_set.append((batch_inputs(batch, input_fn, device, model=a),
+                         target_fn(batch).to(device)))
     if not eval_set:
         raise ValueError("ste_matching got no batches from data")
     eval_samples = sum(int(t.shape[0]) if t.dim() else 1 for _, t in eval_set)
@@ -177,7 +180,7 @@ def ste_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, data: Iterab
         with torch.no_grad():
             state = midpoint_state(perms, straight_through=False)
             for args, target in eval_set:
-                out = functional_call(a, state, args)
+                out = functional_call(a, state, args.args, args.kwargs)
                 n = int(target.shape[0]) if target.dim() else 1
                 total += float(loss_fn(out, target)) * n
                 count += n
@@ -227,10 +230,10 @@ def ste_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, data: Iterab
                         if any(not torch.equal(new[k], perms[k]) for k in perms):
                             perm_changes += 1
                         perms = new
-                    args = batch_args(batch, input_fn, device)
+                    args = batch_inputs(batch, input_fn, device, model=a)
                     target = target_fn(batch).to(device)
                     state = midpoint_state(perms, straight_through=True)
-                    loss = loss_fn(functional_call(a, state, args), target)
+                    loss = loss_fn(functional_call(a, state, args.args, args.kwargs), target)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
