@@ -34,23 +34,41 @@ class TraceError(RuntimeError):
 class TensorMeta:
     shape: tuple[int, ...]
     dtype: torch.dtype
+    contiguous: bool = True  # the layout in memory (as_strided reads it)
 
     @property
     def ndim(self) -> int:
         return len(self.shape)
 
 
+class OutputFields(dict):
+    """The description of a Hugging Face ``ModelOutput``: its set fields in
+    order, which ``output[i]`` indexes by position (``to_tuple()``)."""
+
+
+def _is_model_output(value: Any) -> bool:
+    # transformers.utils.ModelOutput, known by its methods so that transformers
+    # need not be imported
+    return isinstance(value, dict) and callable(getattr(value, "to_tuple", None)) and \
+        any(c.__name__ == "ModelOutput" for c in type(value).__mro__)
+
+
 def describe(value: Any) -> Any:
     """Light, picklable description of a runtime value (shapes for tensors)."""
     if isinstance(value, torch.Tensor):
-        return TensorMeta(tuple(value.shape), value.dtype)
+        try:
+            contiguous = bool(value.is_contiguous())
+        except Exception:  # noqa: BLE001 - a tensor subclass without strides
+            contiguous = False
+        return TensorMeta(tuple(value.shape), value.dtype, contiguous)
     if isinstance(value, torch.Size):
         return tuple(value)
     if isinstance(value, (list, tuple)):
         return type(value)(describe(v) for v in value) if not hasattr(value, "_fields") \
             else tuple(describe(v) for v in value)
     if isinstance(value, dict):  # Hugging Face ModelOutputs are dicts too
-        return {k: describe(v) for k, v in value.items()}
+        items = {k: describe(v) for k, v in value.items()}
+        return OutputFields(items) if _is_model_output(value) else items
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: describe(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, (int, float, bool, str, type(None), torch.dtype, torch.device,

@@ -137,7 +137,7 @@ NAMED = {
     # (rope part = head_dim: DeepSeek's rotary embedding is sized by head_dim)
     "qk_rope_head_dim": 16, "qk_nope_head_dim": 16, "v_head_dim": 16, "qk_head_dim": 32,
     # embeddings
-    **dict.fromkeys(("vocab_size", "n_vocab"), VOCAB),
+    **dict.fromkeys(("vocab_size", "n_vocab", "entity_vocab_size"), VOCAB),
     **dict.fromkeys(("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len",
                      "max_sequence_length", "max_target_positions", "max_text_len"), POSITIONS),
     "max_source_positions": 64,
@@ -578,7 +578,8 @@ def _param_name(entry: str) -> tuple[str, int | None]:
 
 def residual_probe(model, inputs: dict) -> tuple[str | None, int | None]:
     """(state_dict name, axis) of the model's first hidden axis: the word
-    embedding's columns, else the first Conv/Linear's output channels."""
+    embedding's columns, else the output channels of the first Conv/Linear the
+    forward calls."""
     import torch
     names = {}
     for n, t in model.state_dict(keep_vars=True).items():
@@ -592,9 +593,20 @@ def residual_probe(model, inputs: dict) -> tuple[str | None, int | None]:
         if isinstance(w, torch.Tensor) and w.dim() == 2 and id(w) in names:
             return names[id(w)], 1
     kinds = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Linear)
-    for m in model.modules():
-        if isinstance(m, kinds) and id(m.weight) in names:
-            return names[id(m.weight)], 0
+    layers = [m for m in model.modules() if isinstance(m, kinds) and id(m.weight) in names]
+    # the first one the forward calls (registration order may put a head first)
+    called = []
+    hooks = [m.register_forward_pre_hook(lambda m, _: called.append(m)) for m in layers]
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    except Exception:  # noqa: BLE001 - registration order then
+        called = []
+    finally:
+        for h in hooks:
+            h.remove()
+    for m in called + layers:
+        return names[id(m.weight)], 0
     return None, None
 
 

@@ -479,9 +479,17 @@ def test_several_positional_and_defaulted_keyword_inputs():
         result = rebasin(a, b, inputs)
         assert len(result.spec.groups) == groups
         assert_same_function(b, result.model, *inputs)
+    # non-tensor inputs passed positionally are fx graph inputs, so fx's graph takes the
+    # mask branch and cannot run them: named, with capture="fx" ...
     with untouched(a), pytest.raises(ab.infer.ExampleInputError,
                                      match=r"shapes \[\(2, 4\), \(2, 3\), NoneType, float\].*%mask"):
-        infer_spec(a, (x, y, None, 2.0))  # non-tensor inputs passed positionally are traced as inputs
+        infer_spec(a, (x, y, None, 2.0), capture="fx")
+    # ... while auto captures them with torch.export, which runs the branch the model runs
+    with untouched(a), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        spec = infer_spec(a, (x, y, None, 2.0))
+    assert spec.capture == "export" and len(spec.groups) == 1
+    assert ab.check_equivalence(a, spec, (x, y, None, 2.0)) <= 1e-5
 
 
 def test_keyword_inputs_as_a_dict_are_traced_and_checked_in_any_order():

@@ -549,3 +549,62 @@ def test_leaves_nested_in_leaves_keep_their_full_names_and_own_groups():
     for seed in (0, 1):
         assert check_equivalence(model, spec, torch.randn(3, 4), seed=seed) <= 1e-5
     assert infer_spec(model, torch.randn(3, 4), capture="fx").groups.keys() == spec.groups.keys()
+
+
+class OverlappingChunks(nn.Module):
+    """Longformer's chunking: overlapping windows of the sequence as an
+    as_strided view whose rows are whole rows of the input (sizes and strides
+    read from the tensor, as the model does)."""
+
+    def __init__(self, misaligned=False):
+        super().__init__()
+        self.misaligned = misaligned
+        self.inp, self.out = nn.Linear(6, 16), nn.Linear(16, 4)
+
+    def forward(self, x):  # x: (B, 8, 6)
+        h = self.inp(x)
+        # windows of 4 positions, overlapping by 2: (B, 3, 4, 16)
+        size = [h.size(0), 3, 4, h.size(2)]
+        stride = [h.stride(0), 2 * h.stride(1), h.stride(1), h.stride(2)]
+        if self.misaligned:  # rows that start inside a row of h: positions mix
+            chunks = h.as_strided([h.size(0), 3, 4, h.size(2) - 1], stride, 1)
+            return self.out(F.pad(torch.relu(chunks), (0, 1))).sum(2)
+        chunks = h.as_strided(size=size, stride=stride)
+        return self.out(torch.relu(chunks)).sum(2)
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_as_strided_keeps_the_axes_of_whole_rows(capture):
+    x = torch.randn(2, 8, 6)
+    spec = exact(OverlappingChunks(), x, capture=capture)
+    assert "inp:out" in spec.groups
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bad = infer_spec(OverlappingChunks(misaligned=True).eval(), x, capture=capture)
+    assert "inp:out" not in bad.groups  # a view across rows fixes the hidden axis
+
+
+class CallsAnOutputModule(nn.Module):
+    """A submodule returning a Hugging Face ModelOutput, read with ``[0]``."""
+
+    def __init__(self):
+        super().__init__()
+        from transformers.modeling_outputs import BaseModelOutput
+
+        class Body(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.fc = nn.Linear(6, 16)
+
+            def forward(self, x):
+                return BaseModelOutput(last_hidden_state=self.fc(x))
+        self.body, self.head = Body(), nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.body(x)[0]))
+
+
+def test_a_model_output_indexed_like_a_tuple():
+    pytest.importorskip("transformers")
+    spec = exact(CallsAnOutputModule(), torch.randn(4, 6), capture="fx")
+    assert "body.fc:out" in spec.groups

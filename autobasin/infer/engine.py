@@ -36,7 +36,7 @@ _MOVES_VALUES = {"view", "reshape", "_unsafe_view", "flatten", "unflatten", "squ
 # Reading a tensor's shape or type says nothing about the order of its entries.
 SHAPE_QUERIES = {"size", "dim", "numel", "shape", "dtype", "device", "is_contiguous", "ndim",
                  "ndimension", "get_device", "is_floating_point", "element_size", "nelement",
-                 "is_cuda", "layout", "requires_grad", "data_ptr",
+                 "is_cuda", "layout", "requires_grad", "data_ptr", "stride", "storage_offset",
                  # the ATen ops torch.export records for a size it cannot know in advance
                  "sym_size", "sym_numel", "sym_stride", "sym_storage_offset"}
 

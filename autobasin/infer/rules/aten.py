@@ -70,7 +70,7 @@ for _name, _fn in [("expand", "expand"), ("expand_as", "expand_as"), ("index_add
                    ("narrow", "narrow"), ("select", "select"), ("unbind", "unbind"),
                    ("split", "split"), ("split_with_sizes", "split"), ("chunk", "chunk"),
                    ("tensor_split", "tensor_split"), ("index_select", "index_select"),
-                   ("unfold", "unfold")]:
+                   ("unfold", "unfold"), ("as_strided", "as_strided")]:
     if hasattr(aten, _name):
         alias(getattr(aten, _name), _fn)
 for _name, _fn in [("cat", torch.cat), ("concat", torch.cat), ("concatenate", torch.cat),

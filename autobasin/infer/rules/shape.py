@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..registry import rule
+from ...trace import OutputFields
 from .common import norm_dim, pair_axes
 
 
@@ -244,6 +245,9 @@ def _getitem(ctx):
         # indexing a tuple/list of tensors, or a dict by key
         i = ctx.value(idx)
         if isinstance(lay, dict):
+            if isinstance(i, int) and i not in lay and isinstance(meta, OutputFields):
+                # a ModelOutput indexed like a tuple: its i-th field that is set
+                return lay.get(list(meta)[i])
             return lay[i]
         return lay[i] if isinstance(i, int) else list(lay[i])
     return index_tensor(ctx, x, idx)
@@ -484,3 +488,37 @@ def _slice_shape(ctx, x, idx):
     shape = ctx.shape(x)
     probe = torch.empty(shape, device="meta")
     return tuple(probe[ctx.value(idx)].shape)
+
+
+@rule("as_strided", torch.as_strided)
+def _as_strided(ctx):
+    """``as_strided(x, size, stride, offset)`` of a contiguous ``x`` (Longformer's
+    overlapping chunks): the trailing axes of ``x`` that the view keeps whole
+    (same sizes, their contiguous strides, every other stride and the offset a
+    multiple of the block they span) pass through, since each of the view's rows
+    is then one whole row of ``x``; every other axis of both is fixed."""
+    x = ctx.args[0]
+    lay, shape = list(ctx.layout(x)), list(ctx.shape(x))
+    size = [int(v) for v in ctx.value(ctx.arg(1, "size"))]
+    stride = [int(v) for v in ctx.value(ctx.arg(2, "stride"))]
+    offset = int(ctx.value(ctx.arg(3, "storage_offset", 0)) or 0)
+    meta = ctx.meta(x)
+    keep = 0
+    if getattr(meta, "contiguous", False):
+        block = 1
+        while keep < min(len(shape), len(size)):
+            j, k = len(shape) - 1 - keep, len(size) - 1 - keep
+            if size[k] != shape[j] or (shape[j] > 1 and stride[k] != block):
+                break
+            block *= shape[j]
+            keep += 1
+        # the rows the view reads must start on whole blocks
+        while keep and not (all(st % block == 0 for st in stride[:len(size) - keep])
+                            and offset % block == 0):
+            block //= shape[len(shape) - keep]
+            keep -= 1
+    reason = "as_strided views positions along the axis"
+    for s in lay[:len(lay) - keep]:
+        ctx.block(s, reason)
+    return [ctx.new(n, reason) for n in size[:len(size) - keep]] + \
+        lay[len(lay) - keep:]
