@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from helpers import MNIST, needs_mnist, run_notebook
 
 
@@ -43,3 +45,15 @@ def test_merge_many_repair_notebook_runs(monkeypatch):
                 "| ensemble |", "| matched midpoint |", "| matched + REPAIR |"):
         assert row in text, row
     assert len(images) == 2, "the reliability diagram and the path plot"
+
+
+def test_lm_align_notebook_runs(monkeypatch):
+    """Two Llama-style byte LMs trained a few steps on the standard library: both aligned
+    copies of B compute what B computes, and the plot cell draws the path."""
+    pytest.importorskip("transformers")
+    text, images = run_notebook("lm_align.ipynb", monkeypatch)
+    assert text.count("aligned B computes what B computes: True") == 2
+    rows = dict(re.findall(r"\| (naive|weight|activation) \| ([0-9.-]+) \|", text))
+    assert set(rows) == {"naive", "weight", "activation"}
+    assert float(rows["weight"]) < float(rows["naive"])
+    assert images, "the plot cell produced no image"
