@@ -271,3 +271,36 @@ def test_auto_rebasin_ste_verifies():
     result = auto_rebasin(a, b, example_inputs=train.tensors[0][:4], method="ste",
                           data=loader(train, batch_size=256), progress=False, max_steps=3)
     assert result.stats["verify_error"] <= 1e-6 and result.stats["steps"] == 3
+
+
+class TiedLM(nn.Module):
+    """Token embedding and output head sharing one weight (GPT-2, BERT's MLM head)."""
+
+    def __init__(self, seed):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.emb, self.fc = nn.Embedding(32, 16), nn.Linear(16, 24)
+        self.back = nn.Linear(24, 16)
+        self.head = nn.Linear(16, 32, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, input_ids):
+        h = self.emb(input_ids)
+        h = h + self.back(torch.relu(self.fc(h)))
+        return self.head(h)
+
+
+def test_ste_on_a_model_with_tied_weights_and_lm_batches():
+    """Tied parameters are one tensor under both names at the midpoint, and a batch
+    {"input_ids"} is scored as a causal LM by default."""
+    a, b = TiedLM(0), TiedLM(1)
+    gen = torch.Generator().manual_seed(0)
+    data = [{"input_ids": torch.randint(0, 32, (8, 12), generator=gen)} for _ in range(4)]
+    result = auto_rebasin(a, b, example_inputs=data[0], method="ste", data=data,
+                          progress=False, max_steps=4)
+    assert result.verify_error <= 1e-5
+    assert "fc:out" in result.spec.groups and len(result.spec.groups) >= 2
+    ids = data[0]["input_ids"]
+    with torch.no_grad():
+        assert torch.allclose(result.model(ids), b(ids), atol=1e-5)
+    assert result.model.head.weight is result.model.emb.weight

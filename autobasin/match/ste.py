@@ -163,10 +163,13 @@ def ste_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, data: Iterab
 
     def midpoint_state(perms, straight_through: bool):
         b_pi = apply_permutation(spec, perms, sd_b)
-        state = {}
+        state, done = {}, {}
         for name, t in param_names.items():
+            if id(t) in done:  # a tied parameter: one tensor under all its names
+                state[name] = done[id(t)]  # (functional_call refuses two values for it)
+                continue
             other = t + (b_pi[name] - t).detach() if straight_through else b_pi[name]
-            state[name] = 0.5 * (sd_a[name] + other)
+            state[name] = done[id(t)] = 0.5 * (sd_a[name] + other)
         for name in buffer_names:
             ta = sd_a[name]
             if ta.is_floating_point():
