@@ -591,24 +591,33 @@ def barrier_rows_table(pair: dict) -> str:
     return "\n".join(lines)
 
 
-def kinds_table(pair: dict) -> str:
-    lines = ["| kind of group | groups | units | mean matched correlation | midpoint barrier "
-             "with this kind unpermuted | with only this kind permuted |",
-             "|---|---:|---:|---:|---:|---:|"]
-    for k in pair["kinds"]:
-        lines.append(f"| {k['kind']} | {k['groups']} | {k['units']} | {_f(k['similarity'], 3)} "
-                     f"| {k['left_out']:.4f} | {k['only']:.4f} |")
+def _evidence_table(what: str, columns: list[tuple[str, str]], rows: list[dict],
+                    extra: list[tuple[str, str]] = ()) -> str:
+    """The per-kind or per-group table: the ``columns`` (title, alignment) a row
+    gives as ``cells``, the mean matched correlation, the ``extra`` columns (a row's
+    ``extra`` cells), then the midpoint barrier with this ``what`` left out / alone."""
+    cols = columns + [("mean matched correlation", "---:")] + list(extra) + [
+        (f"midpoint barrier with this {what} unpermuted", "---:"),
+        (f"with only this {what} permuted", "---:")]
+    lines = ["| " + " | ".join(t for t, _ in cols) + " |", "|" + "|".join(a for _, a in cols) + "|"]
+    for r in rows:
+        cells = r["cells"] + [_f(r["similarity"], 3)] + r.get("extra", []) + [
+            f"{r['left_out']:.4f}", f"{r['only']:.4f}"]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def kinds_table(pair: dict) -> str:
+    return _evidence_table("kind", [("kind of group", "---"), ("groups", "---:"), ("units", "---:")],
+                           [dict(k, cells=[k["kind"], str(k["groups"]), str(k["units"])])
+                            for k in pair["kinds"]])
 
 
 def groups_table(pair: dict) -> str:
-    lines = ["| group | kind | size | mean matched correlation | units moved | midpoint barrier "
-             "with this group unpermuted | with only this group permuted |",
-             "|---|---|---:|---:|---:|---:|---:|"]
-    for g in pair["groups"]:
-        lines.append(f"| `{g['group']}` | {g['kind']} | {g['size']} | {_f(g['similarity'], 3)} | "
-                     f"{100 * g['moved']:.0f}% | {g['left_out']:.4f} | {g['only']:.4f} |")
-    return "\n".join(lines)
+    return _evidence_table("group", [("group", "---"), ("kind", "---"), ("size", "---:")],
+                           [dict(g, cells=[f"`{g['group']}`", g["kind"], str(g["size"])],
+                                 extra=[f"{100 * g['moved']:.0f}%"]) for g in pair["groups"]],
+                           extra=[("units moved", "---:")])
 
 
 def merge_table(merge: dict) -> str:

@@ -44,3 +44,11 @@ def run_notebook(name: str, monkeypatch, **env: str) -> tuple[str, list]:
     images = [o for o in outputs if "image/png" in o.get("data", {})]
     assert "QUICK=True" in text
     return text, images
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    """``autobasin ARGV...`` in this process: (exit code, stdout, stderr)."""
+    from autobasin.cli import main
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from autobasin import PermutationSpec, apply_permutation
-from autobasin.cli import main
+from helpers import run_cli
 from autobasin.io import (CheckpointMismatchError, CheckpointReadError, load_into, load_perms,
                           load_state_dict, save_perms, save_state_dict)
 from autobasin.models import ModelSpecError, build_model
@@ -72,10 +72,7 @@ def files(tmp_path_factory) -> dict[str, Path | str]:
     return out
 
 
-def run(capsys, *argv) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+run = run_cli
 
 
 def outputs(model, x):

@@ -16,7 +16,7 @@ from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig,  # noqa: E40
                           LlamaForCausalLM, PreTrainedTokenizerFast)
 
 import autobasin  # noqa: E402
-from autobasin.cli import main  # noqa: E402
+from helpers import run_cli  # noqa: E402
 from autobasin.hf import load_folder, save_folder  # noqa: E402
 from autobasin.io import CheckpointMismatchError  # noqa: E402
 from autobasin.text import encode, lm_batches, lm_eval, windows  # noqa: E402
@@ -72,10 +72,7 @@ def folders(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
-def run(capsys, *argv) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+run = run_cli
 
 
 def logits(model, ids):
