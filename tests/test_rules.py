@@ -608,3 +608,40 @@ def test_a_model_output_indexed_like_a_tuple():
     pytest.importorskip("transformers")
     spec = exact(CallsAnOutputModule(), torch.randn(4, 6), capture="fx")
     assert "body.fc:out" in spec.groups
+
+
+class GQAInside(nn.Module):
+    """Grouped-query attention done by SDPA itself (enable_gqa=True): 4 query heads
+    share 2 key/value heads, query head h reads key/value head h // 2."""
+
+    def __init__(self, e=16, hq=4, hkv=2, d=4, hv=None):
+        super().__init__()
+        self.hq, self.hkv, self.hv, self.d = hq, hkv, hv or hkv, d
+        self.q, self.k = nn.Linear(e, hq * d), nn.Linear(e, hkv * d)
+        self.v, self.o = nn.Linear(e, self.hv * d), nn.Linear(hq * d, e)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q = self.q(x).view(b, t, self.hq, self.d).transpose(1, 2)
+        k = self.k(x).view(b, t, self.hkv, self.d).transpose(1, 2)
+        v = self.v(x).view(b, t, self.hv, self.d).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        return x + self.o(y.transpose(1, 2).reshape(b, t, -1))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_grouped_query_attention_inside_sdpa_permutes_kv_heads_and_groups(capture):
+    spec = exact(GQAInside(), torch.randn(2, 5, 16), capture=capture)
+    heads = [g for g in spec.groups.values() if g.size == 2 and any(
+        m.param == "k.weight" and m.axis == 0 for m in g.members)]
+    assert heads, str(spec)  # the kv heads: k, v and the query heads' first factor
+    assert any(m.param == "q.weight" for m in heads[0].members)
+    assert not any("grouped-query" in why for _, why in spec.fixed_axes()), spec.fixed_axes()
+
+
+def test_sdpa_gqa_with_as_many_value_heads_as_query_heads():
+    """Keys in 2 heads, values in 4 (NVIDIA's Nemotron audio encoders): query and
+    value heads permute together, in whole groups of the key heads."""
+    spec = exact(GQAInside(hv=4), torch.randn(2, 5, 16), capture="export")
+    assert any(m.param == "k.weight" for g in spec.groups.values() for m in g.members
+               if g.size == 2 and m.axis == 0)

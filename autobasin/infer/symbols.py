@@ -193,6 +193,8 @@ class Symbols:
         cur = self.refinement.get(r)
         if cur is None:
             kids = [self.new(n, reason) for n in sizes]
+            if r in self.structural:  # pieces of an input's or output's axis are too
+                self.structural.update(self.find(k) for k in kids if not self.trivial(k))
             self.refinement[r] = Refinement(kind, kids)
             return kids
         cur_sizes = [self.size[c] for c in cur.children]

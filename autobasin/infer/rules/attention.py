@@ -93,14 +93,32 @@ def _sdpa(ctx):
     q, k, v = ctx.arg(0, "query"), ctx.arg(1, "key"), ctx.arg(2, "value")
     lq, lk, lv = ctx.layout(q), ctx.layout(k), ctx.layout(v)
     sq, sk, sv = ctx.shape(q), ctx.shape(k), ctx.shape(v)
-    if ctx.value(ctx.arg(7, "enable_gqa", False)) and sq[-3] != sk[-3]:
-        for lay in (lq, lk, lv):
-            ctx.block(lay[-3], "grouped-query attention heads")
     ctx.union(lq[-1], lk[-1])
     ctx.union(lk[-2], lv[-2])
-    batch_shape = _batch_shape(_batch_shape(sq[:-2], sk[:-2]), sv[:-2])
-    batch = _broadcast_batch(ctx, lq[:-2], sq[:-2], lk[:-2], sk[:-2], batch_shape)
-    batch = _broadcast_batch(ctx, batch, batch_shape, lv[:-2], sv[:-2], batch_shape)
+    gqa = bool(ctx.value(ctx.arg(7, "enable_gqa", False))) and len(sq) >= 3 and \
+        (sq[-3] != sk[-3] or sq[-3] != sv[-3])
+    if gqa and (sq[-3] % sk[-3] or sq[-3] % sv[-3]):
+        for lay in (lq, lk, lv):
+            ctx.block(lay[-3], "grouped-query attention heads of uneven groups")
+        gqa = False
+    if gqa:
+        # grouped-query attention inside SDPA: key (value) head j serves query heads
+        # j*G .. j*G+G-1 (repeat_interleave by G = query heads / key heads), so the
+        # query heads are a grid (key heads x G) whose first factor is the key heads
+        for lx, sx in ((lk, sk), (lv, sv)):
+            if sx[-3] == sq[-3]:
+                ctx.union(lq[-3], lx[-3])
+            else:
+                kids = ctx.refine_product(lq[-3], [sx[-3], sq[-3] // sx[-3]])
+                ctx.union(kids[0], lx[-3])
+        batch_shape = _batch_shape(_batch_shape(sq[:-3], sk[:-3]), sv[:-3])
+        batch = _broadcast_batch(ctx, lq[:-3], sq[:-3], lk[:-3], sk[:-3], batch_shape)
+        batch = _broadcast_batch(ctx, batch, batch_shape, lv[:-3], sv[:-3], batch_shape)
+        batch, batch_shape = batch + [lq[-3]], batch_shape + [sq[-3]]
+    else:
+        batch_shape = _batch_shape(_batch_shape(sq[:-2], sk[:-2]), sv[:-2])
+        batch = _broadcast_batch(ctx, lq[:-2], sq[:-2], lk[:-2], sk[:-2], batch_shape)
+        batch = _broadcast_batch(ctx, batch, batch_shape, lv[:-2], sv[:-2], batch_shape)
     if ctx.value(ctx.arg(5, "is_causal", False)):
         ctx.block(lq[-2], "causal mask", structural=True)
         ctx.block(lk[-2], "causal mask", structural=True)
