@@ -645,3 +645,34 @@ def test_sdpa_gqa_with_as_many_value_heads_as_query_heads():
     spec = exact(GQAInside(hv=4), torch.randn(2, 5, 16), capture="export")
     assert any(m.param == "k.weight" for g in spec.groups.values() for m in g.members
                if g.size == 2 and m.axis == 0)
+
+
+class MaskedRows(nn.Module):
+    """Rows of a (B, T, E) tensor picked by a (B, T) boolean mask from the input
+    ids (Higgs-Audio's audio tokens): the mask consumes both axes."""
+
+    def __init__(self, over_hidden=False):
+        super().__init__()
+        self.over_hidden = over_hidden
+        self.emb, self.fc, self.out = nn.Embedding(10, 8), nn.Linear(8, 16), nn.Linear(16, 3)
+
+    def forward(self, ids):
+        h = torch.relu(self.fc(self.emb(ids)))  # (B, T, 16)
+        if self.over_hidden:  # entries picked along the hidden axis: it must stay fixed
+            picked = h[:, 0][h[:, 0] > 0.1]
+            return self.out.weight.sum() * picked.sum() + self.out(h).sum()
+        return self.out(h[ids > 4]).sum(0)
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_boolean_mask_index_consumes_all_its_axes(capture):
+    ids = torch.tensor([[1, 7, 3, 9, 5], [6, 2, 8, 0, 4]])
+    spec = exact(MaskedRows(), ids, capture=capture)
+    assert "fc:out" in spec.groups
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hidden = infer_spec(randomize_state_(MaskedRows(over_hidden=True).eval()), ids,
+                            capture=capture)
+    assert "fc:out" not in hidden.groups  # a mask over the hidden units fixes them
+    empty = torch.zeros(2, 5, dtype=torch.long)  # no row selected: still inferred
+    assert "fc:out" in exact(MaskedRows(), empty, capture=capture).groups

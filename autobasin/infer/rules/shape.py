@@ -263,6 +263,35 @@ def _literal_range(ctx, index):
     return ("literal", (t.tolist(), index))
 
 
+def _mask_index(ctx, items, masks, shape, lay):
+    """``x[..., mask, ...]`` with a boolean ``mask``: the mask consumes as many axes
+    of ``x`` as it has and puts one axis of the selected entries in their place
+    (as many as the mask holds True, known only at run time). Those axes of ``x``
+    are fixed; the result's new axis is fixed; full slices around it pass through.
+    Anything else (several masks, ints, None) fixes every axis."""
+    reason = "selected by a boolean mask"
+    out_shape = list(ctx.meta().shape)
+    (mi,) = masks if len(masks) == 1 else (None,)
+    plain = mi is not None and all(
+        i == mi or (k == "value" and (v is Ellipsis or v == slice(None)))
+        for i, (k, v) in enumerate(items)) and sum(
+        1 for k, v in items if k == "value" and v is Ellipsis) <= 1
+    if plain:
+        nd = len(ctx.shape(items[mi][1]))
+        explicit = sum(1 for k, v in items if not (k == "value" and v is Ellipsis)) - 1 + nd
+        fill = len(shape) - explicit
+        before = sum(fill if (k == "value" and v is Ellipsis) else 1 for k, v in items[:mi])
+        plain = fill >= 0 and len(out_shape) == len(shape) - nd + 1
+    if not plain:
+        for s in lay:
+            ctx.block(s, reason)
+        return ctx.fresh(blocked=reason)
+    for s in lay[before:before + nd]:
+        ctx.block(s, reason)
+    ctx.block_layout(ctx.layout(items[mi][1]), reason)
+    return lay[:before] + [ctx.new(out_shape[before], reason)] + lay[before + nd:]
+
+
 def index_tensor(ctx, x, idx):
     shape = list(ctx.shape(x))
     lay = list(ctx.layout(x))
@@ -274,6 +303,10 @@ def index_tensor(ctx, x, idx):
             items.append(_literal_range(ctx, it) or ("tensor", it))
         else:
             items.append(("value", ctx.value(it)))
+    masks = [i for i, (k, v) in enumerate(items) if k == "tensor" and
+             getattr(ctx.meta(v), "dtype", None) in (torch.bool, torch.uint8)]
+    if masks:
+        return _mask_index(ctx, items, masks, shape, lay)
     n_consuming = sum(1 for k, v in items if not (k == "value" and (v is None or v is Ellipsis)))
     expanded = []
     for k, v in items:
