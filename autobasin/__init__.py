@@ -18,7 +18,7 @@ from .io import CheckpointError, load_into, load_perms, load_state_dict, save_pe
 from .match import Matching, activation_matching, ste_matching, weight_matching
 from .merge import interpolate, merge_many
 from .models import ModelSpecError, build_model
-from .permute import (EquivalenceError, NondeterministicModelError, apply_permutation,
+from .permute import (EquivalenceError, NondeterministicModelError, TieBreakError, apply_permutation,
                       check_equivalence, compose, identity_permutation, invert, permute_model,
                       random_permutation)
 from .repair import ChannelStats, channel_stats, repair, reset_bn_stats
@@ -29,7 +29,7 @@ __all__ = [
     "infer_spec", "trace_model", "TracedModel", "rule", "PermutationSpec", "Group", "Member", "ModelInputs",
     "SpecError", "TraceError", "ExampleInputError", "NonFiniteWeightError", "MetaTensorError",
     "random_permutation", "identity_permutation", "apply_permutation", "invert", "compose",
-    "permute_model", "check_equivalence", "EquivalenceError", "NondeterministicModelError",
+    "permute_model", "check_equivalence", "EquivalenceError", "NondeterministicModelError", "TieBreakError",
     "weight_matching", "activation_matching", "ste_matching", "Matching",
     "auto_rebasin", "RebasinResult", "ArchitectureMismatchError",
     "interpolate", "merge_many", "reset_bn_stats", "loss_barrier", "plot_barrier", "BarrierResult",

@@ -45,15 +45,16 @@ def check_spec(model, spec, inputs, row: dict, seeds, rtol: float) -> None:
     """Permute every group at random (one seed after another) and compare the
     outputs; sets ``row["status"]``: ``exact``, ``caught`` (a wrong spec the
     check stopped), or ``check-error`` (the check could not judge: the model
-    varies by itself, or something else failed), with ``err`` and ``message``."""
-    from autobasin.permute import EquivalenceError, NondeterministicModelError, check_equivalence
+    varies by itself, a tie was broken the other way, or something else failed), with ``err`` and ``message``."""
+    from autobasin.permute import (EquivalenceError, NondeterministicModelError, TieBreakError,
+                                   check_equivalence)
     from autobasin.spec import SpecError
     errs: list[float] = []
     try:
         for seed in seeds:
             errs.append(check_equivalence(model, spec, inputs, seed=seed, rtol=rtol))
         row.update(status="exact", err=max(errs))
-    except NondeterministicModelError as e:  # nothing to check against
+    except (NondeterministicModelError, TieBreakError) as e:  # the check cannot judge
         row.update(status="check-error", message=first_line(e, 500))
     except (EquivalenceError, SpecError) as e:
         row.update(status="caught", message=first_line(e, 500), err=max(errs) if errs else None)

@@ -4,6 +4,7 @@ permutations of every group, outputs compared, with every parameter and
 buffer non-trivial."""
 from __future__ import annotations
 
+import operator
 import warnings
 
 import numpy as np
@@ -587,6 +588,47 @@ def test_a_model_that_varies_by_itself_is_reported_as_such():
     spec = infer_spec(model, torch.randn(4, 8), capture="fx")
     with pytest.raises(ab.NondeterministicModelError, match="differ .* between two runs"):
         ab.check_equivalence(model, spec, torch.randn(4, 8))
+
+
+class PicksAmongTies(nn.Module):
+    """Rows scored 10 each, up to float rounding that depends on the order of a
+    sum over the hidden units: ``topk`` over the rows picks by rounding noise,
+    which permuting the hidden units reorders (a detector's anchors with equal
+    scores, as in PP-DocLayout)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.out = nn.Linear(16, 64), nn.Linear(64, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.fc(x))
+        score = 10 + h.sum(-1) - (h * 3).sum(-1) / 3
+        idx = score.topk(5, dim=1)[1]
+        return self.out(torch.gather(h, 1, idx[..., None].expand(-1, -1, h.shape[-1])))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_a_tie_broken_the_other_way_is_inconclusive_not_a_wrong_spec(capture):
+    torch.manual_seed(1)
+    model, x = PicksAmongTies().eval(), torch.randn(2, 50, 16)
+    spec = infer_spec(model, x, capture=capture)
+    assert list(spec.groups) == ["fc:out"]  # right: only a sum runs over the hidden units
+    with pytest.raises(ab.TieBreakError, match="integer entries differ.*tie broken the other way"):
+        ab.check_equivalence(model, spec, x)
+
+
+def test_a_selection_that_picks_other_values_is_not_a_tie():
+    from autobasin.infer import _picks_a_tie
+    gm = torch.fx.symbolic_trace(lambda x: (torch.topk(x, 2, dim=1)[1], torch.argmax(x)))
+    topk_idx, argmax = [n for n in gm.graph.nodes if n.op == "call_function"
+                        and n.target in (operator.getitem, torch.argmax)]
+    x_node = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    env = {x_node: torch.tensor([[3.0, 3.0, 1.0, 0.0], [0.0, 2.0, 2.0 + 1e-7, 5.0]])}
+    wanted = torch.tensor([[0, 1], [3, 2]])
+    assert _picks_a_tie(topk_idx, wanted, torch.tensor([[1, 0], [3, 1]]), env)  # equal values
+    assert not _picks_a_tie(topk_idx, wanted, torch.tensor([[0, 2], [3, 1]]), env)  # 1.0 != 3.0
+    assert not _picks_a_tie(argmax, torch.tensor(7), torch.tensor(1), env)  # 5.0 != 3.0
+    assert _picks_a_tie(argmax, torch.tensor(0), torch.tensor(1), env)  # 3.0 == 3.0
 
 
 class ReturnsCache(nn.Module):

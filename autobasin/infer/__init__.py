@@ -283,16 +283,21 @@ class TracedModel:
         return tuple(given[n] for n in names), kwargs
 
     def first_divergence(self, model: nn.Module, permuted: nn.Module, perms,
-                         inputs: ModelInputs, rtol: float = 1e-3) -> str | None:
-        """Name the first graph node whose value in ``permuted`` is not the
-        permuted value of ``model``'s (relative L2 above ``rtol``)."""
+                         inputs: ModelInputs, rtol: float = 1e-3) -> "Divergence | None":
+        """The first graph node whose value in ``permuted`` is not the permuted
+        value of ``model``'s: a float tensor off by a relative L2 above ``rtol``,
+        or an integer tensor with other entries. An integer tensor that picks
+        entries (``topk``, ``sort``, ``argmax``, ...) and picks, in the
+        permuted run, other entries of *equal* value (within float rounding) is
+        a tie broken the other way: ``Divergence.tie`` is set, since it shows
+        the model's outputs jump at these weights, not that the spec is wrong."""
         args = self.flat(inputs)
         if args is None:
             return None
         gm_a = self.gm
         gm_b = graph_over(permuted, self.gm, copy_graph=False)
         env_a = _record_all(gm_a, args)
-        result = [None]
+        result: list[Divergence | None] = [None]
         layouts = self.graph.layouts
         # values of a cut qkv before the cut carry factors that were replaced
         # by per-piece copies: their permutation is not defined, skip them
@@ -301,26 +306,94 @@ class TracedModel:
                  if all(self.sym.find(c[j]) != self.sym.find(f)
                         for c in copies for j, f in enumerate(others))}
 
+        def expected(n, ref):
+            """``ref`` (node ``n``'s value in the model) as the permuted model
+            should compute it, or None where its layout is not known."""
+            lay = layouts.get(n)
+            if not (isinstance(ref, torch.Tensor) and lay and len(lay) == ref.ndim) \
+                    or any(self.sym.find(s) in stale for s in lay):
+                return None
+            for axis, s in enumerate(lay):
+                ref = ref.index_select(axis, self.value_index(s, perms))
+            return ref
+
         class Compare(fx.Interpreter):
             def run_node(inner, n):
                 value = super().run_node(n)
-                if result[0] is None and n in env_a and n.op not in ("placeholder", "output"):
-                    ref = env_a[n]
-                    lay = layouts.get(n)
-                    if isinstance(ref, torch.Tensor) and isinstance(value, torch.Tensor) \
-                            and lay and ref.is_floating_point() and ref.shape == value.shape \
-                            and not any(self.sym.find(s) in stale for s in lay):
-                        expect = ref
-                        for axis, s in enumerate(lay):
-                            expect = expect.index_select(axis, self.value_index(s, perms))
+                if result[0] is None and n in env_a and n.op not in ("placeholder", "output") \
+                        and isinstance(value, torch.Tensor):
+                    expect = expected(n, env_a[n])
+                    if expect is None or expect.shape != value.shape:
+                        return value
+                    if expect.is_floating_point():
                         err = (expect.double() - value.double()).norm() / \
                             expect.double().norm().clamp_min(1e-30)
                         if err > rtol:
-                            result[0] = f"{n.name} ({n.op} {_target_name(n)}), relative error {float(err):.3g}"
+                            result[0] = Divergence(
+                                f"{n.name} ({n.op} {_target_name(n)}), relative error {float(err):.3g}")
+                    elif not torch.equal(expect, value):
+                        moved = int((expect != value).sum())
+                        result[0] = Divergence(
+                            f"{n.name} ({n.op} {_target_name(n)}), {moved} of {value.numel()} "
+                            "integer entries differ", tie=_picks_a_tie(n, expect, value, inner.env))
                 return value
         with torch.no_grad(), eval_mode(permuted, gm_b), seeded_rng(gm_b):
-            Compare(gm_b).run(*args)
+            Compare(gm_b, garbage_collect_values=False).run(*args)
         return result[0]
+
+
+class Divergence:
+    """Where a permuted model first computes something else (see
+    :meth:`TracedModel.first_divergence`)."""
+
+    def __init__(self, where: str, tie: bool = False):
+        self.where, self.tie = where, tie
+
+    def __str__(self):
+        return self.where
+
+
+# ops that return positions of entries along ``dim``: name -> (position of dim
+# among the arguments, its default; None: over the flattened input)
+_PICKERS = {"topk": (2, -1), "sort": (1, -1), "argsort": (1, -1), "argmax": (1, None),
+            "argmin": (1, None), "max": (1, None), "min": (1, None), "kthvalue": (2, -1),
+            "mode": (1, -1), "median": (1, None)}
+
+
+def _picks_a_tie(n: fx.Node, expect: torch.Tensor, value: torch.Tensor, env: dict) -> bool:
+    """Whether integer node ``n`` holds positions picked by a ``topk`` /
+    ``sort`` / ``argmax``-like op, and the positions the permuted run picked
+    (``value``) hold the same values, within float rounding, of that op's input
+    as the positions it should have picked (``expect``): a tie (or near tie)
+    broken the other way. Positions along an axis the spec wrongly permutes
+    hold other values, so a wrong spec is not mistaken for a tie."""
+    import operator
+    pick = n
+    if n.target is operator.getitem and isinstance(n.args[0], fx.Node):
+        pick = n.args[0]
+    name = _target_name(pick).split(".")[0]
+    if name not in _PICKERS or not pick.args or not isinstance(pick.args[0], fx.Node):
+        return False
+    x = env.get(pick.args[0])
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        return False
+    pos, default = _PICKERS[name]
+    dim = pick.kwargs.get("dim", pick.args[pos] if len(pick.args) > pos else default)
+    if not isinstance(dim, int) and dim is not None:
+        return False
+    try:
+        if dim is None:
+            x, picked, wanted = x.reshape(-1), value.reshape(-1), expect.reshape(-1)
+            dim = 0
+        else:
+            picked, wanted = value, expect
+            if picked.ndim < x.ndim:  # a reduced dim (keepdim=False)
+                picked, wanted = picked.unsqueeze(dim), wanted.unsqueeze(dim)
+        got, want = x.gather(dim, picked.long()), x.gather(dim, wanted.long())
+    except (RuntimeError, IndexError):
+        return False
+    scale = float(x.abs().max()) if x.numel() else 0.0
+    return bool(torch.allclose(got.double(), want.double(), rtol=0, atol=1e-5 * max(scale, 1e-30)))
 
 
 def _runs(model: nn.Module, inputs: ModelInputs) -> bool:
