@@ -52,3 +52,14 @@ def run_cli(capsys, *argv) -> tuple[int, str, str]:
     code = main([str(a) for a in argv])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread_per_module():
+    """Small models run fastest on one thread, and far faster on a busy machine:
+    a module that imports this fixture runs its tests on one thread."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

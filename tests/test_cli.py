@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from autobasin import PermutationSpec, apply_permutation
-from helpers import run_cli
+from helpers import one_thread_per_module, run_cli  # noqa: F401 - the fixture: one thread
 from autobasin.io import (CheckpointMismatchError, CheckpointReadError, load_into, load_perms,
                           load_state_dict, save_perms, save_state_dict)
 from autobasin.models import ModelSpecError, build_model
@@ -28,15 +28,6 @@ def mlp(hidden=32, num_classes=10):
         flatten=nn.Flatten(), fc1=nn.Linear(64, hidden), relu1=nn.ReLU(),
         fc2=nn.Linear(hidden, hidden), relu2=nn.ReLU(), fc3=nn.Linear(hidden, num_classes)))
 '''
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Small models run fastest on one thread, and far faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig,  # noqa: E40
                           LlamaForCausalLM, PreTrainedTokenizerFast)
 
 import autobasin  # noqa: E402
-from helpers import run_cli  # noqa: E402
+from helpers import one_thread_per_module, run_cli  # noqa: E402,F401 - the fixture: one thread
 from autobasin.hf import load_folder, save_folder  # noqa: E402
 from autobasin.io import CheckpointMismatchError  # noqa: E402
 from autobasin.text import encode, lm_batches, lm_eval, windows  # noqa: E402
@@ -45,14 +45,6 @@ def byte_bpe(text: str, vocab: int = 200) -> PreTrainedTokenizerFast:
     tok.train_from_iterator([text], trainers.BpeTrainer(vocab_size=vocab,
                                                         special_tokens=["<unk>", "</s>"]))
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
