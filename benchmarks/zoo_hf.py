@@ -418,14 +418,23 @@ def input_options(model, cfg, gen) -> list[dict]:
         audio += [{"input_values": torch.randn(BATCH, 1, 4000, generator=gen)}]
     if audio:
         mods["audio"] = audio
-    if "text" in mods and "vision" in mods:
-        # a vision-language model: input_ids hold one image token per image feature
-        tok = _image_token(cfg)
-        for opt in mods["vision"] if tok is not None and tok < vocab else []:
-            n = _image_tokens_per_image(model, opt["pixel_values"])
+    if "vision" in mods and "image_sizes" in params:  # each image's (height, width)
+        for opt in mods["vision"]:
+            hw = list(opt["pixel_values"].shape[-2:])
+            opt["image_sizes"] = torch.tensor([hw] * BATCH)
+    if "vision" in mods and not _is_int(frames):  # some take (batch, images, C, H, W)
+        mods["vision"].append({k: v.unsqueeze(1) if k == "pixel_values" else v
+                               for k, v in mods["vision"][0].items()})
+    for mod, getter, token_keys in PLACEHOLDERS:
+        # a multimodal LM: input_ids hold one placeholder token per feature of the modality
+        tok = _find_int(cfg, token_keys)
+        if "text" not in mods or mod not in mods or tok is None or tok >= vocab:
+            continue
+        for opt in mods[mod]:
+            n = _features_per_sample(model, getter, opt)
             if n:
-                image = torch.full((BATCH, n), tok, dtype=torch.long)
-                mods["text"].insert(0, {"input_ids": torch.cat([image, ids(SEQ)], 1), **opt})
+                holders = torch.full((BATCH, n), tok, dtype=torch.long)
+                mods["text"].insert(0, {"input_ids": torch.cat([holders, ids(SEQ)], 1), **opt})
                 break
     extra = {}
     if "decoder_input_ids" in params:
@@ -452,26 +461,35 @@ def input_options(model, cfg, gen) -> list[dict]:
     return out
 
 
-def _image_token(cfg) -> int | None:
-    for key in ("image_token_id", "image_token_index"):
+#: (modality, the model's feature getter, config keys of its placeholder token)
+PLACEHOLDERS = (("vision", "get_image_features", ("image_token_id", "image_token_index")),
+                ("audio", "get_audio_features", ("audio_token_id", "audio_token_index")))
+
+
+def _find_int(cfg, keys) -> int | None:
+    for key in keys:
         v = _find(cfg, key)
         if _is_int(v):
             return v
     return None
 
 
-def _image_tokens_per_image(model, pixel_values) -> int | None:
-    """How many image tokens one image becomes (``get_image_features``'s
-    projected features), or None."""
+def _features_per_sample(model, getter: str, inputs: dict) -> int | None:
+    """How many placeholder tokens one sample's modality input becomes (the
+    projected features ``getter`` returns, given the inputs it takes), or None."""
     import torch
-    if not hasattr(model, "get_image_features"):
+    fn = getattr(model, getter, None)
+    if fn is None:
         return None
     try:
+        takes = inspect.signature(fn).parameters
+        kw = {k: v for k, v in inputs.items() if k in takes}
         with torch.no_grad():
-            f = model.get_image_features(pixel_values=pixel_values)
-    except Exception:  # noqa: BLE001 - needs more than pixel_values
+            f = fn(**kw)
+    except Exception:  # noqa: BLE001 - needs more than these inputs
         return None
-    f = getattr(f, "pooler_output", None) if not isinstance(f, (torch.Tensor, list, tuple)) else f
+    if not isinstance(f, (torch.Tensor, list, tuple)):
+        f = getattr(f, "pooler_output", None)
     if isinstance(f, torch.Tensor):
         if f.dim() == 3 and f.shape[0] == BATCH:
             return f.shape[1]

@@ -649,17 +649,25 @@ def test_sdpa_gqa_with_as_many_value_heads_as_query_heads():
 
 class MaskedRows(nn.Module):
     """Rows of a (B, T, E) tensor picked by a (B, T) boolean mask from the input
-    ids (Higgs-Audio's audio tokens): the mask consumes both axes."""
+    ids (Higgs-Audio's audio tokens): the mask consumes both axes. ``mode``
+    "expanded": the same flags expanded along E (audio LMs' placeholder mask),
+    whole rows flattened; "elementwise": a mask that differs along E."""
 
-    def __init__(self, over_hidden=False):
+    def __init__(self, mode="rows"):
         super().__init__()
-        self.over_hidden = over_hidden
+        self.mode = mode
         self.emb, self.fc, self.out = nn.Embedding(10, 8), nn.Linear(8, 16), nn.Linear(16, 3)
 
     def forward(self, ids):
         h = torch.relu(self.fc(self.emb(ids)))  # (B, T, 16)
-        if self.over_hidden:  # entries picked along the hidden axis: it must stay fixed
+        if self.mode == "over_hidden":  # entries picked along the hidden axis: it must stay fixed
             picked = h[:, 0][h[:, 0] > 0.1]
+            return self.out.weight.sum() * picked.sum() + self.out(h).sum()
+        if self.mode == "expanded":
+            picked = h[(ids > 4).unsqueeze(-1).expand_as(h)]
+            return self.out(picked.view(-1, h.shape[-1])).sum(0)
+        if self.mode == "elementwise":  # which entries: depends on the hidden axis
+            picked = h[h > 0.1]
             return self.out.weight.sum() * picked.sum() + self.out(h).sum()
         return self.out(h[ids > 4]).sum(0)
 
@@ -671,8 +679,10 @@ def test_boolean_mask_index_consumes_all_its_axes(capture):
     assert "fc:out" in spec.groups
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        hidden = infer_spec(randomize_state_(MaskedRows(over_hidden=True).eval()), ids,
-                            capture=capture)
-    assert "fc:out" not in hidden.groups  # a mask over the hidden units fixes them
+        for mode in ("over_hidden", "elementwise"):  # a mask over the hidden units fixes them
+            hidden = infer_spec(randomize_state_(MaskedRows(mode).eval()), ids, capture=capture)
+            assert "fc:out" not in hidden.groups, mode
+    # the row flags expanded along the hidden axis: whole rows, in order
+    assert "fc:out" in exact(MaskedRows("expanded"), ids, capture=capture).groups
     empty = torch.zeros(2, 5, dtype=torch.long)  # no row selected: still inferred
     assert "fc:out" in exact(MaskedRows(), empty, capture=capture).groups

@@ -15,10 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ...trace import op_name_of
-from ..context import VALUE_COPIES
 from ..registry import alias, rule
-from .common import broadcast_layouts, norm_dim, pair_axes
+from .common import broadcast_along_last, broadcast_layouts, norm_dim, pair_axes
 from .elementwise import elementwise_rule, constant_like, unary_rule
 from .linear import conv_rule, embedding_rule
 from .norm import group_norm_rule, layer_norm_rule, per_channel
@@ -227,32 +225,6 @@ def _write_at_positions(ctx):
     return ctx.fresh(blocked=f"{ctx.op_name} output")
 
 
-def _broadcast_along_last(node, depth: int = 8) -> bool:
-    """Is ``node`` equal along its last axis whatever the values: length 1
-    there (it broadcasts), or an expand of such a tensor, through casts and
-    copies?"""
-    import torch.fx as fx
-    for _ in range(depth):
-        if not isinstance(node, fx.Node):
-            return False
-        val = node.meta.get("val")
-        if isinstance(val, torch.Tensor) and (val.dim() == 0 or val.shape[-1] == 1):
-            return True
-        if node.op != "call_function":
-            return False
-        name = op_name_of(node.target)
-        if name in ("expand", "expand_as", "broadcast_to"):
-            src = node.args[0]
-            val = src.meta.get("val") if isinstance(src, fx.Node) else None
-            out = node.meta.get("val")
-            return val is not None and out is not None and \
-                (val.dim() < out.dim() or val.shape[-1] == 1) and out.shape[-1] > 1
-        if name not in VALUE_COPIES:
-            return False
-        node = node.args[0]
-    return False
-
-
 @rule(*_ops("masked_scatter"), "masked_scatter")
 def _masked_scatter(ctx):
     """``x.masked_scatter(mask, source)``: the elements of ``source``, in order,
@@ -264,7 +236,7 @@ def _masked_scatter(ctx):
     x, mask, source = ctx.args[0], ctx.arg(1, "mask"), ctx.arg(2, "source")
     lay, src = list(ctx.layout(x)), list(ctx.layout(source))
     name = ctx.op_name
-    if not (_broadcast_along_last(mask) and ctx.shape(source)[-1] == ctx.shape(x)[-1]):
+    if not (broadcast_along_last(ctx, mask) and ctx.shape(source)[-1] == ctx.shape(x)[-1]):
         for t in (x, mask, source):
             ctx.block_layout(ctx.layout(t), f"{name} writes at indexed positions")
         return ctx.fresh(blocked=f"{name} output")

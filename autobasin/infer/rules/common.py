@@ -1,7 +1,10 @@
 """Helpers shared by rule families."""
 from __future__ import annotations
 
-from ..context import Context
+import torch.fx as fx
+
+from ...trace import op_name_of
+from ..context import VALUE_COPIES, Context, is_tensor_meta
 
 
 def norm_dim(d: int, ndim: int) -> int:
@@ -56,3 +59,29 @@ def first_tensor(ctx: Context):
         if ctx.is_tensor(a):
             return a
     raise ValueError("no tensor argument")
+
+
+def broadcast_along_last(ctx: Context, node, depth: int = 8) -> bool:
+    """Is ``node`` equal along its last axis whatever the values: length 1
+    there (it broadcasts), or an expand of such a tensor, through casts and
+    copies? (fx method calls and ATen ops alike.)"""
+    def shape(n):
+        m = ctx.meta(n) if isinstance(n, fx.Node) else None
+        return tuple(m.shape) if is_tensor_meta(m) else None
+
+    for _ in range(depth):
+        out = shape(node)
+        if out is None:
+            return False
+        if len(out) == 0 or out[-1] == 1:
+            return True
+        if node.op not in ("call_function", "call_method"):
+            return False
+        name = op_name_of(node.target)
+        if name in ("expand", "expand_as", "broadcast_to"):
+            src = shape(node.args[0])
+            return src is not None and (len(src) < len(out) or src[-1] == 1)
+        if name not in VALUE_COPIES:
+            return False
+        node = node.args[0]
+    return False

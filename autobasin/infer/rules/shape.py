@@ -12,7 +12,7 @@ from torch import nn
 
 from ..registry import rule
 from ...trace import OutputFields
-from .common import norm_dim, pair_axes
+from .common import broadcast_along_last, norm_dim, pair_axes
 
 
 def reshape_layout(ctx, lay: list[int], in_shape, out_shape) -> list[int]:
@@ -286,10 +286,28 @@ def _mask_index(ctx, items, masks, shape, lay):
         for s in lay:
             ctx.block(s, reason)
         return ctx.fresh(blocked=reason)
+    mask = items[mi][1]
+    n = out_shape[before]
+    if before + nd == len(shape) and _is_int_size(n) and shape[-1] > 1 and \
+            n % shape[-1] == 0 and broadcast_along_last(ctx, mask):
+        # a mask equal along x's last axis (one flag per row, expanded): whole rows
+        # are selected, flattened row-major, so the result is (rows, last axis)
+        for s in (*lay[before:-1], *ctx.layout(mask)[:-1]):
+            ctx.block(s, reason)
+        ctx.union(lay[-1], ctx.layout(mask)[-1])
+        out = ctx.new(n)
+        rows, last = ctx.refine_product(out, [n // shape[-1], shape[-1]])
+        ctx.block(rows, reason)
+        ctx.union(last, lay[-1])
+        return lay[:before] + [out]
     for s in lay[before:before + nd]:
         ctx.block(s, reason)
-    ctx.block_layout(ctx.layout(items[mi][1]), reason)
-    return lay[:before] + [ctx.new(out_shape[before], reason)] + lay[before + nd:]
+    ctx.block_layout(ctx.layout(mask), reason)
+    return lay[:before] + [ctx.new(n, reason)] + lay[before + nd:]
+
+
+def _is_int_size(n) -> bool:
+    return isinstance(n, int) and not isinstance(n, bool)
 
 
 def index_tensor(ctx, x, idx):
