@@ -105,7 +105,9 @@ ID_LIMIT = 99
 NAMED = {
     # width of the residual stream
     **dict.fromkeys(("hidden_size", "d_model", "n_embd", "dim", "word_embed_proj_dim",
-                     "text_embed_dim", "vision_embed_dim", "d_embed"), HIDDEN),
+                     "text_embed_dim", "vision_embed_dim", "d_embed",
+                     # a vision tower's output, projected into the text model's stream
+                     "out_hidden_size"), HIDDEN),
     # depth
     **dict.fromkeys(("num_hidden_layers", "n_layer", "n_layers", "num_layers", "encoder_layers",
                      "decoder_layers", "num_encoder_layers", "num_decoder_layers",
@@ -256,6 +258,8 @@ def shrink_kwargs(cfg, generic: bool, image: int | None, widths: bool | None,
             if not widths and k not in DEPTH_KEYS:
                 continue
             new = NAMED[k]
+            if k in ("projection_dim", "projection_size") and v in stream_widths:
+                new = HIDDEN  # a projection into a residual stream keeps its width
             if v is None or v > new or k == "first_k_dense_replace":
                 out[k] = new
         elif not widths:
@@ -289,6 +293,16 @@ def shrink_kwargs(cfg, generic: bool, image: int | None, widths: bool | None,
         for k in ("out_features", "out_indices"):  # backbone stages that no longer exist
             if d.get(k) is not None:
                 out[k] = None
+    # layers tapped by index (Qwen3-VL's deepstack): distinct layers of the shallower
+    # stack, made as deep as there are taps
+    key = next((k for k in DEPTH_KEYS if _is_int(out.get(k))), None)
+    if key is not None:
+        for k, v in d.items():
+            if k not in out and isinstance(v, (list, tuple)) and v and \
+                    all(_is_int(x) and x >= 0 for x in v) and len(set(v)) == len(v) and \
+                    k.endswith(("index", "indices", "indexes")) and max(v) >= out[key]:
+                out[key] = max(out[key], len(v))
+                out[k] = list(range(len(v)))
     if image is not None:
         img = d.get("image_size")
         if _is_int(img) and img > image or isinstance(img, (list, tuple)) and len(img) == 2 \
@@ -391,6 +405,11 @@ def input_options(model, cfg, gen) -> list[dict]:
         c = _find(cfg, "num_channels") or 3
         frames = _find(cfg, "num_frames")
         opts = [{"pixel_values": torch.randn(BATCH, c, h, w, generator=gen)}]
+        if "image_grid_thw" in params:  # Qwen-VL style: flat patches and each image's grid
+            opts.insert(0, _patch_grid(cfg, gen))
+            if "image_merge_sizes" in params:
+                opts[0]["image_merge_sizes"] = torch.full((BATCH,), _find(cfg, "spatial_merge_size")
+                                                          or 1, dtype=torch.long)
         if _is_int(frames):
             opts.insert(0, {"pixel_values": torch.randn(BATCH, frames, c, h, w, generator=gen)})
         mods["vision"] = opts
@@ -434,7 +453,10 @@ def input_options(model, cfg, gen) -> list[dict]:
             n = _features_per_sample(model, getter, opt)
             if n:
                 holders = torch.full((BATCH, n), tok, dtype=torch.long)
-                mods["text"].insert(0, {"input_ids": torch.cat([holders, ids(SEQ)], 1), **opt})
+                text = {"input_ids": torch.cat([holders, ids(SEQ)], 1), **opt}
+                if "mm_token_type_ids" in params and mod == "vision":  # 1 marks image tokens
+                    text["mm_token_type_ids"] = (text["input_ids"] == tok).long()
+                mods["text"].insert(0, text)
                 break
     extra = {}
     if "decoder_input_ids" in params:
@@ -466,6 +488,23 @@ PLACEHOLDERS = (("vision", "get_image_features", ("image_token_id", "image_token
                 ("audio", "get_audio_features", ("audio_token_id", "audio_token_index")))
 
 
+def _patch_grid(cfg, gen) -> dict:
+    """Qwen-VL style image inputs: each image a (1, h, w) grid of patches
+    (h = w = twice the spatial merge), flattened to (patches, C x T x P x P),
+    with ``image_grid_thw``."""
+    import torch
+
+    def size(key, default):
+        v = _find(cfg, key)
+        v = v[0] if isinstance(v, (list, tuple)) and v else v
+        return v if _is_int(v) else default
+    merge, p = size("spatial_merge_size", 1), size("patch_size", 14)
+    t, c = size("temporal_patch_size", 1), size("in_channels", None) or size("num_channels", 3)
+    side = 2 * merge
+    return {"pixel_values": torch.randn(BATCH * side * side, c * t * p * p, generator=gen),
+            "image_grid_thw": torch.tensor([[1, side, side]] * BATCH)}
+
+
 def _find_int(cfg, keys) -> int | None:
     for key in keys:
         v = _find(cfg, key)
@@ -483,7 +522,10 @@ def _features_per_sample(model, getter: str, inputs: dict) -> int | None:
         return None
     try:
         takes = inspect.signature(fn).parameters
-        kw = {k: v for k, v in inputs.items() if k in takes}
+        kinds = {p.kind for p in takes.values()}
+        named = kinds - {inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD}
+        # a getter that only forwards (*args, **kwargs) to the inner model's gets them all
+        kw = {k: v for k, v in inputs.items() if k in takes or not named}
         with torch.no_grad():
             f = fn(**kw)
     except Exception:  # noqa: BLE001 - needs more than these inputs
