@@ -492,6 +492,8 @@ _VALUE_SHAPED = {"nonzero": 0, "argwhere": 0, "unique": 0, "unique_consecutive":
 # ops that take only the shape, dtype and device of their tensor argument
 _SHAPE_ONLY = {"new_ones", "new_zeros", "new_empty", "new_full", "new_tensor", "zeros_like",
                "ones_like", "empty_like", "full_like", "rand_like", "randn_like", "randint_like"}
+# ops that take only the shape (or dtype) of their second tensor argument
+_LIKE_SECOND = {"expand_as", "view_as", "reshape_as", "type_as"}
 
 
 def _value_shaped(name: str, args, kwargs, valued) -> bool:
@@ -553,6 +555,8 @@ class _WeightBranches(torch.overrides.TorchFunctionMode):
         outs = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
         if name in _SHAPE_ONLY:
             valued = any(t in self.valued for t in leaves[1:])  # a fill value, say
+        elif name in _LIKE_SECOND and leaves:
+            valued = leaves[0] in self.valued  # a mask expanded to the hidden states' shape
         if valued:
             self.valued.update(outs)
         if shaped or _value_shaped(name, args, kwargs, self.valued):

@@ -107,7 +107,7 @@ NAMED = {
     **dict.fromkeys(("hidden_size", "d_model", "n_embd", "dim", "word_embed_proj_dim",
                      "text_embed_dim", "vision_embed_dim", "d_embed",
                      # a vision tower's output, projected into the text model's stream
-                     "out_hidden_size"), HIDDEN),
+                     "out_hidden_size", "output_dim"), HIDDEN),
     # depth
     **dict.fromkeys(("num_hidden_layers", "n_layer", "n_layers", "num_layers", "encoder_layers",
                      "decoder_layers", "num_encoder_layers", "num_decoder_layers",
@@ -417,8 +417,10 @@ def input_options(model, cfg, gen) -> list[dict]:
     if "input_features" in params:
         mel = _find(cfg, "num_mel_bins") or _find(cfg, "feature_size") or \
             _find(cfg, "input_feat_per_channel") or 80
-        src = _find(cfg, "max_source_positions")
+        src, window = _find(cfg, "max_source_positions"), _find(cfg, "n_window")
         t = 2 * src if _is_int(src) else 64
+        if _is_int(window):  # encoders that take whole windows of 2 x n_window frames
+            t = 2 * window
         # a mask of the frames where forward takes one (all frames real)
         mask = next((m for m in ("input_features_mask", "feature_attention_mask",
                                  "input_features_attention_mask") if m in params), None)
@@ -520,16 +522,19 @@ def _features_per_sample(model, getter: str, inputs: dict) -> int | None:
     fn = getattr(model, getter, None)
     if fn is None:
         return None
-    try:
-        takes = inspect.signature(fn).parameters
-        kinds = {p.kind for p in takes.values()}
-        named = kinds - {inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD}
-        # a getter that only forwards (*args, **kwargs) to the inner model's gets them all
-        kw = {k: v for k, v in inputs.items() if k in takes or not named}
-        with torch.no_grad():
-            f = fn(**kw)
-    except Exception:  # noqa: BLE001 - needs more than these inputs
-        return None
+    takes = inspect.signature(fn).parameters
+    # the inputs it names, then (a getter that passes **kwargs on) all of them
+    tries = [{k: v for k, v in inputs.items() if k in takes}]
+    if any(p.kind == inspect.Parameter.VAR_KEYWORD for p in takes.values()):
+        tries.append(dict(inputs))
+    f = None
+    for kw in tries:
+        try:
+            with torch.no_grad():
+                f = fn(**kw)
+            break
+        except Exception:  # noqa: BLE001 - needs more than these inputs
+            continue
     if not isinstance(f, (torch.Tensor, list, tuple)):
         f = getattr(f, "pooler_output", None)
     if isinstance(f, torch.Tensor):

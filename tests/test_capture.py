@@ -778,6 +778,36 @@ def test_a_branch_on_a_config_buffer_is_captured_and_one_on_a_checkpoint_buffer_
         infer_spec(BranchOnBuffer(persistent=True).eval(), x, capture="export")
 
 
+class PlaceholderCount(nn.Module):
+    """An audio LM's placeholder check: the token flags expanded to the hidden
+    states' shape (``expand_as`` reads only their shape), then a branch on how
+    many entries they select: decided by the input ids alone. ``weighted``: the
+    flags come from the hidden values instead, a branch another checkpoint
+    could take the other way."""
+
+    def __init__(self, weighted=False):
+        super().__init__()
+        self.weighted = weighted
+        self.emb, self.fc = nn.Embedding(10, 8), nn.Linear(8, 3)
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        flags = h[..., 0] > 0 if self.weighted else ids == 3
+        mask = flags.unsqueeze(-1).expand_as(h)
+        if h[mask].numel() == 0:
+            raise ValueError("no placeholder")
+        return self.fc(h.masked_fill(mask, 0.0))
+
+
+def test_a_branch_on_a_mask_expanded_to_hidden_states_is_an_input_branch():
+    ids = torch.tensor([[3, 1, 4, 1, 5], [9, 2, 6, 3, 5]])
+    model = randomize_state_(PlaceholderCount().eval())
+    assert ab.trace.weight_dependent_branches(model, ab.inputs.as_inputs(ids, model)) == []
+    weighted = randomize_state_(PlaceholderCount(weighted=True).eval())
+    found = ab.trace.weight_dependent_branches(weighted, ab.inputs.as_inputs(ids, weighted))
+    assert found and found[0].startswith("numel")
+
+
 class MaybeAux(nn.Module):
     def __init__(self):
         super().__init__()
