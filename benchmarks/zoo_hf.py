@@ -163,6 +163,10 @@ GENERIC_WORDS = ("_dim", "dim_", "_size", "size_", "rank", "channels", "_hidden"
 
 # Per-type overrides (config kwargs applied after shrinking), each with its reason.
 OVERRIDES: dict[str, tuple[dict, str]] = {
+    "aria": ({"projector_patch_to_query_dict": {16: 4}},
+             "its projector maps each patch count to a query count, only for full-size images"),
+    "vipllava": ({"vision_feature_layers": [-1, 0]},
+                 "the vision layers it taps are picked by index from a 24-layer tower"),
 }
 
 # (label, generic shrink of unnamed sizes, image side, shrink widths)
