@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import inspect
+import warnings
 from typing import Iterable, Sequence
 
 import torch
@@ -192,6 +193,13 @@ class TracedModel:
         if fixed:
             spec = spec.without(*fixed)
         return spec
+
+    def unused_tensors(self) -> list[str]:
+        """Floating-point state_dict tensors (more than one entry) that the
+        captured forward never reads."""
+        return [n for n, t in self.table.state.items()
+                if not self.table.syms.get(n) and n not in self.table.unreached
+                and t.is_floating_point() and t.numel() > 1]
 
     def _axis_kinds(self, state, members) -> tuple[dict[str, list[str]], list[tuple[str, str]]]:
         """Each state_dict axis as ``"permuted"`` (some group acts on it),
@@ -515,7 +523,24 @@ def trace_model(model: nn.Module, example_inputs=None, *, opaque: Iterable = (),
         try:
             other = TracedModel(model, inputs, (), "export", outputs, fixed, concrete=False)
         except Exception:  # noqa: BLE001 - export cannot capture it either: keep fx's
-            return traced
-        if other.spec.coverage() > spec.coverage() + 1e-9:
-            return other
+            other = None
+        if other is not None and other.spec.coverage() > spec.coverage() + 1e-9:
+            traced = other
+    _warn_unused(traced)
     return traced
+
+
+def _warn_unused(traced: TracedModel) -> None:
+    """Say loudly which weights the forward on these inputs never used: the spec
+    leaves them as they are, while what feeds them may be permuted, so a
+    permuted model computes the same only where they stay unused."""
+    unused = traced.unused_tensors()
+    if unused:
+        shown = ", ".join(unused[:3]) + (f" and {len(unused) - 3} more" if len(unused) > 3 else "")
+        warnings.warn(
+            f"forward on these example inputs does not use {len(unused)} weight tensor(s) "
+            f"({shown}): the spec leaves them unpermuted, so a permuted model computes the "
+            "same only where they stay unused. Pass example inputs that reach them "
+            "(pixel_values for a vision tower, audio for an audio encoder), or accept that "
+            "other inputs and modes (training's auxiliary heads) are not covered.",
+            UserWarning, stacklevel=3)
