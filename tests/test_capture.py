@@ -845,3 +845,29 @@ def test_auto_captures_with_export_when_the_fx_graph_cannot_run_the_inputs():
         spec = infer_spec(model, x)
     assert spec.capture == "export" and list(spec.groups) == ["fc1:out"]
     assert ab.check_equivalence(model, spec, x) <= 1e-5
+
+
+class TrainOnlyAux(nn.Module):
+    """An auxiliary head used only in training (GoogLeNet's): eval-mode
+    example inputs never reach it."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.aux = nn.Linear(4, 16), nn.Linear(16, 3), nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x))
+        out = self.fc2(h)
+        return (out, self.aux(h)) if self.training else out
+
+
+def test_weights_the_example_forward_never_uses_are_named_in_a_warning():
+    model = randomize_state_(TrainOnlyAux().eval())
+    x = torch.randn(5, 4)
+    with pytest.warns(UserWarning, match=r"does not use 2 weight tensor\(s\) \(aux.weight, aux.bias\)"):
+        spec = infer_spec(model, x)
+    assert spec.axes["aux.weight"] == ["fixed", "fixed"]
+    assert ab.check_equivalence(model, spec, x) <= 1e-5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        infer_spec(randomize_state_(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))), x)
