@@ -871,3 +871,26 @@ def test_weights_the_example_forward_never_uses_are_named_in_a_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         infer_spec(randomize_state_(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))), x)
+
+
+class FilledLater(nn.Module):
+    """``torch.empty`` filled in place afterwards (PP-DocLayout's spatial shapes):
+    a view taken before the write holds whatever memory held."""
+
+    def forward(self, x):
+        shapes = torch.empty((2, 2), dtype=torch.long)
+        shapes[0, 0] = x.shape[0]
+        shapes[0, 1] = x.shape[1]
+        shapes[1] = shapes[0]
+        return x * shapes.sum()
+
+
+def test_an_allocation_filled_later_is_not_compared_before_it_is_written():
+    from autobasin.infer import _uninitialized
+    model, x = FilledLater(), torch.randn(3, 4)
+    gm = ab.trace.export_trace(model, ab.inputs.as_inputs(x, model))[0]
+    skipped = {n.target.__name__.split(".")[0] for n in gm.graph.nodes if _uninitialized(n)}
+    kept = {n.target.__name__.split(".")[0] for n in gm.graph.nodes
+            if n.op == "call_function" and not _uninitialized(n)}
+    assert skipped == {"empty", "select"}  # the allocation and its views
+    assert {"copy_", "sum", "mul"} <= kept  # what was written and computed is compared

@@ -13,7 +13,7 @@ from ..guard import eval_mode, is_meta_model, unwrap_model
 from ..spec import Group, Member, PermutationSpec, TensorInfo
 from ..inputs import ModelInputs, as_inputs, positional, seeded_rng, select_output
 from ..trace import (ExampleRecorder, TraceError, caused_by, default_inputs, export_trace, graph_over,
-                     symbolic_trace)
+                     op_name_of, symbolic_trace)
 from . import rules as _rules  # noqa: F401 - registers the built-in rules
 from .engine import GraphInference, TensorTable, layout_symbols
 from .registry import rule
@@ -329,7 +329,7 @@ class TracedModel:
             def run_node(inner, n):
                 value = super().run_node(n)
                 if result[0] is None and n in env_a and n.op not in ("placeholder", "output") \
-                        and isinstance(value, torch.Tensor):
+                        and isinstance(value, torch.Tensor) and not _uninitialized(n):
                     expect = expected(n, env_a[n])
                     if expect is None or expect.shape != value.shape:
                         return value
@@ -348,6 +348,34 @@ class TracedModel:
         with torch.no_grad(), eval_mode(permuted, gm_b), seeded_rng(gm_b):
             Compare(gm_b, garbage_collect_values=False).run(*args)
         return result[0]
+
+
+#: allocations whose entries are whatever memory held: no value to compare
+_ALLOCATIONS = frozenset({"empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided",
+                          "empty_permuted"})
+
+
+#: ops whose result shares its first argument's memory
+_VIEWS = frozenset({"select", "slice", "view", "_unsafe_view", "reshape", "as_strided", "unsqueeze",
+                    "squeeze", "permute", "transpose", "t", "expand", "alias", "unbind", "split",
+                    "split_with_sizes", "chunk", "narrow", "diagonal", "unfold", "getitem",
+                    "__getitem__", "detach"})
+
+
+def _uninitialized(n: fx.Node, depth: int = 16) -> bool:
+    """Is ``n`` (when computed) an allocation whose entries are whatever memory
+    held, or a view of one, filled only later in place (``x = torch.empty(...)``
+    then ``x[i, 0] = h``)? Its value there is no value to compare."""
+    for _ in range(depth):
+        if n.op not in ("call_function", "call_method"):
+            return False
+        name = op_name_of(n.target)
+        if name in _ALLOCATIONS:
+            return True
+        if name not in _VIEWS or not n.args or not isinstance(n.args[0], fx.Node):
+            return False
+        n = n.args[0]
+    return False
 
 
 class Divergence:
