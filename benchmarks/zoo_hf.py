@@ -165,6 +165,9 @@ GENERIC_WORDS = ("_dim", "dim_", "_size", "size_", "rank", "channels", "_hidden"
 OVERRIDES: dict[str, tuple[dict, str]] = {
     "aria": ({"projector_patch_to_query_dict": {16: 4}},
              "its projector maps each patch count to a query count, only for full-size images"),
+    **dict.fromkeys(("llava_next", "llava_next_video", "llava_onevision"), (
+        {"image_grid_pinpoints": [[32, 32]]},
+        "its tiling picks a resolution among pinpoints made for 336-pixel images")),
     "vipllava": ({"vision_feature_layers": [-1, 0]},
                  "the vision layers it taps are picked by index from a 24-layer tower"),
 }
@@ -443,13 +446,16 @@ def input_options(model, cfg, gen) -> list[dict]:
         audio += [{"input_values": torch.randn(BATCH, 1, 4000, generator=gen)}]
     if audio:
         mods["audio"] = audio
-    if "vision" in mods and "image_sizes" in params:  # each image's (height, width)
-        for opt in mods["vision"]:
-            hw = list(opt["pixel_values"].shape[-2:])
-            opt["image_sizes"] = torch.tensor([hw] * BATCH)
-    if "vision" in mods and not _is_int(frames):  # some take (batch, images, C, H, W)
-        mods["vision"].append({k: v.unsqueeze(1) if k == "pixel_values" else v
-                               for k, v in mods["vision"][0].items()})
+    if "vision" in mods and "image_sizes" in params:  # each image's (height, width), when needed
+        mods["vision"] += [{**opt, "image_sizes": torch.tensor([list(opt["pixel_values"].shape[-2:])]
+                                                               * BATCH)}
+                           for opt in mods["vision"] if opt["pixel_values"].dim() == 4]
+    if "vision" in mods and not _is_int(frames):
+        # some take (batch, images or tiles, C, H, W): LLaVA-NeXT one tile and the whole image
+        for n in (1, 2):
+            for opt in [o for o in mods["vision"] if o["pixel_values"].dim() == 4]:
+                mods["vision"].append({k: v.unsqueeze(1).expand(-1, n, -1, -1, -1).contiguous()
+                                       if k == "pixel_values" else v for k, v in opt.items()})
     for mod, getter, token_keys in PLACEHOLDERS:
         # a multimodal LM: input_ids hold one placeholder token per feature of the modality
         tok = _find_int(cfg, token_keys)
