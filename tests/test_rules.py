@@ -686,3 +686,27 @@ def test_boolean_mask_index_consumes_all_its_axes(capture):
     assert "fc:out" in exact(MaskedRows("expanded"), ids, capture=capture).groups
     empty = torch.zeros(2, 5, dtype=torch.long)  # no row selected: still inferred
     assert "fc:out" in exact(MaskedRows(), empty, capture=capture).groups
+
+
+class TriangularSolve(nn.Module):
+    """A per-head lower-triangular solve over time (Qwen3.5's chunked gated
+    delta rule): the heads and both head-dims permute; time stays in order."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.v, self.o = nn.Linear(8, 4 * 6), nn.Linear(8, 4 * 6), nn.Linear(4 * 6, 3)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q = self.q(x).view(b, t, 4, 6).transpose(1, 2)
+        v = self.v(x).view(b, t, 4, 6).transpose(1, 2)
+        a = torch.tril(q @ q.transpose(-1, -2)) * 0.1 + torch.eye(t)
+        y = torch.linalg.solve_triangular(a, v, upper=False)
+        return self.o(y.transpose(1, 2).reshape(b, t, 24))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_triangular_solve_keeps_heads_and_head_dims(capture):
+    spec = exact(TriangularSolve(), torch.randn(2, 5, 8), capture=capture)
+    assert spec.coverage() == 1.0
+    assert sorted(g.size for g in spec.groups.values()) == [4, 6, 6]

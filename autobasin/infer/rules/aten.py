@@ -344,3 +344,24 @@ def _native_group_norm(ctx):
 def _native_dropout(ctx):
     lay = list(ctx.layout(ctx.args[0]))
     return [lay, list(lay)]
+
+
+@rule(*_ops("linalg_solve_triangular"), torch.linalg.solve_triangular)
+def _solve_triangular(ctx):
+    """``solve_triangular(A, B, upper=, left=True)``: ``X`` with ``A @ X = B``
+    (``X @ A = B`` when not ``left``), over broadcast batch axes (Qwen3.5's
+    chunked gated delta rule). Which entries are zero depends on the order of
+    A's axes, so they and the axis of B they meet are fixed; B's other axis
+    passes through, and the batch axes (heads) broadcast."""
+    a, b = ctx.args[0], ctx.args[1]
+    left = ctx.value(ctx.kwargs.get("left", True))
+    la, lb = list(ctx.layout(a)), list(ctx.layout(b))
+    out_shape = ctx.shape()
+    batch = broadcast_layouts(ctx, [(la[:-2], ctx.shape(a)[:-2]), (lb[:-2], ctx.shape(b)[:-2])],
+                              out_shape[:-2])
+    why = "a triangular solve needs its order"
+    for s in la[-2:]:
+        ctx.block(s, why)
+    met = lb[-2] if left else lb[-1]
+    ctx.union(met, la[-1] if left else la[-2])
+    return batch + ([met, lb[-1]] if left else [lb[-2], met])
