@@ -529,7 +529,8 @@ def _features_per_sample(model, getter: str, inputs: dict) -> int | None:
     """How many placeholder tokens one sample's modality input becomes (the
     projected features ``getter`` returns, given the inputs it takes), or None."""
     import torch
-    fn = getattr(model, getter, None)
+    # the head's, else its base model's (some heads do not forward the getter)
+    fn = getattr(model, getter, None) or getattr(getattr(model, "model", None), getter, None)
     if fn is None:
         return None
     takes = inspect.signature(fn).parameters
