@@ -168,6 +168,8 @@ OVERRIDES: dict[str, tuple[dict, str]] = {
     **dict.fromkeys(("llava_next", "llava_next_video", "llava_onevision"), (
         {"image_grid_pinpoints": [[32, 32]]},
         "its tiling picks a resolution among pinpoints made for 336-pixel images")),
+    "voxtral": ({"audio_token_id": 24},
+                "its default config names no audio token (the released checkpoints use 24)"),
     "vipllava": ({"vision_feature_layers": [-1, 0]},
                  "the vision layers it taps are picked by index from a 24-layer tower"),
 }
