@@ -288,7 +288,7 @@ def _mask_index(ctx, items, masks, shape, lay):
         return ctx.fresh(blocked=reason)
     mask = items[mi][1]
     n = out_shape[before]
-    if before + nd == len(shape) and _is_int_size(n) and shape[-1] > 1 and \
+    if before + nd == len(shape) and _is_int_size(n) and n > 0 and shape[-1] > 1 and \
             n % shape[-1] == 0 and broadcast_along_last(ctx, mask):
         # a mask equal along x's last axis (one flag per row, expanded): whole rows
         # are selected, flattened row-major, so the result is (rows, last axis)
