@@ -32,7 +32,13 @@ the worker
    when forward takes them, ``pixel_values`` at the config's image size,
    ``input_features`` / ``input_values`` for audio; a multimodal forward gets
    every modality it takes when that runs, else its main input alone
-   (``main_input_name``). The first input set the model runs on is used;
+   (``main_input_name``). A multimodal LM's ``input_ids`` start with one
+   placeholder token per image or audio feature (counted by its
+   ``get_image_features`` / ``get_audio_features``), as its processor would
+   write them; images also come as (batch, tiles, C, H, W) with
+   ``image_sizes``, or as Qwen-VL flat patches with ``image_grid_thw`` and
+   ``mm_token_type_ids``, where forward takes those. The first input set the
+   model runs on is used;
 4. times :func:`autobasin.infer.infer_spec` (``capture="auto"``; a model with
    a head is given ``outputs=["logits"]``: the logits define it, and an
    encoder-decoder's ``encoder_last_hidden_state`` would otherwise fix the
