@@ -288,7 +288,7 @@ def _mask_index(ctx, items, masks, shape, lay):
         return ctx.fresh(blocked=reason)
     mask = items[mi][1]
     n = out_shape[before]
-    if before + nd == len(shape) and _is_int_size(n) and n > 0 and shape[-1] > 1 and \
+    if before + nd == len(shape) and isinstance(n, int) and n > 0 and shape[-1] > 1 and \
             n % shape[-1] == 0 and broadcast_along_last(ctx, mask):
         # a mask equal along x's last axis (one flag per row, expanded): whole rows
         # are selected, flattened row-major, so the result is (rows, last axis)
@@ -304,10 +304,6 @@ def _mask_index(ctx, items, masks, shape, lay):
         ctx.block(s, reason)
     ctx.block_layout(ctx.layout(mask), reason)
     return lay[:before] + [ctx.new(n, reason)] + lay[before + nd:]
-
-
-def _is_int_size(n) -> bool:
-    return isinstance(n, int) and not isinstance(n, bool)
 
 
 def index_tensor(ctx, x, idx):
