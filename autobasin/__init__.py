@@ -23,6 +23,7 @@ from .permute import (EquivalenceError, NondeterministicModelError, TieBreakErro
                       random_permutation)
 from .repair import ChannelStats, channel_stats, repair, reset_bn_stats
 from .spec import Group, Member, PermutationSpec, SpecError
+from .study import StudyRow, StudyTable, barrier_study
 from .trace import TraceError
 
 __all__ = [
@@ -37,4 +38,5 @@ __all__ = [
     "build_model", "ModelSpecError",
     "repair", "channel_stats", "ChannelStats",
     "expected_calibration_error", "reliability", "CalibrationResult", "reliability_plot",
+    "barrier_study", "StudyTable", "StudyRow",
 ]
