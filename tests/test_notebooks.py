@@ -57,3 +57,18 @@ def test_lm_align_notebook_runs(monkeypatch):
     assert set(rows) == {"naive", "weight", "activation"}
     assert float(rows["weight"]) < float(rows["naive"])
     assert images, "the plot cell produced no image"
+
+
+def test_phenomena_notebook_runs(monkeypatch):
+    """The reduced width, training-time and counterexample studies on sklearn digits."""
+    text, images = run_notebook("phenomena.ipynb", monkeypatch)
+    m = re.search(r"weight matching barrier, narrowest -> widest: ([0-9.-]+) -> ([0-9.-]+)", text)
+    assert float(m.group(2)) < float(m.group(1)) / 4
+    assert float(re.search(r"naive barrier at the widest: ([0-9.]+)", text).group(1)) > 0.2
+    assert "B' computes what B computes: True" in text
+    barriers = dict(re.findall(r"(A, B|A, B' \(rescaled B\)|balanced A, balanced B'): weight matching "
+                               r"barrier ([0-9.-]+)", text))
+    assert float(barriers["A, B' (rescaled B)"]) > 4 * max(float(barriers["A, B"]), 0.02)
+    assert float(barriers["balanced A, balanced B'"]) < float(barriers["A, B' (rescaled B)"]) / 4
+    assert "weight matching: peak barrier" in text
+    assert len(images) == 2
