@@ -184,13 +184,16 @@ def width_checks(part: dict, noise: float | None = None) -> list[str]:
     weight, naive = _by(rows, "width", "weight"), _by(rows, "width", "naive")
     widths = list(weight)
     means = [_mean(weight[w]) for w in widths]
-    spreads = [max(r["barrier"] for r in weight[w]) - min(r["barrier"] for r in weight[w]) for w in widths]
-    noise = noise if noise is not None else max(spreads)
-    rises = [(widths[i], widths[i + 1]) for i in range(len(widths) - 1) if means[i + 1] > means[i] + noise]
-    lines.append(f"- weight matching barrier falls with width (each width at most the narrower one's plus "
-                 f"seed noise {noise:.4f}, the largest spread over pairs at one width): "
+    spread = {w: max(r["barrier"] for r in weight[w]) - min(r["barrier"] for r in weight[w]) for w in widths}
+    # seed noise between two widths: the larger of their ranges over pairs (given: one number for all)
+    rises = [(widths[i], widths[i + 1]) for i in range(len(widths) - 1)
+             if means[i + 1] > means[i] + (noise if noise is not None else
+                                           max(spread[widths[i]], spread[widths[i + 1]]))]
+    lines.append("- weight matching barrier falls with width (each width's mean at most the narrower one's "
+                 "plus seed noise, the larger of the two widths' ranges over pairs): "
                  + ("yes" if not rises else f"NO at {rises}")
-                 + f" ({' → '.join(f'{m:.3f}' for m in means)})")
+                 + f" ({' → '.join(f'{m:.3f}' for m in means)}; above the chord "
+                 + " → ".join(f"{_mean(weight[w], 'barrier_linear'):.3f}" for w in widths) + ")")
     lines.append(f"- clearly above zero at the narrowest width {widths[0]}: "
                  f"{'yes' if means[0] > 0.05 else 'NO'} ({means[0]:.4f})")
     if part["kind"] == "mlp":
