@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import Subset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from phenomena import BATCH_SIZE, LR, environment, make_model, save_part, splits  # noqa: E402
+from phenomena import BATCH_SIZE, LR, environment, make_model, save_part, splits, training_checks  # noqa: E402
 
 import autobasin  # noqa: E402
 from autobasin.barrier import evaluate  # noqa: E402
@@ -68,28 +68,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.epochs < 1 or args.width < 1 or args.lambdas < 2:
         parser.error("--epochs and --width must be >= 1, --lambdas >= 2")
     return args
-
-
-def checks(rows: list[dict]) -> list[str]:
-    """The issue's target in words: the barrier after matching shrinks as training goes on."""
-    lines = []
-    for method in ("weight", "activation"):
-        curve = sorted((r["epoch"], r["barrier"], r["barrier_linear"]) for r in rows if r["method"] == method)
-        if not curve:
-            continue
-        peak = max(curve, key=lambda c: c[1])
-        final = curve[-1]
-        after = [c for c in curve if c[0] >= peak[0]]
-        falls = all(b2 <= b1 + 0.02 for (_, b1, _), (_, b2, _) in zip(after, after[1:]))
-        lines.append(f"- {method} matching: the barrier peaks at {peak[1]:.3f} (epoch {peak[0]:g}) and ends at "
-                     f"{final[1]:.3f} (epoch {final[0]:g}; {final[2]:.3f} above the chord): "
-                     f"{'shrinks' if final[1] < peak[1] / 2 else 'does NOT shrink by half'} as training goes on"
-                     f"{'' if falls else ' (not monotonically: rises of more than 0.02 after the peak)'}")
-    naive = sorted((r["epoch"], r["barrier"]) for r in rows if r["method"] == "naive")
-    if naive:
-        lines.append(f"- naive interpolation: barrier {naive[-1][1]:.3f} at the end "
-                     f"(highest {max(b for _, b in naive):.3f}): it does not shrink with training")
-    return lines
 
 
 def main(argv: Sequence[str] | None = None):
@@ -167,7 +145,7 @@ def main(argv: Sequence[str] | None = None):
                    f"{steps_per_epoch} steps per epoch. At each checkpoint B is aligned to A and the held-out "
                    f"loss measured at {args.lambdas} points. Cells: the single pair's value.")
     payload = {"description": description, "table": markdown, "plot": plot.name, "rows": rows,
-               "checks": checks(rows), "train_losses": train_losses,
+               "checks": training_checks(rows), "train_losses": train_losses,
                "command": "python benchmarks/training_time.py " + shlex.join(argv),
                "environment": environment(started)}
     path = save_part(args.out, "training_time", payload)
