@@ -11,6 +11,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .state import interpolate_state_dicts
+from .distributed import all_sum_floats
 from .guard import eval_mode
 from .batches import InputBatches, model_device, run_batch, score_batch
 from .repair import channel_stats, check_repair_option
@@ -63,7 +64,8 @@ def evaluate(model: nn.Module, data: Iterable, loss_fn: Callable | None = None,
     predicted token; for a masked LM batch (``input_ids`` and per-token ``labels``)
     the cross-entropy of the labelled tokens. ``loss_fn(logits, target)`` replaces
     the cross-entropy of ``(input, target)`` batches. The model's train/eval modes
-    are restored.
+    are restored. Under torch.distributed (an initialised process group), each
+    rank's ``data`` is its shard and every rank returns the mean over all of them.
     """
     device = torch.device(device) if device is not None else model_device(model)
     total_loss, correct, count = 0.0, 0, 0
@@ -73,6 +75,8 @@ def evaluate(model: nn.Module, data: Iterable, loss_fn: Callable | None = None,
             total_loss += loss
             correct += right
             count += n
+    # under torch.distributed each rank's data is its shard: sum over ranks
+    total_loss, correct, count = all_sum_floats(total_loss, correct, count)
     if count == 0:
         raise ValueError("the evaluation data yielded no samples")
     return total_loss / count, correct / count

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .batches import batch_target, lm_logits, model_device, run_batch
+from .distributed import all_gather_objects, world
 from .guard import eval_mode
 
 
@@ -116,6 +117,10 @@ def predict(model: nn.Module, data: Iterable,
                                 "target/labels key") from None
             logits.append(lm_logits(run_batch(model, batch, device)).float().cpu())
             labels.append(torch.as_tensor(target).cpu())
+    if world() is not None:  # each rank's data is its shard: every rank gets all of them
+        gathered = all_gather_objects((logits, labels))
+        logits = [t for part, _ in gathered for t in part]
+        labels = [t for _, part in gathered for t in part]
     if not logits:
         raise ValueError("the data yielded no batches")
     return torch.cat(logits), torch.cat(labels)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -43,6 +44,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .distributed import is_main, shard, world
 from .data import (DataError, DataSource, check_source, example_of, make_example_inputs,
                    resolve_data)
 from .cliargs import (UsageError, checkpoint_path, existing_file, model_kwargs,
@@ -79,6 +81,8 @@ class _Log:
 
 
 def _out(msg: str = "") -> None:
+    if not is_main():  # under torchrun: one report, from rank 0
+        return
     try:
         print(msg, flush=True)
     except BrokenPipeError:  # the reader stopped (`| head`): finish, write the files
@@ -122,6 +126,8 @@ def _load_checkpoint(model: nn.Module, path: Path, args, log: _Log, in_place: bo
 def _write(log: _Log, path: Path, write) -> None:
     """``write(tmp)`` atomically to ``path``, with a progress line before and the result after."""
     from .io import atomic_write
+    if not is_main():  # under torchrun: rank 0 writes the files
+        return
     log(f"writing {path}")
     atomic_write(path, write)
     _out(f"wrote {path}")
@@ -181,9 +187,37 @@ def cmd_inspect(args, log: _Log) -> int:
 
 
 def _resolve_data(args, model: nn.Module) -> DataSource:
-    return resolve_data(args.data, model, split=args.split, batch_size=args.batch_size,
-                        workers=args.workers, seed=args.seed, input_size=args.input_size,
-                        seq_len=args.seq_len)
+    source = resolve_data(args.data, model, split=args.split, batch_size=args.batch_size,
+                          workers=args.workers, seed=args.seed, input_size=args.input_size,
+                          seq_len=args.seq_len)
+    if world() is None:
+        return source
+    # under torchrun every rank reads DATA and keeps every world-size-th batch: its shard
+    r, size = world()
+    eval_shard = shard(source.eval)
+    train_shard = eval_shard if source.train is source.eval else shard(source.train)
+    part = f" (rank {r} of {size}: one batch in {size})"
+    return dataclasses.replace(source, eval=eval_shard, train=train_shard,
+                               description=source.description + part,
+                               train_description=(source.train_description + part
+                                                  if source.train_description else ""))
+
+
+def _join_process_group(args) -> bool:
+    """Under torchrun (WORLD_SIZE > 1 in the environment), join the default process
+    group: gloo, or NCCL when --device is CUDA (each rank on its LOCAL_RANK's GPU)."""
+    import torch.distributed as dist
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2 or not dist.is_available() or dist.is_initialized():
+        return False
+    device = str(getattr(args, "device", None) or "cpu")
+    if device.startswith("cuda"):
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        args.device = f"cuda:{local}"
+        dist.init_process_group("nccl")
+    else:
+        dist.init_process_group("gloo")
+    return True
 
 
 def _load_spec(path: str | None):
@@ -261,9 +295,10 @@ def cmd_align(args, log: _Log) -> int:
     sd_a, sd_b = model_a.state_dict(), model_b.state_dict()
     before, after = (state_dict_distance(sd_a, sd) for sd in (sd_b, result.state_dict))
     log(f"writing {out} and {perms_out}")
-    save_result(args, out, model_b, aligned_sd, args.b, {"autobasin": "aligned", "method": args.method,
-                                                   "reference": str(args.a), "source": str(args.b)})
-    save_perms(result.perms, perms_out, metadata={"method": args.method})
+    if is_main():  # under torchrun: rank 0 writes the files
+        save_result(args, out, model_b, aligned_sd, args.b, {"autobasin": "aligned", "method": args.method,
+                                                       "reference": str(args.a), "source": str(args.b)})
+        save_perms(result.perms, perms_out, metadata={"method": args.method})
     stats = result.stats
     _out(f"spec: {len(result.spec.groups)} groups, "
          f"coverage {format_coverage(result.spec.coverage())}")
@@ -367,8 +402,9 @@ def cmd_merge(args, log: _Log) -> int:
     seconds = time.perf_counter() - t0
     sd = cast_like(merged_model.state_dict(), loaded[0][1])  # the first checkpoint's dtypes
     log(f"writing {out}")
-    save_result(args, out, models[0], sd, paths[0],
-          {"autobasin": "merged", "sources": ",".join(str(p) for p in paths)})
+    if is_main():  # under torchrun: rank 0 writes the file
+        save_result(args, out, models[0], sd, paths[0],
+                    {"autobasin": "merged", "sources": ",".join(str(p) for p in paths)})
     rounds = f", {stats['rounds']} rounds" if stats.get("rounds") else ""
     how = {None: "", "reset_bn": "; BatchNorm statistics reset",
            "repair": "; REPAIRed (channel mean and std)", "rescale": "; rescaled (channel std)"}
@@ -572,7 +608,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # argparse: --help (0) or a usage error (2), already printed
         return int(e.code) if isinstance(e.code, int) else EXIT_USAGE
-    log = _Log(getattr(args, "quiet", False))
+    joined = _join_process_group(args)
+    log = _Log(getattr(args, "quiet", False) or not is_main())
 
     def show(message, category, filename, lineno, file=None, line=None):
         if not log.quiet:
@@ -598,6 +635,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return EXIT_UNEXPECTED
             _error(str(e).strip() if str(e).strip() else type(e).__name__)
             return code
+        finally:
+            if joined:
+                import torch.distributed as dist
+                dist.destroy_process_group()
 
 
 if __name__ == "__main__":

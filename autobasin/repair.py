@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .batches import InputBatches, model_device, run_batch
+from .distributed import all_sum, all_sum_floats, require_every_rank, world
 from .guard import eval_mode
 
 def reset_bn_stats(model: nn.Module, data: Iterable, num_batches: int | None = None,
@@ -31,6 +32,8 @@ def reset_bn_stats(model: nn.Module, data: Iterable, num_batches: int | None = N
     statistics over the forward passes: the running mean is the mean of the
     batch means (the dataset mean when batches are equal in size) and the
     running variance the mean of the unbiased batch variances.
+    Under torch.distributed each rank's ``data`` is its shard, and every rank gets
+    the means over all ranks' batches.
 
     ``data`` is an iterable of batches (see :func:`autobasin.batches.batch_inputs`); at most
     ``num_batches`` of them are used. Inputs go to ``device`` (the model is moved
@@ -51,17 +54,36 @@ def reset_bn_stats(model: nn.Module, data: Iterable, num_batches: int | None = N
             m.reset_running_stats()
             m.momentum = None
         model.train()
+        seen = 0
         with torch.no_grad():
             for i, batch in enumerate(data):
                 if num_batches is not None and i >= num_batches:
                     break
                 run_batch(model, batch, device)
+                seen += 1
+        _combine_bn_over_ranks(norms, seen)
     finally:
         for m, momentum in momenta.items():
             m.momentum = momentum
         for m, training in modes.items():
             m.training = training
     return model
+
+
+def _combine_bn_over_ranks(norms, batches: int) -> None:
+    """Under torch.distributed: each rank's running statistics are the mean over its
+    own batches; make every rank's the mean over all ranks' batches (what one
+    process given every batch computes). No-op without a process group."""
+    if world() is None:
+        return
+    require_every_rank(batches > 0, "reset_bn_stats got no batch on this rank")
+    total, = all_sum_floats(batches)
+    for m in norms:
+        mean, var, tracked = all_sum(m.running_mean * batches, m.running_var * batches,
+                                     m.num_batches_tracked.to(torch.float64))
+        m.running_mean.copy_(mean / total)
+        m.running_var.copy_(var / total)
+        m.num_batches_tracked.copy_(tracked.round().to(m.num_batches_tracked.dtype))
 
 
 # ====================================================================== REPAIR
@@ -125,6 +147,25 @@ class _Moments:
         self.mean = self.mean + delta * (n / total)
         self.m2 = self.m2 + m2 + delta.square() * (self.count * n / total)
         self.count = total
+
+    def synchronize(self, channels: int) -> None:
+        """Combine every torch.distributed rank's moments (no-op without a process
+        group): afterwards each rank holds those of all ranks' values."""
+        if world() is None:
+            return
+        if self.mean is None:
+            self.mean = torch.zeros(channels, dtype=torch.float64)
+            self.m2 = torch.zeros(channels, dtype=torch.float64)
+        n = float(self.count)
+        weighted, count = all_sum(self.mean * n, torch.tensor([n], dtype=torch.float64))
+        total = float(count.item())
+        if total == 0:
+            self.mean = self.m2 = None
+            self.count = 0
+            return
+        mean = weighted / total
+        m2, = all_sum(self.m2 + n * (self.mean - mean).square())
+        self.count, self.mean, self.m2 = int(round(total)), mean, m2
 
     def result(self) -> ChannelStats:
         if self.mean is None:
@@ -226,6 +267,8 @@ def _measure(model: nn.Module, batches: Iterable[torch.Tensor], names: Sequence[
     finally:
         for h in handles:
             h.remove()
+    for name, m in moments.items():  # under torch.distributed: every rank's batches
+        m.synchronize(_output_channels(modules[name]))
     missing = [n for n, m in moments.items() if m.mean is None]
     if missing:
         raise ValueError(f"module(s) {missing} did not run on the data (or the data is empty)")

@@ -60,6 +60,7 @@ import torch.fx as fx
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..distributed import all_sum, all_sum_floats, broadcast, require_every_rank, world
 from ..guard import check_model_finite, check_model_materialized, eval_mode, unwrap_model
 from ..permute import apply_permutation
 from ..inputs import ModelInputs, as_inputs
@@ -117,6 +118,37 @@ class CrossMoments:
         self.sq_b += (db * db).sum(1)
         self.cross.addmm_(da, db.T)
         self.count += m
+
+    def synchronize(self, p: int, q: int) -> None:
+        """Combine the moments of every torch.distributed rank (no-op without a
+        process group); afterwards every rank holds the moments of all samples.
+        ``p``, ``q``: the unit counts, for a rank that saw no sample. Each rank's
+        sums are first moved to a common shift (the count-weighted mean of the
+        ranks' shifts), then summed."""
+        if world() is None:
+            return
+        if self.count == 0:
+            z = dict(dtype=torch.float64, device=self.device or "cpu")
+            self.shift_a, self.shift_b = torch.zeros(p, **z), torch.zeros(q, **z)
+            self.sum_a, self.sq_a = torch.zeros(p, **z), torch.zeros(p, **z)
+            self.sum_b, self.sq_b = torch.zeros(q, **z), torch.zeros(q, **z)
+            self.cross = torch.zeros(p, q, **z)
+        n = float(self.count)
+        wa, wb, count = all_sum(self.shift_a * n, self.shift_b * n,
+                                torch.tensor([n], dtype=torch.float64, device=self.shift_a.device))
+        total = float(count.item())
+        if total == 0:
+            self.count = 0
+            return
+        da, db = self.shift_a - wa / total, self.shift_b - wb / total  # old shift - common shift
+        cross = (self.cross + torch.outer(self.sum_a, db) + torch.outer(da, self.sum_b)
+                 + n * torch.outer(da, db))
+        sq_a = self.sq_a + 2 * da * self.sum_a + n * da * da
+        sq_b = self.sq_b + 2 * db * self.sum_b + n * db * db
+        sum_a, sum_b = self.sum_a + n * da, self.sum_b + n * db
+        self.sum_a, self.sum_b, self.sq_a, self.sq_b, self.cross = all_sum(sum_a, sum_b, sq_a, sq_b, cross)
+        self.shift_a, self.shift_b = wa / total, wb / total
+        self.count = int(round(total))
 
     # ------------------------------------------------------------ read-out
     def _need(self):
@@ -655,6 +687,14 @@ def activation_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, data:
                 samples += int(first.shape[0]) if first is not None and first.dim() else 1
                 bar.update(1)
         bar.close()
+    if world() is not None:
+        # every rank's shard: combine the moments, then solve on identical statistics
+        require_every_rank(entries is not None, "activation matching got no non-empty batch on this "
+                                                "rank: give every rank at least one batch")
+        for e in entries:
+            size = math.prod(e.kept_shape)
+            e.moments.synchronize(size, size)
+        batches, samples, skipped = (int(v) for v in all_sum_floats(batches, samples, skipped))
     if skipped:
         warnings.warn(f"activation matching left out {skipped} batch(es) whose input shapes differ "
                       f"from those the graph was captured at ({traced.example_inputs.describe()}); "
@@ -684,6 +724,9 @@ def activation_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, data:
         wm = weight_matching(sub, sd_a, b_now, max_iter=max_iter, seed=seed, progress=False)
         perms.update(wm)
 
+    # solved once: every rank returns rank 0's permutations (identical statistics
+    # give identical solutions; the broadcast makes sure of it)
+    perms = broadcast(perms)
     group_nodes: dict[str, list[str]] = {}
     for e in used:
         for g in e.groups:
