@@ -20,7 +20,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import torch
 
 __all__ = ["world", "rank", "is_main", "all_sum", "all_sum_floats", "all_gather_objects", "broadcast", "shard",
-           "ShardError", "require_every_rank"]
+           "lockstep", "average_gradients", "mean_over_ranks", "ShardError", "require_every_rank"]
 
 
 class ShardError(ValueError):
@@ -74,6 +74,15 @@ def all_sum_floats(*values: float) -> list[float]:
     return total.tolist()
 
 
+def mean_over_ranks(value: float) -> float:
+    """The mean of a number over ranks (the number itself without a process group)."""
+    w = world()
+    if w is None:
+        return float(value)
+    total, = all_sum_floats(value)
+    return total / w[1]
+
+
 def broadcast(obj: Any, src: int = 0) -> Any:
     """Rank ``src``'s ``obj`` on every rank (any picklable object; tensors come back on
     the CPU). Without a process group: ``obj``."""
@@ -94,6 +103,36 @@ def all_gather_objects(obj: Any) -> list[Any]:
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def lockstep(data: Iterable) -> Iterator:
+    """The items of ``data`` while every rank still has one: ranks whose shards differ
+    in length take the same number of steps (one collective per item). Without a
+    process group: every item."""
+    if world() is None:
+        yield from data
+        return
+    size = world()[1]
+    end = object()
+    items = iter(data)
+    while True:
+        item = next(items, end)
+        have, = all_sum_floats(0.0 if item is end else 1.0)
+        if have < size:
+            return
+        yield item
+
+
+def average_gradients(params: Iterable[torch.nn.Parameter]) -> None:
+    """Replace every parameter's gradient by its mean over ranks (a missing gradient
+    counts as zero), as DistributedDataParallel does. No-op without a process group."""
+    w = world()
+    if w is None:
+        return
+    params = list(params)
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    for p, total in zip(params, all_sum(*grads)):
+        p.grad = total / w[1]
 
 
 def require_every_rank(ok: bool, what: str) -> None:

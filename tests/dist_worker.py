@@ -69,6 +69,25 @@ def run_all(a, b, data, example) -> dict:
             "merged": {k: v.clone() for k, v in merged.state_dict().items()}}
 
 
+def mlps():
+    """Two small MLPs (no BatchNorm: data-parallel STE is exact for them) and 4 batches of 8."""
+    models = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        models.append(nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 12), nn.ReLU(),
+                                    nn.Linear(12, 3)))
+    gen = torch.Generator().manual_seed(9)
+    data = [(torch.randn(8, 6, generator=gen), torch.randint(0, 3, (8,), generator=gen)) for _ in range(4)]
+    return models[0], models[1], data
+
+
+def run_ste(a, b, data) -> dict:
+    spec = autobasin.infer_spec(a, data[0][0][:2])
+    res = autobasin.ste_matching(spec, a, b, data, epochs=3, lr=1e-2, eval_batches=4, progress=False)
+    return {"perms": res.perms, "loss_history": res.loss_history, "eval_history": res.eval_history,
+            "steps": res.steps}
+
+
 if __name__ == "__main__":
     import torch.distributed as dist
 
@@ -79,5 +98,8 @@ if __name__ == "__main__":
     from autobasin.distributed import world
     mine = list(autobasin.distributed.shard(data))
     out = run_all(a, b, mine, data[0][0][:2])
-    torch.save({"result": out, "world": world(), "local_batches": len(mine)}, Path(sys.argv[1]) / f"rank{rank}.pt")
+    ma, mb, ste_data = mlps()
+    ste = run_ste(ma, mb, list(autobasin.distributed.shard(ste_data)))
+    torch.save({"result": out, "ste": ste, "world": world(), "local_batches": len(mine)},
+               Path(sys.argv[1]) / f"rank{rank}.pt")
     dist.destroy_process_group()

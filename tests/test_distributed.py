@@ -59,6 +59,13 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
         # the same permutations (exactly) and statistics (to 1e-5) as one process
         _close(got["result"], reference, f"rank {r}")
     assert reference["batches"] == 7 and reference["n_predicted"] == 42
+    # STE: data-parallel steps; one process whose step-t batch joins the ranks' step-t batches
+    ma, mb, ste_data = dist_worker.mlps()
+    joined = [tuple(torch.cat(parts) for parts in zip(ste_data[i], ste_data[i + 1])) for i in (0, 2)]
+    ste_reference = dist_worker.run_ste(ma, mb, joined)
+    assert ste_reference["steps"] == 6
+    for r, got in enumerate(ranks):
+        _close(got["ste"], ste_reference, f"rank {r} STE")
 
 
 MLP = ("import torch.nn as nn\n"

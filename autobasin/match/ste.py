@@ -29,6 +29,14 @@ The midpoint runs with every module in eval mode except BatchNorm layers,
 which use batch statistics (train mode): the midpoint's own running
 statistics are unknown, which is why merged models get
 :func:`autobasin.reset_bn_stats` before evaluation.
+
+Under torch.distributed (torchrun), each rank's ``data`` is its shard and the
+steps are data-parallel: every step averages the gradients of the ranks' batches
+(as DistributedDataParallel does), ranks take the same number of steps (as many
+as the shortest shard has batches), the evaluation loss sums every rank's
+evaluation batches, and every rank returns rank 0's permutations. So N ranks
+equal one process whose step-t batch joins the ranks' step-t batches (equal
+batch sizes), not one process stepping through every batch in turn.
 """
 from __future__ import annotations
 
@@ -42,6 +50,8 @@ from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 from tqdm.auto import tqdm
 
+from ..distributed import (all_sum_floats, average_gradients, broadcast, lockstep,
+                           mean_over_ranks, require_every_rank)
 from ..guard import check_model_finite, check_model_materialized, unwrap_model
 from ..permute import check_perm, apply_permutation
 from ..batches import batch_inputs, batch_target, default_loss_fns, model_device
@@ -140,6 +150,7 @@ def ste_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, data: Iterab
             break
         eval_set.append((batch_inputs(batch, input_fn, device, model=a),
                          target_fn(batch).to(device)))
+    require_every_rank(bool(eval_set), "ste_matching got no batch on this rank")
     if not eval_set:
         raise ValueError("ste_matching got no batches from data")
     eval_samples = sum(int(t.shape[0]) if t.dim() else 1 for _, t in eval_set)
@@ -187,6 +198,7 @@ def ste_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, data: Iterab
                 n = int(target.shape[0]) if target.dim() else 1
                 total += float(loss_fn(out, target)) * n
                 count += n
+        total, count = all_sum_floats(total, count)  # every rank's evaluation batches
         return total / count
 
     history: list[float] = []
@@ -224,7 +236,7 @@ def ste_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, data: Iterab
             consider(perms, 0)
             done = False
             for _ in range(epochs):
-                for batch in data:
+                for batch in lockstep(data):  # ranks take the same steps
                     if max_steps is not None and step >= max_steps:
                         done = True
                         break
@@ -239,8 +251,9 @@ def ste_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, data: Iterab
                     loss = loss_fn(functional_call(a, state, args.args, args.kwargs), target)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
+                    average_gradients(leaves)  # under torch.distributed: data-parallel steps
                     optimizer.step()
-                    history.append(float(loss.detach()))
+                    history.append(mean_over_ranks(float(loss.detach())))
                     step += 1
                     if eval_every and step % eval_every == 0:
                         consider(perms, step)
@@ -257,6 +270,7 @@ def ste_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, data: Iterab
             m.training = training
 
     value, best_step, best_perms = best
+    best_perms = broadcast(best_perms)  # solved once: rank 0's, on every rank
     result = STEMatching(
         perms={k: v.long().cpu() for k, v in best_perms.items()}, method="ste", steps=step,
         epochs=epochs, loss_history=history, eval_history=eval_history,
