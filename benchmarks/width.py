@@ -11,7 +11,7 @@ Usage::
     python benchmarks/width.py --data ../shared/data/mnist --model mlp \\
         [--widths 16,32,64,128,256,512,1024] [--seeds 4,4,4,4,3,3,3] [--epochs 20] [--out docs/]
     python benchmarks/width.py --data ../shared/data/mnist --model resnet \\
-        [--widths 1,2,4] [--seeds 3] [--epochs 5] [--out docs/]   (8 fits with time: --widths 1,2,4,8 --seeds 3,3,3,2)
+        [--widths 1,2,4,8] [--seeds 3,3,3,2] [--epochs 5] [--out docs/]
 
 Writes ``OUT/phenomena_width_{mlp,resnet}.json`` and ``.png``, and rebuilds ``OUT/phenomena.md``.
 """
@@ -37,7 +37,7 @@ from autobasin.data import loader  # noqa: E402
 DEFAULTS = {
     "mlp": {"widths": "16,32,64,128,256,512,1024", "seeds": "4,4,4,4,3,3,3", "epochs": 20,
             "methods": "naive,weight,activation"},
-    "resnet": {"widths": "1,2,4", "seeds": "3", "epochs": 5,
+    "resnet": {"widths": "1,2,4,8", "seeds": "3,3,3,2", "epochs": 5,
                "methods": "naive,weight,activation,weight+repair,activation+repair"},
 }
 
