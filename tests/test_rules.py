@@ -710,3 +710,33 @@ def test_triangular_solve_keeps_heads_and_head_dims(capture):
     spec = exact(TriangularSolve(), torch.randn(2, 5, 8), capture=capture)
     assert spec.coverage() == 1.0
     assert sorted(g.size for g in spec.groups.values()) == [4, 6, 6]
+
+
+class ComplexRoPE(nn.Module):
+    """Attention with rotary embeddings applied as complex products (Llama 4's style):
+    view_as_complex on (..., pairs, 2), a complex table outside the state_dict, view_as_real."""
+
+    def __init__(self, d=16, heads=2):
+        super().__init__()
+        self.heads, self.hd = heads, d // heads
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        angles = torch.arange(5)[:, None] * torch.rand(self.hd // 2)[None]
+        self.register_buffer("freqs", torch.polar(torch.ones_like(angles), angles), persistent=False)
+
+    def rotate(self, t):
+        c = torch.view_as_complex(t.float().reshape(3, 5, self.heads, self.hd // 2, 2))
+        return torch.view_as_real(c * self.freqs[None, :, None]).flatten(3).transpose(1, 2)
+
+    def forward(self, x):
+        q, k = self.rotate(self.q(x)), self.rotate(self.k(x))
+        v = self.v(x).view(3, 5, self.heads, self.hd).transpose(1, 2)
+        att = (q @ k.transpose(-1, -2) / self.hd ** 0.5).softmax(-1)
+        return self.o((att @ v).transpose(1, 2).flatten(2))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_complex_rope_views_keep_real_and_imaginary_parts_fixed(capture):
+    spec = exact(ComplexRoPE(), torch.randn(3, 5, 16), capture=capture)
+    # heads permute; q/k pairs stay (the table is not in the state_dict), v's head dims permute
+    sizes = sorted(g.size for g in spec.groups.values())
+    assert 2 in sizes and 8 in sizes, sizes

@@ -53,7 +53,21 @@ _ELEMENTWISE = (
 rule(*_ops(*_ELEMENTWISE, *(name + "_" for name in _ELEMENTWISE), "copy_", "zero_"))(elementwise_rule)
 # the first tensor's layout only: casts, copies, views of the whole tensor
 rule(*_ops("to", "_to_copy", "clone", "contiguous", "alias", "detach", "detach_", "lift_fresh_copy",
-           "type_as", "_to_dim_order_copy", "view_as_real_copy"))(unary_rule)
+           "type_as", "_to_dim_order_copy"))(unary_rule)
+
+
+# complex views (complex RoPE, e.g. Llama 4): a complex tensor's real view has one more
+# axis, (real, imaginary); that axis has a meaning, so it is never permuted
+@rule(*_ops("view_as_real", "view_as_real_copy"), torch.view_as_real)
+def _view_as_real(ctx):
+    return [*ctx.layout(ctx.args[0]), ctx.new(2, "real and imaginary parts", structural=True)]
+
+
+@rule(*_ops("view_as_complex", "view_as_complex_copy"), torch.view_as_complex)
+def _view_as_complex(ctx):
+    lay = list(ctx.layout(ctx.args[0]))
+    ctx.block(lay[-1], "real and imaginary parts", structural=True)
+    return lay[:-1]
 # tensors of one value everywhere: any permutation leaves them as they are
 rule(*_ops("zeros_like", "ones_like", "full_like", "empty_like", "new_zeros", "new_ones",
            "new_full", "new_empty", "zeros", "ones", "full", "empty", "scalar_tensor"))(constant_like)
