@@ -725,7 +725,8 @@ class ComplexRoPE(nn.Module):
 
     def rotate(self, t):
         c = torch.view_as_complex(t.float().reshape(3, 5, self.heads, self.hd // 2, 2))
-        return torch.view_as_real(c * self.freqs[None, :, None]).flatten(3).transpose(1, 2)
+        gain = torch.polar(self.q.weight[:, :1].abs().mean() + torch.ones(()), torch.zeros(()))
+        return torch.view_as_real(c * self.freqs[None, :, None] * gain).flatten(3).transpose(1, 2)
 
     def forward(self, x):
         q, k = self.rotate(self.q(x)), self.rotate(self.k(x))

@@ -46,7 +46,7 @@ _ELEMENTWISE = (
     "cos", "tan", "asin", "acos", "atan", "sinh", "cosh", "asinh", "acosh", "atanh", "floor",
     "ceil", "round", "trunc", "frac", "nan_to_num", "isnan", "isinf", "isfinite", "logit",
     "softmax", "_softmax", "log_softmax", "_log_softmax", "dropout", "feature_dropout",
-    "alpha_dropout", "fill",
+    "alpha_dropout", "fill", "polar", "complex",
 )
 # in-place forms (``x.add_(y)``, ``x.masked_fill_(m, v)``) write the result into
 # their first argument, whose layout the broadcast already shares

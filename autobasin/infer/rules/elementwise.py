@@ -27,7 +27,7 @@ BROADCAST_FUNCS = [
     torch.where, torch.lerp, torch.addcmul, torch.addcdiv, torch.eq, torch.ne, torch.lt, torch.le,
     torch.gt, torch.ge, torch.logical_and, torch.logical_or, torch.logical_not, torch.logical_xor,
     torch.masked_fill, torch.clamp, torch.clip, torch.remainder, torch.fmod, torch.atan2,
-    torch.hypot, torch.copysign, torch.rsub, torch.float_power, torch.xlogy,
+    torch.hypot, torch.copysign, torch.rsub, torch.float_power, torch.xlogy, torch.polar, torch.complex,
     torch.relu, torch.sigmoid, torch.tanh, torch.exp, torch.exp2, torch.expm1, torch.log,
     torch.log2, torch.log10, torch.log1p, torch.sqrt, torch.rsqrt, torch.abs, torch.neg,
     torch.erf, torch.erfc, torch.erfinv, torch.sin, torch.cos, torch.tan, torch.asin, torch.acos,
