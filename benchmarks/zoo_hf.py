@@ -178,6 +178,9 @@ OVERRIDES: dict[str, tuple[dict, str]] = {
                 "its default config names no audio token (the released checkpoints use 24)"),
     "vipllava": ({"vision_feature_layers": [-1, 0]},
                  "the vision layers it taps are picked by index from a 24-layer tower"),
+    "llama4": ({"vision_config": {"intermediate_size": 256}},
+               "its pixel shuffle hands the projector hidden_size / ratio² = 4 x 64 channels, "
+               "a width the config states as intermediate_size"),
 }
 
 # (label, generic shrink of unnamed sizes, image side, shrink widths)
@@ -599,8 +602,9 @@ def build(model_type: str, base: bool):
     for label, generic, image, widths in LEVELS:
         kw = shrink_kwargs(default, generic, image, widths)
         override, _why = OVERRIDES.get(model_type, ({}, ""))
-        if widths is not None:
-            kw.update(override)
+        if widths is not None:  # nested configs (vision_config) are merged, not replaced
+            kw.update({k: {**kw[k], **v} if isinstance(v, dict) and isinstance(kw.get(k), dict) else v
+                       for k, v in override.items()})
         try:
             cfg = cfg_cls(**kw)
         except Exception as e:  # noqa: BLE001
