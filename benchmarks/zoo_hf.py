@@ -500,10 +500,25 @@ def input_options(model, cfg, gen) -> list[dict]:
     out = []
     for s in sets:
         s = {**s, **extra}
+        if "entity_ids" in params and "input_ids" in s:  # LUKE: two entities, each spanning a token
+            s.update(_entities(cfg, gen))
         if "bbox" in params and "input_ids" in s:  # layout models: one (empty) box per token
             s["bbox"] = torch.zeros(*s["input_ids"].shape, 4, dtype=torch.long)
         out.append(s)
     return out
+
+
+def _entities(cfg, gen) -> dict:
+    """Entity inputs of an entity-aware LM (LUKE): two entity ids per sample, each
+    mentioned by one word (positions 1 and 2; the rest of each mention padded with -1)."""
+    import torch
+    vocab = _find_int(cfg, ("entity_vocab_size",)) or 2
+    span = _find_int(cfg, ("max_mention_length",)) or 1
+    positions = torch.full((BATCH, 2, span), -1, dtype=torch.long)
+    positions[:, 0, 0], positions[:, 1, 0] = 1, 2
+    return {"entity_ids": torch.randint(1, max(vocab, 2), (BATCH, 2), generator=gen),
+            "entity_attention_mask": torch.ones(BATCH, 2, dtype=torch.long),
+            "entity_position_ids": positions}
 
 
 #: (modality, the model's feature getter, config keys of its placeholder token)
