@@ -502,6 +502,11 @@ def input_options(model, cfg, gen) -> list[dict]:
         s = {**s, **extra}
         if "entity_ids" in params and "input_ids" in s:  # LUKE: two entities, each spanning a token
             s.update(_entities(cfg, gen))
+        dim = _find_int(cfg, ("visual_embedding_dim",))
+        if "visual_embeds" in params and "input_ids" in s and dim:  # VisualBERT: region features
+            s.update(visual_embeds=torch.randn(BATCH, 3, dim, generator=gen),
+                     visual_attention_mask=torch.ones(BATCH, 3, dtype=torch.long),
+                     visual_token_type_ids=torch.ones(BATCH, 3, dtype=torch.long))
         if "bbox" in params and "input_ids" in s:  # layout models: one (empty) box per token
             s["bbox"] = torch.zeros(*s["input_ids"].shape, 4, dtype=torch.long)
         out.append(s)
