@@ -178,6 +178,9 @@ OVERRIDES: dict[str, tuple[dict, str]] = {
                 "its default config names no audio token (the released checkpoints use 24)"),
     "vipllava": ({"vision_feature_layers": [-1, 0]},
                  "the vision layers it taps are picked by index from a 24-layer tower"),
+    "layoutlmv3": ({"coordinate_size": 10, "shape_size": 12},
+                   "its layout embedding concatenates four coordinate and two shape embeddings, "
+                   "4 x coordinate_size + 2 x shape_size = hidden_size (64 at the tiny size)"),
     "llama4": ({"vision_config": {"intermediate_size": 256}},
                "its pixel shuffle hands the projector hidden_size / ratio² = 4 x 64 channels, "
                "a width the config states as intermediate_size"),
