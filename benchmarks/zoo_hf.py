@@ -476,7 +476,7 @@ def input_options(model, cfg, gen) -> list[dict]:
         if "text" not in mods or mod not in mods or tok is None or tok >= vocab:
             continue
         for opt in mods[mod]:
-            n = _features_per_sample(model, getter, opt)
+            n = _features_per_sample(model, getter, opt) or _features_from_error(model, ids(SEQ), opt)
             if n:
                 holders = torch.full((BATCH, n), tok, dtype=torch.long)
                 text = {"input_ids": torch.cat([holders, ids(SEQ)], 1), **opt}
@@ -590,6 +590,19 @@ def _features_per_sample(model, getter: str, inputs: dict) -> int | None:
     if isinstance(f, (list, tuple)) and len(f) == BATCH and all(
             isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[0] == f[0].shape[0] for t in f):
         return f[0].shape[0]
+    return None
+
+
+def _features_from_error(model, input_ids, inputs: dict) -> int | None:
+    """Placeholder tokens per sample, read from the model's own complaint when it is
+    run with none ("tokens: 0, features: 32"): for models without a usable getter."""
+    import re
+    try:
+        _run(model, {"input_ids": input_ids, **inputs})
+    except Exception as e:  # noqa: BLE001 - the message is what we want
+        m = re.search(r"tokens:? *0\b.*?features:? *(\d+)", str(e), re.S | re.I)
+        if m and int(m.group(1)) % BATCH == 0 and int(m.group(1)) > 0:
+            return int(m.group(1)) // BATCH
     return None
 
 
