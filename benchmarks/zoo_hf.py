@@ -681,7 +681,9 @@ def build(model_type: str, base: bool):
                         continue
                     keys = list(out.keys()) if hasattr(out, "keys") else []
                     info = {"level": label, "attn": attn, "cls": cname,
-                            "head": cname != classes[-1],
+                            # a head: the type's head class, or a base class that returns
+                            # logits itself (Llama 4, Parakeet CTC)
+                            "head": cname != classes[-1] or "logits" in keys,
                             "output_keys": keys, "inputs": sorted(inputs),
                             "input_shapes": {k: list(v.shape) for k, v in inputs.items()}}
                     return model, inputs, info
