@@ -48,13 +48,11 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Subset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from phenomena import environment, make_model, save_part, splits, train_early_stopped  # noqa: E402
+from phenomena import base_parser, environment, loaders, make_model, save_part, train_early_stopped  # noqa: E402
 
 import autobasin  # noqa: E402
-from autobasin.data import loader  # noqa: E402
 
 
 def linears(model: nn.Module) -> list[nn.Linear]:
@@ -133,20 +131,14 @@ def permute_hidden(model: nn.Module, perm: torch.Tensor) -> nn.Module:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python benchmarks/counterexample.py",
-                                     description="Equally good MLPs that no permutation connects.")
-    parser.add_argument("--data", type=Path, required=True,
-                        help="folder holding t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz")
+    parser = base_parser("counterexample.py", "Equally good MLPs that no permutation connects.")
     parser.add_argument("--width", type=int, default=512, help="hidden width of the 3-layer MLP (default 512)")
     parser.add_argument("--small", type=int, default=8,
                         help="hidden units of the one-layer MLP searched exhaustively (default 8: 40,320 "
                              "permutations)")
     parser.add_argument("--ratio", type=float, default=16.0, help="scales drawn from [1/r, r] (default 16)")
     parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--lambdas", type=int, default=13)
-    parser.add_argument("--out", type=Path, default=Path("docs"))
-    parser.add_argument("--cache", type=Path, default=None)
-    parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--cache", type=Path, default=None, help="folder to cache trained models in")
     args = parser.parse_args(argv)
     if args.small < 2 or args.small > 9:
         parser.error("--small must be 2..9 (it enumerates small! permutations)")
@@ -159,9 +151,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     started = time.perf_counter()
-    train_set, val_set, heldout = splits(args.data, args.limit, "counterexample.py")
-    heldout_batches = loader(heldout, batch_size=1000)
-    match_batches = loader(Subset(train_set, range(min(len(train_set), 1024))), batch_size=128)
+    train_set, val_set, heldout_batches, match_batches = loaders(args.data, args.limit, "counterexample.py", 1024)
     example = next(iter(match_batches))[0][:4]
 
     def trained(width: int, depth: int, seed: int) -> nn.Module:

@@ -21,7 +21,6 @@ held-out loss, so the barrier measures the path rather than the endpoints' overf
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 import time
@@ -54,6 +53,43 @@ def splits(data: Path, limit: int | None, prog: str):
     n_val = min(VALIDATION, len(train_all) // 8)
     n_train = len(train_all) - n_val
     return Subset(train_all, range(n_train)), Subset(train_all, range(n_train, len(train_all))), heldout
+
+
+def base_parser(prog: str, description: str, methods: str | None = None) -> argparse.ArgumentParser:
+    """The options every phenomena benchmark takes (--data, --out, --lambdas, --limit), and
+    --methods (default ``methods``) with --match-batches when the benchmark aligns by several."""
+    parser = argparse.ArgumentParser(prog=f"python benchmarks/{prog}", description=description)
+    parser.add_argument("--data", type=Path, required=True,
+                        help="folder holding t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz")
+    parser.add_argument("--out", type=Path, default=Path("docs"),
+                        help="folder for the JSON part, its plot and phenomena.md (default docs/)")
+    parser.add_argument("--lambdas", type=int, default=13, help="interpolation points (default 13)")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="smoke test: only the first N train and N held-out images")
+    if methods is not None:
+        parser.add_argument("--methods", default=methods,
+                            help=f"comma-separated barrier_study methods (default {methods or 'by --model'})")
+        parser.add_argument("--match-batches", type=int, default=8,
+                            help="training batches of 128 for activation matching and REPAIR (default 8)")
+    return parser
+
+
+def check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """Split --methods, and refuse --epochs < 1 or --lambdas < 2."""
+    if isinstance(getattr(args, "methods", None), str):
+        args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if getattr(args, "epochs", 1) < 1 or args.lambdas < 2:
+        parser.error("--epochs must be >= 1 and --lambdas >= 2")
+    return args
+
+
+def loaders(data: Path, limit: int | None, prog: str, match_images: int):
+    """(train set, validation set, held-out batches, matching batches): the splits of
+    :func:`splits`, held-out in batches of 1,000, and the first ``match_images``
+    training images in batches of 128 for activation matching and REPAIR."""
+    train_set, val_set, heldout = splits(data, limit, prog)
+    match = loader(Subset(train_set, range(min(len(train_set), match_images))), batch_size=128)
+    return train_set, val_set, loader(heldout, batch_size=1000), match
 
 
 # ----------------------------------------------------------------- models

@@ -24,15 +24,13 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-import torch
-from torch.utils.data import Subset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from phenomena import BATCH_SIZE, LR, environment, make_model, save_part, splits, training_checks  # noqa: E402
+from phenomena import (BATCH_SIZE, LR, base_parser, check, environment, loaders, make_model,  # noqa: E402
+                       save_part, training_checks)
 
 import autobasin  # noqa: E402
 from autobasin.barrier import evaluate  # noqa: E402
-from autobasin.data import loader  # noqa: E402
 from autobasin.demo import train_classifier  # noqa: E402
 
 SEEDS = (0, 1)
@@ -50,23 +48,14 @@ def checkpoint_steps(steps_per_epoch: int, epochs: int) -> list[int]:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python benchmarks/training_time.py",
-                                     description="Held-out loss barrier after matching vs training time.")
-    parser.add_argument("--data", type=Path, required=True,
-                        help="folder holding t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz")
+    parser = base_parser("training_time.py", "Held-out loss barrier after matching vs training time.",
+                         methods="naive,weight,activation")
     parser.add_argument("--model", choices=("mlp", "resnet"), default="mlp")
     parser.add_argument("--width", type=int, default=512, help="MLP width or ResNet multiplier (default 512)")
     parser.add_argument("--epochs", type=int, default=20, help="training epochs (default 20)")
-    parser.add_argument("--methods", default="naive,weight,activation")
-    parser.add_argument("--lambdas", type=int, default=13)
-    parser.add_argument("--match-batches", type=int, default=8)
-    parser.add_argument("--out", type=Path, default=Path("docs"))
-    parser.add_argument("--limit", type=int, default=None,
-                        help="smoke test: only the first N train and N held-out images")
-    args = parser.parse_args(argv)
-    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    if args.epochs < 1 or args.width < 1 or args.lambdas < 2:
-        parser.error("--epochs and --width must be >= 1, --lambdas >= 2")
+    args = check(parser, parser.parse_args(argv))
+    if args.width < 1:
+        parser.error("--width must be >= 1")
     return args
 
 
@@ -74,10 +63,8 @@ def main(argv: Sequence[str] | None = None):
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     started = time.perf_counter()
-    train_set, _, heldout = splits(args.data, args.limit, "training_time.py")
-    heldout_batches = loader(heldout, batch_size=1000)
-    match_batches = loader(Subset(train_set, range(min(len(train_set), 128 * args.match_batches))),
-                           batch_size=128)
+    train_set, _, heldout_batches, match_batches = loaders(args.data, args.limit, "training_time.py",
+                                                          128 * args.match_batches)
     steps_per_epoch = math.ceil(len(train_set) / BATCH_SIZE)
     keep = checkpoint_steps(steps_per_epoch, args.epochs)
     print(f"{args.model} width {args.width}, seeds {SEEDS}, {args.epochs} epochs of {steps_per_epoch} steps; "

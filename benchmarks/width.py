@@ -25,14 +25,11 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-import torch
-from torch.utils.data import Subset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from phenomena import environment, make_model, save_part, splits, train_early_stopped  # noqa: E402
+from phenomena import base_parser, check, environment, loaders, make_model, save_part, train_early_stopped  # noqa: E402
 
 import autobasin  # noqa: E402
-from autobasin.data import loader  # noqa: E402
 
 DEFAULTS = {
     "mlp": {"widths": "16,32,64,128,256,512,1024", "seeds": "4,4,4,4,3,3,3", "epochs": 20,
@@ -53,27 +50,17 @@ def _ints(text: str, what: str) -> list[int]:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python benchmarks/width.py",
-                                     description="Held-out loss barrier vs width, naive vs aligned.")
-    parser.add_argument("--data", type=Path, required=True,
-                        help="folder holding t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz")
+    parser = base_parser("width.py", "Held-out loss barrier vs width, naive vs aligned.", methods="")
     parser.add_argument("--model", choices=sorted(DEFAULTS), default="mlp",
                         help="mlp: 784-w-w-w-10 ReLU; resnet: ResNet with LayerNorm, widths 16m/32m/64m")
     parser.add_argument("--widths", help="MLP widths, or ResNet multipliers m")
     parser.add_argument("--seeds", help="models per width (one number, or one per width); "
                                         "all pairs of them are aligned")
     parser.add_argument("--epochs", type=int, help="most training epochs (early stopping picks the best)")
-    parser.add_argument("--methods", help="comma-separated barrier_study methods")
-    parser.add_argument("--lambdas", type=int, default=13, help="interpolation points (default 13)")
-    parser.add_argument("--match-batches", type=int, default=8,
-                        help="training batches of 128 for activation matching and REPAIR (default 8)")
-    parser.add_argument("--out", type=Path, default=Path("docs"))
     parser.add_argument("--cache", type=Path, default=None, help="folder to cache trained models in")
-    parser.add_argument("--limit", type=int, default=None,
-                        help="smoke test: only the first N train and N held-out images")
     args = parser.parse_args(argv)
     for name, value in DEFAULTS[args.model].items():
-        if getattr(args, name) is None:
+        if getattr(args, name) in (None, ""):
             setattr(args, name, value)
     args.widths = _ints(args.widths, "--widths")
     seeds = _ints(args.seeds, "--seeds")
@@ -82,23 +69,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if len(seeds) != len(args.widths) or min(seeds) < 2:
         parser.error("--seeds: one number >= 2, or one per width")
     args.seeds = seeds
-    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    if args.epochs < 1 or args.lambdas < 2:
-        parser.error("--epochs must be >= 1 and --lambdas >= 2")
-    return args
+    return check(parser, args)
 
 
 def main(argv: Sequence[str] | None = None):
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     started = time.perf_counter()
-    train_set, val_set, heldout = splits(args.data, args.limit, "width.py")
-    heldout_batches = loader(heldout, batch_size=1000)
-    match_batches = loader(Subset(train_set, range(min(len(train_set), 128 * args.match_batches))),
-                           batch_size=128)
+    train_set, val_set, heldout_batches, match_batches = loaders(args.data, args.limit, "width.py",
+                                                                128 * args.match_batches)
     example = next(iter(match_batches))[0][:4]
     print(f"{args.model}: widths {args.widths}, seeds {args.seeds}, at most {args.epochs} epochs; "
-          f"{len(train_set)} train / {len(val_set)} validation / {len(heldout)} held-out images")
+          f"{len(train_set)} train / {len(val_set)} validation / {len(heldout_batches.dataset)} "
+          f"held-out images")
 
     trained, infos = {}, []
     for width, n_seeds in zip(args.widths, args.seeds):
