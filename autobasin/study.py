@@ -144,6 +144,26 @@ class StudyTable(list):
         with open(path, "w") as f:
             json.dump(self.records(), f, indent=1)
 
+    @classmethod
+    def from_records(cls, records: Iterable[Mapping[str, Any]]) -> "StudyTable":
+        """The table :meth:`records` (or :meth:`save`, read back with ``json.load``)
+        describes: entries that are not a row's fields form the key; a record
+        without ``accuracies`` gets None."""
+        fields = {"method", "barrier", "barrier_linear", "midpoint_loss", "midpoint_accuracy",
+                  "loss_a", "loss_b", "seconds", "lambdas", "losses", "accuracies"}
+        table = cls()
+        for r in records:
+            key = {k: _hashable(v) for k, v in r.items() if k not in fields}
+            curve = BarrierResult(lambdas=list(r["lambdas"]), losses=list(r["losses"]),
+                                  accuracies=r.get("accuracies"), barrier=r["barrier"],
+                                  barrier_linear=r["barrier_linear"], midpoint_loss=r["midpoint_loss"],
+                                  midpoint_accuracy=r.get("midpoint_accuracy"))
+            table.append(StudyRow(key=key, method=r["method"], barrier=r["barrier"],
+                                  barrier_linear=r["barrier_linear"], midpoint_loss=r["midpoint_loss"],
+                                  midpoint_accuracy=r.get("midpoint_accuracy"), loss_a=r["loss_a"],
+                                  loss_b=r["loss_b"], seconds=r.get("seconds", 0.0), curve=curve))
+        return table
+
     def plot(self, x: str, path=None, height: str = "barrier", title: str | None = None,
              logx: bool = True, ax=None):
         """``height`` against key ``x``, one line per method: the mean over pairs,
@@ -164,8 +184,13 @@ class StudyTable(list):
             if any(e["n"] > 1 for e in entries):
                 ax.fill_between(xs, [e["min"] for e in entries], [e["max"] for e in entries],
                                 color=line.get_color(), alpha=0.2, linewidth=0)
+        xs = sorted({e[x] for e in self.summary(x, height)})
         if logx:
-            ax.set_xscale("symlog" if any(e[x] <= 0 for e in self.summary(x, height)) else "log")
+            ax.set_xscale("symlog" if xs[0] <= 0 else "log")
+        if len(xs) <= 8:  # few values: a tick at each, written plainly (16, not 1.6 x 10^1)
+            ax.set_xticks(xs)
+            ax.set_xticklabels([f"{v:g}" for v in xs])
+            ax.minorticks_off()
         ax.set_xlabel(x)
         ax.set_ylabel({"barrier": "loss barrier", "barrier_linear": "height above chord"}.get(height, height))
         if title:

@@ -112,18 +112,7 @@ def main(argv: Sequence[str] | None = None):
     print(markdown)
 
     args.out.mkdir(parents=True, exist_ok=True)
-    plot = args.out / "phenomena_training_time.png"
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    fig = Figure(figsize=(10, 3.8))
-    FigureCanvasAgg(fig)
-    for i, height in enumerate(("barrier", "barrier_linear")):
-        ax = fig.add_subplot(1, 2, i + 1)
-        table.plot("epoch", height=height, ax=ax, logx=True,
-                   title=f"{'paper' if height == 'barrier' else 'above chord'}: held-out, seeds {SEEDS}")
-        ax.set_xlabel("epoch (0 = initialisation; symlog scale)")
-    fig.tight_layout()
-    fig.savefig(plot, dpi=110)
+    plot = args.out / "phenomena_training_time.png"  # drawn from the rows by save_part
 
     rows = [{k: v for k, v in r.items() if k != "accuracies"} for r in table.records()]
     kind = "MLP 784-w-w-w-10 (ReLU)" if args.model == "mlp" else "ResNet with LayerNorm"

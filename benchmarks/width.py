@@ -103,19 +103,7 @@ def main(argv: Sequence[str] | None = None):
 
     name = f"width_{args.model}"
     args.out.mkdir(parents=True, exist_ok=True)
-    plot = args.out / f"phenomena_{name}.png"
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    fig = Figure(figsize=(10, 3.8))
-    FigureCanvasAgg(fig)
-    label = "MLP width" if args.model == "mlp" else "ResNet width multiplier"
-    for i, height in enumerate(("barrier", "barrier_linear")):
-        ax = fig.add_subplot(1, 2, i + 1)
-        table.plot("width", height=height, ax=ax, logx=True,
-                   title=f"{'paper' if height == 'barrier' else 'above chord'}: held-out, mean and range over pairs")
-        ax.set_xlabel(label)
-    fig.tight_layout()
-    fig.savefig(plot, dpi=110)
+    plot = args.out / f"phenomena_{name}.png"  # drawn from the rows by save_part
 
     n_params = {w: sum(p.numel() for p in make_model(args.model, w, 0).parameters()) for w in args.widths}
     kind = ("MLP 784-w-w-w-10 (ReLU)" if args.model == "mlp" else

@@ -67,6 +67,9 @@ def test_study_rows_summary_and_markdown(tmp_path):
     table.save(path)
     records = json.loads(path.read_text())
     assert records[0]["width"] == 4 and records[0]["method"] == "naive" and len(records[0]["losses"]) == 5
+    again = autobasin.StudyTable.from_records(records)  # read back: the same table
+    assert again.to_markdown("width") == md and again[1].key == {"width": 4, "seed": 0}
+    assert again[0].curve.losses == table[0].curve.losses
     fig = table.plot("width", path=tmp_path / "w.png", title="t")
     assert (tmp_path / "w.png").stat().st_size > 0 and fig.axes[0].get_xscale() == "log"
     with pytest.raises(KeyError, match="epoch"):
