@@ -17,6 +17,11 @@ MODEL ``hf:DIR`` is a ``save_pretrained`` folder (:mod:`autobasin.hf`): then
 checkpoints and OUT are such folders (``--a`` defaults to DIR) and DATA may be
 a text file or folder (:mod:`autobasin.text`).
 
+Under ``torchrun --nproc-per-node N -m autobasin ...`` each rank joins the
+process group (gloo; NCCL with ``--device cuda``), keeps one batch of DATA in N
+(:mod:`autobasin.distributed`), and rank 0 alone prints and writes files; the
+results equal one process given every batch.
+
 Every input is checked (files exist, checkpoints load into the architecture,
 data yields batches the model accepts) before any long computation. Exit
 codes (:data:`EXIT_CODES_HELP`, shown by ``autobasin --help``): 0 success,
