@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
@@ -42,31 +42,43 @@ ModelOrLoader = nn.Module | Callable[[], nn.Module]
 Aligner = Callable[[nn.Module, nn.Module], nn.Module]
 
 
+#: a row's numbers, in the order its record lists them (all but ``seconds`` read from the curve)
+NUMBERS = ("barrier", "barrier_linear", "midpoint_loss", "midpoint_accuracy", "loss_a", "loss_b", "seconds")
+
+
 @dataclass
 class StudyRow:
     """One pair aligned by one method, and the loss along the path between them.
 
-    ``key`` says what the pair is (``{"width": 64, "seeds": (0, 1)}``); ``barrier``
-    is the paper's height (highest loss minus the endpoints' mean),
-    ``barrier_linear`` the height above the chord between the endpoints' losses;
-    ``seconds`` is the alignment's wall-clock time (0 for ``naive``).
+    ``key`` says what the pair is (``{"width": 64, "seeds": (0, 1)}``); ``curve`` is
+    the path's :class:`~autobasin.barrier.BarrierResult`, whose ``barrier`` (the
+    paper's height: highest loss minus the endpoints' mean), ``barrier_linear``
+    (the height above the chord between the endpoints' losses) and midpoint values
+    the row reads; ``loss_a`` / ``loss_b`` are the endpoints' losses; ``seconds`` is
+    the alignment's wall-clock time (0 for ``naive``).
     """
 
     key: dict[str, Any]
     method: str
-    barrier: float
-    barrier_linear: float
-    midpoint_loss: float
-    midpoint_accuracy: float | None
-    loss_a: float
-    loss_b: float
-    seconds: float
     curve: BarrierResult = field(repr=False)
+    seconds: float = 0.0
+
+    barrier = property(lambda self: self.curve.barrier)
+    barrier_linear = property(lambda self: self.curve.barrier_linear)
+    midpoint_loss = property(lambda self: self.curve.midpoint_loss)
+    midpoint_accuracy = property(lambda self: self.curve.midpoint_accuracy)
+    loss_a = property(lambda self: self.curve.losses[self.curve.lambdas.index(0.0)])
+    loss_b = property(lambda self: self.curve.losses[self.curve.lambdas.index(1.0)])
+
+    def __repr__(self) -> str:
+        return (f"StudyRow(key={self.key}, method={self.method!r}, barrier={self.barrier:.4g}, "
+                f"barrier_linear={self.barrier_linear:.4g}, seconds={self.seconds:.3g})")
 
     def record(self) -> dict[str, Any]:
-        """A JSON-ready dict: the key's entries, then the numbers, then the curve."""
+        """A JSON-ready dict: the key's entries, the method, the numbers, then the curve."""
         out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.key.items()}
-        out.update({k: v for k, v in asdict(self).items() if k not in ("key", "curve")})
+        out["method"] = self.method
+        out.update({k: getattr(self, k) for k in NUMBERS})
         out["lambdas"], out["losses"] = self.curve.lambdas, self.curve.losses
         out["accuracies"] = self.curve.accuracies
         return out
@@ -149,19 +161,15 @@ class StudyTable(list):
         """The table :meth:`records` (or :meth:`save`, read back with ``json.load``)
         describes: entries that are not a row's fields form the key; a record
         without ``accuracies`` gets None."""
-        fields = {"method", "barrier", "barrier_linear", "midpoint_loss", "midpoint_accuracy",
-                  "loss_a", "loss_b", "seconds", "lambdas", "losses", "accuracies"}
+        fields = {"method", *NUMBERS, "lambdas", "losses", "accuracies"}
         table = cls()
         for r in records:
-            key = {k: _hashable(v) for k, v in r.items() if k not in fields}
             curve = BarrierResult(lambdas=list(r["lambdas"]), losses=list(r["losses"]),
                                   accuracies=r.get("accuracies"), barrier=r["barrier"],
                                   barrier_linear=r["barrier_linear"], midpoint_loss=r["midpoint_loss"],
                                   midpoint_accuracy=r.get("midpoint_accuracy"))
-            table.append(StudyRow(key=key, method=r["method"], barrier=r["barrier"],
-                                  barrier_linear=r["barrier_linear"], midpoint_loss=r["midpoint_loss"],
-                                  midpoint_accuracy=r.get("midpoint_accuracy"), loss_a=r["loss_a"],
-                                  loss_b=r["loss_b"], seconds=r.get("seconds", 0.0), curve=curve))
+            table.append(StudyRow(key={k: _hashable(v) for k, v in r.items() if k not in fields},
+                                  method=r["method"], curve=curve, seconds=r.get("seconds", 0.0)))
         return table
 
     def plot(self, x: str, path=None, height: str = "barrier", title: str | None = None,
@@ -292,12 +300,7 @@ def barrier_study(pairs: Iterable[tuple[Mapping[str, Any], ModelOrLoader, ModelO
             model_b, seconds = aligned[base]
             curve = loss_barrier(a, model_b, data, lambdas=lambdas, loss_fn=loss_fn, device=device,
                                  progress=False, repair=repair, repair_data=repair_data)
-            table.append(StudyRow(key=dict(key), method=name, barrier=curve.barrier,
-                                  barrier_linear=curve.barrier_linear, midpoint_loss=curve.midpoint_loss,
-                                  midpoint_accuracy=curve.midpoint_accuracy,
-                                  loss_a=curve.losses[curve.lambdas.index(0.0)],
-                                  loss_b=curve.losses[curve.lambdas.index(1.0)], seconds=seconds,
-                                  curve=curve))
+            table.append(StudyRow(key=dict(key), method=name, curve=curve, seconds=seconds))
             bar.update()
     bar.close()
     return table
