@@ -15,7 +15,7 @@ import argparse
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -44,17 +44,15 @@ def make_mlp(in_features: int, hidden: Sequence[int], num_classes: int, seed: in
 
 def train_classifier(model: nn.Module, dataset: Dataset, epochs: int, lr: float = 1e-3,
                      batch_size: int = 128, seed: int = 0,
-                     optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer] | None = None,
                      callback: Callable[[int, nn.Module], None] | None = None) -> list[float]:
-    """Train ``model`` in place with cross-entropy; ``seed`` fixes the batch order.
+    """Train ``model`` in place with Adam and cross-entropy; ``seed`` fixes the batch order.
 
-    ``optimizer`` builds the optimizer from the parameters (default Adam with
-    learning rate ``lr``). ``callback(step, model)`` is called before the first
+    ``callback(step, model)`` is called before the first
     step (``step = 0``) and after every optimizer step, in train mode; it may
     evaluate or save the model (put it back in train mode if it switches modes).
     Returns the mean training loss of each epoch. Leaves the model in eval mode.
     """
-    optimizer = (optimizer or (lambda params: torch.optim.Adam(params, lr=lr)))(model.parameters())
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     batches = loader(dataset, batch_size=batch_size, shuffle=True, seed=seed)
     epoch_losses = []
     model.train()

@@ -25,7 +25,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -152,8 +152,7 @@ def make_model(kind: str, width: int, seed: int, depth: int = 3) -> nn.Module:
 
 # --------------------------------------------------------------- training
 def train_early_stopped(model: nn.Module, train_set, val_set, epochs: int, seed: int,
-                        cache: Path | None = None, key: str = "model",
-                        optimizer: Callable | None = None) -> tuple[nn.Module, dict]:
+                        cache: Path | None = None, key: str = "model") -> tuple[nn.Module, dict]:
     """Train with Adam for at most ``epochs`` epochs and keep the epoch (1..epochs) with
     the lowest validation loss. Returns (model in eval mode, info: best epoch, its
     validation loss, seconds; ``cached`` when loaded from ``cache``)."""
@@ -179,7 +178,7 @@ def train_early_stopped(model: nn.Module, train_set, val_set, epochs: int, seed:
 
     t0 = time.perf_counter()
     train_classifier(model, train_set, epochs, lr=LR, batch_size=BATCH_SIZE, seed=seed,
-                     optimizer=optimizer, callback=keep_best)
+                     callback=keep_best)
     model.load_state_dict(best["state"])
     info = {"epoch": best["epoch"], "val_loss": best["val_loss"], "seconds": time.perf_counter() - t0}
     if path is not None:
@@ -234,44 +233,44 @@ def _load(out: Path, name: str) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _mean(rows: list[dict], field: str = "barrier") -> float:
-    return sum(r[field] for r in rows) / len(rows)
+def _per_width(part: dict, method: str, height: str = "barrier") -> dict:
+    """``{width: summary entry}`` (mean, min, max, n over pairs; widths ascending) of
+    ``height`` for ``method``, from :meth:`autobasin.StudyTable.summary`."""
+    from autobasin import StudyTable
+    entries = [e for e in StudyTable.from_records(part["rows"]).summary("width", height)
+               if e["method"] == method]
+    return {e["width"]: e for e in sorted(entries, key=lambda e: e["width"])}
 
 
-def _by(rows: list[dict], key: str, method: str) -> dict:
-    groups: dict = {}
-    for r in rows:
-        if r["method"] == method:
-            groups.setdefault(r[key], []).append(r)
-    return dict(sorted(groups.items()))
+def _width_means(part: dict, method: str, height: str = "barrier") -> dict:
+    return {w: e["mean"] for w, e in _per_width(part, method, height).items()}
 
 
-def width_checks(part: dict, noise: float | None = None) -> list[str]:
+def width_checks(part: dict) -> list[str]:
     """The issue's targets for a width sweep, in words, from the rows."""
-    rows, lines = part["rows"], []
-    weight, naive = _by(rows, "width", "weight"), _by(rows, "width", "naive")
+    lines = []
+    weight = _per_width(part, "weight")
+    chord = _width_means(part, "weight", "barrier_linear")
     widths = list(weight)
-    means = [_mean(weight[w]) for w in widths]
-    spread = {w: max(r["barrier"] for r in weight[w]) - min(r["barrier"] for r in weight[w]) for w in widths}
-    # seed noise between two widths: the larger of their ranges over pairs (given: one number for all)
+    means = [weight[w]["mean"] for w in widths]
+    spread = {w: e["max"] - e["min"] for w, e in weight.items()}
+    # seed noise between two widths: the larger of their ranges over pairs
     rises = [(widths[i], widths[i + 1]) for i in range(len(widths) - 1)
-             if means[i + 1] > means[i] + (noise if noise is not None else
-                                           max(spread[widths[i]], spread[widths[i + 1]]))]
+             if means[i + 1] > means[i] + max(spread[widths[i]], spread[widths[i + 1]])]
     lines.append("- weight matching barrier falls with width (each width's mean at most the narrower one's "
                  "plus seed noise, the larger of the two widths' ranges over pairs): "
                  + ("yes" if not rises else f"NO at {rises}")
                  + f" ({' → '.join(f'{m:.3f}' for m in means)}; above the chord "
-                 + " → ".join(f"{_mean(weight[w], 'barrier_linear'):.3f}" for w in widths) + ")")
+                 + " → ".join(f"{chord[w]:.3f}" for w in widths) + ")")
     lines.append(f"- clearly above zero at the narrowest width {widths[0]}: "
                  f"{'yes' if means[0] > 0.05 else 'NO'} ({means[0]:.4f})")
     if part["kind"] == "mlp":
         lines.append(f"- ≤ 0.02 at the widest MLP ({widths[-1]}): {'yes' if means[-1] <= 0.02 else 'NO'} "
-                     f"({means[-1]:.4f} paper's barrier, "
-                     f"{_mean(weight[widths[-1]], 'barrier_linear'):.4f} above the chord)")
-    naive_means = [_mean(naive[w]) for w in widths]
+                     f"({means[-1]:.4f} paper's barrier, {chord[widths[-1]]:.4f} above the chord)")
+    naive = _width_means(part, "naive")
+    lowest = min(naive, key=naive.get)
     lines.append(f"- naive interpolation stays high at every width (≥ 0.3): "
-                 f"{'yes' if min(naive_means) >= 0.3 else 'NO'} "
-                 f"(lowest {min(naive_means):.3f} at width {widths[naive_means.index(min(naive_means))]})")
+                 f"{'yes' if naive[lowest] >= 0.3 else 'NO'} (lowest {naive[lowest]:.3f} at width {lowest})")
     return lines
 
 
@@ -299,10 +298,6 @@ def training_checks(rows: list[dict]) -> list[str]:
         lines.append(f"- naive interpolation: barrier {naive[-1][1]:.3f} at the end "
                      f"(highest {max(b for _, b in naive):.3f}): it does not shrink with training")
     return lines
-
-
-def _width_means(part: dict, method: str, height: str = "barrier") -> dict:
-    return {w: _mean(rows, height) for w, rows in _by(part["rows"], "width", method).items()}
 
 
 def _trend(means: dict) -> str:
