@@ -92,10 +92,6 @@ def balance_units(model: nn.Module, sweeps: int = 20) -> nn.Module:
     return model
 
 
-def weight_matched(a: nn.Module, b: nn.Module, example) -> nn.Module:
-    return autobasin.auto_rebasin(a, b, example_inputs=example, progress=False).model
-
-
 def midpoint_excess_all(a: nn.Module, b: nn.Module, heldout, chunk: int = 256) -> torch.Tensor:
     """For a one-hidden-layer MLP: held-out loss at the midpoint of A and P(B), minus
     the endpoints' mean loss, for every permutation P of the hidden units (in the
@@ -155,17 +151,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     example = next(iter(match_batches))[0][:4]
 
     def trained(width: int, depth: int, seed: int) -> nn.Module:
-        model, info = train_early_stopped(make_model("mlp", width, seed, depth), train_set, val_set,
-                                          args.epochs, seed, args.cache, key=f"mlp{width}" + ("" if depth == 3 else f"d{depth}"))
-        return model
-
-    def barrier(a, b, method="weight"):
-        if method == "naive":
-            aligned = b
-        else:
-            aligned = autobasin.auto_rebasin(a, b, example_inputs=example, method=method,
-                                             data=match_batches, progress=False).model
-        return autobasin.loss_barrier(a, aligned, heldout_batches, lambdas=args.lambdas, progress=False)
+        return train_early_stopped(make_model("mlp", width, seed, depth), train_set, val_set, args.epochs,
+                                   seed, args.cache, key=f"mlp{width}" + ("" if depth == 3 else f"d{depth}"))[0]
 
     # ---- wide: the matchers
     a, b = trained(args.width, 3, 0), trained(args.width, 3, 1)
@@ -177,19 +164,19 @@ def main(argv: Sequence[str] | None = None) -> dict:
     # a training procedure that produces such a model: B's initialisation, rescaled (the same function)
     c, _ = train_early_stopped(rescale_units(make_model("mlp", args.width, 1), args.ratio, seed=7), train_set,
                                val_set, args.epochs, 1, args.cache, key=f"mlp{args.width}_rescaled{args.ratio:g}")
+    pairs = [({"pair": "A → B (both trained)"}, a, b),
+             ({"pair": f"A → B' (B with units rescaled, r = {args.ratio:g})"}, a, b_scaled),
+             ({"pair": "balanced A → balanced B'"}, a_bal, b_scaled_bal),
+             ({"pair": "A → C (trained from B's initialisation with units rescaled)"}, a, c),
+             ({"pair": "balanced A → balanced C"}, a_bal, balance_units(c))]
     rows = []
-    for label, left, right, methods in (
-            ("A → B (both trained)", a, b, ("naive", "weight", "activation")),
-            (f"A → B' (B with units rescaled, r = {args.ratio:g})", a, b_scaled, ("naive", "weight", "activation")),
-            ("balanced A → balanced B'", a_bal, b_scaled_bal, ("weight", "activation")),
-            ("A → C (trained from B's initialisation with units rescaled)", a, c, ("weight", "activation")),
-            ("balanced A → balanced C", a_bal, balance_units(c), ("weight", "activation"))):
-        for method in methods:
-            res = barrier(left, right, method)
-            rows.append({"pair": label, "width": args.width, "method": method, "barrier": res.barrier,
-                         "barrier_linear": res.barrier_linear, "midpoint_loss": res.midpoint_loss,
-                         "loss_a": res.losses[0], "loss_b": res.losses[-1]})
-            print(f"  {label} {method}: barrier {res.barrier:.4f} ({res.barrier_linear:.4f} above chord)", flush=True)
+    for some, methods in ((pairs[:2], ("naive", "weight", "activation")), (pairs[2:], ("weight", "activation"))):
+        table = autobasin.barrier_study(some, heldout_batches, methods=methods, example_inputs=example,
+                                        match_data=match_batches, lambdas=args.lambdas, progress=False)
+        rows += [{"width": args.width, **{k: v for k, v in r.record().items() if k != "accuracies"}}
+                 for r in table]
+    for r in rows:
+        print(f"  {r['pair']} {r['method']}: barrier {r['barrier']:.4f} ({r['barrier_linear']:.4f} above chord)")
 
     # ---- small: every permutation
     sa, sb = trained(args.small, 1, 0), trained(args.small, 1, 1)
@@ -198,10 +185,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     for label, right in (("B", sb), ("B'", sb_scaled)):
         excess, perms = midpoint_excess_all(sa, right, heldout_batches)
         best = int(excess.argmin())
-        wm = weight_matched(sa, right, example)
-        wm_perm = [int(torch.argmin((linears(wm)[0].weight[i] - linears(right)[0].weight).abs().sum(1)))
-                   for i in range(args.small)]
-        wm_index = [list(p) for p in perms.tolist()].index(wm_perm)
+        # weight matching's permutation (one group: the hidden units), among all of them
+        wm_perm, = autobasin.auto_rebasin(sa, right, example_inputs=example, progress=False).perms.values()
+        wm_index = perms.tolist().index(wm_perm.tolist())
         best_model = permute_hidden(right, perms[best])
         with torch.no_grad():
             assert torch.allclose(best_model(x), right(x), rtol=1e-4, atol=1e-4)
