@@ -614,7 +614,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # argparse: --help (0) or a usage error (2), already printed
         return int(e.code) if isinstance(e.code, int) else EXIT_USAGE
     joined = _join_process_group(args)
-    log = _Log(getattr(args, "quiet", False) or not is_main())
+    if not is_main() and hasattr(args, "quiet"):
+        args.quiet = True  # under torchrun: one report and one set of progress bars, rank 0's
+    log = _Log(getattr(args, "quiet", False))
 
     def show(message, category, filename, lineno, file=None, line=None):
         if not log.quiet:
