@@ -28,30 +28,33 @@ class Descent:
     lap_seconds: float = 0.0
 
 
-def improves(s: torch.Tensor, old: torch.Tensor, new: torch.Tensor) -> bool:
-    """Whether ``new`` beats ``old`` on ``sum_i s[i, perm[i]]`` by more than rounding."""
+def gain(s: torch.Tensor, old: torch.Tensor, new: torch.Tensor) -> float | None:
+    """How much ``new`` beats ``old`` on ``sum_i s[i, perm[i]]`` (in float64), or
+    None when it does not by more than rounding."""
     rows = torch.arange(s.shape[0], device=s.device)
-    old_v, new_v = float(s[rows, old.to(s.device)].sum()), float(s[rows, new].sum())
-    return new_v - old_v > REL_TOL * max(abs(old_v), abs(new_v))
+    old_v = float(s[rows, old.to(s.device)].double().sum())
+    new_v = float(s[rows, new].double().sum())
+    return new_v - old_v if new_v - old_v > REL_TOL * max(abs(old_v), abs(new_v)) else None
 
 
 def coordinate_descent(names: Sequence[str], similarity: Callable[[str], torch.Tensor | None],
                        perms: Perms, *, max_iter: int, seed: int,
                        on_change: Callable[[str], None] | None = None,
-                       after_sweep: Callable[[], bool] | None = None) -> Descent:
+                       after_sweep: Callable[[float], bool] | None = None) -> Descent:
     """Improve ``perms`` (in place) one group at a time.
 
     ``similarity(g)``: group ``g``'s (n, n) similarity at the current ``perms``,
     or None to skip ``g`` this time (nothing would change). ``on_change(g)`` is
-    called after ``perms[g]`` took a new value; ``after_sweep()`` after every
-    sweep, and a True answer stops the descent as converged (a tolerance).
+    called after ``perms[g]`` took a new value; ``after_sweep(gain)`` after every
+    sweep with the sum of its steps' gains in ``sum_i S[i, perm[i]]``, and a True
+    answer stops the descent as converged (a tolerance).
     The new permutation is put on the device of ``perms[g]``.
     """
     out = Descent()
     gen = torch.Generator().manual_seed(seed)
     for _ in range(max_iter):
         out.sweeps += 1
-        improved = False
+        improved, total = False, 0.0
         for k in torch.randperm(len(names), generator=gen).tolist():
             g = names[k]
             s = similarity(g)
@@ -60,12 +63,13 @@ def coordinate_descent(names: Sequence[str], similarity: Callable[[str], torch.T
             t0 = time.perf_counter()
             new = solve_lap(s, name=g).to(s.device)
             out.lap_seconds += time.perf_counter() - t0
-            if improves(s, perms[g], new):
+            step = gain(s, perms[g], new)
+            if step is not None:
                 perms[g] = new.to(perms[g].device)
-                improved = True
+                improved, total = True, total + step
                 if on_change is not None:
                     on_change(g)
-        stop = after_sweep() if after_sweep is not None else False
+        stop = after_sweep(total) if after_sweep is not None else False
         if not improved or stop:
             out.converged = True
             break

@@ -89,15 +89,29 @@ class _Term:
     """One member's contribution ``A_m @ B_m^T`` to its group's similarity."""
 
     member: Member
-    a_rows: torch.Tensor                       # (n, rest) gathered from A, compute dtype
+    a: torch.Tensor                            # A's whole tensor (compute dtype; not copied)
     rows: torch.Tensor | None                  # (prod(member.shape),) axis positions; None: whole axis
     same_axis: list[tuple[str, Member]]        # other members on member.axis of this tensor
     other_axes: list[tuple[int, list[tuple[str, Member]]]]  # (axis, members) elsewhere
     deps: frozenset[str] = field(default_factory=frozenset)  # groups whose perms B_m depends on
 
     @property
+    def a_rows(self) -> torch.Tensor:
+        """``A_m`` (n, rest): a view of A for a whole leading axis, else gathered
+        when asked for and dropped after use (keeping them would copy A)."""
+        m = self.member
+        if self.rows is None and m.axis == 0:
+            return self.a.reshape(m.size, -1)
+        return m.gather(self.a)
+
+    @property
     def cols(self) -> int:
-        return self.a_rows.shape[1]
+        m = self.member
+        return math.prod(m.shape) * (self.a.numel() // self.a.shape[m.axis]) // m.size
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.a.dtype
 
 
 def _validate(spec: PermutationSpec, sd_a: Mapping[str, torch.Tensor],
@@ -138,9 +152,7 @@ def _make_term(gname: str, m: Member, on_tensor: list[tuple[str, Member]], a: to
     same_axis = [(h, o) for h, o in others
                  if o.axis == m.axis and bool(mine[o.positions().reshape(-1)].any())]
     others = same_axis + [(h, o) for h, o in others if o.axis != m.axis]
-    # rows of a whole leading axis are a view of A (no copy); others are gathered
-    a_rows = a.reshape(m.size, -1) if whole_axis and m.axis == 0 else m.gather(a)
-    return _Term(member=m, a_rows=a_rows,
+    return _Term(member=m, a=a,
                  rows=None if whole_axis else m.positions().reshape(-1).to(a.device),
                  same_axis=same_axis,
                  other_axes=sorted(elsewhere.items()),
@@ -203,13 +215,82 @@ class _LowRank:
     b: torch.Tensor
 
 
-def _static_matrix(static: torch.Tensor | _LowRank | None) -> torch.Tensor | None:
-    """A fresh (n, n) matrix holding the static similarity (None: there is none)."""
+def _static_matrix(static: torch.Tensor | _LowRank | None,
+                   dtype: torch.dtype | None = None) -> torch.Tensor | None:
+    """A fresh (n, n) matrix holding the static similarity (None: there is none),
+    made in ``dtype`` (default: the one it is kept in)."""
     if static is None:
         return None
     if isinstance(static, _LowRank):
-        return static.a @ static.b.T
-    return static.clone()
+        return static.a.to(dtype) @ static.b.to(dtype).T if dtype else static.a @ static.b.T
+    return static.to(dtype or static.dtype, copy=True)
+
+
+def _update(c: torch.Tensor, term: _Term, b: torch.Tensor, perms: Perms, seen: Perms) -> None:
+    """Bring ``c``, computed at the permutations ``seen``, to ``perms`` for ``term``'s part.
+
+    ``A_m @ B_m^T`` changes by ``A_m @ (B_m' - B_m)^T``, and only the columns of
+    ``B_m`` whose values moved count: late in a descent a sweep swaps a few
+    units of each group, so the update costs a few columns, not all of them.
+    Which columns moved is read off the values, which holds for any layout a
+    member has (grids, segments, several axes).
+    """
+    if all(perms[d] is seen[d] for d in term.deps):
+        return
+    then = {**perms, **{d: seen[d] for d in term.deps}}
+    m = term.member
+    if len(m.shape) == 1 and not term.same_axis and len(term.other_axes) == 1:
+        # one other axis moves (a conv's or linear's other side): slice the moved
+        # positions of that axis out of B, and the matching columns of A_m
+        axis, members = term.other_axes[0]
+        now, before = (_axis_perm(b.shape[axis], members, q, b.device) for q in (perms, then))
+        moved = (now != before).nonzero().squeeze(1)
+        if moved.numel() == 0:
+            return
+        diff = b.index_select(axis, now[moved]).sub_(b.index_select(axis, before[moved]))
+        if term.rows is not None:
+            diff = diff.index_select(m.axis, term.rows)
+        diff = diff.movedim(m.axis, 0).reshape(m.size, -1)
+        a_rows = term.a.index_select(axis, moved)  # the same layout as diff
+        if term.rows is not None:
+            a_rows = a_rows.index_select(m.axis, term.rows)
+        _accumulate(c, a_rows.movedim(m.axis, 0).reshape(m.size, -1), diff)
+        return
+    new = _b_rows(term, b, perms)
+    diff = new.sub_(_b_rows(term, b, then))
+    moved = diff.ne(0).any(0).nonzero().squeeze(1)
+    if moved.numel() == 0:
+        return
+    a_rows = term.a_rows
+    if 2 * moved.numel() <= diff.shape[1]:
+        a_rows, diff = a_rows.index_select(1, moved), diff.index_select(1, moved)
+    _accumulate(c, a_rows, diff)
+
+
+def _cached_groups(spec: PermutationSpec, dynamic: dict[str, list[_Term]],
+                   static: dict[str, torch.Tensor | _LowRank | None],
+                   a_t: dict[str, torch.Tensor], b_t: dict[str, torch.Tensor],
+                   budget: float) -> set[str]:
+    """The groups whose similarity is kept between sweeps and updated, not recomputed.
+
+    A kept (n, n) matrix costs n^2 elements and saves a product over all of its
+    dynamic terms' columns, so groups are taken by columns per element until
+    they fill ``budget`` times the bytes of the matched tensors of A and B.
+    """
+    room = budget * sum(t.numel() * t.element_size() for d in (a_t, b_t) for t in d.values())
+    candidates = []
+    for g, terms in dynamic.items():
+        n = spec.groups[g].size
+        if n > 1 and terms:
+            size = n * n * (8 if isinstance(static[g], torch.Tensor) and static[g].dtype == torch.float64
+                            else terms[0].a.element_size())
+            candidates.append((sum(t.cols for t in terms) / (n * n), size, g))
+    keep = set()
+    for _, size, g in sorted(candidates, reverse=True):
+        if size <= room:
+            keep.add(g)
+            room -= size
+    return keep
 
 
 def _permute_tensor(t: torch.Tensor, members: list[tuple[str, Member]], perms: Perms) -> torch.Tensor:
@@ -256,10 +337,13 @@ def _signature_rows(term: _Term, t: torch.Tensor, perms: Perms | None,
 def _greedy_init(spec: PermutationSpec, static: dict[str, torch.Tensor | _LowRank | None],
                  static_cols: dict[str, int], dynamic: dict[str, list[_Term]],
                  a_t: dict[str, torch.Tensor], b_t: dict[str, torch.Tensor], perms: Perms,
-                 device: torch.device) -> tuple[list[str], dict[str, bool], float, float]:
+                 device: torch.device, keep: set[str], cache: dict
+                 ) -> tuple[list[str], dict[str, bool], float, float]:
     """Solve every group once, best-determined first (see the module docstring).
 
-    Updates ``perms`` in place. Returns the order the groups were solved in, for
+    Updates ``perms`` in place; a complete similarity of a group in ``keep`` goes
+    into ``cache`` (with its dependencies' permutations) for descent to update.
+    Returns the order the groups were solved in, for
     each group whether its similarity was complete (every term exact, so equal
     to what descent would compute at these perms), and the seconds spent on
     similarities and on assignments.
@@ -325,17 +409,19 @@ def _greedy_init(spec: PermutationSpec, static: dict[str, torch.Tensor | _LowRan
                        _signature_rows(term, b_t[p], perms, unknown))
         # a signature row holds the same elements as the member's row, sorted
         wide = static_cols[g] + sum(t.cols for t in (*clean[g], *rough)) > _FLOAT64_COLS
-        c = _static_matrix(static[g])
-        if c is not None and not wide:
-            c = c.double()
+        # narrow: float64; wide: the terms' precision
+        c = _static_matrix(static[g], torch.float64 if not wide else
+                           dynamic[g][0].dtype if dynamic[g] else None)
         for a_rows, b_rows in pairs():
             if not wide:
                 a_rows, b_rows = a_rows.double(), b_rows.double()
             c = _accumulate(c, a_rows, b_rows)
         complete[g] = len(clean[g]) == len(dynamic[g])
+        if complete[g] and g in keep:
+            cache[g] = (c, {d: perms[d] for t in dynamic[g] for d in t.deps})
         t1 = time.perf_counter()
         sim_s += t1 - t0
-        perms[g] = solve_lap(c.double(), name=g).to(device)
+        perms[g] = solve_lap(c, name=g).to(device)
         lap_s += time.perf_counter() - t1
         order.append(g)
         mark_solved(g)
@@ -347,7 +433,7 @@ def weight_matching(spec: PermutationSpec, state_dict_a: Mapping[str, torch.Tens
                     init: Mapping[str, torch.Tensor] | str | None = "best", progress: bool = True,
                     device: torch.device | str | None = None,
                     stats: dict | None = None, tol: float = 0.0,
-                    match_buffers: bool = False) -> WeightMatching:
+                    match_buffers: bool = False, cache_budget: float = 0.25) -> WeightMatching:
     """Permutations of B's groups that maximise its inner product with A.
 
     Args:
@@ -382,6 +468,9 @@ def weight_matching(spec: PermutationSpec, state_dict_a: Mapping[str, torch.Tens
             its value. The default 0 is the paper's rule: stop after a sweep
             that changes nothing. A small ``tol`` (say 1e-4) trades the last
             sweeps' tiny gains for time on large models.
+        cache_budget: memory for similarity matrices kept between sweeps and
+            updated by the columns that moved instead of recomputed, as a share of the
+            matched tensors' bytes in A and B (default 0.25; 0 recomputes every time).
         stats: kept for compatibility: a dict given here receives the result's
             fields (:meth:`~autobasin.match.result.Matching.as_dict`).
 
@@ -401,7 +490,7 @@ def weight_matching(spec: PermutationSpec, state_dict_a: Mapping[str, torch.Tens
     start = time.perf_counter()
     if isinstance(init, str) and init == "best":
         kw = dict(max_iter=max_iter, seed=seed, progress=progress, device=device, tol=tol,
-                  match_buffers=match_buffers)
+                  match_buffers=match_buffers, cache_budget=cache_budget)
         runs: dict[str, WeightMatching] = {}
         for mode in ("greedy", "identity"):
             runs[mode] = weight_matching(spec, state_dict_a, state_dict_b, init=mode, **kw)
@@ -471,18 +560,22 @@ def weight_matching(spec: PermutationSpec, state_dict_a: Mapping[str, torch.Tens
                 else:
                     fixed.append(term)
             static_cols[gname] = sum(t.cols for t in fixed)
-            pairs = []
-            for term in fixed:  # few columns (biases, norms): float64, see _FLOAT64_COLS
-                a_rows, b_rows = term.a_rows, _b_rows(term, b_t[term.member.param], perms)
-                if static_cols[gname] <= _FLOAT64_COLS:
-                    a_rows, b_rows = a_rows.double(), b_rows.double()
-                pairs.append((a_rows, b_rows))
-            if pairs and 2 * static_cols[gname] < g.size:
+
+            def pairs():  # one term's rows at a time
+                for term in fixed:  # few columns (biases, norms): float64, see _FLOAT64_COLS
+                    a_rows, b_rows = term.a_rows, _b_rows(term, b_t[term.member.param], perms)
+                    if static_cols[gname] <= _FLOAT64_COLS:
+                        a_rows, b_rows = a_rows.double(), b_rows.double()
+                    yield a_rows, b_rows
+            if fixed and 2 * static_cols[gname] < g.size:
                 # low rank: keep the factors, not the (n, n) product (see _static_matrix)
-                static[gname] = _LowRank(torch.cat([a for a, _ in pairs], 1),
-                                         torch.cat([b for _, b in pairs], 1))
-            for a_rows, b_rows in (pairs if not isinstance(static[gname], _LowRank) else []):
-                static[gname] = _accumulate(static[gname], a_rows, b_rows)
+                factors = list(pairs())
+                static[gname] = _LowRank(torch.cat([a for a, _ in factors], 1),
+                                         torch.cat([b for _, b in factors], 1))
+                del factors
+            elif fixed:
+                for a_rows, b_rows in pairs():
+                    static[gname] = _accumulate(static[gname], a_rows, b_rows)
             deps[gname] = tuple(sorted(frozenset().union(*(t.deps for t in dynamic[gname]))))
 
         on_tensor = {p: sorted({g for g, _ in members}) for p, members in by_param.items()}
@@ -503,6 +596,8 @@ def weight_matching(spec: PermutationSpec, state_dict_a: Mapping[str, torch.Tens
                 total += cached[param][1]
             return total
 
+        keep = _cached_groups(spec, dynamic, static, a_t, b_t, cache_budget)
+        cache: dict[str, tuple[torch.Tensor, Perms]] = {}  # group -> (C_g, its deps' perms then)
         version = dict.fromkeys(names, 0)
         solved_at: dict[str, tuple[int, ...] | None] = dict.fromkeys(names)
         sim_s = lap_s = init_s = 0.0
@@ -510,7 +605,7 @@ def weight_matching(spec: PermutationSpec, state_dict_a: Mapping[str, torch.Tens
         if mode == "greedy":
             t0 = time.perf_counter()
             order, complete, sim_s, lap_s = _greedy_init(spec, static, static_cols, dynamic,
-                                                         a_t, b_t, perms, device)
+                                                         a_t, b_t, perms, device, keep, cache)
             for gname in names:
                 version[gname] = 0 if torch.equal(perms[gname].cpu(), torch.arange(perms[gname].numel())) else 1
             for gname in names:  # solved from its full similarity at these perms: descent may skip it
@@ -538,20 +633,35 @@ def weight_matching(spec: PermutationSpec, state_dict_a: Mapping[str, torch.Tens
             if spec.groups[gname].size <= 1 or solved_at[gname] == key:
                 return None  # same inputs as last time: same assignment
             t0 = time.perf_counter()
-            c = _static_matrix(static[gname])
-            for term in dynamic[gname]:
-                c = _accumulate(c, term.a_rows, _b_rows(term, b_t[term.member.param], perms))
+            if gname in cache:
+                c, seen = cache[gname]
+                for term in dynamic[gname]:
+                    _update(c, term, b_t[term.member.param], perms, seen)
+            else:
+                wide = static_cols[gname] + sum(t.cols for t in dynamic[gname]) > _FLOAT64_COLS
+                c = _static_matrix(static[gname], dynamic[gname][0].dtype
+                                   if wide and dynamic[gname] else None)
+                for term in dynamic[gname]:
+                    c = _accumulate(c, term.a_rows, _b_rows(term, b_t[term.member.param], perms))
+            if gname in keep and c is not None:
+                cache[gname] = (c, {d: perms[d] for d in deps[gname]})
             solved_at[gname] = key
             if c is None:  # a group without members: nothing to align
                 return None
             sim_s += time.perf_counter() - t0
-            return c.double()
+            return c
 
         def changed(gname: str) -> None:
             version[gname] += 1
 
-        def after_sweep() -> bool:
-            history.append(objective())
+        # J is linear in each group's permutation (so a sweep's gain in J is the sum
+        # of its assignment steps' gains) unless a group moves two axes of one tensor
+        linear = all(len({m.axis for h, m in members if h == g}) <= 1
+                     for members in by_param.values() for g in {h for h, _ in members})
+
+        def after_sweep(gain: float) -> bool:
+            history.append(history[-1] + gain if linear and history else
+                           initial + gain if linear else objective())
             sweep_seconds.append(time.perf_counter() - start)
             bar.set_postfix(objective=f"{history[-1]:.6g}", refresh=False)
             bar.update(1)
@@ -567,6 +677,8 @@ def weight_matching(spec: PermutationSpec, state_dict_a: Mapping[str, torch.Tens
             descent = coordinate_descent(names, similarity, perms, max_iter=max_iter, seed=seed,
                                          on_change=changed, after_sweep=after_sweep)
             lap_s += descent.lap_seconds
+            if history:  # sweeps' gains are summed in float32 similarities: end exact
+                history[-1] = objective()
         bar.close()
 
     result = WeightMatching(
