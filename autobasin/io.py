@@ -39,8 +39,8 @@ import torch
 from torch import nn
 
 __all__ = ["CheckpointError", "CheckpointReadError", "CheckpointMismatchError",
-           "load_state_dict", "save_state_dict", "load_into", "save_perms", "load_perms",
-           "atomic_write"]
+           "load_state_dict", "save_state_dict", "save_safetensors_streaming", "load_into",
+           "save_perms", "load_perms", "atomic_write"]
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar")
 # Keys under which training scripts nest the model's state, most specific first.
@@ -145,7 +145,10 @@ def load_state_dict(path: str | os.PathLike, key: str | None = None,
 
     Returns:
         ``{name: tensor}`` with the dtypes stored in the file, ``module.`` and
-        ``_orig_mod.`` prefixes removed when every key carries them.
+        ``_orig_mod.`` prefixes removed when every key carries them. On the CPU
+        the tensors are memory-mapped from the file (safetensors, and torch's
+        zip format): nothing is read until it is used, and the pages read are
+        the operating system's file cache, which it can drop under pressure.
 
     Raises:
         CheckpointReadError: the file is missing, corrupt, not a checkpoint, holds
@@ -177,7 +180,10 @@ def load_state_dict(path: str | os.PathLike, key: str | None = None,
             with warnings.catch_warnings():  # torch's pickle-protocol chatter on odd files
                 warnings.filterwarnings("ignore", message=".*pickle protocol.*")
                 with _safe_globals():
-                    obj = torch.load(path, map_location=map_location, weights_only=True)
+                    # zip checkpoints on the CPU are memory-mapped: pages are read when used
+                    mmap = head[:2] == b"PK" and torch.device(map_location).type == "cpu"
+                    obj = torch.load(path, map_location=map_location, weights_only=True,
+                                     mmap=mmap)
         except pickle.UnpicklingError as e:
             raise CheckpointReadError(
                 f"{path}: torch.load(weights_only=True) refused it ({_unpickling_reason(e)}); "
@@ -192,11 +198,14 @@ def load_state_dict(path: str | os.PathLike, key: str | None = None,
 
 
 def load_into(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
-              source: str | os.PathLike | None = None, max_listed: int = 5) -> nn.Module:
+              source: str | os.PathLike | None = None, max_listed: int = 5,
+              assign: bool = False) -> nn.Module:
     """Copy ``state_dict`` into ``model`` (in place), strictly; returns the model.
 
     Values are cast to the model's dtypes by ``load_state_dict``'s copy; the
-    caller's tensors are not modified.
+    caller's tensors are not modified. With ``assign`` the model takes the
+    tensors themselves (their dtypes too; no copy: a memory-mapped checkpoint
+    stays mapped), see ``nn.Module.load_state_dict(assign=True)``.
 
     Raises:
         CheckpointMismatchError: naming ``source`` (the file), the first
@@ -227,7 +236,7 @@ def load_into(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
         raise CheckpointMismatchError(f"{where} does not fit {type(model).__name__}: "
                                       + "; ".join(parts))
     try:
-        model.load_state_dict(dict(state_dict), strict=True)
+        model.load_state_dict(dict(state_dict), strict=True, assign=assign)
     except RuntimeError as e:  # e.g. a dtype that cannot be copied into the parameter
         raise CheckpointMismatchError(f"{where} does not load into {type(model).__name__}: "
                                       f"{str(e).strip().splitlines()[-1]}") from e
@@ -323,6 +332,57 @@ def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | os.PathL
     sd = _safetensors_ready(state_dict)
     meta = {"format": "pt", **{str(k): str(v) for k, v in (metadata or {}).items()}}
     return atomic_write(path, lambda tmp: save_file(sd, tmp, metadata=meta))
+
+
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+    torch.uint8: "U8", torch.bool: "BOOL",
+    **{getattr(torch, n): c for n, c in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2"))
+       if hasattr(torch, n)},
+}
+
+
+def save_safetensors_streaming(layout: Mapping[str, torch.Tensor], entry: Callable[[str], torch.Tensor],
+                               path: str | os.PathLike,
+                               metadata: Mapping[str, str] | None = None) -> Path:
+    """Write a safetensors file one tensor at a time, atomically; returns the path.
+
+    ``layout`` gives the keys, shapes and dtypes (its tensors are not read:
+    memory-mapped or meta tensors do); ``entry(key)`` makes each tensor when it
+    is written, so at most one is held. safetensors' own ``save_file`` needs the
+    whole dict in memory, hence this writer of its documented layout (an
+    8-byte little-endian header length, the JSON header, the tensors' bytes);
+    the file loads with ``safetensors.torch.load_file``. Raises ValueError naming
+    the key when ``entry`` returns another shape or dtype than ``layout`` says.
+    """
+    header: dict[str, Any] = {"__metadata__": {"format": "pt", **{str(k): str(v) for k, v in
+                                                                   (metadata or {}).items()}}}
+    offset = 0
+    for key, t in layout.items():
+        if t.dtype not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"state dict entry {key!r} has dtype {t.dtype}, which safetensors "
+                             f"does not store")
+        size = t.numel() * t.element_size()
+        header[key] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+                       "data_offsets": [offset, offset + size]}
+        offset += size
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(len(head).to_bytes(8, "little"))
+            f.write(head)
+            for key, like in layout.items():
+                t = entry(key).detach()
+                if t.shape != like.shape or t.dtype != like.dtype:
+                    raise ValueError(f"entry {key!r} came out {tuple(t.shape)} {t.dtype}, "
+                                     f"expected {tuple(like.shape)} {like.dtype}")
+                if t.numel():
+                    f.write(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+                del t
+    return atomic_write(path, write)
 
 
 PERMS_FORMAT = "autobasin.perms/1"

@@ -7,7 +7,7 @@ position ``p[i]``.
 from __future__ import annotations
 
 import copy
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -134,6 +134,16 @@ def apply_permutation(spec: PermutationSpec, perms: Mapping[str, torch.Tensor],
     looked through, and the result keeps the caller's keys, prefix included,
     so it loads back into the wrapper (``wrapper.load_state_dict(out)``).
     """
+    permuted = permuted_entries(spec, perms, state_dict)
+    return with_metadata({k: permuted(k) for k in state_dict}, state_dict)
+
+
+def permuted_entries(spec: PermutationSpec, perms: Mapping[str, torch.Tensor],
+                     state_dict: Mapping[str, torch.Tensor]) -> Callable[[str], torch.Tensor]:
+    """``entry(key)``: ``state_dict[key]`` permuted (a new tensor) or, when the spec
+    does not move it, the entry itself; what :func:`apply_permutation` builds,
+    one entry at a time (to write a checkpoint without holding it all). The
+    checks run at once, as in :func:`apply_permutation`."""
     missing = [g for g in spec.groups if g not in perms]
     if missing:
         raise SpecError(f"no permutation given for group {missing[0]!r}")
@@ -141,10 +151,14 @@ def apply_permutation(spec: PermutationSpec, perms: Mapping[str, torch.Tensor],
     prefix = wrapper_prefix(spec, state_dict)
     inner = {k[len(prefix):]: v for k, v in state_dict.items()} if prefix else state_dict
     spec.check_fits(inner, f"state_dict (keys under {prefix!r})" if prefix else "state_dict")
-    out = dict(state_dict)
-    for param, gm in spec.members_by_param().items():
-        out[prefix + param] = _permuted_entry(param, inner[param], gm, checked)
-    return with_metadata(out, state_dict)
+    members = spec.members_by_param()
+
+    def entry(key: str) -> torch.Tensor:
+        param = key[len(prefix):]
+        if key.startswith(prefix) and param in members:
+            return _permuted_entry(param, inner[param], members[param], checked)
+        return state_dict[key]
+    return entry
 
 
 def permute_model(model: torch.nn.Module, spec: PermutationSpec, perms: Perms) -> torch.nn.Module:

@@ -1,0 +1,128 @@
+"""Align checkpoint files that do not fit in memory together.
+
+:func:`align_files` is :func:`~autobasin.auto_rebasin` with weight matching for
+two checkpoint files, holding no copy of either model: both are memory-mapped
+(:func:`~autobasin.io.load_state_dict`), so their pages are the operating
+system's file cache, which it reads when needed and drops under memory
+pressure; weight matching gathers what each group needs (its extra memory is
+measured in ``docs/scale.md``); the aligned checkpoint is written one tensor at
+a time (:func:`~autobasin.io.save_safetensors_streaming`); and one module is
+used throughout, taking A's, B's and then the aligned tensors in turn
+(``load_state_dict(assign=True)``) to infer the spec and to verify.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from .guard import eval_mode
+from .inputs import as_inputs, select_outputs
+from .io import load_into, load_state_dict, save_perms, save_safetensors_streaming
+from .match.weight import weight_matching
+from .match.result import Matching
+from .permute import EquivalenceError, permuted_entries, relative_error
+from .spec import PermutationSpec, SpecError
+
+__all__ = ["align_files", "AlignedFiles"]
+
+
+@dataclass
+class AlignedFiles:
+    """What :func:`align_files` wrote and measured."""
+
+    path: Path
+    perms: dict[str, torch.Tensor]
+    spec: PermutationSpec
+    matching: Matching
+    verify_error: float | None = None
+    seconds: float = 0.0
+    perms_path: Path | None = None
+    stats: dict = field(default_factory=dict)
+
+
+def align_files(model: nn.Module, a: str | os.PathLike, b: str | os.PathLike,
+                out: str | os.PathLike, example_inputs=None, *, spec: PermutationSpec | None = None,
+                perms_out: str | os.PathLike | None = None, seed: int = 0, max_iter: int = 100,
+                tol: float = 0.0, progress: bool = True, verify: bool = True,
+                metadata: Mapping[str, str] | None = None, **matching_kwargs) -> AlignedFiles:
+    """Write ``out``: checkpoint ``b`` permuted to line up with checkpoint ``a``.
+
+    Args:
+        model: the architecture. Its tensors are replaced by the files' (it ends
+            holding the aligned ones, memory-mapped from ``out``); its own are
+            dropped, so build it once, e.g. with random initialisation.
+        a, b: checkpoint files (safetensors, or torch's zip format) of ``model``.
+        out: the aligned checkpoint, a safetensors file (written atomically).
+        example_inputs: inputs to infer the spec with (unless ``spec`` is given)
+            and to verify with (a tensor, a tuple, or a dict of keyword inputs).
+        perms_out: also write the permutations there (:func:`~autobasin.io.save_perms`).
+        seed, max_iter, tol, progress, **matching_kwargs: for
+            :func:`~autobasin.match.weight.weight_matching`.
+        verify: check that the aligned checkpoint computes what ``b`` computes on
+            ``example_inputs`` (relative error at most 1e-4); if not, ``out`` is
+            removed and :class:`~autobasin.permute.EquivalenceError` raised. There is
+            no float64 re-check here (it would copy the model); where float32
+            rounding alone exceeds 1e-4, use :func:`~autobasin.auto_rebasin`.
+
+    Raises :class:`~autobasin.io.CheckpointMismatchError` naming the file when a
+    checkpoint does not fit ``model``, and :class:`SpecError` when the two differ.
+    """
+    start = time.perf_counter()
+    out = Path(out).expanduser()
+    if out.suffix != ".safetensors":
+        raise ValueError(f"align_files writes safetensors; name the output *.safetensors, not {out}")
+    sd_a, sd_b = load_state_dict(a), load_state_dict(b)
+    for key, t in sd_a.items():
+        if key in sd_b and (sd_b[key].shape != t.shape or sd_b[key].dtype != t.dtype):
+            raise SpecError(f"{key!r} is {tuple(t.shape)} {t.dtype} in {a} but "
+                            f"{tuple(sd_b[key].shape)} {sd_b[key].dtype} in {b}")
+    load_into(model, sd_a, source=a, assign=True)
+    model.eval()
+    if spec is None:
+        from .infer import infer_spec
+        spec = infer_spec(model, example_inputs)
+    matching = weight_matching(spec, sd_a, sd_b, max_iter=max_iter, seed=seed, tol=tol,
+                               progress=progress, **matching_kwargs)
+    perms = {k: torch.as_tensor(p).long().cpu() for k, p in matching.items()}
+    meta = {"autobasin": "aligned", "method": "weight", "reference": str(a), "source": str(b),
+            **(metadata or {})}
+    save_safetensors_streaming(sd_b, permuted_entries(spec, perms, sd_b), out, metadata=meta)
+    result = AlignedFiles(path=out, perms=perms, spec=spec, matching=matching)
+    if perms_out is not None:
+        result.perms_path = save_perms(perms, perms_out, metadata={"method": "weight"})
+    if verify and example_inputs is not None:
+        load_into(model, sd_b, source=b, assign=True)
+        err = _relative_error_after_swap(model, example_inputs, load_state_dict(out), out,
+                                         spec.outputs)
+        result.verify_error = err
+        if not err <= 1e-4:
+            out.unlink(missing_ok=True)
+            raise EquivalenceError(
+                f"the aligned checkpoint computes something else than {b}: relative error "
+                f"{err:.3g} > 1e-4; the permutation spec does not fit this model (check it "
+                f"with autobasin.check_equivalence); {out} was removed")
+    else:
+        load_into(model, load_state_dict(out), source=out, assign=True)
+    result.seconds = time.perf_counter() - start
+    result.stats = {**matching.as_dict(), "seconds": result.seconds,
+                    **({"verify_error": result.verify_error} if result.verify_error is not None else {})}
+    return result
+
+
+def _relative_error_after_swap(model: nn.Module, example_inputs, aligned: Mapping[str, torch.Tensor],
+                               source, outputs) -> float:
+    """The relative error of ``model``'s outputs after it takes ``aligned`` against
+    before (one module, so no second copy of the model)."""
+    inputs = as_inputs(example_inputs, model)
+    with torch.no_grad(), eval_mode(model):
+        before = select_outputs(inputs.call_seeded(model), outputs)
+    load_into(model, aligned, source=source, assign=True)
+    with torch.no_grad(), eval_mode(model):
+        after = select_outputs(inputs.call_seeded(model), outputs)
+    return relative_error(before, after)
