@@ -283,7 +283,59 @@ def _prepare_pair(args, log: _Log, need_data: bool, need_target: bool):
     return model_a, model_b, raw_b, data, example, device, spec
 
 
+def _align_low_memory(args, log: _Log) -> int:
+    """align --low-memory: :func:`autobasin.files.align_files`, the model built once."""
+    from .files import align_files
+    from .models import build_model
+    if is_hf(args.model) or args.method != "weight" or args.data:
+        raise UsageError("--low-memory aligns checkpoint files of a built model (not hf: "
+                         "folders) with --method weight, without --data")
+    out = output_path(args.out, "--out")
+    if out.suffix != ".safetensors":
+        raise UsageError(f"--low-memory writes safetensors: name --out *.safetensors, not {out}")
+    perms_out = output_path(args.perms, "--perms") if args.perms else \
+        out.with_name(out.stem + ".perms.safetensors")
+    path_a, path_b = checkpoint_path(args, args.a, "--a"), checkpoint_path(args, args.b, "--b")
+    if args.checkpoint_key:
+        raise UsageError("--low-memory reads whole-file state dicts; drop --checkpoint-key")
+    spec = _load_spec(args.spec)
+    kwargs = model_kwargs(args.model_kwargs)
+    with _stage(log, f"building {args.model} on the meta device") as notes:
+        with torch.device("meta"):
+            model = build_model(args.model, num_classes=args.num_classes, **kwargs)
+        state = set(model.state_dict())
+        # tensors the checkpoint does not hold (non-persistent buffers) need real values
+        unsaved = [n for n, t in (*model.named_parameters(), *model.named_buffers())
+                   if t.is_meta and n not in state]
+        if unsaved:
+            notes.append(f"{unsaved[0]!r} is not saved in checkpoints: built on the CPU")
+            model = build_model(args.model, num_classes=args.num_classes, **kwargs)
+    example = make_example_inputs(model, args.input_size, seq_len=args.seq_len) \
+        if not any(t.is_meta for t in model.parameters()) else None
+    log(f"aligning {path_b} to {path_a} (weight matching, memory-mapped)")
+    t0 = time.perf_counter()
+    if example is None:  # a meta model takes A's tensors before it can run
+        from .io import load_into, load_state_dict
+        load_into(model, load_state_dict(path_a), source=path_a, assign=True)
+        example = make_example_inputs(model, args.input_size, seq_len=args.seq_len)
+    extra = {"tol": args.tol} if args.tol else {}
+    result = align_files(model, path_a, path_b, out, example, spec=spec, perms_out=perms_out,
+                         seed=args.seed, max_iter=args.max_iter, progress=not args.quiet, **extra)
+    seconds = time.perf_counter() - t0
+    _out(f"spec: {len(result.spec.groups)} groups, "
+         f"coverage {format_coverage(result.spec.coverage())}")
+    _out(f"aligned with weight matching in {seconds:.2f} s, {result.matching.sweeps} sweeps "
+         "(spec inference, matching, writing and verification)")
+    _out(f"verified: aligned B computes what B computes (relative error "
+         f"{result.verify_error:.2e})")
+    _out(f"wrote {out}")
+    _out(f"wrote {perms_out}")
+    return EXIT_OK
+
+
 def cmd_align(args, log: _Log) -> int:
+    if getattr(args, "low_memory", False):
+        return _align_low_memory(args, log)
     from .api import MATCHERS
     from .io import save_perms
     from .state import state_dict_distance
@@ -524,6 +576,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--perms", metavar="PERMS",
                    help="where to write the permutations (.safetensors or .json; default "
                         "OUT's name with .perms.safetensors)")
+    p.add_argument("--low-memory", action="store_true",
+                   help="weight matching on two checkpoints that need not fit in memory "
+                        "together: both memory-mapped, OUT (.safetensors) written one tensor "
+                        "at a time, the model built on the meta device where it can be "
+                        "(autobasin.files.align_files)")
     p.set_defaults(func=cmd_align)
 
     p = sub.add_parser("merge", **sub_kwargs, parents=[model_opts, ckpt_opts, data_opts, common],

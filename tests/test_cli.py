@@ -235,6 +235,26 @@ def test_align_timm_safetensors(files, tmp_path, capsys):
         assert torch.equal(v, again[k]), k
 
 
+def test_align_low_memory_writes_the_same_file(files, tmp_path, capsys):
+    """--low-memory (memory-mapped inputs, streamed output, the model built on meta)
+    writes what the in-memory path writes; it refuses what it does not do."""
+    common = ["timm:test_resnet", "--a", files["ra"], "--b", files["rb"], "-q",
+              "--input-size", 3, 64, 64]
+    full, lean = tmp_path / "full.safetensors", tmp_path / "lean.safetensors"
+    assert run(capsys, "align", *common, "--out", full)[0] == 0
+    code, stdout, err = run(capsys, "align", *common, "--out", lean, "--low-memory")
+    assert code == 0, err
+    assert "verified" in stdout and "memory" not in err.lower()
+    a, b = load_state_dict(full), load_state_dict(lean)
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    pa, pb = (load_perms(tmp_path / f"{n}.perms.safetensors") for n in ("full", "lean"))
+    assert set(pa) == set(pb) and all(torch.equal(pa[g], pb[g]) for g in pa)
+    for bad, words in ((["--out", tmp_path / "x.pt", "--low-memory"], "safetensors"),
+                       (["--out", lean, "--low-memory", "--method", "activation"], "--method weight")):
+        code, _, err = run(capsys, "align", *common, *bad)
+        assert code != 0 and words in err, err
+
+
 def test_align_mlp_pt_keeps_dtype(files, tmp_path, capsys):
     out = tmp_path / "b_aligned.pt"
     perms = tmp_path / "perms.json"
