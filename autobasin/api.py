@@ -13,7 +13,7 @@ from torch import nn
 from .guard import check_model_finite, check_model_materialized, unwrap_model
 from .match import MATCHERS, Matching
 from .state import state_dict_mismatch
-from .permute import EquivalenceError, apply_permutation, verify_error
+from .permute import EquivalenceError, _permute_model_, verify_error
 from .repair import check_repair_option
 from .spec import PermutationSpec, Perms
 
@@ -223,10 +223,10 @@ def auto_rebasin(a: nn.Module, b: nn.Module, example_inputs=None, method: str = 
     if not isinstance(matching, Matching):  # a registered matcher that returns a plain mapping
         matching = Matching(perms=dict(matching), method=method)
     perms = {k: torch.as_tensor(p).long().cpu() for k, p in matching.items()}
-    state = apply_permutation(spec, perms, b.state_dict())
+    # a copy of b permuted in place, one tensor at a time: its own tensors, no aliasing
+    # with b's, and no second copy of the state held meanwhile
     aligned = copy.deepcopy(b)
-    aligned.load_state_dict(state)
-    # the aligned model's own tensors: no aliasing with b's
+    _permute_model_(aligned, spec, perms)
     result = RebasinResult(model=aligned, perms=perms, spec=spec, state_dict=aligned.state_dict(),
                            method=method, matching=matching, reference=a, repair=repair,
                            repair_data=data)

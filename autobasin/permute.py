@@ -80,7 +80,10 @@ def _permuted_entry(param: str, t: torch.Tensor, gm: list[tuple[str, Member]],
 
 def _permute_model_(model: torch.nn.Module, spec: PermutationSpec, perms: Perms) -> None:
     """Permute ``model``'s own tensors in place, one temporary tensor at a time
-    (for checks of models too large to copy twice)."""
+    (for checks of models too large to copy twice, and auto_rebasin's aligned copy)."""
+    missing = [g for g in spec.groups if g not in perms]
+    if missing:
+        raise SpecError(f"no permutation given for group {missing[0]!r}")
     checked = {name: check_perm(name, perms[name], g.size) for name, g in spec.groups.items()}
     state = model.state_dict(keep_vars=True)
     spec.check_fits(state, "the model")
