@@ -277,22 +277,25 @@ def work_rebasin(name: str) -> dict:
 WORKERS = {"autobasin": work_autobasin, "rebasin": work_rebasin, "objective": work_objective}
 
 
-def _worker_main(method: str, name: str, threads: int) -> None:
+def _worker_main(method: str, name: str, threads: int, workers: dict | None = None) -> None:
+    """Run ``workers[method](name)`` (this script's WORKERS by default) and print its
+    result as one ``RESULT`` JSON line for :func:`run_worker`; errors are reported."""
     import warnings
     import torch
     warnings.filterwarnings("ignore")
     torch.set_num_threads(threads)
     try:
         load = os.getloadavg()[0]
-        result = {"ok": True, **WORKERS[method](name)}
+        result = {"ok": True, **(workers or WORKERS)[method](name)}
         result["load"] = (load, os.getloadavg()[0])
     except Exception as e:  # report, never crash the table
         result = {"ok": False, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
     print("RESULT " + json.dumps(result))
 
 
-def run_worker(method: str, name: str, threads: int, timeout: float) -> dict:
-    cmd = [sys.executable, __file__, "--worker", method, name, "--threads", str(threads)]
+def run_worker(method: str, name: str, threads: int, timeout: float, script: str = __file__) -> dict:
+    """``script --worker METHOD NAME`` in a fresh process; its RESULT line, or the error."""
+    cmd = [sys.executable, script, "--worker", method, name, "--threads", str(threads)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
