@@ -283,10 +283,29 @@ def _prepare_pair(args, log: _Log, need_data: bool, need_target: bool):
     return model_a, model_b, raw_b, data, example, device, spec
 
 
+def _lean_model(args, log: _Log, first: Path) -> tuple[nn.Module, object]:
+    """MODEL built on the meta device (on the CPU when it has tensors checkpoints do
+    not hold, non-persistent buffers), holding ``first``'s tensors memory-mapped, and
+    its example inputs."""
+    from .io import load_into, load_state_dict
+    from .models import build_model
+    kwargs = model_kwargs(args.model_kwargs)
+    with _stage(log, f"building {args.model} on the meta device") as notes:
+        with torch.device("meta"):
+            model = build_model(args.model, num_classes=args.num_classes, **kwargs)
+        state = set(model.state_dict())
+        unsaved = [n for n, t in (*model.named_parameters(), *model.named_buffers())
+                   if t.is_meta and n not in state]
+        if unsaved:
+            notes.append(f"{unsaved[0]!r} is not saved in checkpoints: built on the CPU")
+            model = build_model(args.model, num_classes=args.num_classes, **kwargs)
+    load_into(model, load_state_dict(first), source=first, assign=True)
+    return model, make_example_inputs(model, args.input_size, seq_len=args.seq_len)
+
+
 def _align_low_memory(args, log: _Log) -> int:
     """align --low-memory: :func:`autobasin.files.align_files`, the model built once."""
     from .files import align_files
-    from .models import build_model
     if is_hf(args.model) or args.method != "weight" or args.data:
         raise UsageError("--low-memory aligns checkpoint files of a built model (not hf: "
                          "folders) with --method weight, without --data")
@@ -299,25 +318,9 @@ def _align_low_memory(args, log: _Log) -> int:
     if args.checkpoint_key:
         raise UsageError("--low-memory reads whole-file state dicts; drop --checkpoint-key")
     spec = _load_spec(args.spec)
-    kwargs = model_kwargs(args.model_kwargs)
-    with _stage(log, f"building {args.model} on the meta device") as notes:
-        with torch.device("meta"):
-            model = build_model(args.model, num_classes=args.num_classes, **kwargs)
-        state = set(model.state_dict())
-        # tensors the checkpoint does not hold (non-persistent buffers) need real values
-        unsaved = [n for n, t in (*model.named_parameters(), *model.named_buffers())
-                   if t.is_meta and n not in state]
-        if unsaved:
-            notes.append(f"{unsaved[0]!r} is not saved in checkpoints: built on the CPU")
-            model = build_model(args.model, num_classes=args.num_classes, **kwargs)
-    example = make_example_inputs(model, args.input_size, seq_len=args.seq_len) \
-        if not any(t.is_meta for t in model.parameters()) else None
+    model, example = _lean_model(args, log, path_a)
     log(f"aligning {path_b} to {path_a} (weight matching, memory-mapped)")
     t0 = time.perf_counter()
-    if example is None:  # a meta model takes A's tensors before it can run
-        from .io import load_into, load_state_dict
-        load_into(model, load_state_dict(path_a), source=path_a, assign=True)
-        example = make_example_inputs(model, args.input_size, seq_len=args.seq_len)
     extra = {"tol": args.tol} if args.tol else {}
     result = align_files(model, path_a, path_b, out, example, spec=spec, perms_out=perms_out,
                          seed=args.seed, max_iter=args.max_iter, progress=not args.quiet, **extra)
@@ -413,7 +416,34 @@ def cmd_barrier(args, log: _Log) -> int:
     return EXIT_OK
 
 
+def _merge_low_memory(args, log: _Log) -> int:
+    """merge --low-memory: :func:`autobasin.files.merge_files`, the model built once."""
+    from .files import merge_files
+    if is_hf(args.model) or args.method != "weight" or args.data or args.reset_bn or args.repair:
+        raise UsageError("--low-memory merges checkpoint files of a built model (not hf: "
+                         "folders) with --method weight, without --data / --reset-bn / --repair")
+    out = output_path(args.out, "--out")
+    if out.suffix != ".safetensors":
+        raise UsageError(f"--low-memory writes safetensors: name --out *.safetensors, not {out}")
+    if len(args.checkpoints) < 2:
+        raise UsageError(f"merge needs at least 2 checkpoints, got {len(args.checkpoints)}")
+    paths = [checkpoint_path(args, p, "checkpoint") for p in args.checkpoints]
+    model, example = _lean_model(args, log, paths[0])
+    log(f"merging {len(paths)} checkpoints onto {paths[0]} (weight matching, memory-mapped)")
+    t0 = time.perf_counter()
+    result = merge_files(model, paths, out, example, spec=_load_spec(args.spec), seed=args.seed,
+                         progress=not args.quiet)
+    _out(f"merged {len(paths)} checkpoints (each aligned to the first by weight matching) in "
+         f"{time.perf_counter() - t0:.2f} s")
+    _out(f"verified: every checkpoint, permuted as merged, computes what it computed (largest "
+         f"relative error {max(result.verify_errors):.2e})")
+    _out(f"wrote {out}")
+    return EXIT_OK
+
+
 def cmd_merge(args, log: _Log) -> int:
+    if getattr(args, "low_memory", False):
+        return _merge_low_memory(args, log)
     from .state import cast_like
     from .merge import merge_many
     out = Path(args.out).expanduser() if is_hf(args.model) else output_path(args.out, "--out")
@@ -591,6 +621,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", metavar="DATA", help="batches for BatchNorm resets: " + data_help)
     p.add_argument("--reset-bn", action="store_true",
                    help="recompute BatchNorm statistics of the merged model on DATA")
+    p.add_argument("--low-memory", action="store_true",
+                   help="checkpoints that need not fit in memory together: each aligned to the "
+                        "first by weight matching (memory-mapped, verified), then averaged one "
+                        "tensor at a time into OUT (.safetensors) (autobasin.files.merge_files)")
     p.add_argument("--repair", choices=("repair", "rescale"),
                    help="REPAIR the merged model on DATA: every hidden channel gets the parents' "
                         "mean activation mean and std ('rescale': std only); BatchNorm "

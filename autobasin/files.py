@@ -13,6 +13,7 @@ used throughout, taking A's, B's and then the aligned tensors in turn
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,8 +29,9 @@ from .match.weight import weight_matching
 from .match.result import Matching
 from .permute import EquivalenceError, permuted_entries, relative_error
 from .spec import PermutationSpec, SpecError
+from .state import average_entry
 
-__all__ = ["align_files", "AlignedFiles"]
+__all__ = ["align_files", "AlignedFiles", "merge_files", "MergedFiles"]
 
 
 @dataclass
@@ -131,3 +133,65 @@ def _relative_error_after_swap(model: nn.Module, example_inputs, aligned: Mappin
     with torch.no_grad(), eval_mode(model):
         after = select_outputs(inputs.call_seeded(model), outputs)
     return relative_error(before, after)
+
+
+@dataclass
+class MergedFiles:
+    """What :func:`merge_files` wrote and measured."""
+
+    path: Path
+    perms: list[dict[str, torch.Tensor]]       # each other checkpoint's, onto the first
+    spec: PermutationSpec
+    verify_errors: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def merge_files(model: nn.Module, checkpoints, out: str | os.PathLike, example_inputs=None, *,
+                spec: PermutationSpec | None = None, seed: int = 0, max_iter: int = 100,
+                tol: float = 0.0, progress: bool = True, verify: bool = True,
+                metadata: Mapping[str, str] | None = None, **matching_kwargs) -> MergedFiles:
+    """Write ``out``: the average of ``checkpoints`` after aligning each to the first,
+    holding none of them (the memory of :func:`align_files`).
+
+    Every other checkpoint is aligned to the first by :func:`align_files` into a
+    temporary file beside ``out`` (verified there: it computes what its source
+    computes), then the first and the aligned files are averaged one tensor at a
+    time (memory-mapped in, streamed out; :func:`autobasin.state.average`'s rules:
+    float entries in float32 or wider, written in the first checkpoint's dtypes;
+    integer entries such as ``num_batches_tracked`` taken from the first). The
+    temporary files are removed.
+
+    This aligns to one reference (for two checkpoints, what MergeMany does); the
+    in-memory :func:`~autobasin.merge_many` iterates over references, and can
+    reset BatchNorm statistics or REPAIR on data, which this does not.
+    """
+    start = time.perf_counter()
+    paths = [Path(p).expanduser() for p in checkpoints]
+    if len(paths) < 2:
+        raise ValueError(f"merge_files needs at least 2 checkpoints, got {len(paths)}")
+    out = Path(out).expanduser()
+    if out.suffix != ".safetensors":
+        raise ValueError(f"merge_files writes safetensors; name the output *.safetensors, not {out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result = None
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
+        aligned = []
+        for i, path in enumerate(paths[1:], start=1):
+            step = align_files(model, paths[0], path, Path(tmp) / f"{i}.safetensors", example_inputs,
+                               spec=spec, seed=seed, max_iter=max_iter, tol=tol,
+                               progress=progress, verify=verify, **matching_kwargs)
+            spec = step.spec
+            if result is None:
+                result = MergedFiles(path=out, perms=[], spec=spec)
+            result.perms.append(step.perms)
+            if step.verify_error is not None:
+                result.verify_errors.append(step.verify_error)
+            aligned.append(step.path)
+        sds = [load_state_dict(p) for p in (paths[0], *aligned)]
+        weights = [1 / len(sds)] * len(sds)
+        meta = {"autobasin": "merged", "sources": ",".join(str(p) for p in paths), **(metadata or {})}
+        save_safetensors_streaming(sds[0], lambda key: average_entry(sds, weights, key), out,
+                                   metadata=meta)
+        load_into(model, load_state_dict(out), source=out, assign=True)  # let go of the temporary files
+    result.seconds = time.perf_counter() - start
+    return result

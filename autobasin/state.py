@@ -86,17 +86,22 @@ def interpolate_state_dicts(sd_a: StateDict, sd_b: StateDict, lam: float) -> dic
 def average(state_dicts: list[StateDict], weights: list[float]) -> dict[str, torch.Tensor]:
     """Weighted mean of floating entries (computed in float32/64, cast back);
     integer buffers such as ``num_batches_tracked`` are taken from the first."""
-    out = {}
-    for key, first in state_dicts[0].items():
-        if not (isinstance(first, torch.Tensor) and is_interpolable(first)):
-            out[key] = first
-            continue
-        wide = torch.float64 if first.dtype == torch.float64 else torch.float32
-        acc = torch.zeros(first.shape, dtype=wide, device=first.device)
-        for sd, w in zip(state_dicts, weights):
-            acc += w * sd[key].detach().to(first.device, wide)
-        out[key] = acc.to(first.dtype)
-    return with_metadata(out, state_dicts[0])
+    return with_metadata({key: average_entry(state_dicts, weights, key) for key in state_dicts[0]},
+                         state_dicts[0])
+
+
+def average_entry(state_dicts: list[StateDict], weights: list[float], key: str):
+    """One entry of :func:`average` (to write a mean one tensor at a time)."""
+    first = state_dicts[0][key]
+    if not (isinstance(first, torch.Tensor) and is_interpolable(first)):
+        return first
+    wide = torch.float64 if first.dtype == torch.float64 else torch.float32
+    if first.is_complex():
+        wide = torch.complex128 if first.dtype == torch.complex128 else torch.complex64
+    acc = torch.zeros(first.shape, dtype=wide, device=first.device)
+    for sd, w in zip(state_dicts, weights):
+        acc += w * sd[key].detach().to(first.device, wide)
+    return acc.to(first.dtype)
 
 
 def state_dict_distance(sd_a: Mapping[str, torch.Tensor], sd_b: Mapping[str, torch.Tensor]

@@ -255,6 +255,26 @@ def test_align_low_memory_writes_the_same_file(files, tmp_path, capsys):
         assert code != 0 and words in err, err
 
 
+def test_merge_low_memory_averages_the_aligned_checkpoints(files, tmp_path, capsys):
+    """merge --low-memory: the first checkpoint and the second aligned to it (what align
+    writes), averaged; only weight matching without data."""
+    common = ["timm:test_resnet", "-q", "--input-size", 3, 64, 64]
+    aligned = tmp_path / "aligned.safetensors"
+    assert run(capsys, "align", *common, "--a", files["ra"], "--b", files["rb"], "--out", aligned)[0] == 0
+    out = tmp_path / "merged.safetensors"
+    code, stdout, err = run(capsys, "merge", "timm:test_resnet", files["ra"], files["rb"], "-q",
+                            "--input-size", 3, 64, 64, "--out", out, "--low-memory")
+    assert code == 0, err
+    assert "verified" in stdout
+    merged, a, b = (load_state_dict(p) for p in (out, files["ra"], aligned))
+    for k, v in a.items():
+        want = (v.float() + b[k].float()) / 2 if v.is_floating_point() else v
+        torch.testing.assert_close(merged[k], want.to(v.dtype), rtol=1e-6, atol=1e-7)
+    code, _, err = run(capsys, "merge", "timm:test_resnet", files["ra"], files["rb"], "--out", out,
+                       "--low-memory", "--method", "activation")
+    assert code != 0 and "--method weight" in err
+
+
 def test_align_mlp_pt_keeps_dtype(files, tmp_path, capsys):
     out = tmp_path / "b_aligned.pt"
     perms = tmp_path / "perms.json"

@@ -175,3 +175,32 @@ def test_checkpoints_load_memory_mapped(tmp_path):
         assert float(t.double().sum(dim=(1, 2)).sum()) == pytest.approx(expected)
         assert _anon_bytes() - before < 16 * 2**20, name
         del t
+
+
+def test_merge_files_averages_the_aligned_checkpoints(tmp_path):
+    """merge_files = the first checkpoint and every other aligned to it (what align_files
+    writes), averaged; each alignment verified; no temporary file left behind."""
+    from autobasin.files import merge_files
+    a, b = _checkpoints(tmp_path)
+    c = create("test_resnet", seed=2)
+    save_file({k: v.contiguous() for k, v in c.state_dict().items()}, str(tmp_path / "c.safetensors"))
+    x = torch.randn(2, 3, 64, 64)
+    paths = [tmp_path / "a.safetensors", tmp_path / "b.pt", tmp_path / "c.safetensors"]
+    r = merge_files(create("test_resnet", seed=7), paths, tmp_path / "m" / "merged.safetensors", x,
+                    progress=False)
+    assert len(r.perms) == 2 and len(r.verify_errors) == 2 and max(r.verify_errors) < 1e-5
+    merged = load_file(str(r.path))
+    sd_a = a.state_dict()
+    aligned = [apply_permutation(r.spec, p, m.state_dict()) for p, m in zip(r.perms, (b, c))]
+    for k, v in sd_a.items():
+        if v.is_floating_point():
+            want = (v + aligned[0][k] + aligned[1][k]) / 3
+            torch.testing.assert_close(merged[k], want, rtol=1e-6, atol=1e-7)
+        else:
+            assert torch.equal(merged[k], v), k
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["merged.safetensors"]
+    # the same permutations as aligning each by itself
+    for p, path in zip(r.perms, paths[1:]):
+        one = align_files(create("test_resnet", seed=7), paths[0], path, tmp_path / "one.safetensors",
+                          x, progress=False)
+        assert all(torch.equal(p[g], one.perms[g]) for g in p)
