@@ -15,12 +15,12 @@ Four parts, each in fresh subprocesses with ``torch.set_num_threads(THREADS)``
 * ``memory``: the growth of the peak resident set during ``weight_matching``
   (``VmHWM`` reset through ``/proc/self/clear_refs``), against the two models'
   state size.
-* ``lowmem``: ``autobasin align --low-memory`` on two checkpoints of a model
+* ``lowmem``: ``autobasin align --low-memory`` and ``merge --low-memory`` on two checkpoints of a model
   whose two copies exceed a memory cap set on the process: a cgroup (v1
   ``memory.limit_in_bytes``, or v2 ``memory.max``) the benchmark creates and
   moves the child into before it starts; the kernel OOM-kills the process if
   its memory (anonymous plus the file pages it holds, which it reclaims first)
-  exceeds the cap. The same command without ``--low-memory`` runs under the
+  exceeds the cap. The same commands without ``--low-memory`` run under the
   same cap for comparison. Needs permission to create cgroups (root here);
   elsewhere ``systemd-run --scope -p MemoryMax=...`` sets the same cap.
 * ``distributed``: ``autobasin align --method activation --data digits`` in one
@@ -239,6 +239,12 @@ def part_lowmem(cap_gb: float, threads: int) -> dict:
     out["low_memory"] = run_capped(base + ["--out", str(tmp / "lean.safetensors"), "--low-memory"],
                                    limit, 3600)
     out["in_memory"] = run_capped(base + ["--out", str(tmp / "full.safetensors")], limit, 3600)
+    merge = [sys.executable, "-m", "autobasin", "merge", f"timm:{LOWMEM_MODEL}", str(files[0]),
+             str(files[1]), "--input-size", "3", "224", "224", "-q", "--threads", str(threads)]
+    out["merge_low_memory"] = run_capped(merge + ["--out", str(tmp / "merged.safetensors"),
+                                                  "--low-memory"], limit, 3600)
+    out["merge_in_memory"] = run_capped(merge + ["--out", str(tmp / "merged_full.safetensors")],
+                                        limit, 3600)
     for p in tmp.iterdir():
         p.unlink()
     tmp.rmdir()
@@ -374,8 +380,9 @@ def lowmem_table(r: dict) -> str:
     head = ("| command | exit | peak GiB, all charged (cap) | of which anonymous, peak | OOM kills "
             "| s | last line |")
     lines = [head, "|---|---|---|---|---|---|---|"]
-    for label, key in (("align --low-memory", "low_memory"), ("align (in memory)", "in_memory")):
-        x = r[key]
+    for label, key in (("align --low-memory", "low_memory"), ("align (in memory)", "in_memory"),
+                       ("merge --low-memory", "merge_low_memory"), ("merge (in memory)", "merge_in_memory")):
+        x = r.get(key, {"error": "not run"})
         if "peak_bytes" not in x:
             lines.append(f"| {label} | – | – | – | – | – | {x.get('error')} |")
             continue
@@ -427,12 +434,17 @@ def targets(speed: dict, memory: dict, lowmem: dict | None) -> list[str]:
             out.append(f"- {name}: extra peak memory ≤ 0.5× the two models: "
                        f"{'yes' if worst <= 0.5 else 'NO'} ({worst:.2f}×)")
     if lowmem:
-        lean, full = lowmem["low_memory"], lowmem["in_memory"]
         two = 2 * lowmem["model_bytes"]
-        out.append(f"- {lowmem['model']}: two copies {_gb(two)} GiB > cap {_gb(lowmem['limit_bytes'])} GiB; "
-                   f"align --low-memory under the cap: {'yes' if lean.get('ok') else 'NO'}; "
-                   f"in-memory align under the cap: {'completes' if full.get('ok') else 'fails'} "
-                   f"(exit {full.get('returncode')}, OOM kills {full.get('oom_kills')})")
+        for command in ("align", "merge"):
+            prefix = "" if command == "align" else "merge_"
+            if prefix + "low_memory" not in lowmem:
+                continue
+            lean, full = lowmem[prefix + "low_memory"], lowmem.get(prefix + "in_memory", {})
+            out.append(f"- {lowmem['model']}: two copies {_gb(two)} GiB > cap "
+                       f"{_gb(lowmem['limit_bytes'])} GiB; {command} --low-memory under the cap: "
+                       f"{'yes' if lean.get('ok') else 'NO'}; in-memory {command} under the cap: "
+                       f"{'completes' if full.get('ok') else 'fails'} (exit {full.get('returncode')}, "
+                       f"OOM kills {full.get('oom_kills')})")
     return out
 
 
