@@ -13,7 +13,7 @@ from torch import nn
 from .guard import check_model_finite, check_model_materialized, unwrap_model
 from .match import MATCHERS, Matching
 from .state import state_dict_mismatch
-from .permute import EquivalenceError, _permute_model_, verify_error
+from .permute import EquivalenceError, permute_model_, verify_error
 from .repair import check_repair_option
 from .spec import PermutationSpec, Perms
 
@@ -226,7 +226,7 @@ def auto_rebasin(a: nn.Module, b: nn.Module, example_inputs=None, method: str = 
     # a copy of b permuted in place, one tensor at a time: its own tensors, no aliasing
     # with b's, and no second copy of the state held meanwhile
     aligned = copy.deepcopy(b)
-    _permute_model_(aligned, spec, perms)
+    permute_model_(aligned, spec, perms)
     result = RebasinResult(model=aligned, perms=perms, spec=spec, state_dict=aligned.state_dict(),
                            method=method, matching=matching, reference=a, repair=repair,
                            repair_data=data)

@@ -78,7 +78,7 @@ def _permuted_entry(param: str, t: torch.Tensor, gm: list[tuple[str, Member]],
     return t
 
 
-def _permute_model_(model: torch.nn.Module, spec: PermutationSpec, perms: Perms) -> None:
+def permute_model_(model: torch.nn.Module, spec: PermutationSpec, perms: Perms) -> None:
     """Permute ``model``'s own tensors in place, one temporary tensor at a time
     (for checks of models too large to copy twice, and auto_rebasin's aligned copy)."""
     missing = [g for g in spec.groups if g not in perms]
@@ -263,7 +263,7 @@ def _float64_confirms(model: torch.nn.Module, spec: PermutationSpec, perms: Perm
     wide_inputs = inputs.to(dtype=torch.float64)
     with torch.no_grad():
         ref = select_outputs(wide_inputs.call_seeded(wide), spec.outputs)
-        _permute_model_(wide, spec, perms)
+        permute_model_(wide, spec, perms)
         return relative_error(ref, select_outputs(wide_inputs.call_seeded(wide), spec.outputs)) <= rtol
 
 

@@ -144,7 +144,7 @@ def test_float32_rounding_is_not_mistaken_for_a_wrong_spec():
 def test_in_place_permutation_matches_apply_permutation_with_tied_weights():
     """The float64 re-check permutes its one copy in place; a tied tensor (one
     Parameter under two names) must be permuted once, as apply_permutation does."""
-    from autobasin.permute import _permute_model_, permute_model, random_permutation
+    from autobasin.permute import permute_model_, permute_model, random_permutation
 
     torch.manual_seed(0)
     model = Tied(8)
@@ -153,7 +153,7 @@ def test_in_place_permutation_matches_apply_permutation_with_tied_weights():
     expected = permute_model(model, spec, perms).state_dict()
     in_place = Tied(8)
     in_place.load_state_dict(model.state_dict())
-    _permute_model_(in_place, spec, perms)
+    permute_model_(in_place, spec, perms)
     assert in_place.out.weight is in_place.emb.weight
     for key, value in expected.items():
         assert torch.equal(in_place.state_dict()[key], value), key
