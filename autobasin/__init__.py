@@ -5,12 +5,14 @@ is what ``infer_spec`` returns) -> ``PermutationSpec`` (plain data) -> a matcher
 (``weight_matching``, ``activation_matching``, ``ste_matching``) -> a ``Matching``
 (the permutations and how they were found)
 -> ``apply_permutation`` -> ``interpolate`` / ``loss_barrier`` / ``merge_many``.
-``auto_rebasin`` runs it in one call.
+``auto_rebasin`` runs it in one call; ``align_files`` / ``merge_files`` do it on
+checkpoint files that need not fit in memory together.
 """
 from .api import ArchitectureMismatchError, RebasinResult, auto_rebasin
 from .barrier import BarrierResult, loss_barrier, plot_barrier
 from .calibration import (CalibrationResult, expected_calibration_error, reliability,
                           reliability_plot)
+from .files import AlignedFiles, MergedFiles, align_files, merge_files
 from .guard import MetaTensorError, NonFiniteWeightError
 from .infer import ExampleInputError, TracedModel, infer_spec, rule, trace_model
 from .inputs import ModelInputs
@@ -39,4 +41,5 @@ __all__ = [
     "repair", "channel_stats", "ChannelStats",
     "expected_calibration_error", "reliability", "CalibrationResult", "reliability_plot",
     "barrier_study", "StudyTable", "StudyRow",
+    "align_files", "merge_files", "AlignedFiles", "MergedFiles",
 ]
