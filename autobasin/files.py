@@ -12,6 +12,7 @@ used throughout, taking A's, B's and then the aligned tensors in turn
 """
 from __future__ import annotations
 
+import copy
 import os
 import tempfile
 import time
@@ -73,9 +74,12 @@ def align_files(model: nn.Module, a: str | os.PathLike, b: str | os.PathLike,
             (ViT-L/16: 0.16 GB; 0.25, weight matching's own default, took 1.05 GB).
         verify: check that the aligned checkpoint computes what ``b`` computes on
             ``example_inputs`` (relative error at most 1e-4); if not, ``out`` is
-            removed and :class:`~autobasin.permute.EquivalenceError` raised. There is
-            no float64 re-check here (it would copy the model); where float32
-            rounding alone exceeds 1e-4, use :func:`~autobasin.auto_rebasin`.
+            removed and :class:`~autobasin.permute.EquivalenceError` raised. Half
+            precision checkpoints are run for this on a float32 copy of the model
+            (one at a time: the only copy this makes). There is no float64
+            re-check (it would copy the model); where float32 rounding alone
+            exceeds 1e-4, use :func:`~autobasin.auto_rebasin`. The example inputs
+            are cast to the checkpoints' floating dtype to infer the spec.
 
     Raises :class:`~autobasin.io.CheckpointMismatchError` naming the file when a
     checkpoint does not fit ``model``, and :class:`SpecError` when the two differ.
@@ -91,6 +95,8 @@ def align_files(model: nn.Module, a: str | os.PathLike, b: str | os.PathLike,
                             f"{tuple(sd_b[key].shape)} {sd_b[key].dtype} in {b}")
     load_into(model, sd_a, source=a, assign=True)
     model.eval()
+    if example_inputs is not None:  # inputs in the checkpoints' floating dtype (bf16 runs as bf16)
+        example_inputs = as_inputs(example_inputs, model).to(dtype=_floating_dtype(model))
     if spec is None:
         from .infer import infer_spec
         spec = infer_spec(model, example_inputs)
@@ -122,17 +128,26 @@ def align_files(model: nn.Module, a: str | os.PathLike, b: str | os.PathLike,
     return result
 
 
+def _floating_dtype(model: nn.Module) -> torch.dtype | None:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+
+
 def _relative_error_after_swap(model: nn.Module, example_inputs, aligned: Mapping[str, torch.Tensor],
                                source, outputs) -> float:
     """The relative error of ``model``'s outputs after it takes ``aligned`` against
-    before (one module, so no second copy of the model)."""
-    inputs = as_inputs(example_inputs, model)
-    with torch.no_grad(), eval_mode(model):
-        before = select_outputs(inputs.call_seeded(model), outputs)
+    before (one module, so no second copy of the model). Half-precision models
+    are run on a float32 copy, one at a time (a permutation changes the order of
+    sums, which half precision rounds by about 1e-3), as auto_rebasin judges them."""
+    low = any(t.is_floating_point() and t.element_size() < 4 for t in model.state_dict().values())
+    inputs = as_inputs(example_inputs, model).to(dtype=torch.float32 if low else None)
+
+    def run() -> object:
+        m = copy.deepcopy(model).float() if low else model
+        with torch.no_grad(), eval_mode(m):
+            return select_outputs(inputs.call_seeded(m), outputs)
+    before = run()
     load_into(model, aligned, source=source, assign=True)
-    with torch.no_grad(), eval_mode(model):
-        after = select_outputs(inputs.call_seeded(model), outputs)
-    return relative_error(before, after)
+    return relative_error(before, run())
 
 
 @dataclass

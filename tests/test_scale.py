@@ -204,3 +204,18 @@ def test_merge_files_averages_the_aligned_checkpoints(tmp_path):
         one = align_files(create("test_resnet", seed=7), paths[0], path, tmp_path / "one.safetensors",
                           x, progress=False)
         assert all(torch.equal(p[g], one.perms[g]) for g in p)
+
+
+def test_align_files_keeps_half_precision_and_verifies_in_float32(tmp_path):
+    """bf16 checkpoints: the spec is inferred on bf16 inputs, the file keeps bf16, and the
+    check runs on a float32 copy (bf16 rounding of a reordered sum would exceed 1e-4)."""
+    a, b = create("test_resnet", seed=0), create("test_resnet", seed=1)
+    for name, m in (("a", a), ("b", b)):
+        save_file({k: (v.bfloat16() if v.is_floating_point() else v).contiguous()
+                   for k, v in m.state_dict().items()}, str(tmp_path / f"{name}.safetensors"))
+    r = align_files(create("test_resnet", seed=7), tmp_path / "a.safetensors", tmp_path / "b.safetensors",
+                    tmp_path / "out.safetensors", torch.randn(2, 3, 64, 64), progress=False)
+    assert r.verify_error is not None and r.verify_error < 1e-5
+    out, sd_b = load_file(str(tmp_path / "out.safetensors")), load_file(str(tmp_path / "b.safetensors"))
+    want = apply_permutation(r.spec, r.perms, sd_b)
+    assert all(out[k].dtype == sd_b[k].dtype and torch.equal(out[k], want[k]) for k in sd_b)
