@@ -268,7 +268,7 @@ def _update(c: torch.Tensor, term: _Term, b: torch.Tensor, perms: Perms, seen: P
 
 
 def _cached_groups(spec: PermutationSpec, dynamic: dict[str, list[_Term]],
-                   static: dict[str, torch.Tensor | _LowRank | None],
+                   sim_dtype: dict[str, torch.dtype],
                    a_t: dict[str, torch.Tensor], b_t: dict[str, torch.Tensor],
                    budget: float) -> set[str]:
     """The groups whose similarity is kept between sweeps and updated, not recomputed.
@@ -282,8 +282,7 @@ def _cached_groups(spec: PermutationSpec, dynamic: dict[str, list[_Term]],
     for g, terms in dynamic.items():
         n = spec.groups[g].size
         if n > 1 and terms:
-            size = n * n * (8 if isinstance(static[g], torch.Tensor) and static[g].dtype == torch.float64
-                            else terms[0].a.element_size())
+            size = n * n * sim_dtype[g].itemsize
             candidates.append((sum(t.cols for t in terms) / (n * n), size, g))
     keep = set()
     for _, size, g in sorted(candidates, reverse=True):
@@ -596,7 +595,12 @@ def weight_matching(spec: PermutationSpec, state_dict_a: Mapping[str, torch.Tens
                 total += cached[param][1]
             return total
 
-        keep = _cached_groups(spec, dynamic, static, a_t, b_t, cache_budget)
+        # the dtype of each group's similarity in descent: float64 when its few columns
+        # were summed so (see _FLOAT64_COLS), else its terms' precision
+        sim_dtype = {g: torch.float64 if static[g] is not None and
+                     static_cols[g] + sum(t.cols for t in dynamic[g]) <= _FLOAT64_COLS
+                     else dynamic[g][0].dtype for g in names if dynamic[g]}
+        keep = _cached_groups(spec, dynamic, sim_dtype, a_t, b_t, cache_budget)
         cache: dict[str, tuple[torch.Tensor, Perms]] = {}  # group -> (C_g, its deps' perms then)
         version = dict.fromkeys(names, 0)
         solved_at: dict[str, tuple[int, ...] | None] = dict.fromkeys(names)
@@ -638,9 +642,7 @@ def weight_matching(spec: PermutationSpec, state_dict_a: Mapping[str, torch.Tens
                 for term in dynamic[gname]:
                     _update(c, term, b_t[term.member.param], perms, seen)
             else:
-                wide = static_cols[gname] + sum(t.cols for t in dynamic[gname]) > _FLOAT64_COLS
-                c = _static_matrix(static[gname], dynamic[gname][0].dtype
-                                   if wide and dynamic[gname] else None)
+                c = _static_matrix(static[gname], sim_dtype.get(gname))
                 for term in dynamic[gname]:
                     c = _accumulate(c, term.a_rows, _b_rows(term, b_t[term.member.param], perms))
             if gname in keep and c is not None:
@@ -660,8 +662,7 @@ def weight_matching(spec: PermutationSpec, state_dict_a: Mapping[str, torch.Tens
                      for members in by_param.values() for g in {h for h, _ in members})
 
         def after_sweep(gain: float) -> bool:
-            history.append(history[-1] + gain if linear and history else
-                           initial + gain if linear else objective())
+            history.append((history[-1] if history else initial) + gain if linear else objective())
             sweep_seconds.append(time.perf_counter() - start)
             bar.set_postfix(objective=f"{history[-1]:.6g}", refresh=False)
             bar.update(1)
