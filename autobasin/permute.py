@@ -66,6 +66,14 @@ def check_perm(name: str, p: torch.Tensor, n: int) -> torch.Tensor:
     return p
 
 
+def _checked_perms(spec: PermutationSpec, perms: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every group's permutation, checked (:func:`check_perm`); SpecError naming a missing one."""
+    missing = [g for g in spec.groups if g not in perms]
+    if missing:
+        raise SpecError(f"no permutation given for group {missing[0]!r}")
+    return {name: check_perm(name, perms[name], g.size) for name, g in spec.groups.items()}
+
+
 def _permuted_entry(param: str, t: torch.Tensor, gm: list[tuple[str, Member]],
                     checked: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """``t`` (the entry ``param``) permuted by its members ``gm``: a new tensor."""
@@ -81,10 +89,7 @@ def _permuted_entry(param: str, t: torch.Tensor, gm: list[tuple[str, Member]],
 def permute_model_(model: torch.nn.Module, spec: PermutationSpec, perms: Perms) -> None:
     """Permute ``model``'s own tensors in place, one temporary tensor at a time
     (for checks of models too large to copy twice, and auto_rebasin's aligned copy)."""
-    missing = [g for g in spec.groups if g not in perms]
-    if missing:
-        raise SpecError(f"no permutation given for group {missing[0]!r}")
-    checked = {name: check_perm(name, perms[name], g.size) for name, g in spec.groups.items()}
+    checked = _checked_perms(spec, perms)
     state = model.state_dict(keep_vars=True)
     spec.check_fits(state, "the model")
     done: set[int] = set()  # a tied tensor (one Parameter, two names) is permuted once
@@ -147,10 +152,7 @@ def permuted_entries(spec: PermutationSpec, perms: Mapping[str, torch.Tensor],
     does not move it, the entry itself; what :func:`apply_permutation` builds,
     one entry at a time (to write a checkpoint without holding it all). The
     checks run at once, as in :func:`apply_permutation`."""
-    missing = [g for g in spec.groups if g not in perms]
-    if missing:
-        raise SpecError(f"no permutation given for group {missing[0]!r}")
-    checked = {name: check_perm(name, perms[name], g.size) for name, g in spec.groups.items()}
+    checked = _checked_perms(spec, perms)
     prefix = wrapper_prefix(spec, state_dict)
     inner = {k[len(prefix):]: v for k, v in state_dict.items()} if prefix else state_dict
     spec.check_fits(inner, f"state_dict (keys under {prefix!r})" if prefix else "state_dict")
