@@ -321,9 +321,9 @@ def _align_low_memory(args, log: _Log) -> int:
     model, example = _lean_model(args, log, path_a)
     log(f"aligning {path_b} to {path_a} (weight matching, memory-mapped)")
     t0 = time.perf_counter()
-    extra = {"tol": args.tol} if args.tol else {}
     result = align_files(model, path_a, path_b, out, example, spec=spec, perms_out=perms_out,
-                         seed=args.seed, max_iter=args.max_iter, progress=not args.quiet, **extra)
+                         seed=args.seed, max_iter=args.max_iter, tol=args.tol,
+                         progress=not args.quiet)
     seconds = time.perf_counter() - t0
     _out(f"spec: {len(result.spec.groups)} groups, "
          f"coverage {format_coverage(result.spec.coverage())}")

@@ -16,6 +16,7 @@ import copy
 import os
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -121,6 +122,9 @@ def align_files(model: nn.Module, a: str | os.PathLike, b: str | os.PathLike,
                 f"{err:.3g} > 1e-4; the permutation spec does not fit this model (check it "
                 f"with autobasin.check_equivalence); {out} was removed")
     else:
+        if verify:
+            warnings.warn(f"align_files: no example inputs, so {out} was not verified; pass "
+                          f"example_inputs=... to check it", stacklevel=2)
         load_into(model, load_state_dict(out), source=out, assign=True)
     result.seconds = time.perf_counter() - start
     result.stats = {**matching.as_dict(), "seconds": result.seconds,
@@ -188,25 +192,19 @@ def merge_files(model: nn.Module, checkpoints, out: str | os.PathLike, example_i
     if out.suffix != ".safetensors":
         raise ValueError(f"merge_files writes safetensors; name the output *.safetensors, not {out}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    result = None
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
-        aligned = []
+        steps = []
         for i, path in enumerate(paths[1:], start=1):
-            step = align_files(model, paths[0], path, Path(tmp) / f"{i}.safetensors", example_inputs,
-                               spec=spec, seed=seed, max_iter=max_iter, tol=tol,
-                               progress=progress, verify=verify, **matching_kwargs)
-            spec = step.spec
-            if result is None:
-                result = MergedFiles(path=out, perms=[], spec=spec)
-            result.perms.append(step.perms)
-            if step.verify_error is not None:
-                result.verify_errors.append(step.verify_error)
-            aligned.append(step.path)
-        sds = [load_state_dict(p) for p in (paths[0], *aligned)]
+            steps.append(align_files(model, paths[0], path, Path(tmp) / f"{i}.safetensors",
+                                     example_inputs, spec=spec, seed=seed, max_iter=max_iter,
+                                     tol=tol, progress=progress, verify=verify, **matching_kwargs))
+            spec = steps[-1].spec  # inferred once
+        sds = [load_state_dict(p) for p in (paths[0], *(s.path for s in steps))]
         weights = [1 / len(sds)] * len(sds)
         meta = {"autobasin": "merged", "sources": ",".join(str(p) for p in paths), **(metadata or {})}
         save_safetensors_streaming(sds[0], lambda key: average_entry(sds, weights, key), out,
                                    metadata=meta)
         load_into(model, load_state_dict(out), source=out, assign=True)  # let go of the temporary files
-    result.seconds = time.perf_counter() - start
-    return result
+    return MergedFiles(path=out, perms=[s.perms for s in steps], spec=spec,
+                       verify_errors=[s.verify_error for s in steps if s.verify_error is not None],
+                       seconds=time.perf_counter() - start)

@@ -219,3 +219,13 @@ def test_align_files_keeps_half_precision_and_verifies_in_float32(tmp_path):
     out, sd_b = load_file(str(tmp_path / "out.safetensors")), load_file(str(tmp_path / "b.safetensors"))
     want = apply_permutation(r.spec, r.perms, sd_b)
     assert all(out[k].dtype == sd_b[k].dtype and torch.equal(out[k], want[k]) for k in sd_b)
+
+
+def test_align_files_without_example_inputs_says_it_did_not_verify(tmp_path):
+    _checkpoints(tmp_path)
+    model = create("test_resnet", seed=7)
+    spec = infer_spec(model, torch.randn(2, 3, 64, 64))
+    with pytest.warns(UserWarning, match="not verified"):
+        r = align_files(model, tmp_path / "a.safetensors", tmp_path / "b.pt",
+                        tmp_path / "out.safetensors", spec=spec, progress=False)
+    assert r.verify_error is None and r.path.exists()
