@@ -36,9 +36,16 @@ the worker
    placeholder token per image or audio feature (counted by its
    ``get_image_features`` / ``get_audio_features``), as its processor would
    write them; images also come as (batch, tiles, C, H, W) with
-   ``image_sizes``, or as Qwen-VL flat patches with ``image_grid_thw`` and
-   ``mm_token_type_ids``, where forward takes those. The first input set the
-   model runs on is used;
+   ``image_sizes`` or ``pixel_attention_mask``, as Qwen-VL flat patches with
+   ``image_grid_thw`` and ``mm_token_type_ids``, or as SigLIP 2 flat patches
+   with ``spatial_shapes``, at a side a pixel shuffle divides, where forward
+   takes those; a second image input (``high_res_pixel_values``), a second
+   token sequence (``protein_input_ids``) and videos
+   (``pixel_values_videos``, with their own placeholders) join them. Sizes
+   are looked up in every sub-config (``image_config``,
+   ``encoder.vision_config``); placeholders may be wrapped in the modality's
+   start / end tokens, and the text's ``attention_mask`` given, where the
+   model needs that. The first input set the model runs on is used;
 4. times :func:`autobasin.infer.infer_spec` (``capture="auto"``; a model with
    a head is given ``outputs=["logits"]``: the logits define it, and an
    encoder-decoder's ``encoder_last_hidden_state`` would otherwise fix the
@@ -181,6 +188,10 @@ OVERRIDES: dict[str, tuple[dict, str]] = {
     "layoutlmv3": ({"coordinate_size": 10, "shape_size": 12},
                    "its layout embedding concatenates four coordinate and two shape embeddings, "
                    "4 x coordinate_size + 2 x shape_size = hidden_size (64 at the tiny size)"),
+    **dict.fromkeys(("modernvbert", "ultravbert", "granite_docling"), (
+        {"vision_config": {"image_size": 64}},
+        "its pixel shuffle merges 4 x 4 patches: the tower's grid must be 4 patches a side "
+        "(64-pixel images of 16-pixel patches), else no image input runs")),
     "llama4": ({"vision_config": {"intermediate_size": 256}},
                "its pixel shuffle hands the projector hidden_size / ratio² = 4 x 64 channels, "
                "a width the config states as intermediate_size"),
@@ -394,7 +405,9 @@ def model_classes(model_type: str, base: bool) -> list[str]:
 
 
 def _find(cfg, key):
-    """A config field, looked up in the config then its sub-configs."""
+    """A config field, looked up in the config, then its usual sub-configs, then
+    (depth first) any sub-config at all (FLAVA's ``image_config``, T5Gemma 2's
+    ``encoder.vision_config``, Granite Speech's ``encoder_config``)."""
     v = getattr(cfg, key, None)
     if v is not None:
         return v
@@ -402,6 +415,21 @@ def _find(cfg, key):
         sub = getattr(cfg, k, None)
         if sub is not None and getattr(sub, key, None) is not None:
             return getattr(sub, key)
+    return _find_deep(cfg, key, 0)
+
+
+def _find_deep(cfg, key, depth):
+    from transformers import PretrainedConfig
+    if depth > 3:
+        return None
+    subs = [v for v in vars(cfg).values() if isinstance(v, PretrainedConfig)]
+    for sub in subs:
+        if getattr(sub, key, None) is not None:
+            return getattr(sub, key)
+    for sub in subs:
+        v = _find_deep(sub, key, depth + 1)
+        if v is not None:
+            return v
     return None
 
 
@@ -420,32 +448,75 @@ def input_options(model, cfg, gen) -> list[dict]:
     mods: dict[str, list[dict]] = {}
     if "input_ids" in params:
         mods["text"] = [{"input_ids": ids(SEQ)}]
+        # a second token sequence of a tower of its own (Evolla's protein_input_ids), from
+        # that tower's vocabulary, with its mask
+        for name in params:
+            if name.endswith("_input_ids") and name not in ("input_ids", "decoder_input_ids"):
+                sub = None
+                for k, v in vars(cfg).items():
+                    if k.startswith(name[:-len("_input_ids")]) and _is_int(getattr(v, "vocab_size", None)):
+                        sub = v.vocab_size
+                n = min(sub or VOCAB, ID_LIMIT)
+                opt = {name: torch.randint(4, max(n, 5), (BATCH, SEQ), generator=gen)}
+                mask = name[:-len("input_ids")] + "attention_mask"
+                if mask in params:
+                    opt[mask] = torch.ones(BATCH, SEQ, dtype=torch.long)
+                mods.setdefault("extra_ids", []).append(opt)
+    frames = None
     if "pixel_values" in params:
         img = _find(cfg, "image_size") or 224
         h, w = (img, img) if _is_int(img) else tuple(img)[-2:]
         c = _find(cfg, "num_channels") or 3
         frames = _find(cfg, "num_frames")
         opts = [{"pixel_values": torch.randn(BATCH, c, h, w, generator=gen)}]
+        p = _find(cfg, "patch_size")
+        p = p[0] if isinstance(p, (list, tuple)) and p else p
+        f = _find_int(cfg, SHUFFLE_KEYS)
+        if _is_int(p) and _is_int(f) and f > 1 and (h // p) % f:
+            # a pixel shuffle / downsampling of the patch grid by f: a grid that f divides
+            side = p * f * max(1, -(-h // (p * f)))
+            opts.append({"pixel_values": torch.randn(BATCH, c, side, side, generator=gen)})
+        for name in params:  # a second image input of a tower of its own (high resolution)
+            if name.endswith("_pixel_values") and name != "pixel_values":
+                sub = getattr(cfg, name[:-len("pixel_values")] + "vision_config", None)
+                side = getattr(sub, "image_size", None)
+                if _is_int(side):
+                    for o in opts:
+                        o[name] = torch.randn(BATCH, c, side, side, generator=gen)
         if "image_grid_thw" in params:  # Qwen-VL style: flat patches and each image's grid
-            opts.insert(0, _patch_grid(cfg, gen))
+            grids = _patch_grids(cfg, gen)
             if "image_merge_sizes" in params:
-                opts[0]["image_merge_sizes"] = torch.full((BATCH,), _find(cfg, "spatial_merge_size")
-                                                          or 1, dtype=torch.long)
+                for o in grids:
+                    o["image_merge_sizes"] = torch.full((BATCH,), _find(cfg, "spatial_merge_size")
+                                                        or 1, dtype=torch.long)
+            opts[0:0] = grids
         if _is_int(frames):
             opts.insert(0, {"pixel_values": torch.randn(BATCH, frames, c, h, w, generator=gen)})
+        if "spatial_shapes" in params and _is_int(p):
+            # SigLIP 2 style (LFM2-VL): patches flattened to (batch, patches, C x P x P), each
+            # image's patch grid in spatial_shapes, real patches in pixel_attention_mask; a 4 x 4
+            # grid, which a pixel-unshuffle by 2 or 4 divides
+            g = 4
+            flat = {"pixel_values": torch.randn(BATCH, g * g, c * p * p, generator=gen),
+                    "spatial_shapes": torch.tensor([[g, g]] * BATCH)}
+            if "pixel_attention_mask" in params:
+                flat["pixel_attention_mask"] = torch.ones(BATCH, g * g, dtype=torch.bool)
+            opts.insert(0, flat)
         mods["vision"] = opts
     audio = []
     if "input_features" in params:
-        mel = _find(cfg, "num_mel_bins") or _find(cfg, "feature_size") or \
-            _find(cfg, "input_feat_per_channel") or 80
+        # the feature width: the first named one, then (Granite Speech: its encoder's
+        # input_dim, not num_mel_bins) the others
+        mels = [v for v in (_find(cfg, k) for k in ("num_mel_bins", "feature_size",
+                                                    "input_feat_per_channel", "input_dim"))
+                if _is_int(v)] or [80]
         src, window = _find(cfg, "max_source_positions"), _find(cfg, "n_window")
         t = 2 * src if _is_int(src) else 64
         if _is_int(window):  # encoders that take whole windows of 2 x n_window frames
             t = 2 * window
         # a mask of the frames where forward takes one (all frames real)
-        mask = next((m for m in ("input_features_mask", "feature_attention_mask",
-                                 "input_features_attention_mask") if m in params), None)
-        for shape in ((BATCH, mel, t), (BATCH, t, mel)):
+        mask = next((m for m in AUDIO_MASKS if m in params), None)
+        for shape in [s for mel in dict.fromkeys(mels) for s in ((BATCH, mel, t), (BATCH, t, mel))]:
             opt = {"input_features": torch.randn(*shape, generator=gen)}
             if mask:
                 opt[mask] = torch.ones(BATCH, t, dtype=torch.long)
@@ -470,19 +541,61 @@ def input_options(model, cfg, gen) -> list[dict]:
             for opt in [o for o in mods["vision"] if o["pixel_values"].dim() == 4]:
                 mods["vision"].append({k: v.unsqueeze(1).expand(-1, n, -1, -1, -1).contiguous()
                                        if k == "pixel_values" else v for k, v in opt.items()})
+    if "vision" in mods and "pixel_attention_mask" in params:
+        # which pixels (Idefics: (batch, images, H, W)) or which tiles (Granite Docling:
+        # (batch, tiles)) are real: all of them, in either form
+        mods["vision"] += [{**opt, "pixel_attention_mask": torch.ones(*shape, dtype=torch.bool)}
+                           for opt in list(mods["vision"]) if opt["pixel_values"].dim() == 5
+                           for shape in (opt["pixel_values"].shape[:2],
+                                         opt["pixel_values"].shape[:2] + opt["pixel_values"].shape[-2:])]
+    if "vision" in mods and "pixel_values_videos" in params and "video_grid_thw" not in params:
+        # videos as (batch, frames, C, H, W) of the images' size (Video-LLaVA's video tower)
+        nf = _find_int(cfg, ("num_frames",)) or 2
+        mods["video"] = [{"pixel_values_videos": o["pixel_values"].unsqueeze(1).expand(
+            -1, nf, -1, -1, -1).contiguous()} for o in mods["vision"][:1]
+            if o["pixel_values"].dim() == 4 and len(o) == 1]
+        if not mods["video"]:
+            del mods["video"]
+    first = None  # the text set of the first modality that got placeholders
     for mod, getter, token_keys in PLACEHOLDERS:
         # a multimodal LM: input_ids hold one placeholder token per feature of the modality
         tok = _find_int(cfg, token_keys)
         if "text" not in mods or mod not in mods or tok is None or tok >= vocab:
             continue
         for opt in mods[mod]:
-            n = _features_per_sample(model, getter, opt) or _features_from_error(model, ids(SEQ), opt)
+            opt = {**opt, **(mods.get("extra_ids") or [{}])[0]}
+            n = _features_per_sample(model, getter, opt, flat=mod == "video") or \
+                _features_from_error(model, ids, opt, tok)
             if n:
                 holders = torch.full((BATCH, n), tok, dtype=torch.long)
                 text = {"input_ids": torch.cat([holders, ids(SEQ)], 1), **opt}
+                if mod == "video" and first is not None:
+                    # a second modality (video after image): both at once, each its placeholders
+                    text = {**first, **opt, "input_ids": torch.cat([holders, first["input_ids"]], 1)}
+                elif first is None:
+                    first = text
                 if "mm_token_type_ids" in params and mod == "vision":  # 1 marks image tokens
                     text["mm_token_type_ids"] = (text["input_ids"] == tok).long()
-                mods["text"].insert(0, text)
+                variants = [text]
+                start, end = (_find_int(cfg, (f"{w}_{e}_token_id" for w in BOUNDARY[mod]))
+                              for e in ("start", "end"))
+                if start is not None and end is not None and max(start, end) < vocab:
+                    # the placeholders between the modality's start and end tokens, as its
+                    # processor writes them (Ovis 2.5 checks they are there)
+                    wrap = {**text, "input_ids": torch.cat([torch.full((BATCH, 1), start), holders,
+                                                            torch.full((BATCH, 1), end), ids(SEQ)], 1)}
+                    if "mm_token_type_ids" in text:
+                        wrap["mm_token_type_ids"] = (wrap["input_ids"] == tok).long()
+                    variants.append(wrap)
+                if "attention_mask" in params:
+                    # some merge features only given the text's mask (Qwen2-Audio): the same
+                    # set with an all-ones mask, tried after the set without one
+                    variants.append({**text, "attention_mask": torch.ones_like(text["input_ids"])})
+                for m in AUDIO_MASKS:
+                    if m in text and text[m].shape[-1] != n:
+                        # a mask of the projected features, not of the frames (Granite Speech)
+                        variants.append({**text, m: torch.ones(BATCH, n, dtype=torch.bool)})
+                mods["text"][0:0] = variants
                 break
     extra = {}
     if "decoder_input_ids" in params:
@@ -494,9 +607,12 @@ def input_options(model, cfg, gen) -> list[dict]:
         import itertools
         for combo in itertools.product(*mods.values()):
             d = {}
-            for part in combo:
+            # the text part last: a text set with placeholders carries the modality input it
+            # was counted for (and that input's masks), which must not be replaced
+            for part in combo[1:] + combo[:1] if "text" in mods else combo:
                 d.update(part)
-            sets.append(d)
+            if not any(d.keys() == o.keys() and all(d[k] is o[k] for k in d) for o in sets):
+                sets.append(d)
     order = ([main_mod] if main_mod else []) + [m for m in mods if m != main_mod]
     for m in order:
         sets += mods[m]
@@ -529,8 +645,18 @@ def _entities(cfg, gen) -> dict:
             "entity_position_ids": positions}
 
 
+#: the words of a modality's start / end token ids (``image_start_token_id``)
+BOUNDARY = {"vision": ("image", "vision", "vis"), "video": ("video",), "audio": ("audio",)}
+
+#: forward's names of a mask over the audio frames
+AUDIO_MASKS = ("input_features_mask", "feature_attention_mask", "input_features_attention_mask")
+
+#: config keys of a factor the patch grid is divided by (pixel shuffle, downsampling)
+SHUFFLE_KEYS = ("pixel_shuffle_factor", "scale_factor", "downsample_factor", "pixel_shuffle_ratio")
+
 #: (modality, the model's feature getter, config keys of its placeholder token)
 PLACEHOLDERS = (("vision", "get_image_features", ("image_token_id", "image_token_index")),
+                ("video", "get_video_features", ("video_token_id", "video_token_index")),
                 ("audio", "get_audio_features", ("audio_token_id", "audio_token_index")))
 
 
@@ -551,6 +677,23 @@ def _patch_grid(cfg, gen) -> dict:
             "image_grid_thw": torch.tensor([[1, side, side]] * BATCH)}
 
 
+def _patch_grids(cfg, gen) -> list[dict]:
+    """:func:`_patch_grid`, and when the config names no temporal patch size, the same
+    with Qwen-VL's default of 2 frames a patch (MUSE Glimmer's tower takes 2 without
+    saying so)."""
+    opts = [_patch_grid(cfg, gen)]
+    if _find(cfg, "temporal_patch_size") is None:
+        o = _patch_grid(cfg, gen)
+        o["pixel_values"] = torch_cat_twice(o["pixel_values"])
+        opts.append(o)
+    return opts
+
+
+def torch_cat_twice(x):
+    import torch
+    return torch.cat([x, x.flip(-1)], -1)
+
+
 def _find_int(cfg, keys) -> int | None:
     for key in keys:
         v = _find(cfg, key)
@@ -559,7 +702,7 @@ def _find_int(cfg, keys) -> int | None:
     return None
 
 
-def _features_per_sample(model, getter: str, inputs: dict) -> int | None:
+def _features_per_sample(model, getter: str, inputs: dict, flat: bool = False) -> int | None:
     """How many placeholder tokens one sample's modality input becomes (the
     projected features ``getter`` returns, given the inputs it takes), or None."""
     import torch
@@ -585,6 +728,8 @@ def _features_per_sample(model, getter: str, inputs: dict) -> int | None:
     if isinstance(f, torch.Tensor):
         if f.dim() == 3 and f.shape[0] == BATCH:
             return f.shape[1]
+        if flat and f.dim() == 3 and f.shape[0] % BATCH == 0:  # a video: (batch x frames, tokens, d)
+            return f.shape[0] // BATCH * f.shape[1]
         if f.dim() == 2 and f.shape[0] % BATCH == 0:
             return f.shape[0] // BATCH
     if isinstance(f, (list, tuple)) and len(f) == BATCH and all(
@@ -593,16 +738,25 @@ def _features_per_sample(model, getter: str, inputs: dict) -> int | None:
     return None
 
 
-def _features_from_error(model, input_ids, inputs: dict) -> int | None:
+def _features_from_error(model, ids, inputs: dict, tok: int) -> int | None:
     """Placeholder tokens per sample, read from the model's own complaint when it is
-    run with none ("tokens: 0, features: 32"): for models without a usable getter."""
+    run with none, or with two per sample ("tokens: 0, features: 32"): for models
+    without a usable getter (two in a row: Qwen2-Audio takes a lone placeholder for
+    an unexpanded prompt and merges otherwise)."""
     import re
-    try:
-        _run(model, {"input_ids": input_ids, **inputs})
-    except Exception as e:  # noqa: BLE001 - the message is what we want
-        m = re.search(r"tokens:? *0\b.*?features:? *(\d+)", str(e), re.S | re.I)
-        if m and int(m.group(1)) % BATCH == 0 and int(m.group(1)) > 0:
-            return int(m.group(1)) // BATCH
+
+    import torch
+    for k in (0, 2):
+        input_ids = torch.cat([torch.full((BATCH, k), tok, dtype=torch.long), ids(SEQ)], 1)
+        for mask in ({}, {"attention_mask": torch.ones_like(input_ids)}):
+            try:
+                _run(model, {"input_ids": input_ids, **inputs, **mask})
+            except Exception as e:  # noqa: BLE001 - the message is what we want
+                m = re.search(rf"tokens:? *{BATCH * k}\b.*?features:? *(\d+)", str(e), re.S | re.I)
+                if m and int(m.group(1)) % BATCH == 0 and int(m.group(1)) > 0:
+                    return int(m.group(1)) // BATCH
+                continue
+            break
     return None
 
 
