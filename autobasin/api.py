@@ -157,7 +157,7 @@ def auto_rebasin(a: nn.Module, b: nn.Module, example_inputs=None, method: str = 
                  data: Iterable | None = None, seed: int = 0, verify: bool = True,
                  spec: PermutationSpec | None = None, max_iter: int = 100, progress: bool = True,
                  device: torch.device | str | None = None, repair: str | None = None,
-                 **matcher_kwargs: Any) -> RebasinResult:
+                 symmetries=("permutation",), **matcher_kwargs: Any) -> RebasinResult:
     """Permute B's hidden units to line up with A's; A and B are left untouched.
 
     Args:
@@ -174,6 +174,13 @@ def auto_rebasin(a: nn.Module, b: nn.Module, example_inputs=None, method: str = 
             inputs (relative error at most 1e-4, else :class:`EquivalenceError`);
             skipped with a warning when there are no example inputs.
         spec: the permutation spec; inferred from ``a`` when None.
+        symmetries: the kinds of symmetry to align with when the spec is inferred
+            (see :func:`autobasin.infer_spec`): ``("permutation",)`` by default;
+            with ``"sign"``, ``"scale"``, ``"orthogonal"``, ``"invertible"`` (or
+            ``"all"``) groups that admit them are aligned by signed or scaled
+            permutations, orthogonal or invertible maps (weight matching only:
+            :func:`autobasin.match.general.general_weight_matching`), and
+            ``perms`` holds a float (n, n) matrix for each such group.
         max_iter, progress, device, **matcher_kwargs: passed to the matcher.
         repair: how to treat models interpolated from A and aligned B: None,
             ``"reset_bn"`` (recompute BatchNorm statistics), ``"repair"`` (REPAIR:
@@ -211,8 +218,13 @@ def auto_rebasin(a: nn.Module, b: nn.Module, example_inputs=None, method: str = 
     traced = None
     if spec is None:
         from .infer import trace_model
-        traced = trace_model(a, example_inputs)
+        traced = trace_model(a, example_inputs, symmetries=symmetries)
         spec = traced.spec
+    if spec.is_general and method != "weight":
+        raise NotImplementedError(
+            f"method {method!r} aligns permutations only, and the spec has groups of other "
+            f"kinds ({sorted({g.kind for g in spec.groups.values()} - {'permutation'})}): use "
+            "method='weight', or symmetries=('permutation',)")
     if traced is not None and matcher.takes_traced:
         matcher_kwargs.setdefault("traced", traced)
     if not matcher.runs_on_a:
@@ -222,7 +234,9 @@ def auto_rebasin(a: nn.Module, b: nn.Module, example_inputs=None, method: str = 
                            **matcher_kwargs)
     if not isinstance(matching, Matching):  # a registered matcher that returns a plain mapping
         matching = Matching(perms=dict(matching), method=method)
-    perms = {k: torch.as_tensor(p).long().cpu() for k, p in matching.items()}
+    # permutations as indices; the elements of other kinds as float64 matrices
+    perms = {k: torch.as_tensor(p).cpu() if torch.as_tensor(p).is_floating_point()
+             else torch.as_tensor(p).long().cpu() for k, p in matching.items()}
     # a copy of b permuted in place, one tensor at a time: its own tensors, no aliasing
     # with b's, and no second copy of the state held meanwhile
     aligned = copy.deepcopy(b)

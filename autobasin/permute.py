@@ -47,13 +47,66 @@ def identity_permutation(spec: PermutationSpec) -> Perms:
     return {name: torch.arange(g.size) for name, g in spec.groups.items()}
 
 
+# ------------------------------------------------------- beyond permutations
+# A group of another kind than "permutation" (``spec.KINDS``) takes an element
+# given as a float (n, n) matrix M: a member's rows (``Member.gather``) become
+# ``M @ rows``, or ``M^-T @ rows`` for a contra member. A permutation p is the
+# matrix ``eye(n)[p]``; either form is accepted for any group whose kind
+# contains it.
+
+def is_permutation(t: torch.Tensor) -> bool:
+    """Whether a group element is given as a permutation (integer indices)."""
+    return not torch.as_tensor(t).is_floating_point()
+
+
+def as_matrix(t: torch.Tensor, n: int | None = None) -> torch.Tensor:
+    """A group element as a float64 (n, n) matrix."""
+    t = torch.as_tensor(t)
+    if is_permutation(t):
+        return torch.eye(t.numel(), dtype=torch.float64)[t.long().cpu()]
+    return t.detach().to(torch.float64).cpu()
+
+
+def random_element(kind: str, n: int, gen: torch.Generator) -> torch.Tensor:
+    """A random element of ``kind`` on ``n`` units: a permutation (LongTensor) or
+    a well-conditioned float64 matrix (condition number at most e^2)."""
+    p = torch.randperm(n, generator=gen)
+    if kind == "permutation":
+        return p
+    perm = torch.eye(n, dtype=torch.float64)[p]
+    if kind == "sign":
+        return perm * (torch.randint(0, 2, (n,), generator=gen) * 2 - 1).double()
+    if kind == "scale":
+        return perm * torch.exp(torch.rand(n, generator=gen, dtype=torch.float64) * 2 - 1)
+
+    def orthogonal():
+        q, r = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+        return q * torch.sign(torch.diagonal(r))
+    if kind == "orthogonal":
+        return orthogonal()
+    if kind == "invertible":
+        s = torch.exp(torch.rand(n, generator=gen, dtype=torch.float64) * 2 - 1)
+        return orthogonal() @ torch.diag(s) @ orthogonal()
+    raise SpecError(f"unknown symmetry kind {kind!r}")
+
+
+def random_transforms(spec: PermutationSpec, seed: int = 0) -> Perms:
+    """One random element per group, of the group's kind, reproducible from
+    ``seed`` (:func:`random_permutation` for a spec of permutations only)."""
+    gen = torch.Generator().manual_seed(seed)
+    return {name: random_element(g.kind, g.size, gen) for name, g in spec.groups.items()}
+
+
 def invert(perms: Perms) -> Perms:
-    return {k: torch.argsort(p) for k, p in perms.items()}
+    """The inverse of every group's element."""
+    return {k: torch.argsort(p) if is_permutation(p) else torch.linalg.inv(as_matrix(p))
+            for k, p in perms.items()}
 
 
 def compose(first: Perms, then: Perms) -> Perms:
-    """Permutation equal to applying ``first`` and then ``then``."""
-    return {k: first[k][then[k]] for k in first}
+    """The element equal to applying ``first`` and then ``then``."""
+    return {k: first[k][then[k]] if is_permutation(first[k]) and is_permutation(then[k])
+            else as_matrix(then[k]) @ as_matrix(first[k]) for k in first}
 
 
 def check_perm(name: str, p: torch.Tensor, n: int) -> torch.Tensor:
@@ -66,17 +119,48 @@ def check_perm(name: str, p: torch.Tensor, n: int) -> torch.Tensor:
     return p
 
 
+# a general element's condition number beyond which applying it (and its
+# inverse, for contra members) would lose the float32 weights' precision
+MAX_CONDITION = 1e6
+
+
+def check_element(name: str, t: torch.Tensor, n: int, kind: str) -> torch.Tensor:
+    """A group's element, checked: a permutation of 0..n-1, or, for a group of
+    another kind, a finite float (n, n) matrix (float64) whose condition number
+    is below :data:`MAX_CONDITION`. SpecError naming the group otherwise."""
+    t = torch.as_tensor(t)
+    if is_permutation(t):
+        return check_perm(name, t, n)
+    if kind == "permutation":
+        raise SpecError(f"group {name!r} carries permutations only; got a float "
+                        f"{tuple(t.shape)} tensor")
+    if tuple(t.shape) != (n, n):
+        raise SpecError(f"element for group {name!r} has shape {tuple(t.shape)}, expected "
+                        f"({n},) or ({n}, {n})")
+    m = as_matrix(t)
+    if not bool(torch.isfinite(m).all()):
+        raise SpecError(f"element for group {name!r} has non-finite entries")
+    cond = float(torch.linalg.cond(m)) if n else 1.0
+    if not cond < MAX_CONDITION:
+        raise SpecError(f"element for group {name!r} is ill-conditioned (condition number "
+                        f"{cond:.3g} >= {MAX_CONDITION:g}): refusing to apply it")
+    return m
+
+
 def _checked_perms(spec: PermutationSpec, perms: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Every group's permutation, checked (:func:`check_perm`); SpecError naming a missing one."""
+    """Every group's element, checked (:func:`check_element`); SpecError naming a missing one."""
     missing = [g for g in spec.groups if g not in perms]
     if missing:
         raise SpecError(f"no permutation given for group {missing[0]!r}")
-    return {name: check_perm(name, perms[name], g.size) for name, g in spec.groups.items()}
+    return {name: check_element(name, perms[name], g.size, g.kind)
+            for name, g in spec.groups.items()}
 
 
 def _permuted_entry(param: str, t: torch.Tensor, gm: list[tuple[str, Member]],
                     checked: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """``t`` (the entry ``param``) permuted by its members ``gm``: a new tensor."""
+    if any(not is_permutation(checked[g]) for g, _ in gm):
+        return _transformed_entry(param, t, gm, checked)
     per_axis: dict[int, list[tuple[Member, torch.Tensor]]] = {}
     for gname, m in gm:  # the caller checked that the spec fits (spec.check_fits)
         per_axis.setdefault(m.axis, []).append((m, checked[gname]))
@@ -84,6 +168,26 @@ def _permuted_entry(param: str, t: torch.Tensor, gm: list[tuple[str, Member]],
         idx = axis_index(t.shape[axis], ms).to(t.device)
         t = t.index_select(axis, idx)
     return t
+
+
+def _transformed_entry(param: str, t: torch.Tensor, gm: list[tuple[str, Member]],
+                       checked: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """``t`` under general elements, member by member in float64 (members of one
+    axis act on disjoint positions or different grid dimensions: they commute)."""
+    if not t.is_floating_point():
+        raise SpecError(f"{param!r} is not floating point ({t.dtype}); a general (non-"
+                        "permutation) element cannot act on it")
+    out = t.detach().to(torch.float64)
+    for gname, m in gm:
+        e = checked[gname]
+        rows = m.gather(out)
+        if is_permutation(e):
+            rows = rows[e.to(rows.device)]
+        else:
+            a = torch.linalg.inv(e).T if m.contra else e
+            rows = a.to(rows.device) @ rows
+        out = m.scatter(out, rows)
+    return out.to(t.dtype)
 
 
 def permute_model_(model: torch.nn.Module, spec: PermutationSpec, perms: Perms) -> None:
@@ -273,6 +377,10 @@ def check_equivalence(model: torch.nn.Module, spec: PermutationSpec, example_inp
                       seed: int = 0, rtol: float = 1e-4, traced=None) -> float:
     """Permute every group at random and check the model computes the same.
 
+    A group of another kind than permutations takes a random element of its
+    kind (:func:`random_transforms`): a random orthogonal or invertible map,
+    signed or scaled permutation.
+
     Runs ``model`` in eval mode (its mode is restored) on ``example_inputs``
     (a tensor, a tuple of positional inputs, a dict of keyword inputs, or None:
     ``traced``'s inputs, else those of :func:`autobasin.trace.default_inputs`
@@ -299,7 +407,7 @@ def check_equivalence(model: torch.nn.Module, spec: PermutationSpec, example_inp
         example_inputs = traced.example_inputs if traced is not None else default_inputs(model)
     inputs = as_inputs(example_inputs, model)
     check_model_materialized(model, "check_equivalence", "the model")
-    perms = random_permutation(spec, seed)
+    perms = random_transforms(spec, seed) if spec.is_general else random_permutation(spec, seed)
     permuted = permute_model(model, spec, perms)
     # both runs draw the same random numbers (a model that samples masks or noise in
     # eval mode): what differs is only what the weights compute

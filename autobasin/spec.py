@@ -38,6 +38,11 @@ class Member:
     shape: tuple[int, ...]
     strides: tuple[int, ...]
     dim: int
+    # how a general (non-permutation) element M of the group acts on the grid rows:
+    # ``M @ rows`` (False: the axis carries the group's vectors, an output) or
+    # ``M^-T @ rows`` (True: it carries covectors, an axis a contraction reads).
+    # Permutations, signs and orthogonal maps are their own inverse-transpose.
+    contra: bool = False
 
     @property
     def size(self) -> int:
@@ -68,11 +73,52 @@ class Member:
         sub = sub.reshape(*self.shape, *t.shape[1:])
         return sub.movedim(self.dim, 0).reshape(self.size, -1)
 
+    def scatter(self, tensor: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """``tensor`` with the slice :meth:`gather` reads replaced by ``rows`` (n, rest)."""
+        t = tensor.movedim(self.axis, 0)
+        pos = self.positions()
+        shaped = rows.reshape(self.size, *[n for j, n in enumerate(self.shape) if j != self.dim],
+                              *t.shape[1:]).movedim(0, self.dim)
+        out = t.clone()
+        out[pos.reshape(-1).to(t.device)] = shaped.reshape(-1, *t.shape[1:]).to(t.dtype)
+        return out.movedim(0, self.axis)
+
     def describe(self) -> str:
+        tail = " (contra)" if self.contra else ""
         if self.is_plain:
-            return f"{self.param}[{self.axis}]"
+            return f"{self.param}[{self.axis}]{tail}"
         grid = "x".join(str(s) for s in self.shape)
-        return f"{self.param}[{self.axis}] @{self.offset} grid {grid} dim {self.dim}"
+        return f"{self.param}[{self.axis}] @{self.offset} grid {grid} dim {self.dim}{tail}"
+
+
+# The symmetry a group carries, from the least to the most general. Every kind
+# contains permutations: "sign" signed permutations, "scale" permutations times
+# positive diagonal scalings, "orthogonal" all orthogonal maps, "invertible"
+# all invertible maps (a general element M acts as ``M`` or ``M^-T``, see
+# ``Member.contra``).
+KINDS = ("permutation", "sign", "scale", "orthogonal", "invertible")
+
+
+def symmetry_kinds(symmetries) -> frozenset:
+    """The kinds asked for, as a set that always holds ``"permutation"``:
+    ``symmetries`` is a kind, an iterable of kinds, or ``"all"``."""
+    if symmetries is None:
+        return frozenset({"permutation"})
+    if isinstance(symmetries, str):
+        symmetries = KINDS if symmetries == "all" else (symmetries,)
+    asked = frozenset(symmetries)
+    unknown = sorted(asked - set(KINDS))
+    if unknown:
+        raise ValueError(f"unknown symmetry kind {unknown[0]!r}: kinds are {', '.join(KINDS)} "
+                         "(or 'all')")
+    return asked | {"permutation"}
+
+
+def group_kind(admitted, asked) -> str:
+    """The most general kind a group may carry: asked for and admitted by every
+    op on its axes (invertible, then orthogonal, scale, sign, permutation)."""
+    both = frozenset(admitted) & frozenset(asked)
+    return next(k for k in reversed(KINDS) if k in both or k == "permutation")
 
 
 @dataclass
@@ -80,6 +126,7 @@ class Group:
     name: str
     size: int
     members: list[Member] = field(default_factory=list)
+    kind: str = "permutation"
 
 
 @dataclass(frozen=True)
@@ -155,6 +202,11 @@ class PermutationSpec:
         self.capture = capture
 
     # ----------------------------------------------------------------- queries
+    @property
+    def is_general(self) -> bool:
+        """Whether some group carries more than permutations (see :data:`KINDS`)."""
+        return any(g.kind != "permutation" for g in self.groups.values())
+
     def members_by_param(self) -> dict[str, list[tuple[str, Member]]]:
         out: dict[str, list[tuple[str, Member]]] = {}
         for g in self.groups.values():
@@ -318,11 +370,14 @@ class PermutationSpec:
         lines = [f"PermutationSpec: {len(self.groups)} groups, "
                  f"coverage {format_coverage(self.coverage())} of hidden parameter axes"]
         width = max([len(n) for n in self.groups] + [5])
-        lines.append(f"{'group':<{width}}  {'size':>6}  members")
+        general = self.is_general
+        lines.append(f"{'group':<{width}}  {'size':>6}  " + ("kind         " if general else "")
+                     + "members")
         for g in self.groups.values():
             shown = ", ".join(m.describe() for m in g.members[:4])
             more = f", ... (+{len(g.members) - 4})" if len(g.members) > 4 else ""
-            lines.append(f"{g.name:<{width}}  {g.size:>6}  {shown}{more}")
+            kind = f"{g.kind:<11}  " if general else ""
+            lines.append(f"{g.name:<{width}}  {g.size:>6}  {kind}{shown}{more}")
         ops, axes = self.blocked_ops(), self.fixed_axes()
         if ops:
             lines.append(f"{len(ops)} blocked ops, first: "
@@ -337,9 +392,11 @@ class PermutationSpec:
         return {
             "format": "autobasin.PermutationSpec/1",
             "groups": [{"name": g.name, "size": g.size,
+                        **({"kind": g.kind} if g.kind != "permutation" else {}),
                         "members": [{"param": m.param, "axis": m.axis, "offset": m.offset,
                                      "shape": list(m.shape), "strides": list(m.strides),
-                                     "dim": m.dim} for m in g.members]}
+                                     "dim": m.dim, **({"contra": True} if m.contra else {})}
+                                    for m in g.members]}
                        for g in self.groups.values()],
             "tensors": {k: {"shape": list(v.shape), "is_parameter": v.is_parameter,
                             "floating": v.floating} for k, v in self.tensors.items()},
@@ -356,9 +413,13 @@ class PermutationSpec:
     def from_dict(cls, d: dict) -> "PermutationSpec":
         if d.get("format") != "autobasin.PermutationSpec/1":
             raise SpecError(f"not an autobasin spec (format={d.get('format')!r})")
+        for g in d["groups"]:
+            if g.get("kind", "permutation") not in KINDS:
+                raise SpecError(f"group {g['name']!r} has kind {g['kind']!r}; kinds are {KINDS}")
         groups = [Group(g["name"], int(g["size"]),
                         [Member(m["param"], int(m["axis"]), int(m["offset"]), tuple(m["shape"]),
-                                tuple(m["strides"]), int(m["dim"])) for m in g["members"]])
+                                tuple(m["strides"]), int(m["dim"]), bool(m.get("contra", False)))
+                         for m in g["members"]], g.get("kind", "permutation"))
                   for g in d["groups"]]
         tensors = {k: TensorInfo(tuple(v["shape"]), bool(v["is_parameter"]), bool(v["floating"]))
                    for k, v in d["tensors"].items()}

@@ -1,6 +1,7 @@
 """Infer a model's PermutationSpec from its torch.fx graph."""
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import warnings
 from typing import Iterable, Sequence
@@ -10,7 +11,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..guard import eval_mode, is_meta_model, unwrap_model
-from ..spec import Group, Member, PermutationSpec, TensorInfo
+from ..spec import Group, Member, PermutationSpec, TensorInfo, group_kind, symmetry_kinds
 from ..inputs import ModelInputs, as_inputs, positional, seeded_rng, select_output
 from ..trace import (ExampleRecorder, TraceError, caused_by, default_inputs, export_trace, graph_over,
                      op_name_of, symbolic_trace)
@@ -98,8 +99,9 @@ class TracedModel:
 
     def __init__(self, model: nn.Module, inputs: ModelInputs, opaque: Iterable = (),
                  capture: str = "auto", outputs: Sequence | None = None,
-                 fixed: Iterable[str] = (), concrete: bool = True):
+                 fixed: Iterable[str] = (), concrete: bool = True, symmetries=None):
         self.example_inputs = inputs
+        self.symmetries = symmetry_kinds(symmetries)
         self.outputs = None if outputs is None else list(outputs)
         try:  # forward's parameter names, to match later inputs given another way
             self._names = [n for n, prm in inspect.signature(model.forward).parameters.items()
@@ -172,11 +174,11 @@ class TracedModel:
             if not syms:
                 continue
             for axis, s in enumerate(syms):
-                for root, offset, shape, strides, dim in sym.leaves(s):
+                for root, offset, shape, strides, dim, dual in sym.leaves(s):
                     if root in sym.blocked:
                         continue
                     members.setdefault(root, []).append(
-                        Member(name, axis, offset, tuple(shape), tuple(strides), dim))
+                        Member(name, axis, offset, tuple(shape), tuple(strides), dim, dual))
         tensors = {n: TensorInfo(tuple(t.shape), isinstance(t, nn.Parameter), t.is_floating_point())
                    for n, t in state.items()}
         groups, used = [], set()
@@ -184,7 +186,10 @@ class TracedModel:
             name = _group_name(ms[0], state, used)
             used.add(name)
             self.root_to_group[root] = name
-            groups.append(Group(name, sym.size[root], ms))
+            kind = group_kind(sym.kinds(root), self.symmetries)
+            if kind == "permutation":  # orientation means nothing to a permutation
+                ms = [dataclasses.replace(m, contra=False) for m in ms]
+            groups.append(Group(name, sym.size[root], ms, kind))
         blocked = [(n, r) for n, r in self.graph.log]
         blocked += [(m, f"opaque module: {why}") for m, why in self.opaque_modules.items()]
         axes, fixed_axes = self._axis_kinds(state, members)
@@ -221,7 +226,7 @@ class TracedModel:
                     row.append("permuted")
                     # a part of the axis may still be fixed (RoPE's q/k head-dim
                     # inside permuted heads): name the part and why
-                    for root, offset, shape, _, dim in sym.leaves(syms[axis]):
+                    for root, offset, shape, _, dim, _ in sym.leaves(syms[axis]):
                         if root in sym.blocked and root not in sym.structural:
                             grid = "x".join(map(str, shape))
                             reasons.append((f"{name}[{axis}@{offset}:{grid}.d{dim}]",
@@ -250,7 +255,7 @@ class TracedModel:
         from ..spec import axis_index
         n = self.sym.size[s]
         ms = []
-        for root, offset, shape, strides, dim in self.sym.leaves(s):
+        for root, offset, shape, strides, dim, _ in self.sym.leaves(s):
             g = self.root_to_group.get(root)
             if g is not None and g in perms:
                 ms.append((Member("", 0, offset, shape, strides, dim), perms[g]))
@@ -482,16 +487,16 @@ def _group_name(m: Member, state, used: set) -> str:
 
 def infer_spec(model: nn.Module, example_inputs=None, *, opaque: Iterable = (),
                fixed: Iterable[str] = (), capture: str = "auto",
-               outputs: Sequence | None = None) -> PermutationSpec:
+               outputs: Sequence | None = None, symmetries=("permutation",)) -> PermutationSpec:
     """Infer which parameter axes of ``model`` can be permuted together:
     ``trace_model(...).spec`` (see :func:`trace_model` for the arguments)."""
     return trace_model(model, example_inputs, opaque=opaque, fixed=fixed, capture=capture,
-                       outputs=outputs).spec
+                       outputs=outputs, symmetries=symmetries).spec
 
 
 def trace_model(model: nn.Module, example_inputs=None, *, opaque: Iterable = (),
                 fixed: Iterable[str] = (), capture: str = "auto",
-                outputs: Sequence | None = None) -> TracedModel:
+                outputs: Sequence | None = None, symmetries=("permutation",)) -> TracedModel:
     """Capture ``model`` and infer which parameter axes can be permuted together.
 
     Args:
@@ -514,6 +519,15 @@ def trace_model(model: nn.Module, example_inputs=None, *, opaque: Iterable = (),
             encoder-decoder, whose ``encoder_last_hidden_state`` would
             otherwise fix the encoder's residual stream. The spec keeps them
             (``spec.outputs``) and every check compares only those.
+        symmetries: the kinds of symmetry to look for (:data:`autobasin.spec.KINDS`):
+            ``("permutation",)`` by default; add ``"sign"``, ``"scale"``,
+            ``"orthogonal"``, ``"invertible"`` (or pass ``"all"``). Each group
+            carries the most general kind asked for that every op on its axes
+            admits (a ReLU admits positive scalings, an odd activation sign
+            flips, a gainless RMSNorm orthogonal maps, a linear layer and a
+            residual sum anything invertible; an op without a declaration only
+            permutations), and each member whether a general element acts on
+            it as ``M`` or ``M^-T`` (``Member.contra``).
 
     Returns:
         A :class:`TracedModel`; its ``spec`` is the :class:`PermutationSpec`.
@@ -533,13 +547,14 @@ def trace_model(model: nn.Module, example_inputs=None, *, opaque: Iterable = (),
     if is_meta_model(model):
         inputs = inputs.to("meta")
     try:
-        traced = TracedModel(model, inputs, opaque, capture, outputs, fixed)
+        traced = TracedModel(model, inputs, opaque, capture, outputs, fixed,
+                             symmetries=symmetries)
     except ExampleInputError:
         # fx's graph cannot run on the inputs although the model can (fx took
         # another path through forward than these inputs do): capture with export
         if capture != "auto" or opaque or not _runs(model, inputs):
             raise
-        traced = TracedModel(model, inputs, (), "export", outputs, fixed)
+        traced = TracedModel(model, inputs, (), "export", outputs, fixed, symmetries=symmetries)
     spec = traced.spec
     if capture == "auto" and traced.capture == "fx" and not opaque and (
             spec.blocked_ops() or spec.coverage() < 1.0):
@@ -549,7 +564,8 @@ def trace_model(model: nn.Module, example_inputs=None, *, opaque: Iterable = (),
         # more. Both fail closed. (Not the graph of these inputs' branches: fx's
         # opaque leaves hold for every input.)
         try:
-            other = TracedModel(model, inputs, (), "export", outputs, fixed, concrete=False)
+            other = TracedModel(model, inputs, (), "export", outputs, fixed, concrete=False,
+                                symmetries=symmetries)
         except Exception:  # noqa: BLE001 - export cannot capture it either: keep fx's
             other = None
         if other is not None and other.spec.coverage() > spec.coverage() + 1e-9:

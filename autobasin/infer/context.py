@@ -192,8 +192,19 @@ class Context:
         meta = self.meta() if meta is None else meta
         return map_meta(meta, lambda m: [self.new(n, blocked) for n in m.shape])
 
-    def union(self, a: int, b: int) -> None:
-        self.sym.union(a, b)
+    def union(self, a: int, b: int, dual: bool = False) -> None:
+        """``a`` and ``b`` carry one symmetry. ``dual=True`` where the op contracts
+        them (``sum_k a_k b_k``: a linear layer's input against its weight's
+        input axis, q against k): a general map M on ``a`` needs ``M^-T`` on ``b``."""
+        self.sym.union(a, b, dual)
+
+    def restrict(self, s: int, kinds, why: str = "") -> None:
+        """Only ``kinds`` of symmetry (with permutations) may act on ``s``."""
+        self.sym.restrict(s, kinds, f"{self.node.name}: {why or self.op_name}")
+
+    def restrict_layout(self, layout, kinds, why: str = "") -> None:
+        for s in layout_symbols(layout):
+            self.restrict(s, kinds, why)
 
     def block(self, s: int, reason: str, structural: bool = False) -> None:
         """Fix axis ``s``. ``structural``: the axis has no permutation symmetry

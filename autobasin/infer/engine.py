@@ -24,7 +24,7 @@ from ..guard import eval_mode
 from ..trace import OPAQUE_VALUE, get_attr
 from .context import Context, is_tensor_meta, layout_symbols, map_meta
 from .inline import MAX_INLINE_DEPTH, paired_layouts, trace_body
-from .registry import FUNCTION_RULES, METHOD_RULES, module_rule
+from .registry import ALL, FUNCTION_RULES, METHOD_RULES, PERMUTATION, module_rule
 from .symbols import Symbols
 
 # Ops that move, copy or cast the values of their first argument without computing on them:
@@ -125,6 +125,7 @@ class GraphInference:
         try:
             if fn is not None:
                 out = self._check_layout(node, fn(ctx))
+                self._admit(node, ctx, fn, out, what)
             else:
                 out = self.opaque(node, ctx, what)
             self._follow_positions(node, ctx)
@@ -143,6 +144,22 @@ class GraphInference:
                 # it failed: none of them may move
                 self.block_module_tensors(ctx.module, reason)
             return ctx.fresh(blocked=reason)
+
+    def _admit(self, node: fx.Node, ctx: Context, fn, out, what: str) -> None:
+        """Every axis the op touches admits only the kinds of symmetry its rule
+        declares (permutations unless it says more, see ``registry.rule``)."""
+        kinds = getattr(fn, "kinds", PERMUTATION)
+        if kinds >= ALL:
+            return
+        touched = [self.layouts.get(a) for a in node.all_input_nodes] + [out]
+        if node.op == "call_module":
+            table = getattr(self.tensors, "table", self.tensors)
+            for t in ctx.module.state_dict(keep_vars=True).values():
+                for name in table.by_id.get(id(t), []):
+                    touched.append(table.syms.get(name))
+        reason = f"{node.name}: {what} admits only {', '.join(sorted(kinds))}"
+        for s in layout_symbols(touched):
+            self.sym.restrict(s, kinds, reason)
 
     def _held_positions(self, node: fx.Node) -> list[int]:
         """The axes whose positions ``node``'s value holds (one per tuple element)."""
@@ -523,3 +540,8 @@ class TensorTableView:
 
     def __getattr__(self, item):
         return getattr(self.table, item)
+
+
+# containers and shape queries move no values: every kind passes
+_dataclass_construction.kinds = ALL
+_no_constraint.kinds = ALL

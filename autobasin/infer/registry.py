@@ -38,15 +38,27 @@ def alias(aten_op, fn: Callable) -> None:
     ALIASES[aten_op] = fn
 
 
-def rule(*keys, inherit: bool = False, params: tuple[str, ...] = ()):
+ALL = frozenset({"permutation", "sign", "scale", "orthogonal", "invertible"})
+PERMUTATION = frozenset({"permutation"})
+
+
+def rule(*keys, inherit: bool = False, params: tuple[str, ...] = (), kinds=None):
     """Register a rule for modules, functions or method names.
 
     ``params`` lists the parameter/buffer names the rule knows for a module;
     with ``inherit=True`` a subclass that owns other parameters is not matched
     (its forward is traced instead), so a rule is never applied to a module it
     does not fully describe.
+
+    ``kinds``: the kinds of symmetry (``spec.KINDS``) the op admits on every
+    axis it touches, permutations only unless declared (``ALL`` for a linear
+    layer); a rule narrows single axes further with ``ctx.restrict``, and marks
+    contractions with ``ctx.union(a, b, dual=True)``. A function registered
+    again for more keys keeps the kinds it was declared with.
     """
     def register(fn: Callable) -> Callable:
+        if kinds is not None or not hasattr(fn, "kinds"):
+            fn.kinds = frozenset(kinds or PERMUTATION) | PERMUTATION
         for key in keys:
             if isinstance(key, str):
                 METHOD_RULES[key] = fn

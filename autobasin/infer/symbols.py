@@ -19,8 +19,19 @@ could have moved (an op without a rule, RoPE frequencies, a buffer outside the
 state_dict); coverage counts only hidden axes, and a fixed one always has its
 reason.
 
-The union-find itself is networkx's; this module adds sizes, blocking and
-refinement, which networkx does not have.
+Beyond permutations (see ``spec.KINDS``), every class also records the kinds
+of symmetry its ops admit (``restrict``: the intersection of what each op on
+its axes allows; nothing recorded means every kind) and, for each symbol, its
+*orientation* in the class: a contraction ``sum_k a_k b_k`` relates ``a``'s
+axis to the *dual* of ``b``'s (``union(a, b, dual=True)``), since a general
+map M on one side needs ``M^-T`` on the other. A weighted union-find (parity
+to the parent) keeps orientations; a class that meets itself with both
+orientations (a Gram matrix, a tied embedding that is also the output head)
+is self-dual, and admits only maps equal to their inverse-transpose:
+orthogonal ones.
+
+The union-find itself is networkx's; this module adds sizes, blocking,
+refinement, admitted kinds and orientation, which networkx does not have.
 """
 from __future__ import annotations
 
@@ -69,6 +80,11 @@ def _runs(sizes: list[int], fine: list[int], combine) -> list[list[int]]:
     return runs
 
 
+ALL_KINDS = frozenset({"permutation", "sign", "scale", "orthogonal", "invertible"})
+# the kinds whose every element equals its inverse-transpose
+SELF_DUAL_KINDS = frozenset({"permutation", "sign", "orthogonal"})
+
+
 class Symbols:
     """Sized, blockable, refinable union-find over integer symbols."""
 
@@ -78,11 +94,66 @@ class Symbols:
         self.blocked: dict[int, str] = {}
         self.structural: set[int] = set()  # roots of classes with a structural block
         self.refinement: dict[int, Refinement] = {}
+        # kinds each class admits (absent: all) and the first reason it lost one
+        self.admits: dict[int, frozenset] = {}
+        self.narrowed: dict[int, str] = {}
+        # orientation: weighted union-find, parity of each symbol to its parent
+        self._pparent: list[int] = []
+        self._pbit: list[int] = []
+
+    # ----------------------------------------------------------- orientation
+    def parity(self, s: int) -> int:
+        """1 when ``s`` is oriented dual to its class's reference, else 0."""
+        return self._proot(s)[1]
+
+    def _proot(self, s: int) -> tuple[int, int]:
+        bit, path = 0, []
+        while self._pparent[s] != s:
+            path.append(s)
+            bit ^= self._pbit[s]
+            s = self._pparent[s]
+        acc = bit
+        for x in path:  # compress
+            b = self._pbit[x]
+            self._pparent[x], self._pbit[x] = s, acc
+            acc ^= b
+        return s, bit
+
+    def _dual_of(self, k: int) -> int:
+        """A new symbol dual to ``k`` (same class, opposite orientation)."""
+        d = self.new(self.size[k])
+        self.union(d, k, dual=True)
+        return d
+
+    # ---------------------------------------------------------------- kinds
+    def kinds(self, s: int) -> frozenset:
+        """The kinds of symmetry every op on ``s``'s class admits."""
+        return self.admits.get(self.find(s), ALL_KINDS)
+
+    def restrict(self, s: int, kinds, reason: str = "") -> None:
+        """Only ``kinds`` (and always permutations) may act on ``s``'s class;
+        a refined class's parts are restricted alike."""
+        if self.trivial(s):
+            return
+        kinds = frozenset(kinds) | {"permutation"}
+        r = self.find(s)
+        cur = self.admits.get(r, ALL_KINDS)
+        new = cur & kinds
+        if new != cur:
+            self.admits[r] = new
+            if reason:
+                self.narrowed.setdefault(r, reason)
+        ref = self.refinement.get(r)
+        if ref:
+            for c in ref.children:
+                self.restrict(c, kinds, reason)
 
     # ---------------------------------------------------------------- basics
     def new(self, size: int, blocked: str | None = None, structural: bool = False) -> int:
         s = len(self.size)
         self.size.append(int(size))
+        self._pparent.append(s)
+        self._pbit.append(0)
         self.uf[s]  # register
         if blocked:
             self.block(s, blocked, structural)
@@ -130,14 +201,23 @@ class Symbols:
     def is_structural(self, s: int) -> bool:
         return self.find(s) in self.structural
 
-    def union(self, a: int, b: int) -> None:
+    def union(self, a: int, b: int, dual: bool = False) -> None:
+        """``a`` and ``b`` carry one symmetry; ``dual``: ``b`` is read against ``a``
+        in a contraction, so a general map M on ``a`` is ``M^-T`` on ``b``."""
         if self.size[a] != self.size[b]:
             raise SizeMismatch(f"cannot identify axes of sizes {self.size[a]} and {self.size[b]}")
         if self.trivial(a):
             return
+        (pa, ba), (pb, bb) = self._proot(a), self._proot(b)
+        rel = ba ^ bb ^ int(dual)  # orientation of b's reference against a's
         ra, rb = self.find(a), self.find(b)
         if ra == rb:
+            if pa == pb and rel:
+                self.restrict(ra, SELF_DUAL_KINDS, "an axis contracted with itself (self-dual)")
             return
+        self._pparent[pb], self._pbit[pb] = pa, rel
+        ka, kb = self.admits.pop(ra, None), self.admits.pop(rb, None)
+        na, nb = self.narrowed.pop(ra, None), self.narrowed.pop(rb, None)
         fa, fb = self.refinement.pop(ra, None), self.refinement.pop(rb, None)
         reason = self.blocked.pop(ra, None) or self.blocked.pop(rb, None)
         self.blocked.pop(rb, None)
@@ -146,33 +226,41 @@ class Symbols:
         self.structural.discard(rb)
         self.uf.union(ra, rb)
         r = self.find(ra)
+        if ka is not None or kb is not None:
+            self.admits[r] = (ka or ALL_KINDS) & (kb or ALL_KINDS)
+        if na or nb:
+            self.narrowed[r] = na or nb
+        # refinements are recorded in the orientation of their class's reference
+        # (the parity root); ``pa`` stays the reference of the joined class
         if fa is not None:
             self.refinement[r] = fa
         elif fb is not None:
             self.refinement[r] = fb
+            if rel:  # fb's parts were oriented against pb's reference
+                self.refinement[r] = Refinement(fb.kind, [self._dual_of(c) for c in fb.children])
         if fa is not None and fb is not None:
             sizes = [self.size[c] for c in fb.children]
-            kids = (self.refine_product(r, sizes) if fb.kind == "product"
-                    else self.refine_concat(r, sizes))
+            kids = (self.refine_product(r, sizes, _frame=True) if fb.kind == "product"
+                    else self.refine_concat(r, sizes, _frame=True))
             for k, c in zip(kids, fb.children):
-                self.union(k, c)
+                self.union(k, c, dual=bool(rel))
         if reason:
             self.block(r, reason, structural)
 
     # ------------------------------------------------------------ refinement
-    def refine_product(self, s: int, sizes: list[int]) -> list[int]:
+    def refine_product(self, s: int, sizes: list[int], _frame: bool = False) -> list[int]:
         """Children of ``s`` viewed as a row-major grid of ``sizes``."""
         if math.prod(sizes) != self.size[s]:
             raise SizeMismatch(f"product {sizes} does not match axis size {self.size[s]}")
-        return self._refine(s, list(sizes), "product")
+        return self._refine(s, list(sizes), "product", _frame)
 
-    def refine_concat(self, s: int, lengths: list[int]) -> list[int]:
+    def refine_concat(self, s: int, lengths: list[int], _frame: bool = False) -> list[int]:
         """Children of ``s`` viewed as consecutive segments of ``lengths``."""
         if sum(lengths) != self.size[s]:
             raise SizeMismatch(f"segments {lengths} do not add up to axis size {self.size[s]}")
-        return self._refine(s, list(lengths), "concat")
+        return self._refine(s, list(lengths), "concat", _frame)
 
-    def _refine(self, s: int, sizes: list[int], kind: str) -> list[int]:
+    def _refine(self, s: int, sizes: list[int], kind: str, frame: bool = False) -> list[int]:
         # a size-1 factor is no structure; a size-1 segment is a real position
         floor = 1 if kind == "product" else 0
         keep = [i for i, n in enumerate(sizes) if n > floor]
@@ -183,8 +271,14 @@ class Symbols:
             out[keep[0]] = s
             return out
         kids = self._refine_nontrivial(s, [sizes[i] for i in keep], kind)
+        # the parts are recorded in the reference's orientation; a symbol dual
+        # to it sees them dual (``frame``: the caller wants the reference's)
+        flip = not frame and self.parity(s)
+        kinds = self.admits.get(self.find(s))
         for i, k in zip(keep, kids):
-            out[i] = k
+            out[i] = self._dual_of(k) if flip and not self.trivial(k) else k
+            if kinds is not None:
+                self.restrict(k, kinds)
         return out
 
     def _refine_nontrivial(self, s: int, sizes: list[int], kind: str) -> list[int]:
@@ -279,17 +373,19 @@ class Symbols:
 
     # -------------------------------------------------------------- read-out
     def leaves(self, s: int, offset: int = 0, shape: tuple[int, ...] | None = None,
-               strides: tuple[int, ...] | None = None, dim: int = 0):
-        """Yield ``(root, offset, shape, strides, dim)`` for each unrefined class
-        under ``s``: where on the axis of ``s`` it acts, as a strided grid."""
+               strides: tuple[int, ...] | None = None, dim: int = 0, flip: int = 0):
+        """Yield ``(root, offset, shape, strides, dim, dual)`` for each unrefined
+        class under ``s``: where on the axis of ``s`` it acts, as a strided grid,
+        and whether the axis sees that class dual to its reference orientation."""
         if self.trivial(s):
             return
+        flip ^= self.parity(s)
         if shape is None:
             shape, strides = (self.size[s],), (1,)
         r = self.find(s)
         ref = self.refinement.get(r)
         if ref is None:
-            yield r, offset, shape, strides, dim
+            yield r, offset, shape, strides, dim, bool(flip)
             return
         sizes = [self.size[c] for c in ref.children]
         if ref.kind == "product":
@@ -298,12 +394,12 @@ class Symbols:
             new_shape = shape[:dim] + tuple(sizes) + shape[dim + 1:]
             new_strides = strides[:dim] + tuple(inner) + strides[dim + 1:]
             for j, c in enumerate(ref.children):
-                yield from self.leaves(c, offset, new_shape, new_strides, dim + j)
+                yield from self.leaves(c, offset, new_shape, new_strides, dim + j, flip)
         else:
             start = 0
             for c, n in zip(ref.children, sizes):
                 sh = shape[:dim] + (n,) + shape[dim + 1:]
-                yield from self.leaves(c, offset + start * strides[dim], sh, strides, dim)
+                yield from self.leaves(c, offset + start * strides[dim], sh, strides, dim, flip)
                 start += n
 
 

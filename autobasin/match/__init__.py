@@ -15,6 +15,7 @@ from torch import nn
 
 from ..spec import PermutationSpec
 from .activation import activation_matching
+from .general import GeneralMatching, general_weight_matching
 from .lap import solve_lap
 from .result import ActivationMatching, Matching, STEMatching, WeightMatching
 from .ste import ste_matching
@@ -50,7 +51,11 @@ def register(matcher: Matcher) -> Matcher:
 
 
 def _weight(spec: PermutationSpec, a: nn.Module, b: nn.Module, data: Iterable | None, *,
-            seed: int = 0, progress: bool = True, **kw: Any) -> WeightMatching:
+            seed: int = 0, progress: bool = True, **kw: Any) -> WeightMatching | GeneralMatching:
+    if spec.is_general:  # groups beyond permutations: the distance-minimising descent
+        return general_weight_matching(spec, a.state_dict(), b.state_dict(), seed=seed,
+                                       max_iter=kw.get("max_iter", 100), tol=kw.get("tol", 1e-9),
+                                       match_buffers=kw.get("match_buffers", False))
     return weight_matching(spec, a.state_dict(), b.state_dict(), seed=seed, progress=progress, **kw)
 
 
@@ -74,4 +79,4 @@ register(Matcher("ste", _ste, needs_data=True, runs_on_a=True,
 
 __all__ = ["MATCHERS", "Matcher", "register", "solve_lap", "weight_matching",
            "activation_matching", "ste_matching", "Matching", "WeightMatching",
-           "ActivationMatching", "STEMatching"]
+           "ActivationMatching", "STEMatching", "general_weight_matching", "GeneralMatching"]

@@ -361,7 +361,7 @@ def _node_entries(name: str, layout: list[int], sym, root_to_group: Mapping[int,
     per_axis: list[list[tuple[str | None, int, tuple, tuple, int]]] = []
     for s in layout:
         leaves = []
-        for root, offset, shape, strides, dim in sym.leaves(s):
+        for root, offset, shape, strides, dim, _ in sym.leaves(s):
             if root in sym.blocked:
                 g = None
             elif root in root_to_group:

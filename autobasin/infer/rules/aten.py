@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..registry import alias, rule
+from ..registry import ALL, PERMUTATION, alias, rule
 from .common import broadcast_along_last, broadcast_layouts, norm_dim, pair_axes
 from .elementwise import elementwise_rule, constant_like, unary_rule
 from .linear import conv_rule, embedding_rule
@@ -268,13 +268,13 @@ def _outer(ctx):
     return [ctx.layout(ctx.args[0])[0], ctx.layout(ctx.args[1])[0]]
 
 
-@rule(*_ops("embedding"))
+@rule(*_ops("embedding"), kinds=ALL)
 def _embedding(ctx):
     """``aten.embedding(weight, indices, ...)``: the functional order swapped."""
     return embedding_rule(ctx, ctx.arg(1, "indices"), ctx.layout(ctx.arg(0, "weight")))
 
 
-@rule(*_ops("addmm", "baddbmm", "addbmm"))
+@rule(*_ops("addmm", "baddbmm", "addbmm"), kinds=ALL)
 def _addmm(ctx):
     """``addmm(bias, a, b) = bias + a @ b`` (GPT-2's Conv1D, BLOOM's ALiBi)."""
     bias, a, b = ctx.args[0], ctx.args[1], ctx.args[2]
@@ -288,12 +288,13 @@ def _addmm(ctx):
 
 def _matmul_of(ctx, a, b) -> list[int]:
     la, lb = list(ctx.layout(a)), list(ctx.layout(b))
-    ctx.union(la[-1], lb[-2])
+    ctx.union(la[-1], lb[-2], dual=True)
     sa, sb = ctx.shape(a), ctx.shape(b)
     batch = []
     for x, y, nx, ny in zip(la[:-2], lb[:-2], sa[:-2], sb[:-2]):
         if nx == ny:
             ctx.union(x, y)
+            ctx.restrict(x, PERMUTATION, "a batch axis of both factors")
         batch.append(x if nx > 1 else y)
     return batch + [la[-2], lb[-1]]
 
@@ -303,7 +304,7 @@ def _add_broadcast(ctx, bias, product: list[int]) -> list[int]:
                                    (product, ctx.shape())], ctx.shape())
 
 
-@rule(*_ops("convolution", "_convolution"))
+@rule(*_ops("convolution", "_convolution"), kinds=ALL)
 def _convolution(ctx):
     """``convolution(input, weight, bias, stride, padding, dilation, transposed,
     output_padding, groups)``."""

@@ -2,7 +2,11 @@
 attention and nn.MultiheadAttention.
 
 A contraction sum_k a[..., k] b[k, ...] is unchanged when both sides permute
-k alike, so contracted axes are identified; batch axes broadcast.
+k alike, so contracted axes are identified; batch axes broadcast. Beyond
+permutations, a contraction keeps any invertible map M of k when the other
+side takes M^-T (the axes are dual), and passes any map of a free axis to the
+result; an axis both factors carry as a batch axis is multiplied entry by
+entry, which only permutations keep.
 """
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..registry import rule
+from ..registry import ALL, PERMUTATION, rule
 from .common import broadcast_layouts
 
 
@@ -20,7 +24,15 @@ def _broadcast_batch(ctx, la, sa, lb, sb, out_batch_shape):
     return broadcast_layouts(ctx, [(la, sa), (lb, sb)], out_batch_shape)
 
 
-@rule(torch.matmul, operator.matmul, "matmul", torch.bmm, "bmm", torch.mm, "mm")
+def _batch_kinds(ctx, la, sa, lb, sb) -> None:
+    """Batch axes both factors carry (heads in q @ k^T): permutations only."""
+    for x, y, nx, ny in zip(reversed(la), reversed(lb), reversed(sa), reversed(sb)):
+        if nx == ny > 1:
+            ctx.restrict(x, PERMUTATION, "a batch axis of both factors")
+            ctx.restrict(y, PERMUTATION, "a batch axis of both factors")
+
+
+@rule(torch.matmul, operator.matmul, "matmul", torch.bmm, "bmm", torch.mm, "mm", kinds=ALL)
 def _matmul(ctx):
     a, b = ctx.args[0], ctx.args[1]
     la, lb = list(ctx.layout(a)), list(ctx.layout(b))
@@ -30,7 +42,8 @@ def _matmul(ctx):
         la, sa = [ctx.new(1)] + la, [1] + sa
     if b_vec:
         lb, sb = lb + [ctx.new(1)], sb + [1]
-    ctx.union(la[-1], lb[-2])
+    ctx.union(la[-1], lb[-2], dual=True)
+    _batch_kinds(ctx, la[:-2], sa[:-2], lb[:-2], sb[:-2])
     out_shape = list(ctx.shape())
     n_batch = max(len(sa), len(sb)) - 2
     batch = _broadcast_batch(ctx, la[:-2], sa[:-2], lb[:-2], sb[:-2],
@@ -47,7 +60,7 @@ def _batch_shape(a, b):
     return [max(x, y) for x, y in zip(a, b)]
 
 
-@rule(torch.einsum)
+@rule(torch.einsum, kinds=ALL)
 def _einsum(ctx):
     eq = ctx.value(ctx.args[0]).replace(" ", "")
     operands = list(ctx.args[1:])
@@ -72,15 +85,26 @@ def _einsum(ctx):
             return list(pre) + [f"@{ell_max - n_ell + i}" for i in range(n_ell)] + list(post)
         return list(term)
 
+    seen: dict[str, list[int]] = {}
     for t, op in zip(terms, operands):
         lay, shape = ctx.layout(op), ctx.shape(op)
         for letter, s, n in zip(expand(t, len(shape)), lay, shape):
             if n == 1:
                 continue
-            if letter in by_letter:
-                ctx.union(by_letter[letter], s)
-            else:
-                by_letter[letter] = s
+            seen.setdefault(letter, []).append(s)
+    out_letters = set(expand(rhs, len(ctx.shape())))
+    for letter, syms in seen.items():
+        # a letter summed over between exactly two operands is a contraction
+        # (dual axes); one in the result is mapped along; any other use (a batch
+        # letter of several operands, a diagonal) multiplies entries
+        dual = len(syms) == 2 and letter not in out_letters
+        for s in syms[1:]:
+            ctx.union(syms[0], s, dual=dual)
+        if len(syms) > 1 and not dual:
+            ctx.restrict(syms[0], PERMUTATION, f"einsum index {letter!r} of several factors")
+        if len(syms) == 1 and letter not in out_letters:
+            ctx.restrict(syms[0], PERMUTATION, f"einsum sums over {letter!r}")
+        by_letter[letter] = syms[0]
     out_shape = ctx.shape()
     out = []
     for letter, n in zip(expand(rhs, len(out_shape)), out_shape):
@@ -88,13 +112,17 @@ def _einsum(ctx):
     return out
 
 
-@rule(F.scaled_dot_product_attention)
+@rule(F.scaled_dot_product_attention, kinds=ALL)
 def _sdpa(ctx):
     q, k, v = ctx.arg(0, "query"), ctx.arg(1, "key"), ctx.arg(2, "value")
     lq, lk, lv = ctx.layout(q), ctx.layout(k), ctx.layout(v)
     sq, sk, sv = ctx.shape(q), ctx.shape(k), ctx.shape(v)
-    ctx.union(lq[-1], lk[-1])
+    # q . k contracts the head dim (dual axes: q's map M, k's M^-T); v's head dim
+    # is carried to the result; heads, tokens and the softmax's axis only permute
+    ctx.union(lq[-1], lk[-1], dual=True)
     ctx.union(lk[-2], lv[-2])
+    for lay in (lq, lk, lv):
+        ctx.restrict_layout(lay[:-1], PERMUTATION, "attention's heads and tokens")
     gqa = bool(ctx.value(ctx.arg(7, "enable_gqa", False))) and len(sq) >= 3 and \
         (sq[-3] != sk[-3] or sq[-3] != sv[-3])
     if gqa and (sq[-3] % sk[-3] or sq[-3] % sv[-3]):
@@ -134,7 +162,7 @@ def _sdpa(ctx):
     return batch + [lq[-2], lv[-1]]
 
 
-@rule(nn.MultiheadAttention)
+@rule(nn.MultiheadAttention, kinds=ALL)
 def _mha(ctx):
     """nn.MultiheadAttention: the model dimension E is shared by the inputs,
     the input projection's 'in' axis and the output projection's 'out' axis.
@@ -153,15 +181,15 @@ def _mha(ctx):
     if m._qkv_same_embed_dim:
         w = ctx.param("in_proj_weight")
         for lay in (lq, lk, lv):
-            ctx.union(lay[-1], w[1])
+            ctx.union(lay[-1], w[1], dual=True)
         parts = ctx.refine_concat(w[0], [e, e, e])
         if m.in_proj_bias is not None:
             ctx.union(ctx.param("in_proj_bias")[0], w[0])
     else:
         wq, wk, wv = (ctx.param(n) for n in ("q_proj_weight", "k_proj_weight", "v_proj_weight"))
-        ctx.union(lq[-1], wq[1])
-        ctx.union(lk[-1], wk[1])
-        ctx.union(lv[-1], wv[1])
+        ctx.union(lq[-1], wq[1], dual=True)
+        ctx.union(lk[-1], wk[1], dual=True)
+        ctx.union(lv[-1], wv[1], dual=True)
         parts = [wq[0], wk[0], wv[0]]
         if m.in_proj_bias is not None:
             bias = ctx.param("in_proj_bias")
@@ -173,8 +201,11 @@ def _mha(ctx):
     o_hd = ctx.refine_product(out_w[1], [h, d])
     for x in (k_hd, v_hd, o_hd):
         ctx.union(q_hd[0], x[0])
-    ctx.union(q_hd[1], k_hd[1])
-    ctx.union(v_hd[1], o_hd[1])
+    ctx.restrict(q_hd[0], PERMUTATION, "attention heads")
+    ctx.union(q_hd[1], k_hd[1], dual=True)
+    ctx.union(v_hd[1], o_hd[1], dual=True)
+    for lay in (lq, lk, lv):
+        ctx.restrict_layout(list(lay)[:-1], PERMUTATION, "attention's tokens")
     if m.out_proj.bias is not None:
         ctx.union(ctx.param("out_proj.bias")[0], out_w[0])
     if m.bias_k is not None:

@@ -33,6 +33,34 @@ def broadcast_layouts(ctx: Context, operands: list[tuple[list[int], tuple[int, .
     return out
 
 
+def carriers(operands: list[tuple[list[int], tuple[int, ...]]], out_shape) -> list[int]:
+    """For each output axis, how many ``(layout, shape)`` operands carry it
+    (have it at full, non-trivial length rather than broadcast)."""
+    nd = len(out_shape)
+    return [sum(1 for _, shape in operands
+                if j - (nd - len(shape)) >= 0 and shape[j - (nd - len(shape))] == size > 1)
+            for j, size in enumerate(out_shape)]
+
+
+def admit_sum(ctx: Context, operands, out: list[int], out_shape, constant: bool = False) -> None:
+    """Kinds of a sum of broadcast operands: an axis every operand carries is
+    mapped linearly (any kind); one an operand (or a nonzero ``constant``)
+    broadcasts along adds a constant vector, which only permutations keep."""
+    n = len(operands) + (1 if constant else 0)
+    for s, c in zip(out, carriers(operands, out_shape)):
+        if 0 < c < n:
+            ctx.restrict(s, {"permutation"}, "a term broadcast along the axis")
+
+
+def admit_product(ctx: Context, operands, out: list[int], out_shape) -> None:
+    """Kinds of an elementwise product: an axis one factor carries is scaled
+    linearly (any kind); one two factors carry is multiplied entry by entry,
+    which only permutations keep."""
+    for s, c in zip(out, carriers(operands, out_shape)):
+        if c > 1:
+            ctx.restrict(s, {"permutation"}, "entries of two factors multiplied")
+
+
 def broadcast(ctx: Context, tensors: list, out_shape: tuple[int, ...]) -> list[int]:
     """:func:`broadcast_layouts` over tensor argument nodes."""
     return broadcast_layouts(ctx, [(ctx.layout(t), ctx.shape(t)) for t in tensors], out_shape)

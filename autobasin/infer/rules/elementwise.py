@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..registry import rule
-from .common import broadcast, first_tensor
+from ..registry import ALL, rule
+from .common import admit_product, admit_sum, broadcast, first_tensor, norm_dim, op_name_of
 
 # Ops whose every tensor argument broadcasts against the others.
 BROADCAST_FUNCS = [
@@ -73,7 +73,87 @@ ELEMENTWISE_MODULES = [
 ]
 
 
-@rule(*BROADCAST_FUNCS, *BROADCAST_METHODS, *ELEMENTWISE_MODULES)
+# Kinds of symmetry beyond permutations that elementwise ops admit (everything
+# else admits permutations only): sums and linear maps any kind; positively
+# homogeneous ops (ReLU: f(s x) = s f(x) for s > 0) positive scalings; odd ones
+# (f(-x) = -f(x)) sign flips.
+SUMS = {"add", "sub", "iadd", "isub", "add_", "sub_", "subtract", "__radd__", "rsub", "__rsub__"}
+PRODUCTS = {"mul", "multiply", "imul", "mul_", "__rmul__"}
+QUOTIENTS = {"div", "divide", "true_divide", "truediv", "itruediv", "div_"}
+LINEAR = {"neg", "neg_", "pos", "dropout", "feature_dropout", "alpha_dropout", "dropout1d",
+          "dropout2d", "dropout3d", "feature_alpha_dropout", "Identity", "Dropout", "Dropout1d",
+          "Dropout2d", "Dropout3d", "AlphaDropout", "FeatureAlphaDropout"}
+HOMOGENEOUS = {"relu", "relu_", "ReLU", "leaky_relu", "leaky_relu_", "LeakyReLU"}
+ODD = {"tanh", "tanh_", "Tanh", "sin", "sinh", "asinh", "atan", "tan", "erf", "softsign",
+       "Softsign", "tanhshrink", "Tanhshrink", "hardshrink", "Hardshrink", "softshrink",
+       "Softshrink", "sign", "sgn"}
+
+
+def _elementwise_kinds(ctx, tensors, out) -> None:
+    name = type(ctx.module).__name__ if ctx.module is not None else ctx.op_name
+    operands = [(ctx.layout(t), ctx.shape(t)) for t in tensors]
+    shape = ctx.meta().shape
+    if name in SUMS:
+        numbers = [a for a in ctx.args[:2] if not ctx.is_tensor(a)]
+        constant = any(ctx.value(a) != 0 for a in numbers)
+        admit_sum(ctx, operands, out, shape, constant)
+    elif name in PRODUCTS:
+        admit_product(ctx, operands, out, shape)
+    elif name in QUOTIENTS:
+        den = ctx.args[1] if len(ctx.args) > 1 else None
+        if ctx.is_tensor(den):  # a value divided by entries: only permutations
+            ctx.restrict_layout(ctx.layout(den), {"permutation"}, "entries divided by")
+        admit_product(ctx, operands, out, shape)
+    elif name in LINEAR or (name in ("Hardtanh", "hardtanh", "hardtanh_") and _symmetric(ctx)):
+        if name.startswith("hardtanh") or name == "Hardtanh":
+            ctx.restrict_layout(out, {"sign"}, "hardtanh (odd)")
+    elif name in HOMOGENEOUS:
+        ctx.restrict_layout(out, {"scale"}, f"{name} (positively homogeneous)")
+    elif name in ODD:
+        ctx.restrict_layout(out, {"sign"}, f"{name} (odd)")
+    else:
+        ctx.restrict_layout(out, {"permutation"}, name)
+
+
+def _sum_of_squares(ctx, x, out):
+    """``x ** 2`` whose every use sums it over some axes (an RMS or L2 norm):
+    the sum of squares along an axis is unchanged by any orthogonal map of it,
+    so those axes of ``x`` admit orthogonal maps, and the squares get new axes
+    there (the reductions consume them). None when the squares are used
+    otherwise."""
+    nd = len(out)
+    dims: set[int] = set()
+    for u in ctx.node.users:
+        if u.op not in ("call_method", "call_function") or \
+                op_name_of(u.target) not in ("mean", "sum") or u.args[0] is not ctx.node:
+            return None
+        d = u.args[1] if len(u.args) > 1 else u.kwargs.get("dim")
+        d = ctx.value(d)
+        if d is None:
+            return None
+        dims |= {norm_dim(k, nd) for k in ([d] if isinstance(d, int) else d)}
+    if not dims:
+        return None
+    lay = list(ctx.layout(x))
+    new = list(out)
+    for j in dims:
+        ctx.restrict(lay[j], {"sign", "orthogonal"}, "a sum of squares along the axis")
+        new[j] = ctx.new(ctx.size[out[j]])
+    for j, s in enumerate(new):
+        if j not in dims:
+            ctx.restrict(s, {"permutation"}, "squared entries")
+    return new
+
+
+def _symmetric(ctx) -> bool:
+    m = ctx.module
+    if m is not None:
+        return m.min_val == -m.max_val
+    lo, hi = ctx.value(ctx.arg(1, "min_val", -1.0)), ctx.value(ctx.arg(2, "max_val", 1.0))
+    return lo == -hi
+
+
+@rule(*BROADCAST_FUNCS, *BROADCAST_METHODS, *ELEMENTWISE_MODULES, kinds=ALL)
 def elementwise_rule(ctx):
     if ctx.node.op == "call_module":
         tensors = [a for a in ctx.args if ctx.is_tensor(a)]
@@ -83,10 +163,19 @@ def elementwise_rule(ctx):
     if not hasattr(meta, "shape"):
         ctx.block_layout([ctx.layout(t) for t in tensors], "non-tensor result")
         return None
-    return broadcast(ctx, tensors, meta.shape)
+    out = broadcast(ctx, tensors, meta.shape)
+    name = ctx.op_name if ctx.module is None else ""
+    exponent = ctx.value(ctx.args[1]) if name in ("pow", "pow_") and len(ctx.args) > 1 else \
+        2 if name == "square" else None
+    if exponent == 2 and len(tensors) == 1:
+        squares = _sum_of_squares(ctx, tensors[0], out)
+        if squares is not None:
+            return squares
+    _elementwise_kinds(ctx, tensors, out)
+    return out
 
 
-@rule(*UNARY_METHODS, *UNARY_FUNCS)
+@rule(*UNARY_METHODS, *UNARY_FUNCS, kinds=ALL)
 def unary_rule(ctx):
     x = first_tensor(ctx)
     return list(ctx.layout(x))

@@ -13,24 +13,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..registry import rule
+from ..registry import ALL, PERMUTATION, rule
 
 
 def linear_rule(ctx, x, w, b):
     lay = list(ctx.layout(x))
-    ctx.union(lay[-1], w[1])
+    ctx.union(lay[-1], w[1], dual=True)
     if b:
         ctx.union(b[0], w[0])
     return lay[:-1] + [w[0]]
 
 
-@rule(nn.Linear, inherit=True, params=("weight", "bias"))
+@rule(nn.Linear, inherit=True, params=("weight", "bias"), kinds=ALL)
 def _linear_module(ctx):
     b = ctx.param("bias") if ctx.has_param("bias") else None
     return linear_rule(ctx, ctx.args[0], ctx.param("weight"), b)
 
 
-@rule(F.linear, torch._C._nn.linear)
+@rule(F.linear, torch._C._nn.linear, kinds=ALL)
 def _linear_fn(ctx):
     b = ctx.arg(2, "bias")
     return linear_rule(ctx, ctx.arg(0, "input"), ctx.layout(ctx.arg(1, "weight")),
@@ -48,17 +48,21 @@ def conv_rule(ctx, x, w, b, groups: int, spatial: int, transposed: bool):
     spatial_out = [ctx.new(n, "conv spatial axis", structural=True) for n in out_shape[c + 1:]]
     if not transposed:
         cin_g, cout = ctx.size[w[1]], ctx.size[w[0]]
+        # a conv mixes channels linearly, the same way at every position: any map
+        # of its input channels (dual: the weight reads them) and output channels
+        # commutes with it; a grouped conv's groups only permute (block-diagonal)
         if groups == 1:
-            ctx.union(lay[c], w[1])
+            ctx.union(lay[c], w[1], dual=True)
         else:
             xg = ctx.refine_product(lay[c], [groups, cin_g])
             wg = ctx.refine_product(w[0], [groups, cout // groups])
             ctx.union(xg[0], wg[0])
-            ctx.union(xg[1], w[1])
+            ctx.union(xg[1], w[1], dual=True)
+            ctx.restrict(xg[0], PERMUTATION, "groups of a grouped convolution")
         out_c = w[0]
     else:
         cin, cout_g = ctx.size[w[0]], ctx.size[w[1]]
-        ctx.union(lay[c], w[0])
+        ctx.union(lay[c], w[0], dual=True)
         if groups == 1:
             out_c = w[1]
         else:
@@ -67,6 +71,7 @@ def conv_rule(ctx, x, w, b, groups: int, spatial: int, transposed: bool):
             wg = ctx.refine_product(w[0], [groups, cin // groups])
             ctx.union(og[0], wg[0])
             ctx.union(og[1], w[1])
+            ctx.restrict(og[0], PERMUTATION, "groups of a grouped convolution")
     if b:
         ctx.union(b[0], out_c)
     return lay[:c] + [out_c] + spatial_out
@@ -77,7 +82,7 @@ CONV_MODULES = {nn.Conv1d: (1, False), nn.Conv2d: (2, False), nn.Conv3d: (3, Fal
                 nn.ConvTranspose3d: (3, True)}
 
 
-@rule(*CONV_MODULES, inherit=True, params=("weight", "bias"))
+@rule(*CONV_MODULES, inherit=True, params=("weight", "bias"), kinds=ALL)
 def _conv_module(ctx):
     m = ctx.module
     spatial, transposed = next(v for k, v in CONV_MODULES.items() if isinstance(m, k))
@@ -90,7 +95,7 @@ CONV_FUNCS = {F.conv1d: (1, False), F.conv2d: (2, False), F.conv3d: (3, False),
               F.conv_transpose3d: (3, True)}
 
 
-@rule(*CONV_FUNCS)
+@rule(*CONV_FUNCS, kinds=ALL)
 def _conv_fn(ctx):
     spatial, transposed = CONV_FUNCS[ctx.target]
     b = ctx.arg(2, "bias")
@@ -104,17 +109,18 @@ def _conv_fn(ctx):
 def embedding_rule(ctx, idx, w):
     if ctx.positions(idx) is not None:  # rows picked by positions along another axis
         ctx.union(w[0], ctx.positions(idx))
+        ctx.restrict(w[0], PERMUTATION, "rows picked by positions")
         ctx.consume(idx)
     else:
         ctx.block(w[0], "embedding rows are looked up by index", structural=True)
     return list(ctx.layout(idx)) + [w[1]]
 
 
-@rule(nn.Embedding, inherit=True, params=("weight",))
+@rule(nn.Embedding, inherit=True, params=("weight",), kinds=ALL)
 def _embedding_module(ctx):
     return embedding_rule(ctx, ctx.args[0], ctx.param("weight"))
 
 
-@rule(F.embedding)
+@rule(F.embedding, kinds=ALL)
 def _embedding_fn(ctx):
     return embedding_rule(ctx, ctx.arg(0, "input"), ctx.layout(ctx.arg(1, "weight")))

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..registry import rule
+from ..registry import ALL, rule
+from .common import norm_dim
 
 BN_PARAMS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
@@ -49,32 +50,40 @@ def _batchnorm_fn(ctx):
     return per_channel(ctx, lay, 1 if len(lay) > 1 else 0, tensors)
 
 
-def layer_norm_rule(ctx, x, k: int, w, b):
+def layer_norm_rule(ctx, x, k: int, w, b, rms: bool = False):
     lay = list(ctx.layout(x))
     for t in (w, b):
         if t:
             for i in range(k):
                 ctx.union(lay[len(lay) - k + i], t[i])
+    # an RMS norm without a gain divides by a norm orthogonal maps keep, so one
+    # normalised axis admits them; LayerNorm's centering and a gain (entries
+    # multiplied) admit permutations only, as do the other axes
+    for i, s in enumerate(lay):
+        if rms and not w and not b and k == 1 and i == len(lay) - 1:
+            ctx.restrict(s, {"sign", "orthogonal"}, "RMS norm without a gain")
+        else:
+            ctx.restrict(s, {"permutation"}, "layer norm" if not rms else "RMS norm with a gain")
     return lay
 
 
-@rule(nn.LayerNorm, nn.RMSNorm, inherit=True, params=("weight", "bias"))
+@rule(nn.LayerNorm, nn.RMSNorm, inherit=True, params=("weight", "bias"), kinds=ALL)
 def _layernorm_module(ctx):
     m = ctx.module
     k = len(m.normalized_shape)
     w = ctx.param("weight") if getattr(m, "weight", None) is not None else None
     b = ctx.param("bias") if getattr(m, "bias", None) is not None else None
-    return layer_norm_rule(ctx, ctx.args[0], k, w, b)
+    return layer_norm_rule(ctx, ctx.args[0], k, w, b, isinstance(m, nn.RMSNorm))
 
 
-@rule(F.layer_norm, F.rms_norm, torch.layer_norm)
+@rule(F.layer_norm, F.rms_norm, torch.layer_norm, kinds=ALL)
 def _layernorm_fn(ctx):
     shape = ctx.value(ctx.arg(1, "normalized_shape"))
     k = 1 if isinstance(shape, int) else len(shape)
     w, b = ctx.arg(2, "weight"), ctx.arg(3, "bias") if ctx.target is not F.rms_norm else None
     return layer_norm_rule(ctx, ctx.arg(0, "input"), k,
                            ctx.layout(w) if w is not None else None,
-                           ctx.layout(b) if b is not None else None)
+                           ctx.layout(b) if b is not None else None, ctx.target is F.rms_norm)
 
 
 def group_norm_rule(ctx, x, groups: int, w, b):
@@ -114,9 +123,13 @@ def _groupnorm_fn(ctx):
                            ctx.layout(b) if b is not None else None)
 
 
-@rule(F.normalize)
+@rule(F.normalize, kinds=ALL)
 def _normalize(ctx):
-    return list(ctx.layout(ctx.arg(0, "input")))
+    lay = list(ctx.layout(ctx.arg(0, "input")))
+    dim = norm_dim(ctx.value(ctx.arg(2, "dim", 1)), len(lay)) if lay else 0
+    for i, s in enumerate(lay):  # x / ||x||: orthogonal maps of the normed axis keep it
+        ctx.restrict(s, {"sign", "orthogonal"} if i == dim else {"permutation"}, "normalize")
+    return lay
 
 
 @rule(torch._weight_norm)

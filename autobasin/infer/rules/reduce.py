@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..registry import rule
+from ..registry import ALL, PERMUTATION, rule
 from .common import broadcast, norm_dim
 
 SYMMETRIC_REDUCTIONS = [torch.mean, torch.sum, torch.amax, torch.amin, torch.std, torch.var,
@@ -23,7 +23,13 @@ def _reduced_dims(ctx, dim, ndim):
     return [norm_dim(d, ndim) for d in dim]
 
 
-@rule(*SYMMETRIC_REDUCTIONS)
+# sums are linear in the kept axes (any kind passes them); a max is positively
+# homogeneous (positive scalings pass); other reductions admit permutations only
+LINEAR_REDUCTIONS = {"mean", "sum", "nansum", "nanmean"}
+HOMOGENEOUS_REDUCTIONS = {"amax", "amin"}
+
+
+@rule(*SYMMETRIC_REDUCTIONS, kinds=ALL)
 def _reduce(ctx):
     """A sum, mean, max, norm... over an axis is unchanged by permuting that
     axis; the kept axes pass through."""
@@ -48,6 +54,12 @@ def _reduce(ctx):
         out = [s for i, s in enumerate(lay) if i not in dims]
     if len(out) != len(out_shape):
         raise ValueError("unexpected reduction shape")
+    name = ctx.op_name
+    for i, s in enumerate(lay):
+        if i in dims or name not in LINEAR_REDUCTIONS | HOMOGENEOUS_REDUCTIONS:
+            ctx.restrict(s, PERMUTATION, f"{name} over the axis" if i in dims else name)
+        elif name in HOMOGENEOUS_REDUCTIONS:
+            ctx.restrict(s, {"scale"}, name)
     return out
 
 
@@ -145,7 +157,7 @@ POOL_FUNCS = {F.max_pool1d: 1, F.max_pool2d: 2, F.max_pool3d: 3, F.avg_pool1d: 1
               F.max_pool2d_with_indices: 2}
 
 
-@rule(*POOL_MODULES, *POOL_FUNCS)
+@rule(*POOL_MODULES, *POOL_FUNCS, kinds=ALL)
 def _spatial(ctx):
     """Pooling and resampling mix positions of the trailing spatial axes
     (fixed) and act on every channel alike (passed through)."""
@@ -158,6 +170,13 @@ def _spatial(ctx):
     single = out_meta if hasattr(out_meta, "shape") else out_meta[0]
     for s in lay[len(lay) - k:]:
         ctx.block(s, "spatial axis", structural=True)
+    # averaging and interpolation are linear and act on every channel alike (any
+    # kind passes the channels); max pooling is positively homogeneous
+    name = type(ctx.module).__name__.lower() if ctx.module is not None else ctx.op_name
+    kinds = {"scale"} if "max" in name else PERMUTATION if "lp" in name else ALL
+    if kinds is not ALL:
+        for s in lay[:len(lay) - k]:
+            ctx.restrict(s, kinds, name)
     out = list(lay[:len(lay) - k]) + [ctx.new(n, "spatial axis", structural=True) for n in single.shape[len(lay) - k:]]
     if hasattr(out_meta, "shape"):
         return out

@@ -10,7 +10,7 @@ import operator
 import torch
 from torch import nn
 
-from ..registry import rule
+from ..registry import ALL, PERMUTATION, rule
 from ...trace import OutputFields
 from .common import broadcast_along_last, norm_dim, pair_axes
 
@@ -59,7 +59,7 @@ def reshape_layout(ctx, lay: list[int], in_shape, out_shape) -> list[int]:
 
 @rule("view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as",
       "squeeze_", "unsqueeze_", torch.reshape, torch.flatten, torch.squeeze, torch.unsqueeze,
-      torch.unflatten, nn.Flatten, nn.Unflatten, torch.ravel, "ravel", torch.atleast_2d)
+      torch.unflatten, nn.Flatten, nn.Unflatten, torch.ravel, "ravel", torch.atleast_2d, kinds=ALL)
 def reshape_rule(ctx):
     x = ctx.args[0]
     return reshape_layout(ctx, ctx.layout(x), ctx.shape(x), ctx.shape())
@@ -67,7 +67,7 @@ def reshape_rule(ctx):
 
 @rule("permute", torch.permute, "transpose", torch.transpose, "transpose_", "swapaxes",
       torch.swapaxes, "swapdims", torch.swapdims, "t", torch.t, "movedim", torch.movedim,
-      "moveaxis", torch.moveaxis, torch.Tensor.permute)
+      "moveaxis", torch.moveaxis, torch.Tensor.permute, kinds=ALL)
 def permute_rule(ctx):
     x = ctx.args[0]
     lay = list(ctx.layout(x))
@@ -98,7 +98,7 @@ def permute_rule(ctx):
     return lay
 
 
-@rule(getattr)
+@rule(getattr, kinds=ALL)
 def _getattr(ctx):
     x, attr = ctx.args[0], ctx.args[1]
     lay = ctx.layout(x)
@@ -118,7 +118,7 @@ def _getattr(ctx):
     return None
 
 
-@rule(torch.cat, torch.concat, torch.concatenate)
+@rule(torch.cat, torch.concat, torch.concatenate, kinds=ALL)
 def _cat(ctx):
     tensors = [t for t in ctx.arg(0, "tensors") if ctx.is_tensor(t)]
     dim = ctx.value(ctx.arg(1, "dim", 0))
@@ -141,7 +141,7 @@ def _cat(ctx):
     return out
 
 
-@rule(torch.stack)
+@rule(torch.stack, kinds=ALL)
 def _stack(ctx):
     tensors = list(ctx.arg(0, "tensors"))
     dim = ctx.value(ctx.arg(1, "dim", 0))
@@ -166,7 +166,7 @@ def split_outputs(ctx, x, dim, lengths, keep_dim=True):
 
 
 @rule(torch.split, "split", torch.chunk, "chunk", torch.tensor_split, "tensor_split",
-      torch.split_with_sizes, "split_with_sizes")
+      torch.split_with_sizes, "split_with_sizes", kinds=ALL)
 def _split(ctx):
     x = ctx.args[0]
     name = ctx.op_name
@@ -179,7 +179,7 @@ def _split(ctx):
     return split_outputs(ctx, x, dim, lengths)
 
 
-@rule(torch.unbind, "unbind")
+@rule(torch.unbind, "unbind", kinds=ALL)
 def _unbind(ctx):
     x = ctx.args[0]
     dim = norm_dim(ctx.value(ctx.arg(1, "dim", 0)), len(ctx.shape(x)))
@@ -187,7 +187,7 @@ def _unbind(ctx):
     return split_outputs(ctx, x, dim, [1] * n, keep_dim=False)
 
 
-@rule("narrow", torch.narrow)
+@rule("narrow", torch.narrow, kinds=ALL)
 def _narrow(ctx):
     x = ctx.args[0]
     shape = ctx.shape(x)
@@ -198,7 +198,7 @@ def _narrow(ctx):
     return split_outputs(ctx, x, dim, [start, length, shape[dim] - start - length])[1]
 
 
-@rule("select", torch.select)
+@rule("select", torch.select, kinds=ALL)
 def _select(ctx):
     x = ctx.args[0]
     shape = ctx.shape(x)
@@ -234,7 +234,7 @@ def _select_axis(ctx, lay, shape, dim, i):
     return p[:dim] + p[dim + 1:]
 
 
-@rule(operator.getitem)
+@rule(operator.getitem, kinds=ALL)
 def _getitem(ctx):
     x, idx = ctx.args[0], ctx.args[1]
     lay = ctx.layout(x)
@@ -320,6 +320,7 @@ def index_tensor(ctx, x, idx):
     masks = [i for i, (k, v) in enumerate(items) if k == "tensor" and
              getattr(ctx.meta(v), "dtype", None) in (torch.bool, torch.uint8)]
     if masks:
+        ctx.restrict_layout(lay, PERMUTATION, "indexed by a mask")
         return _mask_index(ctx, items, masks, shape, lay)
     n_consuming = sum(1 for k, v in items if not (k == "value" and (v is None or v is Ellipsis)))
     expanded = []
@@ -350,6 +351,7 @@ def index_tensor(ctx, x, idx):
                 continue
             if k == "tensor" and by_position:
                 ctx.union(lay[axis], ctx.positions(v))
+                ctx.restrict(lay[axis], PERMUTATION, "indexed by positions along it")
                 ctx.consume(v)
             elif k == "tensor" or not (isinstance(v, slice) and v == slice(None)):
                 ctx.block(lay[axis], "indexed by a tensor")
@@ -401,7 +403,7 @@ def index_tensor(ctx, x, idx):
     return out
 
 
-@rule("expand", "expand_as", torch.broadcast_to, "broadcast_to")
+@rule("expand", "expand_as", torch.broadcast_to, "broadcast_to", kinds=ALL)
 def _expand(ctx):
     """Broadcast axes hold equal entries along them: any permutation of such
     an axis leaves the tensor unchanged, so it gets a new free symbol."""
@@ -409,11 +411,15 @@ def _expand(ctx):
     lay, shape = ctx.layout(x), ctx.shape(x)
     out_shape = ctx.shape()
     off = len(out_shape) - len(shape)
-    return [lay[j - off] if j >= off and shape[j - off] == out_shape[j] else ctx.new(out_shape[j])
-            for j in range(len(out_shape))]
+    out = [lay[j - off] if j >= off and shape[j - off] == out_shape[j] else ctx.new(out_shape[j])
+           for j in range(len(out_shape))]
+    for j, s in enumerate(out):  # equal entries along it: only permutations keep them so
+        if not (j >= off and shape[j - off] == out_shape[j]):
+            ctx.restrict(s, PERMUTATION, "broadcast copies")
+    return out
 
 
-@rule("repeat", "tile", torch.tile)
+@rule("repeat", "tile", torch.tile, kinds=ALL)
 def _repeat(ctx):
     x = ctx.args[0]
     lay, shape = ctx.layout(x), ctx.shape(x)
@@ -423,6 +429,7 @@ def _repeat(ctx):
     for j, n in enumerate(out_shape):
         if j < off:
             out.append(ctx.new(n))
+            ctx.restrict(out[-1], PERMUTATION, "repeated copies")
             continue
         s, m = lay[j - off], shape[j - off]
         if m == n:
@@ -431,11 +438,12 @@ def _repeat(ctx):
         o = ctx.new(n)
         kids = ctx.refine_product(o, [n // m, m])
         ctx.union(kids[1], s)
+        ctx.restrict(kids[0], PERMUTATION, "repeated copies")
         out.append(o)
     return out
 
 
-@rule("repeat_interleave", torch.repeat_interleave)
+@rule("repeat_interleave", torch.repeat_interleave, kinds=ALL)
 def _repeat_interleave(ctx):
     x = ctx.args[0]
     repeats = ctx.arg(1, "repeats")
@@ -455,6 +463,7 @@ def _repeat_interleave(ctx):
     o = ctx.new(shape[dim] * reps)
     kids = ctx.refine_product(o, [shape[dim], reps])
     ctx.union(kids[0], lay[dim])
+    ctx.restrict(kids[1], PERMUTATION, "repeated copies")
     lay[dim] = o
     return lay
 

@@ -1,0 +1,289 @@
+"""Fold normalisation gains into the layers that read them: an equivalent model
+whose residual stream admits orthogonal maps.
+
+An RMS norm ``g * x / rms(x)`` admits only permutations of its axis, because of
+the gain ``g`` (an entrywise product); without it, any orthogonal map ``R``
+passes (``rms(R x) = rms(x)``). When the norm's output is read only by linear
+layers, ``W (g * n + b) = (W diag(g)) n + W b``: the gain (and a LayerNorm's
+bias) move into those layers, and the norm becomes :class:`GainlessRMSNorm`.
+A LayerNorm also centres its input, which only maps fixing the all-ones
+direction keep; with ``center=True`` every writer into its stream (the
+members of the stream's group on the side of the stream's values: embedding
+rows, output rows and biases of the layers adding to it) has its mean along
+the stream removed, so the stream is centred wherever a norm reads it, and
+the LayerNorm equals an RMS norm with the same epsilon.
+
+Which layers read a norm's output is seen by running the model once with
+hooks (the output tensor handed to a module's forward); gains and biases are
+measured on that run (``y = g * n(x) + b`` fitted channel by channel and
+checked), so variants such as Gemma's ``(1 + w)`` need no special case.
+Everything ends with a check by function: the folded model must compute what
+the model computes on the example inputs (else :class:`FoldError`, naming the
+norms). A norm whose output reaches anything but linear layers, whose reader
+shares its weight with another layer (a tied head), or whose form is not
+``g * n(x) + b`` is left as it is, with a warning naming it.
+"""
+from __future__ import annotations
+
+import copy
+import re
+import warnings
+
+import torch
+from torch import nn
+
+from .guard import eval_mode
+from .inputs import as_inputs
+from .permute import relative_error
+
+_EPS_NAMES = ("eps", "variance_epsilon", "epsilon")
+
+
+class FoldError(RuntimeError):
+    """Folding changed what the model computes."""
+
+
+class GainlessRMSNorm(nn.Module):
+    """``x / sqrt(mean(x^2) + eps)`` over the last axis, computed in float32 at
+    least (as Hugging Face's RMS norms do), returned in the input's dtype."""
+
+    def __init__(self, eps: float):
+        super().__init__()
+        self.eps = float(eps)
+
+    def forward(self, x):
+        dtype = x.dtype
+        y = x.to(torch.promote_types(dtype, torch.float32))
+        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
+        return y.to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"eps={self.eps:g}"
+
+
+def _norm_kind(module: nn.Module) -> str | None:
+    """"rms" / "layer" for a norm over the last axis with a 1-D gain, else None."""
+    w = getattr(module, "weight", None)
+    if not isinstance(w, nn.Parameter) or w.dim() != 1:
+        return None
+    if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1:
+        return "layer"
+    if isinstance(module, nn.RMSNorm) and len(module.normalized_shape) == 1:
+        return "rms"
+    name = type(module).__name__
+    if _eps(module) is None:
+        return None
+    if re.search(r"RMSNorm$", name):
+        return "rms"
+    if re.search(r"LayerNorm$", name):
+        return "layer"
+    return None
+
+
+def _eps(module: nn.Module) -> float | None:
+    for n in _EPS_NAMES:
+        v = getattr(module, n, None)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return float(v)
+    if isinstance(module, nn.RMSNorm):
+        return float(module.eps) if module.eps is not None else torch.finfo(torch.float32).eps
+    return None
+
+
+def _normalised(x: torch.Tensor, kind: str, eps: float) -> torch.Tensor:
+    x = x.double()
+    if kind == "layer":
+        x = x - x.mean(-1, keepdim=True)
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def _fit_affine(x: torch.Tensor, y: torch.Tensor, kind: str, eps: float):
+    """``(g, b)`` with ``y = g * n(x) + b`` channel by channel, or None when that
+    form does not hold (relative residual above 1e-4)."""
+    n = _normalised(x, kind, eps).reshape(-1, x.shape[-1])
+    yy = y.double().reshape(-1, y.shape[-1])
+    nm, ym = n.mean(0), yy.mean(0)
+    nc, yc = n - nm, yy - ym
+    g = (nc * yc).sum(0) / (nc * nc).sum(0).clamp_min(1e-300)
+    b = ym - g * nm
+    fit = g * n + b
+    if float((fit - yy).norm()) > 1e-4 * float(yy.norm()) + 1e-12:
+        return None
+    return g, b
+
+
+def _readers(model: nn.Module, inputs, norms: dict[str, nn.Module]):
+    """Run once; per norm: its calls' (input, output) and the leaf modules handed
+    its output or a view of it (a tensor sharing its storage: the outputs are
+    kept alive while the model runs, so their storage is not reused)."""
+    seen: dict[str, list] = {n: [] for n in norms}
+    live: dict[int, str] = {}  # storage of a norm's output -> the norm (views share it)
+    readers: dict[str, set[str]] = {n: set() for n in norms}
+    hooks = []
+    names = {id(m): n for n, m in model.named_modules()}
+
+    def on_norm(name):
+        def hook(_m, args, out):
+            if args and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor):
+                seen[name].append((args[0].detach(), out))
+                live[out.untyped_storage().data_ptr()] = name
+        return hook
+
+    def on_call(m, args, kwargs):
+        if next(m.children(), None) is not None:
+            return  # a container: what it does with the tensor its children show
+        for a in list(args) + list(kwargs.values()):
+            if isinstance(a, torch.Tensor) and a.untyped_storage().data_ptr() in live:
+                readers[live[a.untyped_storage().data_ptr()]].add(names.get(id(m), "?"))
+
+    for n, m in norms.items():
+        hooks.append(m.register_forward_hook(on_norm(n)))
+    for m in model.modules():
+        hooks.append(m.register_forward_pre_hook(on_call, with_kwargs=True))
+    try:
+        with torch.no_grad(), eval_mode(model):
+            inputs.call_seeded(model)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: (seen[n], sorted(readers[n])) for n in norms}
+
+
+def _is_linear(m: nn.Module) -> bool:
+    return isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D" and hasattr(m, "nf")
+
+
+def fold_norms(model: nn.Module, example_inputs, center: bool = True, untie: bool = False,
+               rtol: float = 1e-5) -> nn.Module:
+    """An equivalent copy of ``model`` whose norms carry no gain (see the module
+    docstring); ``model`` is untouched.
+
+    Args:
+        model: a model whose norms (``nn.LayerNorm``, ``nn.RMSNorm``, and any
+            module named ``...RMSNorm`` / ``...LayerNorm`` with a 1-D ``weight``
+            and an ``eps`` / ``variance_epsilon``) normalise the last axis.
+        example_inputs: what the model is called with (tensor, tuple or dict);
+            the norms' readers are seen, and the result checked, on them.
+        center: also turn LayerNorms into RMS norms by centring the writers of
+            their streams (inferring the model's spec to find them).
+        untie: give a reader that shares its weight (an output head tied to the
+            embedding) its own copy, so the final norm can fold into it; without
+            it such a norm is left as it is.
+        rtol: the largest relative error of the outputs allowed.
+
+    Returns the folded copy (its state_dict lacks the folded norms' tensors; a
+    reader that had no bias gains one when the norm had one). Fold both models
+    before aligning them: ``auto_rebasin(fold_norms(a, x), fold_norms(b, x), x,
+    symmetries="all")``.
+    """
+    inputs = as_inputs(example_inputs, model)
+    new = copy.deepcopy(model).eval()
+    norms = {n: m for n, m in new.named_modules() if _norm_kind(m) is not None}
+    modules = dict(new.named_modules())
+    shared = {}
+    for _, p in new.named_parameters(remove_duplicate=False):
+        shared[id(p)] = shared.get(id(p), 0) + 1
+    skipped: dict[str, str] = {}
+    folded: dict[str, tuple[str, float]] = {}
+    for name, (calls, readers) in _readers(new, inputs, norms).items():
+        m = norms[name]
+        kind, eps = _norm_kind(m), _eps(m)
+        if not calls:
+            skipped[name] = "not called on the example inputs"
+            continue
+        if not readers or any(not _is_linear(modules[r]) for r in readers):
+            skipped[name] = (f"its output reaches {', '.join(readers) or 'no module'}"
+                             " (only linear layers can take its gain)")
+            continue
+        tied = [r for r in readers if shared[id(modules[r].weight)] > 1]
+        if tied and not untie:
+            skipped[name] = "a reader shares its weight with another layer (a tied head; " \
+                            "untie=True gives it its own copy)"
+            continue
+        for r in tied:
+            modules[r].weight = nn.Parameter(modules[r].weight.detach().clone())
+        fits = [_fit_affine(x, y, kind, eps) for x, y in calls]
+        if any(f is None for f in fits):
+            skipped[name] = f"its output is not gain * {kind} norm + bias"
+            continue
+        g, b = fits[0]
+        has_bias = isinstance(getattr(m, "bias", None), nn.Parameter)
+        with torch.no_grad():
+            for r in readers:
+                lin = modules[r]
+                w = lin.weight.double()
+                conv1d = not isinstance(lin, nn.Linear)  # Hugging Face's Conv1D: (in, out)
+                extra = (b @ w) if conv1d else (w @ b)
+                lin.weight.copy_((w * g[:, None]) if conv1d else (w * g[None, :]))
+                if lin.bias is None and (has_bias or bool(b.abs().max() > 0)):
+                    lin.bias = nn.Parameter(torch.zeros(lin.weight.shape[1 if conv1d else 0],
+                                                        dtype=lin.weight.dtype,
+                                                        device=lin.weight.device))
+                if lin.bias is not None:
+                    lin.bias.add_(extra.to(lin.bias.dtype))
+        folded[name] = (kind, eps)
+    layer_norms = [n for n, (k, _) in folded.items() if k == "layer"]
+    if layer_norms and center:
+        _center_streams(new, model, inputs, layer_norms)
+    elif layer_norms:  # without centring a LayerNorm keeps its centring (no gain)
+        for n in layer_norms:
+            _set_module(new, n, nn.LayerNorm(norms[n].weight.shape[0], eps=folded[n][1],
+                                             elementwise_affine=False))
+    for n, (k, eps) in folded.items():
+        if k == "rms" or center:
+            _set_module(new, n, GainlessRMSNorm(eps))
+    if skipped:
+        warnings.warn("fold_norms left these norms as they are: " + "; ".join(
+            f"{n}: {why}" for n, why in list(skipped.items())[:5])
+            + (f" (+{len(skipped) - 5} more)" if len(skipped) > 5 else ""), stacklevel=2)
+    with torch.no_grad(), eval_mode(model, new):
+        err = relative_error(inputs.call_seeded(model), inputs.call_seeded(new))
+    if not err <= rtol:
+        raise FoldError(f"folding the norms {', '.join(list(folded)[:5])} changed the outputs: "
+                        f"relative error {err:.3g} > {rtol:g} (a reader of a norm's output the "
+                        "hooks could not see, a stream written by something other than "
+                        "parameters, or a post-norm residual)")
+    new.folded_norms = sorted(folded)
+    return new
+
+
+def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, module)
+
+
+def _center_streams(new: nn.Module, original: nn.Module, inputs, layer_norms: list[str]) -> None:
+    """Remove, from every writer of the streams the LayerNorms read, its mean
+    along the stream (see the module docstring)."""
+    from .infer import trace_model  # the spec finds the streams and their writers
+    traced = trace_model(original, inputs, symmetries="all")
+    sym, state = traced.sym, traced.table
+    # each stream: the class of the LayerNorm's gain axis, and the gain's orientation
+    anchors = {}
+    for n in layer_norms:
+        s = state.syms.get(f"{n}.weight")
+        if not s:
+            raise FoldError(f"cannot centre the stream of {n}: its gain is not in the graph")
+        leaves = list(sym.leaves(s[0]))
+        if len(leaves) != 1:
+            raise FoldError(f"cannot centre the stream of {n}: its axis is structured")
+        root, *_, dual = leaves[0]
+        anchors[root] = dual
+    skip = {f"{n}.{t}" for n in layer_norms for t in ("weight", "bias")}
+    params = dict(new.state_dict(keep_vars=True))
+    with torch.no_grad():
+        for name in traced.model_state_names:
+            syms = state.syms.get(name)
+            if not syms or name in skip or name not in params:
+                continue
+            t = params[name]
+            if not t.is_floating_point():
+                continue
+            for axis, s in enumerate(syms):
+                for root, offset, shape, strides, dim, dual in sym.leaves(s):
+                    if root not in anchors or dual != anchors[root] or root in sym.blocked:
+                        continue
+                    from .spec import Member
+                    m = Member(name, axis, offset, tuple(shape), tuple(strides), dim)
+                    rows = m.gather(t.detach().double())
+                    t.copy_(m.scatter(t.detach().double(), rows - rows.mean(0, keepdim=True)))

@@ -1,0 +1,402 @@
+"""Weight matching beyond permutations: groups of every kind in one coordinate descent.
+
+For a spec whose groups carry kinds other than permutations (``spec.KINDS``:
+signed or scaled permutations, orthogonal or invertible maps), B is aligned to
+A by minimising the distance ``sum_p ||A_p - T(B)_p||^2`` over the parameters,
+one group at a time with the others held (the distance, not the inner product
+of permutation matching: with scalings and invertible maps the inner product is
+unbounded). Each step solves its group's subproblem from the same statistics,
+``S = sum_m A_m B_m^T`` and ``G = sum_m B_m B_m^T`` over the group's members
+(their rows, :meth:`Member.gather`, with every other group applied to B), kept
+apart for members a general element M acts on as ``M`` (co) and as ``M^-T``
+(contra):
+
+- permutation: the assignment maximising ``tr(P S^T)`` (:func:`solve_lap`);
+- sign: the assignment on ``|S|``, each unit's sign that of its match;
+- orthogonal: Procrustes, ``M = U V^T`` for ``S = U Sigma V^T``;
+- scale: the assignment on scale-free (cosine) similarities, then each unit's
+  positive scale minimising its own distance (a one-variable problem solved by
+  Newton's method in log-scale from the closed form that balances the norms,
+  exact when B is a scaled permutation of A);
+- invertible: least squares (``M = S_co G_co^-1``, or through ``M^-T`` for the
+  contra members), refined by gradient steps on the whole subproblem; a ridge
+  keeps ``G`` invertible, and a solution whose condition number exceeds
+  ``max_condition`` is refused: the group keeps the orthogonal (Procrustes)
+  solution and is listed in ``refused``.
+
+A step is kept only when it lowers the distance, so the descent never gets
+worse; it stops when a sweep over every group gains less than ``tol`` of the
+distance. Everything is computed in float64 on the CPU: this matcher is for
+models of up to a few hundred million weights (the permutation matcher,
+:func:`~autobasin.match.weight.weight_matching`, is the fast path for specs of
+permutations only).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import torch
+
+from ..spec import Member, PermutationSpec
+from .lap import solve_lap
+from .result import Matching
+
+
+@dataclass(eq=False, repr=False)
+class GeneralMatching(Matching):
+    """The elements ``{group: LongTensor (n,) | float64 (n, n)}`` aligning B to A.
+
+    ``distance`` / ``initial_distance``: ``sqrt(sum ||A - T(B)||^2)`` over the
+    parameters, after and before; ``history``: the distance after each sweep;
+    ``kinds``: each group's kind; ``refused``: invertible groups whose least-
+    squares solution was ill-conditioned and that kept an orthogonal map."""
+
+    distance: float = 0.0
+    initial_distance: float = 0.0
+    history: list[float] = field(default_factory=list)
+    kinds: dict[str, str] = field(default_factory=dict)
+    refused: list[str] = field(default_factory=list)
+
+
+def _eye_element(kind: str, n: int) -> torch.Tensor:
+    return torch.arange(n) if kind == "permutation" else torch.eye(n, dtype=torch.float64)
+
+
+def _act(rows: torch.Tensor, e: torch.Tensor, contra: bool) -> torch.Tensor:
+    if not e.is_floating_point():
+        return rows[e]
+    return (torch.linalg.inv(e).T if contra else e) @ rows
+
+
+def _perm_matrix(p: torch.Tensor) -> torch.Tensor:
+    return torch.eye(p.numel(), dtype=torch.float64)[p]
+
+
+class _Problem:
+    """One group's subproblem: its members' rows in A and in B (others applied)."""
+
+    def __init__(self, pairs: list[tuple[torch.Tensor, torch.Tensor, bool]], n: int):
+        self.n = n
+        z = torch.zeros(n, n, dtype=torch.float64)
+        self.s = {False: z.clone(), True: z.clone()}  # S = sum A B^T, by contra
+        self.g = {False: z.clone(), True: z.clone()}  # G = sum B B^T
+        self.aa = {False: 0.0, True: 0.0}             # sum ||A||^2
+        self.has = {False: False, True: False}
+        for a, b, contra in pairs:
+            self.s[contra] += a @ b.T
+            self.g[contra] += b @ b.T
+            self.aa[contra] += float((a * a).sum())
+            self.has[contra] = True
+
+    def cost(self, m: torch.Tensor) -> float:
+        """``sum_co ||A - M B||^2 + sum_contra ||A - M^-T B||^2``."""
+        total = 0.0
+        for contra in (False, True):
+            if not self.has[contra]:
+                continue
+            x = torch.linalg.inv(m).T if contra else m
+            total += self.aa[contra] - 2 * float((x * self.s[contra]).sum()) + \
+                float((x @ self.g[contra] * x).sum())
+        return total
+
+    def grad(self, m: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(m)
+        if self.has[False]:
+            out += 2 * (m @ self.g[False] - self.s[False])
+        if self.has[True]:
+            nmat = torch.linalg.inv(m).T
+            gn = 2 * (nmat @ self.g[True] - self.s[True])
+            out -= nmat @ gn.T @ nmat
+        return out
+
+
+def _solve_permutation(pb: _Problem, name: str) -> torch.Tensor:
+    return solve_lap(pb.s[False] + pb.s[True], name=name)
+
+
+def _blocks(m: Member, t: torch.Tensor, inner: int) -> torch.Tensor:
+    """The member's rows as (n, size of grid dim ``inner``, rest): the blocks an
+    element of the group acting on ``inner`` (a head's head-dim) mixes."""
+    x = t.movedim(m.axis, 0)
+    sub = x[m.positions().reshape(-1)].reshape(*m.shape, *x.shape[1:])
+    return sub.movedim((m.dim, inner), (0, 1)).reshape(m.size, m.shape[inner], -1)
+
+
+def _solve_blocks(pairs, name: str) -> torch.Tensor:
+    """The assignment of blocks (heads) whose inside another group maps by any
+    invertible matrix: score each pair of blocks by the overlap of their row
+    spaces, which such a map leaves unchanged, so a head-dim map far from its
+    final value cannot mislead the heads."""
+    def basis(x):  # orthonormal bases of each block's row space: (n, rest, d)
+        q, _ = torch.linalg.qr(x.transpose(1, 2))
+        return q
+    score = None
+    for a, b in pairs:
+        qa, qb = basis(a), basis(b)
+        over = (torch.einsum("ird,jre->ijde", qa, qb) ** 2).sum((2, 3))
+        score = over if score is None else score + over
+    return solve_lap(score, name=name)
+
+
+def _solve_sign(pb: _Problem, name: str) -> torch.Tensor:
+    s = pb.s[False] + pb.s[True]
+    p = solve_lap(s.abs(), name=name)
+    sign = torch.sign(s[torch.arange(pb.n), p])
+    sign[sign == 0] = 1
+    return sign[:, None] * _perm_matrix(p)
+
+
+def _procrustes(pb: _Problem) -> torch.Tensor:
+    u, _, vh = torch.linalg.svd(pb.s[False] + pb.s[True])
+    return u @ vh
+
+
+def _solve_scale(pb: _Problem, name: str, pairs) -> torch.Tensor:
+    n = pb.n
+    eps = 1e-30
+    # per-unit squared norms of A's and B's rows, co and contra
+    na = {c: torch.zeros(n, dtype=torch.float64) for c in (False, True)}
+    nb = {c: torch.zeros(n, dtype=torch.float64) for c in (False, True)}
+    for a, b, contra in pairs:
+        na[contra] += (a * a).sum(1)
+        nb[contra] += (b * b).sum(1)
+    sim = torch.zeros(n, n, dtype=torch.float64)
+    for c in (False, True):
+        if pb.has[c]:
+            sim += pb.s[c] / (na[c].sqrt()[:, None] * nb[c].sqrt()[None, :] + eps)
+    p = solve_lap(sim, name=name)
+    idx = torch.arange(n)
+    # unit i of the result is B's unit p[i] times s_i: co rows scale by s, contra by 1/s;
+    # minimise alpha s^2 - 2 beta s + gamma / s^2 - 2 delta / s per unit
+    alpha = nb[False][p]
+    beta = pb.s[False][idx, p]
+    gamma = nb[True][p]
+    delta = pb.s[True][idx, p]
+    if pb.has[False] and pb.has[True]:
+        s0 = ((na[False] * gamma) / (alpha * na[True] + eps) + eps) ** 0.25
+    elif pb.has[False]:
+        s0 = beta / (alpha + eps)
+    else:
+        s0 = gamma / (delta.abs() + eps)
+    u = torch.log(s0.clamp(1e-3, 1e3))
+
+    def f(u):
+        s = torch.exp(u)
+        return alpha * s * s - 2 * beta * s + gamma / (s * s) - 2 * delta / s
+
+    for _ in range(50):  # Newton in log-scale, each step kept only if it helps
+        s = torch.exp(u)
+        d1 = 2 * alpha * s * s - 2 * beta * s - 2 * gamma / (s * s) + 2 * delta / s
+        d2 = 4 * alpha * s * s - 2 * beta * s + 4 * gamma / (s * s) - 2 * delta / s
+        step = torch.where(d2 > 0, d1 / d2.clamp_min(eps), torch.sign(d1) * 0.1).clamp(-1, 1)
+        new = (u - step).clamp(-7, 7)
+        u = torch.where(f(new) <= f(u), new, u)
+    return torch.exp(u)[:, None] * _perm_matrix(p)
+
+
+def _solve_invertible(pb: _Problem, current: torch.Tensor, max_condition: float,
+                      steps: int = 60) -> tuple[torch.Tensor, bool]:
+    n = pb.n
+    cands = [current, _procrustes(pb)]
+    for contra in (False, True):
+        if not pb.has[contra]:
+            continue
+        g = pb.g[contra]
+        ridge = 1e-8 * float(torch.diagonal(g).mean()) + 1e-30
+        x = torch.linalg.solve(g + ridge * torch.eye(n, dtype=torch.float64), pb.s[contra].T).T
+        try:
+            cands.append(torch.linalg.inv(x).T if contra else x)
+        except RuntimeError:  # singular: not a candidate
+            pass
+
+    def ok(m):
+        return bool(torch.isfinite(m).all()) and float(torch.linalg.cond(m)) < max_condition
+
+    good = [m for m in cands if ok(m)]
+    best = min(good, key=pb.cost)
+    refused = len(good) < len(cands) and pb.cost(best) > min(
+        (pb.cost(m) for m in cands if bool(torch.isfinite(m).all())), default=float("inf"))
+    # gradient steps with backtracking, staying well-conditioned
+    cost, lr = pb.cost(best), 1.0
+    scale = float(sum(torch.diagonal(pb.g[c]).sum() for c in (False, True) if pb.has[c])) / n
+    lr = 0.5 / max(scale, 1e-30)
+    for _ in range(steps):
+        gr = pb.grad(best)
+        while lr > 1e-12 / max(scale, 1e-30):
+            trial = best - lr * gr
+            if ok(trial):
+                c = pb.cost(trial)
+                if c < cost:
+                    best, cost, lr = trial, c, lr * 1.5
+                    break
+            lr *= 0.5
+        else:
+            break
+    return best, refused
+
+
+def general_weight_matching(spec: PermutationSpec, state_dict_a: Mapping[str, torch.Tensor],
+                            state_dict_b: Mapping[str, torch.Tensor], max_iter: int = 100,
+                            seed: int = 0, tol: float = 1e-9, match_buffers: bool = False,
+                            max_condition: float = 1e4, progress: bool = False,
+                            **_ignored) -> GeneralMatching:
+    """Elements of every group (of its kind) that bring B closest to A.
+
+    Args:
+        spec: the groups, with their kinds (``infer_spec(..., symmetries=...)``).
+        state_dict_a, state_dict_b: the two models' states (not modified).
+        max_iter: most sweeps over all groups.
+        seed: the random order of the groups in each sweep.
+        tol: stop when a sweep lowers the squared distance by less than this
+            fraction of it.
+        match_buffers: whether buffers count in the distance (they are
+            transformed with their groups either way).
+        max_condition: an invertible group's map must have a condition number
+            below this; an ill-conditioned least-squares solution is refused
+            (see the module docstring).
+    Returns:
+        A :class:`GeneralMatching`; ``apply_permutation(spec, result, state_b)``
+        applies it.
+    """
+    t0 = time.perf_counter()
+    spec.check_fits(state_dict_a, "state_dict a")
+    spec.check_fits(state_dict_b, "state_dict b")
+    by_param = spec.members_by_param()
+    counted = {p for p in by_param if match_buffers or spec.tensors.get(p) is None
+               or spec.tensors[p].is_parameter}
+    a = {p: state_dict_a[p].detach().to("cpu", torch.float64) for p in by_param}
+    b0 = {p: state_dict_b[p].detach().to("cpu", torch.float64) for p in by_param}
+    elems = {g: _eye_element(grp.kind, grp.size) for g, grp in spec.groups.items()}
+    params_of = {g: sorted({m.param for m in grp.members}) for g, grp in spec.groups.items()}
+
+    def transformed(p: str, skip: str | None = None) -> torch.Tensor:
+        t = b0[p]
+        for g, m in by_param[p]:
+            if g != skip:
+                t = m.scatter(t, _act(m.gather(t), elems[g], m.contra))
+        return t
+
+    cur = {p: transformed(p) for p in by_param}
+    # permutation groups whose every member is a grid (heads x head-dim) whose
+    # other dimension an orthogonal or invertible group maps: blocks to assign
+    general_dim: dict[tuple, int] = {}
+    for grp in spec.groups.values():
+        if grp.kind in ("orthogonal", "invertible"):
+            for m in grp.members:
+                general_dim[(m.param, m.axis, m.offset, m.shape, m.strides)] = m.dim
+    blocks_of: dict[str, list[tuple[Member, int]]] = {}
+    for g, grp in spec.groups.items():
+        inner = [(m, general_dim.get((m.param, m.axis, m.offset, m.shape, m.strides)))
+                 for m in grp.members]
+        if grp.kind == "permutation" and inner and all(d is not None and d != m.dim
+                                                      for m, d in inner):
+            blocks_of[g] = inner
+
+    def dist2(ps) -> float:
+        return sum(float(((a[p] - cur[p]) ** 2).sum()) for p in ps if p in counted)
+
+    siblings = {g: sorted({h for m, _ in inner for h, grp in spec.groups.items()
+                           if h != g and grp.kind in ("orthogonal", "invertible") and any(
+                               (mm.param, mm.axis, mm.offset, mm.shape) ==
+                               (m.param, m.axis, m.offset, m.shape) for mm in grp.members)})
+                for g, inner in blocks_of.items()}
+
+    def solve(g: str, kind: str) -> torch.Tensor | None:
+        """Group ``g``'s best element of ``kind`` with the others held."""
+        grp = spec.groups[g]
+        held = {p: transformed(p, skip=g) for p in params_of[g]}
+        pairs = [(m.gather(a[m.param]), m.gather(held[m.param]), m.contra)
+                 for m in grp.members if m.param in counted]
+        if not pairs:
+            return None
+        pb = _Problem(pairs, grp.size)
+        if kind == "permutation" and g in blocks_of:
+            return _solve_blocks([(_blocks(m, a[m.param], d), _blocks(m, held[m.param], d))
+                                  for m, d in blocks_of[g] if m.param in counted], g)
+        if kind == "permutation":
+            e = _solve_permutation(pb, g)
+            return _perm_matrix(e) if grp.kind != "permutation" else e
+        if kind == "sign":
+            return _solve_sign(pb, g)
+        if kind == "orthogonal":
+            return _procrustes(pb)
+        if kind == "scale":
+            return _solve_scale(pb, g, pairs)
+        cur_e = elems[g] if elems[g].is_floating_point() else _perm_matrix(elems[g])
+        e, bad = _solve_invertible(pb, cur_e, max_condition)
+        if bad:
+            refused.add(g)
+        return e
+
+    total = dist2(by_param)
+    initial = total
+    history: list[float] = []
+    refused: set[str] = set()
+    gen = torch.Generator().manual_seed(seed)
+    names = list(spec.groups)
+    sweeps, converged = 0, False
+    # two phases: first every group as the nearest kind with no freedom of
+    # scale (invertible -> orthogonal, scale -> permutation), which settles the
+    # permutations before maps that could absorb a wrong one are free; then
+    # every group as its own kind, from there
+    coarse = {"invertible": "orthogonal", "scale": "permutation"}
+    phases = [{g: coarse.get(k.kind, k.kind) for g, k in spec.groups.items()},
+              {g: k.kind for g, k in spec.groups.items()}]
+    if phases[0] == phases[1]:
+        phases = phases[1:]
+    phase = phases.pop(0)
+    for sweep in range(max_iter):
+        sweeps = sweep + 1
+        before = total
+        for i in torch.randperm(len(names), generator=gen).tolist():
+            g = names[i]
+            # a block assignment (heads) is judged together with the maps inside
+            # the blocks (head-dims), re-fitted to it: alone, a new assignment
+            # under the old inner maps looks worse even when it is right
+            step = [g] + siblings.get(g, [])
+            touched = sorted({p for h in step for p in params_of[h]})
+            old_e = {h: elems[h] for h in step}
+            old = {p: cur[p] for p in touched}
+            old_d = dist2(touched)
+            for h in step:
+                e = solve(h, phase[h])
+                if e is None:
+                    continue
+                elems[h] = e
+                for p in params_of[h]:
+                    cur[p] = transformed(p)
+            new_d = dist2(touched)
+            if new_d < old_d:
+                total += new_d - old_d
+            else:  # keep the old elements: the descent never gets worse
+                elems.update(old_e)
+                cur.update(old)
+        history.append(max(total, 0.0) ** 0.5)
+        if progress:
+            print(f"sweep {sweeps}: distance {history[-1]:.6g}")
+        if before - total <= tol * max(before, 1e-300):
+            if phases:
+                phase = phases.pop(0)
+                continue
+            converged = True
+            break
+    total = dist2(by_param)  # exact, not the running sum
+    if refused:
+        import warnings
+        warnings.warn(f"general_weight_matching: the least-squares maps of {len(refused)} "
+                      f"invertible group(s) ({', '.join(sorted(refused)[:3])}) were "
+                      f"ill-conditioned (condition number >= {max_condition:g}); they were "
+                      "aligned by a better-conditioned map instead", stacklevel=2)
+    return GeneralMatching(perms=elems, method="weight", sweeps=sweeps, converged=converged,
+                           seconds=time.perf_counter() - t0, distance=max(total, 0.0) ** 0.5,
+                           initial_distance=max(initial, 0.0) ** 0.5, history=history,
+                           kinds={g: grp.kind for g, grp in spec.groups.items()},
+                           refused=sorted(refused))
+
+
+def _apply_group(t: torch.Tensor, members: list[Member], e: torch.Tensor) -> torch.Tensor:
+    for m in members:
+        t = m.scatter(t, _act(m.gather(t), e, m.contra))
+    return t

@@ -1,0 +1,340 @@
+"""Symmetries beyond permutations: kinds inferred per group, random elements of every
+kind checked by function, planted elements recovered by weight matching."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from autobasin import auto_rebasin, check_equivalence, infer_spec, trace_model
+from autobasin.match.general import general_weight_matching
+from autobasin.permute import (EquivalenceError, apply_permutation, compose, invert,
+                               permute_model, random_transforms)
+from autobasin.spec import Group, PermutationSpec, SpecError, symmetry_kinds
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(8, 16), nn.Linear(16, 12), nn.Linear(12, 4)
+
+    def forward(self, x):
+        return self.c(torch.tanh(self.b(F.relu(self.a(x)))))
+
+
+class GeluMLP(MLP):
+    def forward(self, x):
+        return self.c(F.gelu(self.b(F.leaky_relu(self.a(x), 0.1))))
+
+
+class RMS(nn.Module):
+    """An RMS norm without a gain (what ``fold_norms`` leaves)."""
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+
+class Block(nn.Module):
+    def __init__(self, d=16, h=4, norm=RMS):
+        super().__init__()
+        self.n1, self.n2, self.h = norm(), norm(), h
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d, bias=False) for _ in range(4))
+        self.up, self.down = nn.Linear(d, 32), nn.Linear(32, d)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        y = self.n1(x)
+        q, k, v = (f(y).view(b, t, self.h, -1).transpose(1, 2) for f in (self.q, self.k, self.v))
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.o(a.transpose(1, 2).reshape(b, t, d))
+        return x + self.down(F.relu(self.up(self.n2(x))))
+
+
+class LM(nn.Module):
+    def __init__(self, norm=RMS, tied=False):
+        super().__init__()
+        self.emb = nn.Embedding(50, 16)
+        self.blocks = nn.Sequential(Block(norm=norm), Block(norm=norm))
+        self.nf = norm()
+        self.head = nn.Linear(16, 50, bias=False)
+        if tied:
+            self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.head(self.nf(self.blocks(self.emb(ids))))
+
+
+def _gain_rms():
+    return nn.RMSNorm(16)
+
+
+def _kinds(spec):
+    return {n: g.kind for n, g in spec.groups.items()}
+
+
+def test_symmetry_kinds_validated():
+    assert symmetry_kinds(None) == {"permutation"}
+    assert symmetry_kinds("all") == {"permutation", "sign", "scale", "orthogonal", "invertible"}
+    with pytest.raises(ValueError, match="rotation"):
+        symmetry_kinds(("rotation",))
+
+
+def test_default_is_permutations_only():
+    m = MLP()
+    spec = infer_spec(m, torch.randn(3, 8))
+    assert set(_kinds(spec).values()) == {"permutation"}
+    assert not spec.is_general
+    assert not any(mb.contra for g in spec.groups.values() for mb in g.members)
+
+
+def test_activation_kinds():
+    spec = infer_spec(MLP(), torch.randn(3, 8), symmetries="all")
+    assert _kinds(spec) == {"a:out": "scale", "b:out": "sign"}
+    contra = {(mb.param, mb.axis): mb.contra for g in spec.groups.values() for mb in g.members}
+    assert contra[("a.weight", 0)] is False and contra[("b.weight", 1)] is True
+    # only what was asked for
+    spec = infer_spec(MLP(), torch.randn(3, 8), symmetries=("sign",))
+    assert _kinds(spec) == {"a:out": "permutation", "b:out": "sign"}
+    spec = infer_spec(GeluMLP(), torch.randn(3, 8), symmetries="all")
+    assert _kinds(spec) == {"a:out": "scale", "b:out": "permutation"}
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_transformer_kinds(capture):
+    ids = torch.randint(0, 50, (2, 7))
+    traced = trace_model(LM(), ids, symmetries="all", capture=capture)
+    k = _kinds(traced.spec)
+    assert k["emb:in"] == "orthogonal"  # the residual stream under gainless RMS norms
+    for b in ("blocks.0", "blocks.1"):
+        assert k[f"{b}.q:out.d0"] == "permutation"  # heads
+        assert k[f"{b}.q:out.d1"] == "invertible"   # q/k head dim
+        assert k[f"{b}.v:out.d1"] == "invertible"   # v/o head dim
+        assert k[f"{b}.up:out"] == "scale"          # ReLU units
+    qk = traced.spec.groups["blocks.0.q:out.d1"]
+    assert {(m.param, m.contra) for m in qk.members} == {("blocks.0.q.weight", False),
+                                                        ("blocks.0.k.weight", True)}
+
+
+def test_norms_with_gains_and_ties_narrow_the_stream():
+    ids = torch.randint(0, 50, (2, 7))
+    assert _kinds(infer_spec(LM(norm=_gain_rms), ids, symmetries="all"))["emb:in"] == "permutation"
+    ln = infer_spec(LM(norm=lambda: nn.LayerNorm(16, elementwise_affine=False)), ids,
+                    symmetries="all")
+    assert _kinds(ln)["emb:in"] == "permutation"  # LayerNorm's centering
+    # an embedding that is also the output head: the stream is read against itself,
+    # so only maps equal to their inverse-transpose remain
+    traced = trace_model(LM(tied=True), ids, symmetries=("scale", "invertible", "orthogonal"))
+    assert _kinds(traced.spec)["emb:in"] == "orthogonal"
+
+
+def test_conv_kinds():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1 = nn.Conv2d(3, 8, 3)
+            self.c2 = nn.Conv2d(8, 8, 3, groups=2)
+            self.fc = nn.Linear(8, 5)
+
+        def forward(self, x):
+            x = F.relu(self.c1(x))
+            x = F.max_pool2d(x, 2)
+            x = F.adaptive_avg_pool2d(F.relu(self.c2(x)), 1).flatten(1)
+            return self.fc(x)
+    x = torch.randn(2, 3, 16, 16)
+    net = Net()
+    spec = infer_spec(net, x, symmetries="all")
+    kinds = sorted(_kinds(spec).values())
+    # ReLU + max pool: scaled units; the grouped conv's groups only permute
+    assert "scale" in kinds and "permutation" in kinds
+    for seed in range(3):
+        assert check_equivalence(net, spec, x, seed=seed) < 1e-5
+
+
+@pytest.mark.parametrize("make,x", [
+    (MLP, lambda: torch.randn(5, 8)),
+    (GeluMLP, lambda: torch.randn(5, 8)),
+    (LM, lambda: torch.randint(0, 50, (2, 7))),
+    (lambda: LM(tied=True), lambda: torch.randint(0, 50, (2, 7))),
+])
+def test_random_elements_of_every_kind_are_exact(make, x):
+    model, inputs = make(), x()
+    spec = infer_spec(model, inputs, symmetries="all")
+    assert spec.is_general
+    for seed in range(3):
+        assert check_equivalence(model, spec, inputs, seed=seed) < 1e-5
+
+
+def _with_kind(spec: PermutationSpec, group: str, kind: str, flip_contra: bool = False):
+    groups = []
+    for g in spec.groups.values():
+        members = g.members
+        if g.name == group and flip_contra:
+            # every member as an output: the readers no longer undo the map
+            members = [type(m)(m.param, m.axis, m.offset, m.shape, m.strides, m.dim, False)
+                       for m in members]
+        groups.append(Group(g.name, g.size, members, kind if g.name == group else g.kind))
+    return PermutationSpec(groups, spec.tensors, spec.blocked, spec.axes, spec.outputs, None)
+
+
+def test_a_kind_too_general_or_a_wrong_orientation_is_caught():
+    m, x = MLP(), torch.randn(5, 8)
+    spec = infer_spec(m, x, symmetries="all")
+    with pytest.raises(EquivalenceError):  # ReLU units do not admit any invertible map
+        check_equivalence(m, _with_kind(spec, "a:out", "invertible"), x)
+    with pytest.raises(EquivalenceError):  # nor negative scalings
+        check_equivalence(m, _with_kind(spec, "a:out", "sign"), x)
+    with pytest.raises(EquivalenceError):  # tanh does not admit scalings
+        check_equivalence(m, _with_kind(spec, "b:out", "scale"), x)
+    with pytest.raises(EquivalenceError):  # a scale the next layer does not undo
+        check_equivalence(m, _with_kind(spec, "a:out", "scale", flip_contra=True), x)
+
+
+def test_elements_compose_invert_and_refuse_ill_conditioned():
+    m, x = LM(), torch.randint(0, 50, (2, 7))
+    spec = infer_spec(m, x, symmetries="all")
+    t1, t2 = random_transforms(spec, 1), random_transforms(spec, 2)
+    sd = m.state_dict()
+    both = apply_permutation(spec, t2, apply_permutation(spec, t1, sd))
+    once = apply_permutation(spec, compose(t1, t2), sd)
+    back = apply_permutation(spec, invert(t1), apply_permutation(spec, t1, sd))
+    for k in sd:
+        assert torch.allclose(both[k], once[k], atol=1e-5)
+        assert torch.allclose(back[k], sd[k], atol=1e-5)
+    bad = dict(t1)
+    g = next(n for n, grp in spec.groups.items() if grp.kind == "invertible")
+    bad[g] = torch.diag(torch.tensor([1.0, 1.0, 1.0, 1e-9], dtype=torch.float64))
+    with pytest.raises(SpecError, match="ill-conditioned"):
+        apply_permutation(spec, bad, sd)
+    perm_group = next(n for n, grp in spec.groups.items() if grp.kind == "permutation")
+    bad = dict(t1)
+    bad[perm_group] = torch.eye(spec.groups[perm_group].size, dtype=torch.float64)
+    with pytest.raises(SpecError, match="permutations only"):
+        apply_permutation(spec, bad, sd)
+
+
+def test_json_round_trip_keeps_kinds_and_orientation():
+    spec = infer_spec(LM(), torch.randint(0, 50, (2, 7)), symmetries="all")
+    again = PermutationSpec.from_json(spec.to_json())
+    assert again == spec and _kinds(again) == _kinds(spec)
+    assert any(m.contra for g in again.groups.values() for m in g.members)
+    d = spec.to_dict()
+    d["groups"][0]["kind"] = "affine"
+    with pytest.raises(SpecError, match="affine"):
+        PermutationSpec.from_dict(d)
+
+
+@pytest.mark.parametrize("make,x", [
+    (MLP, lambda: torch.randn(5, 8)),
+    (LM, lambda: torch.randint(0, 50, (2, 7))),
+])
+def test_planted_elements_recovered_to_round_off(make, x):
+    """B is A under a random element of every group (orthogonal residual map,
+    invertible per-head maps, scaled and signed units): matching recovers A."""
+    torch.set_num_threads(1)  # many small matrices: threads only add overhead
+    a, inputs = make(), x()
+    spec = infer_spec(a, inputs, symmetries="all")
+    b = permute_model(a, spec, random_transforms(spec, seed=5))
+    far = max(float((a.state_dict()[k] - v).abs().max()) for k, v in b.state_dict().items())
+    assert far > 0.1
+    r = general_weight_matching(spec, a.state_dict(), b.state_dict())
+    assert r.distance < 1e-5 * r.initial_distance
+    aligned = apply_permutation(spec, r, b.state_dict())
+    for k, v in a.state_dict().items():
+        assert torch.allclose(aligned[k], v, atol=1e-5), k
+    # end to end: inferred, matched, applied and verified against B
+    res = auto_rebasin(a, b, inputs, symmetries="all", progress=False)
+    assert res.verify_error < 1e-5
+    for k, v in a.state_dict().items():
+        assert torch.allclose(res.model.state_dict()[k], v, atol=1e-5), k
+
+
+def test_generalized_matching_beats_permutations_on_independent_models():
+    torch.set_num_threads(1)
+    ids = torch.randint(0, 50, (2, 7))
+    torch.manual_seed(1)
+    a = LM()
+    torch.manual_seed(2)
+    b = LM()
+    perm = auto_rebasin(a, b, ids, progress=False)
+    gen = auto_rebasin(a, b, ids, symmetries="all", progress=False)
+
+    def dist(m):
+        return sum(float(((a.state_dict()[k] - v) ** 2).sum())
+                   for k, v in m.state_dict().items()) ** 0.5
+    assert dist(gen.model) < dist(perm.model) < dist(b)
+    assert gen.verify_error < 1e-4
+
+
+def test_other_methods_refuse_general_specs():
+    m, x = MLP(), torch.randn(5, 8)
+    with pytest.raises(NotImplementedError, match="method='weight'"):
+        auto_rebasin(m, MLP(), x, method="activation", data=[x], symmetries="all")
+
+
+# ------------------------------------------------------------------ folding norms
+def _perturbed(model):
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    return model.eval()
+
+
+@pytest.mark.parametrize("norm", [lambda: nn.RMSNorm(16), lambda: nn.LayerNorm(16)])
+def test_fold_norms_frees_the_residual_stream(norm):
+    from autobasin.fold import GainlessRMSNorm, fold_norms
+    ids = torch.randint(0, 50, (2, 7))
+    m = _perturbed(LM(norm=norm))
+    assert _kinds(infer_spec(m, ids, symmetries="all"))["emb:in"] == "permutation"
+    f = fold_norms(m, ids)
+    assert len(f.folded_norms) == 5
+    assert all(isinstance(f.get_submodule(n), GainlessRMSNorm) for n in f.folded_norms)
+    with torch.no_grad():
+        assert torch.allclose(f(ids), m(ids), atol=1e-5)
+        other = torch.randint(0, 50, (3, 5))  # equivalent on inputs it was not folded on
+        assert torch.allclose(f(other), m(other), atol=1e-5)
+    spec = infer_spec(f, ids, symmetries="all")
+    assert _kinds(spec)["emb:in"] == "orthogonal"
+    assert check_equivalence(f, spec, ids) < 1e-5
+
+
+def test_fold_norms_leaves_a_norm_read_by_anything_else():
+    from autobasin.fold import fold_norms
+
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.n, self.act, self.fc = nn.RMSNorm(8), nn.ReLU(), nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.fc(self.act(self.n(x)))
+    m, x = _perturbed(Odd()), torch.randn(4, 8)
+    with pytest.warns(UserWarning, match="n: its output reaches act"):
+        f = fold_norms(m, x)
+    assert f.folded_norms == [] and isinstance(f.n, nn.RMSNorm)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_fold_norms_on_hugging_face_models(arch):
+    T = pytest.importorskip("transformers")
+    from autobasin.fold import fold_norms
+    torch.set_num_threads(1)
+    if arch == "llama":
+        cfg = T.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                            max_position_embeddings=32)
+        m = _perturbed(T.LlamaForCausalLM(cfg))
+        stream = "model.embed_tokens:in"
+    else:
+        cfg = T.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32)
+        m = _perturbed(T.GPT2LMHeadModel(cfg))  # tied head: untie to fold the final norm
+        stream = "transformer.wte:in"
+    x = {"input_ids": torch.randint(0, 64, (2, 9))}
+    f = fold_norms(m, x, untie=True)
+    assert len(f.folded_norms) == 5
+    spec = infer_spec(f, x, symmetries="all")
+    kinds = _kinds(spec)
+    assert kinds[stream] == "orthogonal"
+    assert "invertible" in kinds.values()
+    for seed in range(2):
+        assert check_equivalence(f, spec, x, seed=seed) < 1e-5
