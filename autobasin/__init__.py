@@ -17,14 +17,16 @@ from .guard import MetaTensorError, NonFiniteWeightError
 from .infer import ExampleInputError, TracedModel, infer_spec, rule, trace_model
 from .inputs import ModelInputs
 from .io import CheckpointError, load_into, load_perms, load_state_dict, save_perms, save_state_dict
-from .match import Matching, activation_matching, ste_matching, weight_matching
+from .fold import FoldError, GainlessRMSNorm, fold_norms
+from .match import (GeneralMatching, Matching, activation_matching, general_weight_matching,
+                    ste_matching, weight_matching)
 from .merge import interpolate, merge_many
 from .models import ModelSpecError, build_model
 from .permute import (EquivalenceError, NondeterministicModelError, TieBreakError, apply_permutation,
                       check_equivalence, compose, identity_permutation, invert, permute_model,
-                      random_permutation)
+                      random_permutation, random_transforms)
 from .repair import ChannelStats, channel_stats, repair, reset_bn_stats
-from .spec import Group, Member, PermutationSpec, SpecError
+from .spec import KINDS, Group, Member, PermutationSpec, SpecError
 from .study import StudyRow, StudyTable, barrier_study
 from .trace import TraceError
 
@@ -42,4 +44,6 @@ __all__ = [
     "expected_calibration_error", "reliability", "CalibrationResult", "reliability_plot",
     "barrier_study", "StudyTable", "StudyRow",
     "align_files", "merge_files", "AlignedFiles", "MergedFiles",
+    "KINDS", "random_transforms", "general_weight_matching", "GeneralMatching",
+    "fold_norms", "GainlessRMSNorm", "FoldError",
 ]

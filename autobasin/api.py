@@ -178,8 +178,9 @@ def auto_rebasin(a: nn.Module, b: nn.Module, example_inputs=None, method: str = 
             (see :func:`autobasin.infer_spec`): ``("permutation",)`` by default;
             with ``"sign"``, ``"scale"``, ``"orthogonal"``, ``"invertible"`` (or
             ``"all"``) groups that admit them are aligned by signed or scaled
-            permutations, orthogonal or invertible maps (weight matching only:
-            :func:`autobasin.match.general.general_weight_matching`), and
+            permutations, orthogonal or invertible maps (weight or activation
+            matching: :func:`autobasin.match.general.general_weight_matching`,
+            :func:`~autobasin.match.general.general_activation_matching`), and
             ``perms`` holds a float (n, n) matrix for each such group.
         max_iter, progress, device, **matcher_kwargs: passed to the matcher.
         repair: how to treat models interpolated from A and aligned B: None,
@@ -220,11 +221,11 @@ def auto_rebasin(a: nn.Module, b: nn.Module, example_inputs=None, method: str = 
         from .infer import trace_model
         traced = trace_model(a, example_inputs, symmetries=symmetries)
         spec = traced.spec
-    if spec.is_general and method != "weight":
+    if spec.is_general and method not in ("weight", "activation"):
         raise NotImplementedError(
             f"method {method!r} aligns permutations only, and the spec has groups of other "
             f"kinds ({sorted({g.kind for g in spec.groups.values()} - {'permutation'})}): use "
-            "method='weight', or symmetries=('permutation',)")
+            "method='weight' or 'activation', or symmetries=('permutation',)")
     if traced is not None and matcher.takes_traced:
         matcher_kwargs.setdefault("traced", traced)
     if not matcher.runs_on_a:

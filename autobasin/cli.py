@@ -53,7 +53,7 @@ from .distributed import is_main, shard, world
 from .data import (DataError, DataSource, check_source, example_of, make_example_inputs,
                    resolve_data)
 from .cliargs import (UsageError, checkpoint_path, existing_file, model_kwargs,
-                      output_path, parse_device, save_result, seed_everything)
+                      output_path, parse_device, save_result, seed_everything, symmetries_arg)
 from .hf import hf_folder, is_hf, load_folder
 from .spec import format_coverage
 
@@ -248,7 +248,7 @@ def _align(args, log: _Log, model_a: nn.Module, model_b: nn.Module, example,
     result = auto_rebasin(model_a, model_b, example_inputs=example, method=args.method,
                           data=data.train if data is not None else None, seed=args.seed,
                           spec=spec, max_iter=args.max_iter, progress=not args.quiet,
-                          device=device, **extra)
+                          device=device, symmetries=args.symmetries, **extra)
     return result, time.perf_counter() - t0
 
 
@@ -589,6 +589,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--method", default="weight", choices=sorted(MATCHERS), help="matching method")
     g.add_argument("--spec", metavar="SPEC.json",
                    help="use this spec (from inspect --json) instead of inferring one")
+    g.add_argument("--symmetries", type=symmetries_arg, default=("permutation",),
+                   metavar="KINDS",
+                   help="kinds of symmetry to align with, comma-separated: permutation (default), "
+                        "sign, scale, orthogonal, invertible, or all; groups whose ops admit "
+                        "more than permutations are aligned by signed or scaled permutations, "
+                        "orthogonal or invertible maps (weight matching)")
     g.add_argument("--max-iter", type=int, default=100, help="most matching sweeps (default 100)")
     g.add_argument("--tol", type=float, default=0.0,
                    help="weight matching: stop after a sweep that raises the objective by at "

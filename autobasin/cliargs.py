@@ -34,6 +34,18 @@ def model_kwargs(items: Sequence[str] | None) -> dict[str, Any]:
     return kwargs
 
 
+def symmetries_arg(text: str) -> tuple[str, ...]:
+    """``--symmetries``: comma-separated kinds (or ``all``), checked."""
+    import argparse
+    from .spec import symmetry_kinds
+    kinds = [k.strip() for k in text.split(",") if k.strip()]
+    try:
+        symmetry_kinds(kinds)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return tuple(kinds)
+
+
 def parse_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -390,9 +390,10 @@ PERMS_FORMAT = "autobasin.perms/1"
 
 def save_perms(perms: Mapping[str, torch.Tensor], path: str | os.PathLike,
                metadata: Mapping[str, str] | None = None) -> Path:
-    """Write ``{group: LongTensor (n,)}`` atomically as JSON (``.json``) or safetensors."""
+    """Write ``{group: LongTensor (n,)}`` atomically as JSON (``.json``) or safetensors;
+    the elements of groups of other kinds (float (n, n) matrices) are kept as float64."""
     path = Path(path).expanduser()
-    perms = {k: torch.as_tensor(v).long().cpu() for k, v in perms.items()}
+    perms = {k: _element(v) for k, v in perms.items()}
     if path.suffix == ".json":
         doc = {"format": PERMS_FORMAT, **({"metadata": dict(metadata)} if metadata else {}),
                "perms": {k: v.tolist() for k, v in perms.items()}}
@@ -414,7 +415,18 @@ def load_perms(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             raise CheckpointReadError(f"no such file: {path}")
         try:
             doc = json.loads(path.read_text())
-            return {k: torch.tensor(v, dtype=torch.long) for k, v in doc["perms"].items()}
+            return {k: _element(torch.tensor(v, dtype=torch.float64 if _nested(v) else torch.long))
+                    for k, v in doc["perms"].items()}
         except (ValueError, KeyError, TypeError) as e:
             raise CheckpointReadError(f"{path}: not an autobasin permutations file ({e})") from e
-    return {k: v.long() for k, v in load_state_dict(path).items()}
+    return {k: _element(v) for k, v in load_state_dict(path).items()}
+
+
+def _element(v) -> torch.Tensor:
+    """A group's element: a permutation as a LongTensor, a matrix as float64."""
+    v = torch.as_tensor(v).cpu()
+    return v.to(torch.float64) if v.is_floating_point() and v.dim() == 2 else v.long()
+
+
+def _nested(v) -> bool:
+    return isinstance(v, list) and bool(v) and isinstance(v[0], list)

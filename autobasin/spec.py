@@ -105,8 +105,10 @@ def symmetry_kinds(symmetries) -> frozenset:
     if symmetries is None:
         return frozenset({"permutation"})
     if isinstance(symmetries, str):
-        symmetries = KINDS if symmetries == "all" else (symmetries,)
+        symmetries = (symmetries,)
     asked = frozenset(symmetries)
+    if "all" in asked:
+        asked = (asked - {"all"}) | set(KINDS)
     unknown = sorted(asked - set(KINDS))
     if unknown:
         raise ValueError(f"unknown symmetry kind {unknown[0]!r}: kinds are {', '.join(KINDS)} "

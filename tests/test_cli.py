@@ -887,3 +887,28 @@ def test_results_piped_into_a_reader_that_stops_still_write_the_files(tmp_path):
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err.decode()[-500:]
     assert out.exists() and b"BrokenPipe" not in err
+
+
+def test_align_with_scaled_permutations(files, tmp_path, capsys):
+    """--symmetries scale: the ReLU units are aligned by permutations times positive
+    scalings; the file computes what B computes, and lands closer to A."""
+    def align(*extra):
+        out = tmp_path / f"aligned{len(extra)}.safetensors"
+        perms = tmp_path / f"perms{len(extra)}.safetensors"
+        code, stdout, err = run(capsys, "align", files["mlp"], "--a", files["b"], "--b",
+                                files["a"], "--out", out, "--perms", perms, "-q", *extra)
+        assert code == 0, err
+        line = next(l for l in stdout.splitlines() if l.startswith("L2 distance"))
+        return out, perms, float(line.split()[-1])
+    _, _, d_perm = align()
+    out, perms, d_scale = align("--symmetries", "scale")
+    assert d_scale < d_perm
+    elements = load_perms(perms)
+    assert elements["fc1:out"].dtype == torch.float64 and elements["fc1:out"].shape == (32, 32)
+    b = load_into(build_model(files["mlp"]), load_state_dict(files["a"]))
+    aligned = load_into(build_model(files["mlp"]), load_state_dict(out))
+    x = torch.randn(5, 1, 8, 8)
+    torch.testing.assert_close(outputs(aligned, x), outputs(b, x), atol=1e-5, rtol=1e-5)
+    code, _, err = run(capsys, "align", files["mlp"], "--a", files["b"], "--b", files["a"],
+                       "--out", tmp_path / "x.safetensors", "--symmetries", "affine")
+    assert code != 0 and "affine" in err

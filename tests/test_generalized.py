@@ -269,7 +269,8 @@ def test_generalized_matching_beats_permutations_on_independent_models():
 def test_other_methods_refuse_general_specs():
     m, x = MLP(), torch.randn(5, 8)
     with pytest.raises(NotImplementedError, match="method='weight'"):
-        auto_rebasin(m, MLP(), x, method="activation", data=[x], symmetries="all")
+        auto_rebasin(m, MLP(), x, method="ste", data=[(x, torch.zeros(5).long())],
+                     symmetries="all")
 
 
 # ------------------------------------------------------------------ folding norms
@@ -338,3 +339,21 @@ def test_fold_norms_on_hugging_face_models(arch):
     assert "invertible" in kinds.values()
     for seed in range(2):
         assert check_equivalence(f, spec, x, seed=seed) < 1e-5
+
+
+@pytest.mark.parametrize("general_from", ["weights", "activations"])
+@pytest.mark.parametrize("make,x", [
+    (MLP, lambda: torch.randn(64, 8)),
+    (LM, lambda: torch.randint(0, 50, (8, 7))),
+])
+def test_planted_elements_recovered_from_activations(make, x, general_from):
+    torch.set_num_threads(1)
+    a, inputs = make(), x()
+    spec = infer_spec(a, inputs, symmetries="all")
+    b = permute_model(a, spec, random_transforms(spec, seed=7))
+    data = [inputs[i:i + 4] for i in range(0, len(inputs), 4)]
+    res = auto_rebasin(a, b, inputs[:2], method="activation", data=data, symmetries="all",
+                       progress=False, general_from=general_from)
+    assert res.verify_error < 1e-5
+    for k, v in a.state_dict().items():
+        assert torch.allclose(res.model.state_dict()[k], v, atol=1e-4), k

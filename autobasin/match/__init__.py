@@ -15,7 +15,7 @@ from torch import nn
 
 from ..spec import PermutationSpec
 from .activation import activation_matching
-from .general import GeneralMatching, general_weight_matching
+from .general import GeneralMatching, general_activation_matching, general_weight_matching
 from .lap import solve_lap
 from .result import ActivationMatching, Matching, STEMatching, WeightMatching
 from .ste import ste_matching
@@ -60,7 +60,12 @@ def _weight(spec: PermutationSpec, a: nn.Module, b: nn.Module, data: Iterable | 
 
 
 def _activation(spec: PermutationSpec, a: nn.Module, b: nn.Module, data: Iterable | None, *,
-                seed: int = 0, progress: bool = True, **kw: Any) -> ActivationMatching:
+                seed: int = 0, progress: bool = True, **kw: Any
+                ) -> ActivationMatching | GeneralMatching:
+    if spec.is_general:  # groups beyond permutations: statistics of layer outputs
+        return general_activation_matching(spec, a, b, data, batches=kw.get("num_batches"),
+                                           seed=seed, max_iter=kw.get("max_iter", 100),
+                                           general_from=kw.get("general_from", "weights"))
     return activation_matching(spec, a, b, data, seed=seed, progress=progress, **kw)
 
 
@@ -79,4 +84,4 @@ register(Matcher("ste", _ste, needs_data=True, runs_on_a=True,
 
 __all__ = ["MATCHERS", "Matcher", "register", "solve_lap", "weight_matching",
            "activation_matching", "ste_matching", "Matching", "WeightMatching",
-           "ActivationMatching", "STEMatching", "general_weight_matching", "GeneralMatching"]
+           "ActivationMatching", "STEMatching", "general_weight_matching", "general_activation_matching", "GeneralMatching"]

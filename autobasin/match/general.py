@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 import torch
+from torch import nn
 
 from ..spec import Member, PermutationSpec
 from .lap import solve_lap
@@ -237,10 +238,30 @@ def _solve_invertible(pb: _Problem, current: torch.Tensor, max_condition: float,
     return best, refused
 
 
+def _blocks_of(spec: PermutationSpec) -> dict[str, list[tuple[Member, int]]]:
+    """Permutation groups whose every member is a grid (heads x head-dim) whose
+    other dimension an orthogonal or invertible group maps: blocks to assign,
+    with that dimension of each member."""
+    general_dim: dict[tuple, int] = {}
+    for grp in spec.groups.values():
+        if grp.kind in ("orthogonal", "invertible"):
+            for m in grp.members:
+                general_dim[(m.param, m.axis, m.offset, m.shape, m.strides)] = m.dim
+    out: dict[str, list[tuple[Member, int]]] = {}
+    for g, grp in spec.groups.items():
+        inner = [(m, general_dim.get((m.param, m.axis, m.offset, m.shape, m.strides)))
+                 for m in grp.members]
+        if grp.kind == "permutation" and inner and all(d is not None and d != m.dim
+                                                      for m, d in inner):
+            out[g] = inner
+    return out
+
+
 def general_weight_matching(spec: PermutationSpec, state_dict_a: Mapping[str, torch.Tensor],
                             state_dict_b: Mapping[str, torch.Tensor], max_iter: int = 100,
                             seed: int = 0, tol: float = 1e-9, match_buffers: bool = False,
                             max_condition: float = 1e4, progress: bool = False,
+                            fixed: Mapping[str, torch.Tensor] | None = None,
                             **_ignored) -> GeneralMatching:
     """Elements of every group (of its kind) that bring B closest to A.
 
@@ -256,6 +277,8 @@ def general_weight_matching(spec: PermutationSpec, state_dict_a: Mapping[str, to
         max_condition: an invertible group's map must have a condition number
             below this; an ill-conditioned least-squares solution is refused
             (see the module docstring).
+        fixed: elements of some groups, held as they are (found otherwise, e.g.
+            from activations by :func:`general_activation_matching`).
     Returns:
         A :class:`GeneralMatching`; ``apply_permutation(spec, result, state_b)``
         applies it.
@@ -269,6 +292,9 @@ def general_weight_matching(spec: PermutationSpec, state_dict_a: Mapping[str, to
     a = {p: state_dict_a[p].detach().to("cpu", torch.float64) for p in by_param}
     b0 = {p: state_dict_b[p].detach().to("cpu", torch.float64) for p in by_param}
     elems = {g: _eye_element(grp.kind, grp.size) for g, grp in spec.groups.items()}
+    held_fixed = set(fixed or ())
+    for g, e in (fixed or {}).items():
+        elems[g] = e if not e.is_floating_point() else e.to(torch.float64).cpu()
     params_of = {g: sorted({m.param for m in grp.members}) for g, grp in spec.groups.items()}
 
     def transformed(p: str, skip: str | None = None) -> torch.Tensor:
@@ -279,20 +305,7 @@ def general_weight_matching(spec: PermutationSpec, state_dict_a: Mapping[str, to
         return t
 
     cur = {p: transformed(p) for p in by_param}
-    # permutation groups whose every member is a grid (heads x head-dim) whose
-    # other dimension an orthogonal or invertible group maps: blocks to assign
-    general_dim: dict[tuple, int] = {}
-    for grp in spec.groups.values():
-        if grp.kind in ("orthogonal", "invertible"):
-            for m in grp.members:
-                general_dim[(m.param, m.axis, m.offset, m.shape, m.strides)] = m.dim
-    blocks_of: dict[str, list[tuple[Member, int]]] = {}
-    for g, grp in spec.groups.items():
-        inner = [(m, general_dim.get((m.param, m.axis, m.offset, m.shape, m.strides)))
-                 for m in grp.members]
-        if grp.kind == "permutation" and inner and all(d is not None and d != m.dim
-                                                      for m, d in inner):
-            blocks_of[g] = inner
+    blocks_of = _blocks_of(spec)
 
     def dist2(ps) -> float:
         return sum(float(((a[p] - cur[p]) ** 2).sum()) for p in ps if p in counted)
@@ -304,6 +317,8 @@ def general_weight_matching(spec: PermutationSpec, state_dict_a: Mapping[str, to
                 for g, inner in blocks_of.items()}
 
     def solve(g: str, kind: str) -> torch.Tensor | None:
+        if g in held_fixed:
+            return None
         """Group ``g``'s best element of ``kind`` with the others held."""
         grp = spec.groups[g]
         held = {p: transformed(p, skip=g) for p in params_of[g]}
@@ -335,7 +350,7 @@ def general_weight_matching(spec: PermutationSpec, state_dict_a: Mapping[str, to
     history: list[float] = []
     refused: set[str] = set()
     gen = torch.Generator().manual_seed(seed)
-    names = list(spec.groups)
+    names = [g for g in spec.groups if g not in held_fixed]
     sweeps, converged = 0, False
     # two phases: first every group as the nearest kind with no freedom of
     # scale (invertible -> orthogonal, scale -> permutation), which settles the
@@ -355,7 +370,7 @@ def general_weight_matching(spec: PermutationSpec, state_dict_a: Mapping[str, to
             # a block assignment (heads) is judged together with the maps inside
             # the blocks (head-dims), re-fitted to it: alone, a new assignment
             # under the old inner maps looks worse even when it is right
-            step = [g] + siblings.get(g, [])
+            step = [g] + [h for h in siblings.get(g, []) if h not in held_fixed]
             touched = sorted({p for h in step for p in params_of[h]})
             old_e = {h: elems[h] for h in step}
             old = {p: cur[p] for p in touched}
@@ -400,3 +415,177 @@ def _apply_group(t: torch.Tensor, members: list[Member], e: torch.Tensor) -> tor
     for m in members:
         t = m.scatter(t, _act(m.gather(t), e, m.contra))
     return t
+
+
+# ------------------------------------------------------------ from activations
+def _sites(spec: PermutationSpec, model: nn.Module) -> list[tuple[str, Member, str, int]]:
+    """Where a group's units are a layer's outputs: ``(group, member, module, axis)``
+    for each member that is the output axis of a Linear (weight axis 0), a Hugging
+    Face Conv1D (axis 1), an Embedding (axis 1) or a convolution (axis 0, output
+    channels at axis 1 of the result)."""
+    modules = dict(model.named_modules())
+    out = []
+    for g, grp in spec.groups.items():
+        for m in grp.members:
+            owner, _, leaf = m.param.rpartition(".")
+            mod = modules.get(owner)
+            # a grid (a head's head-dim) mixes with the other grid dimensions' groups
+            # (the heads' assignment): left to weight matching, which solves them jointly
+            if leaf != "weight" or mod is None or m.contra or len(m.shape) != 1:
+                continue
+            if isinstance(mod, nn.Linear) and m.axis == 0:
+                out.append((g, m, owner, -1))
+            elif isinstance(mod, nn.Embedding) and m.axis == 1:
+                out.append((g, m, owner, -1))
+            elif type(mod).__name__ == "Conv1D" and m.axis == 1:
+                out.append((g, m, owner, -1))
+            elif isinstance(mod, nn.modules.conv._ConvNd) and not mod.transposed \
+                    and mod.groups == 1 and m.axis == 0:
+                out.append((g, m, owner, 1))
+    return out
+
+
+def _element_from_stats(kind: str, s: torch.Tensor, ga: torch.Tensor, gb: torch.Tensor,
+                        name: str, max_condition: float) -> torch.Tensor | None:
+    """The element mapping B's unit activations onto A's, from ``S = sum a b^T``,
+    ``G_A = sum a a^T`` and ``G_B = sum b b^T`` (centred)."""
+    sa, sb = torch.diagonal(ga).clamp_min(0).sqrt(), torch.diagonal(gb).clamp_min(0).sqrt()
+    corr = s / (sa[:, None] * sb[None, :] + 1e-30)
+    if kind == "permutation":
+        return solve_lap(corr, name=name)
+    if kind == "sign":
+        p = solve_lap(corr.abs(), name=name)
+        sign = torch.sign(corr[torch.arange(len(p)), p])
+        sign[sign == 0] = 1
+        return sign[:, None] * _perm_matrix(p)
+    if kind == "scale":
+        p = solve_lap(corr, name=name)
+        ratio = (sa / (sb[p] + 1e-30)).clamp(1e-3, 1e3)
+        return ratio[:, None] * _perm_matrix(p)
+    if kind == "orthogonal":
+        u, _, vh = torch.linalg.svd(s)
+        return u @ vh
+    n = s.shape[0]  # invertible: regress A's activations on B's
+    ridge = 1e-6 * float(torch.diagonal(gb).mean()) + 1e-30
+    m = torch.linalg.solve(gb + ridge * torch.eye(n, dtype=gb.dtype), s.T).T
+    if not bool(torch.isfinite(m).all()) or float(torch.linalg.cond(m)) >= max_condition:
+        return None
+    return m
+
+
+def general_activation_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, data,
+                                batches: int | None = None, max_condition: float = 1e4,
+                                seed: int = 0, max_iter: int = 100,
+                                general_from: str = "weights", **_ignored) -> GeneralMatching:
+    """Elements of every group from activations, for specs beyond permutations.
+
+    For each group whose units are the outputs of a layer (a Linear's, an
+    Embedding's, a convolution's output channels: see :func:`_sites`), A's and
+    B's outputs on the same batches give the centred statistics
+    ``S = sum a b^T``, ``G_A``, ``G_B`` (summed over every such layer of the
+    group); then signs and scales by assignment on the correlations, orthogonal
+    maps by Procrustes on ``S``, invertible maps by regressing A's activations on
+    B's (refused, and left to weight matching, when ill-conditioned). The
+    permutation groups come from :func:`~autobasin.match.activation.activation_matching`
+    (the general groups held at the identity there). Groups with no such layer,
+    and refused ones, are found by :func:`general_weight_matching` with the
+    others held.
+
+    ``general_from``: ``"weights"`` (default) takes only the permutations from
+    activations and finds every other group by weight matching with them held;
+    ``"activations"`` finds them from the statistics above. On the byte-level
+    Llama of ``benchmarks/generalized.py`` the first gave the lower barrier
+    (Procrustes on the residual stream's contributions and regressions of the
+    value heads raised it; see docs/generalized.md).
+    """
+    if general_from not in ("weights", "activations"):
+        raise ValueError(f"general_from must be 'weights' or 'activations', not {general_from!r}")
+    import warnings
+    from ..batches import run_batch
+    t0 = time.perf_counter()
+    data = data if isinstance(data, (list, tuple)) else list(data)  # read twice
+    general = [g for g, grp in spec.groups.items() if grp.kind != "permutation"]
+    found: dict[str, torch.Tensor] = {}
+    if len(general) < len(spec.groups):
+        # the permutation groups: the permutation activation matcher, which knows
+        # the graph's activation sites (heads, grids, fallbacks)
+        from .activation import activation_matching
+        perms = activation_matching(spec.without(*general), a, b, data, num_batches=batches,
+                                    progress=False, seed=seed, max_iter=max_iter).perms
+        # blocks whose insides another group maps (heads around invertible head
+        # dims) are left to weight matching, which assigns them jointly
+        blocks = _blocks_of(spec)
+        found.update({g: p for g, p in perms.items() if g not in blocks})
+    sites = [s for s in _sites(spec, a) if s[0] in general] \
+        if general_from == "activations" else []
+    stats: dict[str, dict] = {}
+    outputs: dict[tuple[int, str], torch.Tensor] = {}
+    hooks = []
+    for which, model in ((0, a), (1, b)):
+        mods = dict(model.named_modules())
+        for name in {s[2] for s in sites}:
+            def hook(_m, _args, out, key=(which, name)):
+                outputs[key] = out.detach()
+            hooks.append(mods[name].register_forward_hook(hook))
+    seen = 0
+    try:
+        with torch.no_grad():
+            was = (a.training, b.training)
+            a.eval(), b.eval()
+            for i, batch in enumerate(data if sites else ()):
+                if batches is not None and i >= batches:
+                    break
+                outputs.clear()
+                run_batch(a, batch)
+                run_batch(b, batch)
+                seen += 1
+                for g, m, name, axis in sites:
+                    ya, yb = outputs.get((0, name)), outputs.get((1, name))
+                    if ya is None or yb is None:
+                        continue
+                    ra = _site_rows(m, ya, axis)
+                    rb = _site_rows(m, yb, axis)
+                    st = stats.setdefault(g, {"s": 0, "ga": 0, "gb": 0, "ma": 0, "mb": 0, "n": 0})
+                    st["s"] = st["s"] + ra @ rb.T
+                    st["ga"] = st["ga"] + ra @ ra.T
+                    st["gb"] = st["gb"] + rb @ rb.T
+                    st["ma"] = st["ma"] + ra.sum(1)
+                    st["mb"] = st["mb"] + rb.sum(1)
+                    st["n"] += ra.shape[1]
+            a.train(was[0]), b.train(was[1])
+    finally:
+        for h in hooks:
+            h.remove()
+    if not seen and sites:
+        raise ValueError("general_activation_matching: no batches in data")
+    refused = []
+    for g, st in stats.items():
+        n, ma, mb = st["n"], st["ma"], st["mb"]
+        s = st["s"] - ma[:, None] * mb[None, :] / n
+        ga = st["ga"] - ma[:, None] * ma[None, :] / n
+        gb = st["gb"] - mb[:, None] * mb[None, :] / n
+        e = _element_from_stats(spec.groups[g].kind, s, ga, gb, g, max_condition)
+        if e is None:
+            refused.append(g)
+            continue
+        if e.is_floating_point() or spec.groups[g].kind != "permutation":
+            e = e if e.is_floating_point() else _perm_matrix(e)
+        found[g] = e
+    if refused:
+        warnings.warn(f"general_activation_matching: {len(refused)} invertible group(s) "
+                      f"({', '.join(refused[:3])}) had ill-conditioned regressions; they were "
+                      "aligned by weight matching", stacklevel=2)
+    rest = general_weight_matching(spec, a.state_dict(), b.state_dict(), max_iter=max_iter,
+                                   seed=seed, max_condition=max_condition, fixed=found)
+    rest.method = "activation"
+    rest.seconds = time.perf_counter() - t0
+    rest.refused = sorted(set(rest.refused) | set(refused))
+    return rest
+
+
+def _site_rows(m: Member, y: torch.Tensor, axis: int) -> torch.Tensor:
+    """A layer output's features along ``axis`` as the member's rows (n, samples)."""
+    y = y.movedim(axis, -1)
+    flat = y.reshape(-1, y.shape[-1]).T.to(torch.float64)  # (features, samples)
+    site = Member("", 0, m.offset, m.shape, m.strides, m.dim)
+    return site.gather(flat)
