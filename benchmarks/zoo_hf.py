@@ -195,7 +195,23 @@ OVERRIDES: dict[str, tuple[dict, str]] = {
     "llama4": ({"vision_config": {"intermediate_size": 256}},
                "its pixel shuffle hands the projector hidden_size / ratio² = 4 x 64 channels, "
                "a width the config states as intermediate_size"),
+    "muse_glimmer": ({"out_hidden_size": 256},
+                     "its pixel shuffle hands the projector merge_size² x the tower's width "
+                     "(4 x 64 channels), a width the config states as out_hidden_size"),
+    "unlimited_ocr": ({"vision_config": {"sam_config": {"downsample_channels": [32, 64]}}},
+                      "its SAM tower's last downsampling conv feeds the CLIP tower as patch "
+                      "embeddings: its width must be the CLIP tower's (64 at the tiny size)"),
+    **dict.fromkeys(("minicpm_ocr", "minicpmv4_6", "minicpmv4_7"), (
+        {"image_token_id": 100, "video_token_id": 101},
+        "its default config names no image or video token (without one forward skips the "
+        "vision tower): two ids of the tiny vocabulary")),
 }
+
+
+def _merge(base: dict, override: dict) -> dict:
+    """``base`` with ``override``'s values, nested dicts merged at any depth."""
+    return {**base, **{k: _merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict)
+                       else v for k, v in override.items()}}
 
 # (label, generic shrink of unnamed sizes, image side, shrink widths)
 LEVELS = (
@@ -335,6 +351,12 @@ def shrink_kwargs(cfg, generic: bool, image: int | None, widths: bool | None,
                     k.endswith(("index", "indices", "indexes")) and max(v) >= out[key]:
                 out[key] = max(out[key], len(v))
                 out[k] = list(range(len(v)))
+        # one layer tapped by index (MiniCPM-V inserts its merger after layer 6): the
+        # shallower stack's first layer, so that layers still follow it
+        for k, v in d.items():
+            if k not in out and isinstance(k, str) and k.endswith("_layer_id") and _is_int(v) \
+                    and v >= out[key] > 1:
+                out[k] = 0
     if image is not None:
         img = d.get("image_size")
         if _is_int(img) and img > image or isinstance(img, (list, tuple)) and len(img) == 2 \
@@ -345,6 +367,25 @@ def shrink_kwargs(cfg, generic: bool, image: int | None, widths: bool | None,
                 out["patch_size"] = PATCH if image % PATCH == 0 else 4
             elif isinstance(p, (list, tuple)) and len(p) == 2:
                 out["patch_size"] = [PATCH, PATCH]
+    # multimodal RoPE (Qwen2-VL, GLM-4V) splits the rotary half of the head into sections
+    # for time, height and width; a config that states none gets the model's hard-coded
+    # sections for the full-size head: sections in the same proportions (1 : 1.5 : 1.5)
+    # that add up to the tiny head's rotary half. (An interleaved layout, Qwen3-VL's, takes
+    # every third frequency and runs at any head size.)
+    ignored = getattr(type(cfg), "ignore_keys_at_rope_validation", None) or ()
+    rope = d.get("rope_parameters")
+    if widths and "mrope_section" in ignored and "mrope_interleaved" not in ignored and \
+            isinstance(rope, dict) and "mrope_section" not in rope:
+        new = {**d, **out}
+        hidden, heads = new.get("hidden_size"), new.get("num_attention_heads")
+        head_dim = new.get("head_dim") if _is_int(new.get("head_dim")) else \
+            hidden // heads if _is_int(hidden) and _is_int(heads) and heads else None
+        half = int(head_dim * rope.get("partial_rotary_factor", new.get("partial_rotary_factor")
+                                       or 1.0)) // 2 if head_dim else 0
+        if half >= 3:
+            t = max(1, half // 4)
+            out["rope_parameters"] = {**rope, "mrope_section": [t, (half - t) // 2,
+                                                                half - t - (half - t) // 2]}
     # special token ids beyond the tiny vocabulary
     vocab = out.get("vocab_size", d.get("vocab_size"))
     if vocab is None:  # a composite config: its token ids index the text model's vocabulary
@@ -502,6 +543,18 @@ def input_options(model, cfg, gen) -> list[dict]:
             if "pixel_attention_mask" in params:
                 flat["pixel_attention_mask"] = torch.ones(BATCH, g * g, dtype=torch.bool)
             opts.insert(0, flat)
+        if "target_sizes" in params and _is_int(p):
+            # NaViT packing (MiniCPM-V): an image per sample, their 8 x 8 patches side by side
+            # in one strip (1, C, P, patches x P), each image's patch grid in target_sizes
+            # (8 x 8: merged 16-fold, still placeholders)
+            g = 8
+            opts.insert(0, {"pixel_values": torch.randn(1, c, p, BATCH * g * g * p, generator=gen),
+                            "target_sizes": torch.tensor([[g, g]] * BATCH)})
+        if _is_int(p) and any(isinstance(m, torch.nn.Linear) and m.in_features == c * p * p
+                              for m in model.modules()):
+            # patches flattened to (batch, patches, C x P x P) for a linear patch embedding
+            # (Fuyu), tried after whole images
+            opts.append({"pixel_values": torch.randn(BATCH, 4, c * p * p, generator=gen)})
         mods["vision"] = opts
     audio = []
     if "input_features" in params:
@@ -724,7 +777,9 @@ def _features_per_sample(model, getter: str, inputs: dict, flat: bool = False) -
         except Exception:  # noqa: BLE001 - needs more than these inputs
             continue
     if not isinstance(f, (torch.Tensor, list, tuple)):
-        f = getattr(f, "pooler_output", None)
+        # the projected features, else (a getter that projects in place: Fuyu) the last state
+        f = getattr(f, "pooler_output", None) if getattr(f, "pooler_output", None) is not None \
+            else getattr(f, "last_hidden_state", None)
     if isinstance(f, torch.Tensor):
         if f.dim() == 3 and f.shape[0] == BATCH:
             return f.shape[1]
@@ -793,8 +848,7 @@ def build(model_type: str, base: bool):
         kw = shrink_kwargs(default, generic, image, widths)
         override, _why = OVERRIDES.get(model_type, ({}, ""))
         if widths is not None:  # nested configs (vision_config) are merged, not replaced
-            kw.update({k: {**kw[k], **v} if isinstance(v, dict) and isinstance(kw.get(k), dict) else v
-                       for k, v in override.items()})
+            kw = _merge(kw, override)
         try:
             cfg = cfg_cls(**kw)
         except Exception as e:  # noqa: BLE001

@@ -741,3 +741,28 @@ def test_complex_rope_views_keep_real_and_imaginary_parts_fixed(capture):
     # heads permute; q/k pairs stay (the table is not in the state_dict), v's head dims permute
     sizes = sorted(g.size for g in spec.groups.values())
     assert 2 in sizes and 8 in sizes, sizes
+
+
+def test_grid_sample_and_antialiased_resize_pass_channels():
+    """grid_sample / antialiased bicubic resizing act on every channel alike: a conv's
+    channels stay permuted through them (a resized position table, GLM-4V's and
+    DeepSeek-OCR's vision towers)."""
+    import torch.nn.functional as F
+    from autobasin import check_equivalence, infer_spec
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, 3)
+            self.head = torch.nn.Linear(8, 4)
+
+        def forward(self, x, grid):
+            y = F.grid_sample(self.conv(x), grid, align_corners=False)
+            y = F.interpolate(y, size=(5, 5), mode="bicubic", antialias=True)
+            return self.head(y.mean((2, 3)))
+    x, grid = torch.randn(2, 3, 10, 10), torch.rand(2, 6, 6, 2) * 2 - 1
+    for capture in ("fx", "export"):
+        spec = infer_spec(Net(), (x, grid), capture=capture)
+        assert "conv:out" in spec.groups and spec.coverage() == 1.0, capture
+        for seed in range(2):
+            assert check_equivalence(Net(), spec, (x, grid), seed=seed) < 1e-5

@@ -130,8 +130,10 @@ for _name, _fn in [("cat", torch.cat), ("concat", torch.cat), ("concatenate", to
                    ("upsample_nearest3d", F.interpolate), ("upsample_bilinear2d", F.interpolate),
                    ("upsample_bicubic2d", F.interpolate), ("upsample_linear1d", F.interpolate),
                    ("_upsample_bilinear2d_aa", F.interpolate),
+                   ("_upsample_bicubic2d_aa", F.interpolate), ("upsample_trilinear3d", F.interpolate),
                    ("_upsample_nearest_exact2d", F.interpolate),
-                   ("grid_sampler", F.grid_sample), ("affine_grid_generator", F.affine_grid)]:
+                   ("grid_sampler", F.grid_sample), ("grid_sampler_2d", F.grid_sample),
+                   ("grid_sampler_3d", F.grid_sample), ("affine_grid_generator", F.affine_grid)]:
     if hasattr(aten, _name):
         alias(getattr(aten, _name), _fn)
 
@@ -246,11 +248,19 @@ def _masked_scatter(ctx):
     place of its image tokens). When the mask was expanded along the last
     axis from length 1 (one flag per token), whole rows of ``source`` land on
     whole rows of ``x``, element ``j`` on element ``j``: the last axes of
-    ``x``, ``source`` and the result are one axis. The other axes are fixed."""
+    ``x``, ``source`` and the result are one axis. The other axes are fixed.
+    A flat ``source`` (features flattened and concatenated: LLaVA-NeXT-Video's
+    videos) is read as rows of ``x``'s width, in order: the same thing."""
     x, mask, source = ctx.args[0], ctx.arg(1, "mask"), ctx.arg(2, "source")
     lay, src = list(ctx.layout(x)), list(ctx.layout(source))
     name = ctx.op_name
-    if not (broadcast_along_last(ctx, mask) and ctx.shape(source)[-1] == ctx.shape(x)[-1]):
+    x_shape, s_shape = ctx.shape(x), ctx.shape(source)
+    width = x_shape[-1] if len(x_shape) > 1 else 0
+    if len(s_shape) == 1 and width > 1 and s_shape[0] != width and s_shape[0] % width == 0 \
+            and broadcast_along_last(ctx, mask):
+        src = ctx.refine_product(src[0], [s_shape[0] // width, width])
+        s_shape = (s_shape[0] // width, width)
+    if not (broadcast_along_last(ctx, mask) and s_shape and x_shape and s_shape[-1] == x_shape[-1]):
         for t in (x, mask, source):
             ctx.block_layout(ctx.layout(t), f"{name} writes at indexed positions")
         return ctx.fresh(blocked=f"{name} output")

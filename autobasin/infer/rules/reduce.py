@@ -276,7 +276,27 @@ def _col2im(ctx):
     return out
 
 
-@rule(F.grid_sample, F.affine_grid, torch.fft.fft2, torch.fft.rfft2, torch.fft.irfft2,
+@rule(F.grid_sample, kinds=ALL)
+def _grid_sample(ctx):
+    """``grid_sample(input (N, C, *spatial), grid (N, *out, k))``: every channel is
+    sampled at the same points, so the channels pass through (any linear map of
+    them commutes: the sampling, and zero padding, are linear per channel); the
+    spatial axes, and the grid, whose values are coordinates, are fixed."""
+    x, grid = ctx.arg(0, "input"), ctx.arg(1, "grid")
+    lay = list(ctx.layout(x))
+    for s in lay[2:]:
+        ctx.block(s, "sampled spatial axis", structural=True)
+    if ctx.is_tensor(grid):
+        lg = list(ctx.layout(grid))
+        ctx.union(lay[0], lg[0])
+        for s in lg[1:]:
+            ctx.block(s, "grid_sample's coordinates", structural=True)
+    out_shape = ctx.shape()
+    return lay[:2] + [ctx.new(n, "sampled spatial axis", structural=True)
+                      for n in out_shape[2:]]
+
+
+@rule(F.affine_grid, torch.fft.fft2, torch.fft.rfft2, torch.fft.irfft2,
       torch.fft.ifft2, torch.fft.rfft, torch.fft.irfft, torch.fft.fft, torch.fft.ifft)
 def _fix_all(ctx):
     """Ops that move entries between positions of their axes in ways that do
