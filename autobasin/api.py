@@ -221,7 +221,7 @@ def auto_rebasin(a: nn.Module, b: nn.Module, example_inputs=None, method: str = 
         from .infer import trace_model
         traced = trace_model(a, example_inputs, symmetries=symmetries)
         spec = traced.spec
-    if spec.is_general and method not in ("weight", "activation"):
+    if spec.is_general and method not in ("weight", "activation", "ste"):
         raise NotImplementedError(
             f"method {method!r} aligns permutations only, and the spec has groups of other "
             f"kinds ({sorted({g.kind for g in spec.groups.values()} - {'permutation'})}): use "

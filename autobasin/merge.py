@@ -79,7 +79,7 @@ def _verify_aligned(models: list[nn.Module], aligned: list[StateDict], spec,
 
 
 def merge_many(models, method: str = "weight", seed: int = 0, max_rounds: int = 10,
-               data=None, weights=None, spec=None, example_inputs=None,
+               data=None, weights=None, spec=None, example_inputs=None, symmetries=("permutation",),
                progress: bool | Callable[[str], None] = True,
                stats: dict | None = None, repair: str | None = None,
                num_batches: int | None = None):
@@ -95,6 +95,11 @@ def merge_many(models, method: str = "weight", seed: int = 0, max_rounds: int = 
     after ``max_rounds``. The result is the weighted mean of the aligned
     models (``weights``: one non-negative number per model, normalized to sum
     1; default equal).
+
+    ``symmetries``: the kinds to align with when the spec is inferred (see
+    :func:`autobasin.infer_spec`); a spec with groups beyond permutations is
+    matched by :func:`~autobasin.match.general.general_weight_matching`
+    (``method="weight"`` only).
 
     After the average, with ``data`` (batches as for :func:`autobasin.reset_bn_stats`;
     at most ``num_batches`` of them), the merged model is repaired:
@@ -164,13 +169,16 @@ def merge_many(models, method: str = "weight", seed: int = 0, max_rounds: int = 
         from .infer import trace_model
         say("inferring the spec ...")
         t0 = time.perf_counter()
-        traced = trace_model(models[0], example_inputs)
+        traced = trace_model(models[0], example_inputs, symmetries=symmetries)
         spec = traced.spec
         say(f"inferred the spec in {time.perf_counter() - t0:.1f} s: {len(spec.groups)} groups")
         if example_inputs is None:
             example_inputs = traced.example_inputs  # to verify with
     for i, sd in enumerate(sds):
         spec.check_fits(sd, f"model {i}'s state_dict")
+    if spec.is_general and method != "weight":
+        raise NotImplementedError("merge_many aligns groups beyond permutations by weight "
+                                  "matching only: use method='weight'")
 
     if method == "activation" and traced is None and example_inputs is not None:
         from .infer import trace_model  # captured once, not once per visit
@@ -194,7 +202,10 @@ def merge_many(models, method: str = "weight", seed: int = 0, max_rounds: int = 
             # best-determined first); later visits warm-start from the last answer
             visit_seed = seed + rounds * 1000 + i
             say(f"round {rounds}: matching model {i} to the mean of the others")
-            if method == "weight":
+            if method == "weight" and spec.is_general:
+                from .match.general import general_weight_matching
+                new = general_weight_matching(spec, target, sds[i], seed=visit_seed)
+            elif method == "weight":
                 start = "greedy" if rounds == 1 else perms[i]
                 new = weight_matching(spec, target, sds[i], seed=visit_seed, init=start,
                                       progress=False)
@@ -202,7 +213,8 @@ def merge_many(models, method: str = "weight", seed: int = 0, max_rounds: int = 
                 mean_model.load_state_dict(target)
                 new = activation_matching(spec, mean_model, models[i], data, seed=visit_seed,
                                           num_batches=num_batches, progress=False, traced=traced)
-            if any(not torch.equal(new[g], perms[i][g]) for g in new):
+            if any(new[g].shape != perms[i][g].shape or not torch.allclose(
+                    new[g].double(), perms[i][g].double(), atol=1e-9) for g in new):
                 changed = True
             perms[i] = new
             aligned[i] = apply_permutation(spec, new, sds[i])

@@ -266,11 +266,24 @@ def test_generalized_matching_beats_permutations_on_independent_models():
     assert gen.verify_error < 1e-4
 
 
-def test_other_methods_refuse_general_specs():
-    m, x = MLP(), torch.randn(5, 8)
-    with pytest.raises(NotImplementedError, match="method='weight'"):
-        auto_rebasin(m, MLP(), x, method="ste", data=[(x, torch.zeros(5).long())],
-                     symmetries="all")
+def test_generalized_ste_lowers_the_midpoint_loss():
+    """method="ste" with general groups: the continuous elements are refined on the
+    midpoint's loss, from the weight-matching start, and B' still computes B."""
+    from torch.func import functional_call
+    torch.set_num_threads(1)
+    torch.manual_seed(3)
+    a, b = MLP(), MLP()
+    x = torch.randn(256, 8)
+    y = (x[:, 0] > 0).long() + 2 * (x[:, 1] > 0).long()
+    data = [(x[i:i + 32], y[i:i + 32]) for i in range(0, 256, 32)] * 4
+
+    def midpoint_loss(bb):
+        mid = {k: (v + bb.state_dict()[k]) / 2 for k, v in a.state_dict().items()}
+        return float(F.cross_entropy(functional_call(a, mid, (x,)), y))
+    w = auto_rebasin(a, b, x[:4], symmetries="all", progress=False)
+    s = auto_rebasin(a, b, x[:4], method="ste", data=data, symmetries="all", progress=False)
+    assert s.verify_error < 1e-5 and s.matching.history
+    assert midpoint_loss(s.model) < midpoint_loss(w.model)
 
 
 # ------------------------------------------------------------------ folding norms
@@ -357,3 +370,18 @@ def test_planted_elements_recovered_from_activations(make, x, general_from):
     assert res.verify_error < 1e-5
     for k, v in a.state_dict().items():
         assert torch.allclose(res.model.state_dict()[k], v, atol=1e-4), k
+
+
+def test_merge_many_with_generalized_symmetries():
+    """Three copies of one model under random elements of every kind merge back into it."""
+    from autobasin import merge_many
+    torch.set_num_threads(1)
+    a, x = MLP(), torch.randn(16, 8)
+    spec = infer_spec(a, x, symmetries="all")
+    models = [a] + [permute_model(a, spec, random_transforms(spec, seed=s)) for s in (1, 2)]
+    merged = merge_many(models, example_inputs=x, symmetries="all", progress=False)
+    with torch.no_grad():
+        assert torch.allclose(merged(x), a(x), atol=1e-4)
+    with pytest.raises(NotImplementedError, match="weight"):
+        merge_many(models, method="activation", data=[x], example_inputs=x, symmetries="all",
+                   progress=False)

@@ -15,7 +15,8 @@ from torch import nn
 
 from ..spec import PermutationSpec
 from .activation import activation_matching
-from .general import GeneralMatching, general_activation_matching, general_weight_matching
+from .general import (GeneralMatching, general_activation_matching, general_ste_matching,
+                      general_weight_matching)
 from .lap import solve_lap
 from .result import ActivationMatching, Matching, STEMatching, WeightMatching
 from .ste import ste_matching
@@ -70,7 +71,9 @@ def _activation(spec: PermutationSpec, a: nn.Module, b: nn.Module, data: Iterabl
 
 
 def _ste(spec: PermutationSpec, a: nn.Module, b: nn.Module, data: Iterable | None, *,
-         seed: int = 0, progress: bool = True, **kw: Any) -> STEMatching:
+         seed: int = 0, progress: bool = True, **kw: Any) -> STEMatching | GeneralMatching:
+    if spec.is_general:  # the continuous groups learned on the midpoint's loss
+        return general_ste_matching(spec, a, b, data, seed=seed, **kw)
     return ste_matching(spec, a, b, data, seed=seed, progress=progress, **kw)
 
 
@@ -84,4 +87,5 @@ register(Matcher("ste", _ste, needs_data=True, runs_on_a=True,
 
 __all__ = ["MATCHERS", "Matcher", "register", "solve_lap", "weight_matching",
            "activation_matching", "ste_matching", "Matching", "WeightMatching",
-           "ActivationMatching", "STEMatching", "general_weight_matching", "general_activation_matching", "GeneralMatching"]
+           "ActivationMatching", "STEMatching", "general_weight_matching", "general_activation_matching", "general_ste_matching",
+           "GeneralMatching"]

@@ -589,3 +589,129 @@ def _site_rows(m: Member, y: torch.Tensor, axis: int) -> torch.Tensor:
     flat = y.reshape(-1, y.shape[-1]).T.to(torch.float64)  # (features, samples)
     site = Member("", 0, m.offset, m.shape, m.strides, m.dim)
     return site.gather(flat)
+
+
+# ------------------------------------------------------- learned on the midpoint
+def _elements_applied(spec: PermutationSpec, state: Mapping[str, torch.Tensor],
+                      elems: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` under ``elems`` (differentiable in the float elements), float32."""
+    out = {}
+    for p, gm in spec.members_by_param().items():
+        t = state[p]
+        if not t.is_floating_point():
+            continue
+        for g, m in gm:
+            e = elems[g]
+            rows = m.gather(t)
+            if not e.is_floating_point():
+                rows = rows[e]
+            else:
+                x = torch.linalg.inv(e).T if m.contra else e
+                rows = x.to(rows.dtype) @ rows
+            t = m.scatter(t, rows)
+        out[p] = t
+    return out
+
+
+def _cayley(k: torch.Tensor) -> torch.Tensor:
+    """An orthogonal matrix from any square ``k`` (its skew part), identity at 0."""
+    s = k - k.T
+    eye = torch.eye(k.shape[0], dtype=k.dtype)
+    return torch.linalg.solve(eye - s, eye + s)
+
+
+def general_ste_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, data,
+                         epochs: int = 1, lr: float = 1e-2, seed: int = 0,
+                         max_steps: int | None = None, max_condition: float = 1e4,
+                         max_iter: int = 100, loss_fn=None, **_ignored) -> GeneralMatching:
+    """Elements that lower the loss of the A-B midpoint, for specs beyond permutations.
+
+    The permutation groups come from :func:`~autobasin.match.ste.ste_matching`
+    (the other groups held at the identity; heads around general head dims are
+    left to weights), the others from :func:`general_weight_matching` with those
+    held; then every orthogonal, invertible and scale group is refined by Adam
+    on the loss of ``(A + T(B)) / 2`` over ``data`` (``epochs`` passes): an
+    orthogonal element as ``T0 cayley(K)``, an invertible one as ``T0 (I + E)``,
+    a scale as ``T0 diag(exp(u))``, all starting at ``T0``. Any ``T`` keeps what
+    B computes, so only the midpoint moves. A refined element whose condition
+    number reaches ``max_condition`` is refused (its starting point is kept).
+    ``loss_fn(output, batch)``: default :func:`autobasin.batches.default_loss`.
+    """
+    import warnings
+    from torch.func import functional_call
+    from ..batches import batch_inputs, default_loss
+    from .ste import ste_matching
+    t0 = time.perf_counter()
+    data = data if isinstance(data, (list, tuple)) else list(data)
+    loss_fn = loss_fn or default_loss
+    general = [g for g, grp in spec.groups.items() if grp.kind != "permutation"]
+    fixed: dict[str, torch.Tensor] = {}
+    if len(general) < len(spec.groups):
+        perms = ste_matching(spec.without(*general), a, b, data, epochs=epochs, seed=seed,
+                             progress=False, max_steps=max_steps).perms
+        blocks = _blocks_of(spec)
+        fixed = {g: p for g, p in perms.items() if g not in blocks}
+    base = general_weight_matching(spec, a.state_dict(), b.state_dict(), seed=seed,
+                                   max_iter=max_iter, max_condition=max_condition, fixed=fixed)
+    start = {g: (e if not e.is_floating_point() else e.to(torch.float64))
+             for g, e in base.perms.items()}
+    free = {g: torch.zeros((spec.groups[g].size,) if spec.groups[g].kind == "scale" else
+                           (spec.groups[g].size, spec.groups[g].size), dtype=torch.float64,
+                           requires_grad=True)
+            for g in spec.groups if spec.groups[g].kind in ("orthogonal", "invertible", "scale")}
+
+    def elements():
+        out = dict(start)
+        for g, k in free.items():
+            kind = spec.groups[g].kind
+            if kind == "orthogonal":
+                out[g] = start[g] @ _cayley(k)
+            elif kind == "invertible":
+                out[g] = start[g] @ (torch.eye(k.shape[0], dtype=k.dtype) + k)
+            else:
+                out[g] = start[g] * torch.exp(k)[None, :]
+        return out
+
+    history = []
+    if free and data:
+        sa = {k: v.detach() for k, v in a.state_dict().items()}
+        sb = {k: v.detach() for k, v in b.state_dict().items()}
+        opt = torch.optim.Adam(list(free.values()), lr=lr)
+        was = a.training
+        a.eval()
+        step = 0
+        try:
+            for _ in range(epochs):
+                for batch in data:
+                    if max_steps is not None and step >= max_steps:
+                        break
+                    moved = _elements_applied(spec, sb, elements())
+                    mid = {k: (sa[k] + moved.get(k, sb[k])) / 2 if sa[k].is_floating_point()
+                           else sa[k] for k in sa}
+                    inputs = batch_inputs(batch, model=a)
+                    out = functional_call(a, mid, inputs.args, inputs.kwargs)
+                    loss = loss_fn(out, batch)
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+                    history.append(float(loss.detach()))
+                    step += 1
+        finally:
+            a.train(was)
+    final = {g: (e.detach() if e.is_floating_point() else e) for g, e in elements().items()}
+    refused = []
+    for g in free:
+        e = final[g]
+        if not bool(torch.isfinite(e).all()) or float(torch.linalg.cond(e)) >= max_condition:
+            final[g] = start[g]
+            refused.append(g)
+    if refused:
+        warnings.warn(f"general_ste_matching: {len(refused)} refined element(s) "
+                      f"({', '.join(refused[:3])}) became ill-conditioned; their weight-matching "
+                      "elements were kept", stacklevel=2)
+    base.perms = final
+    base.method = "ste"
+    base.history = history
+    base.refused = sorted(set(base.refused) | set(refused))
+    base.seconds = time.perf_counter() - t0
+    return base
