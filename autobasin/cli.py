@@ -484,6 +484,7 @@ def cmd_merge(args, log: _Log) -> int:
     with _stage(log, f"merging {len(models)} models ({args.method} matching)"):
         merged_model = merge_many(models, method=args.method, seed=args.seed, spec=spec,
                                   progress=log, example_inputs=example,
+                                  symmetries=args.symmetries,
                                   max_rounds=args.max_rounds, stats=stats,
                                   data=data.train if repair else None, repair=repair)
     seconds = time.perf_counter() - t0
@@ -642,6 +643,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "weight; activation needs --data)")
     p.add_argument("--spec", metavar="SPEC.json",
                    help="use this spec (from inspect --json) instead of inferring one")
+    p.add_argument("--symmetries", type=symmetries_arg, default=("permutation",), metavar="KINDS",
+                   help="kinds of symmetry to merge with (as for align; weight matching only)")
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("barrier", **sub_kwargs,

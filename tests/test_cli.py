@@ -421,6 +421,13 @@ def test_merge(files, tmp_path, capsys):
     code, _, err = run(capsys, "merge", files["mlp"], files["a"], files["b"], "--out", out, "-q")
     assert code == 0, err
     load_into(build_model(files["mlp"]), load_state_dict(out))
+    # with scaled permutations (ReLU units): verified as it merges, and a different file
+    scaled = tmp_path / "scaled.safetensors"
+    code, stdout, err = run(capsys, "merge", files["mlp"], files["a"], files["b"], "--out",
+                            scaled, "--symmetries", "scale", "-q")
+    assert code == 0, err
+    a, b = load_state_dict(out), load_state_dict(scaled)
+    assert not torch.allclose(a["fc1.weight"], b["fc1.weight"])
 
 
 def test_align_and_merge_with_spec_verify_or_refuse(files, tmp_path, capsys):
