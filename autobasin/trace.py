@@ -154,7 +154,17 @@ class AutoLeafTracer(fx.Tracer):
         return self._state_buffer_ids
 
     def call_module(self, m, forward, args, kwargs):
-        qualname = self.path_of_module(m)
+        try:
+            qualname = self.path_of_module(m)
+        except NameError:
+            # a module that is not a submodule of the root (a module-level
+            # activation such as Longformer's ``gelu = ACT2FN["gelu"]``): it
+            # has no name to call it by, so its body is traced as if written
+            # inline; only when it owns no tensors, which would otherwise be
+            # read as constants unseen by any rule
+            if next(iter(m.state_dict(keep_vars=True).values()), None) is not None:
+                raise
+            return forward(*args, **kwargs)
         if self.is_leaf_module(m, qualname):
             return super().call_module(m, forward, args, kwargs)
         stack = list(self.module_stack.items())

@@ -33,6 +33,37 @@ _MOVES_VALUES = {"view", "reshape", "_unsafe_view", "flatten", "unflatten", "squ
                  "clone", "contiguous", "to", "_to_copy", "alias", "detach", "expand", "permute",
                  "transpose", "t", "view_as", "reshape_as", "type_as", "long", "int"}
 
+_CLAMPS = {"clamp": ("min", "max"), "clip": ("min", "max"), "clamp_min": ("min",), "clamp_max": ("max",)}
+
+
+def _clamps_to_axis(node: fx.Node, ctx: "Context", n: int) -> bool:
+    """Whether ``node`` clamps its first argument, positions along an axis of
+    size ``n``, to bounds no valid position crosses: a lower bound of exactly 0
+    and an upper one of exactly ``n - 1``, given as plain numbers (a tensor
+    bound, or any other value, is not known to keep them)."""
+    names = _CLAMPS.get(ctx.op_name)
+    if names is None:
+        return False
+    given = {}
+    for i, name in enumerate(names):
+        if len(node.args) > 1 + i:
+            given[name] = node.args[1 + i]
+        elif name in node.kwargs:
+            given[name] = node.kwargs[name]
+    if set(node.kwargs) - set(names) or len(node.args) > 1 + len(names):
+        return False
+    bounds = {k: v for k, v in given.items() if v is not None}
+    if not bounds:
+        return False
+    for name, b in bounds.items():
+        v = ctx.value(b) if isinstance(b, fx.Node) else b
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            return False
+        if v != (0 if name == "min" else n - 1):
+            return False
+    return True
+
+
 # Reading a tensor's shape or type says nothing about the order of its entries.
 SHAPE_QUERIES = {"size", "dim", "numel", "shape", "dtype", "device", "is_contiguous", "ndim",
                  "ndimension", "get_device", "is_floating_point", "element_size", "nelement",
@@ -198,6 +229,10 @@ class GraphInference:
             if ctx.op_name in _MOVES_VALUES and node.all_input_nodes[0] is a \
                     and is_tensor_meta(self.meta.get(node)):
                 self.positions[node] = s
+                continue
+            if node.all_input_nodes[0] is a and node.args and node.args[0] is a \
+                    and is_tensor_meta(self.meta.get(node)) and _clamps_to_axis(node, ctx, self.sym.size[s]):
+                self.positions[node] = s  # a clamp to [0, n-1] leaves every position as it is
                 continue
             self.sym.block(s, f"{node.name}: {ctx.op_name} uses positions along the axis as numbers")
 

@@ -111,6 +111,10 @@ def _getattr(ctx):
         return lay[{"values": 0, "indices": 1}[attr]]
     if isinstance(lay, dict):  # a field of a dataclass or ModelOutput
         if attr not in lay:
+            # a field left unset (None on the example inputs, as ModelOutput
+            # leaves hidden_states when not asked for): nothing to carry
+            if ctx.node in ctx.engine.meta and ctx.engine.meta[ctx.node] is None:
+                return None
             raise ValueError(f"field {attr!r} of a traced container")
         return lay[attr]
     if lay is not None and hasattr(ctx.meta(), "shape"):
