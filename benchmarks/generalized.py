@@ -98,6 +98,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="LM training batches for generalized STE (default 192)")
     p.add_argument("--ste-lr", type=float, default=1e-2, help="Adam lr of generalized STE")
     p.add_argument("--quick", action="store_true", help="a smoke run: tiny training, few points")
+    p.add_argument("--render", action="store_true",
+                   help="re-write the page and plot from OUT/generalized.json (no training)")
     return p.parse_args(argv)
 
 
@@ -142,7 +144,8 @@ def vit_family(args) -> dict:
 def run_family(fam: dict, args) -> dict:
     a, b, x, data = fam["a"], fam["b"], fam["example"], fam["eval"]
     lambdas = 5 if args.quick else args.lambdas
-    out: dict = {"methods": {}, "groups": {}}
+    out: dict = {"methods": {}, "groups": {}, "title": fam["title"],
+                 "description": fam["description"]}
 
     def barrier(m_a, m_b, label, seconds=None, verify=None, kinds=None):
         r = loss_barrier(m_a, m_b, data, lambdas=lambdas, progress=False)
@@ -183,7 +186,7 @@ def run_family(fam: dict, args) -> dict:
     return out
 
 
-def render(results: dict, fams: dict, args, seconds: float) -> str:
+def render(results: dict, fams: dict, args, seconds: float, when: str) -> str:
     lines = ["# Beyond permutations: generalized symmetries and loss barriers", "",
              "Two models per family, trained from seeds 0 and 1; B aligned to A, then the "
              "held-out loss measured at evenly spaced points of `(1 - lam) A + lam B'`. "
@@ -218,13 +221,17 @@ def render(results: dict, fams: dict, args, seconds: float) -> str:
     for key, res in results.items():
         m = res["methods"]
         naive = m["naive"]["barrier"]
-        gen = m["generalized"]["barrier"]
+        best = min((label for label in METHODS if label.startswith("generalized")),
+                   key=lambda label: m[label]["barrier"])
+        gen = m[best]["barrier"]
+        weights = m["generalized"]["barrier"]
         perm = min(m["permutations"]["barrier"], m["folded, permutations"]["barrier"])
         ratio = gen / naive if naive > 0 else float("nan")
-        verdict = "met" if ratio <= TARGET else "not met"
-        lines.append(f"- {fams[key]['title']}: generalized {gen:.4f} = {ratio:.2f}× naive "
-                     f"({naive:.4f}); permutations alone {perm:.4f} = {perm / naive:.2f}×: "
-                     f"target **{verdict}**")
+        verdict = "met" if ratio <= TARGET and perm / naive > TARGET else "not met"
+        lines.append(f"- {fams[key]['title']}: best generalized ({best}) {gen:.4f} = "
+                     f"{ratio:.2f}× naive ({naive:.4f}), weight matching alone "
+                     f"{weights / naive:.2f}×; permutations alone {perm:.4f} = "
+                     f"{perm / naive:.2f}×: target **{verdict}**")
     lines += ["", "![held-out loss along the path](generalized.png)", ""]
     for key, res in results.items():
         fam = fams[key]
@@ -249,11 +256,11 @@ def render(results: dict, fams: dict, args, seconds: float) -> str:
         lines.append("")
     lines += ["## Reproduce", "", "```", "python benchmarks/generalized.py --out docs/"
               + ("" if args.data is None else " --data ../shared/data/mnist"), "```", "",
-              f"{time.strftime('%Y-%m-%d %H:%M')}; torch {torch.__version__}, Python "
+              f"{when}; torch {torch.__version__}, Python "
               f"{platform.python_version()}, {platform.machine()}, "
               f"{torch.get_num_threads()} thread(s); took {seconds / 60:.1f} min. The LMs are "
-              "`benchmarks/lm.py`'s (the same cache). Not measured here: activation and STE "
-              "matching with generalized kinds (weight matching only), MergeMany.", ""]
+              "`benchmarks/lm.py`'s (the same cache). Not measured here: MergeMany with "
+              "generalized kinds (tested, not benchmarked).", ""]
     return "\n".join(lines)
 
 
@@ -279,6 +286,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(1)  # many small matrices: threads only add overhead on 2 cores
     t0 = time.perf_counter()
+    if args.render:
+        doc = json.loads((args.out / "generalized.json").read_text())
+        results = doc["families"]
+        fams = {k: {"title": r["title"], "description": r["description"]}
+                for k, r in results.items()}
+        plot(results, fams, args.out / "generalized.png")
+        page = render(results, fams, args, doc["meta"]["seconds"], doc["meta"]["when"])
+        (args.out / "generalized.md").write_text(page)
+        print(f"wrote {args.out / 'generalized.md'} (from generalized.json)")
+        return results
     fams, results = {}, {}
     for key in [f.strip() for f in args.families.split(",") if f.strip()]:
         print(f"{key}:", flush=True)
@@ -286,8 +303,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
         results[key] = run_family(fams[key], args)
     args.out.mkdir(parents=True, exist_ok=True)
     plot(results, fams, args.out / "generalized.png")
-    (args.out / "generalized.md").write_text(render(results, fams, args, time.perf_counter() - t0))
-    (args.out / "generalized.json").write_text(json.dumps(results, indent=1))
+    seconds, when = time.perf_counter() - t0, time.strftime("%Y-%m-%d %H:%M")
+    (args.out / "generalized.md").write_text(render(results, fams, args, seconds, when))
+    (args.out / "generalized.json").write_text(json.dumps(
+        {"meta": {"seconds": seconds, "when": when}, "families": results}, indent=1))
     print(f"wrote {args.out / 'generalized.md'}")
     return results
 

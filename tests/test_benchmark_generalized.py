@@ -18,7 +18,8 @@ def test_generalized_benchmark_smoke(tmp_path):
                           "--data", str(MNIST), "--lm-cache", str(tmp_path / "lm")])
     page = (tmp_path / "generalized.md").read_text()
     assert (tmp_path / "generalized.png").is_file()
-    assert json.loads((tmp_path / "generalized.json").read_text()).keys() == {"llama", "vit"}
+    doc = json.loads((tmp_path / "generalized.json").read_text())
+    assert doc["families"].keys() == {"llama", "vit"}
     for fam in ("llama", "vit"):
         methods = results[fam]["methods"]
         assert set(methods) == set(bench.METHODS)
@@ -28,6 +29,10 @@ def test_generalized_benchmark_smoke(tmp_path):
         assert methods["generalized"]["kinds"].get("orthogonal") == 1  # the residual stream
         assert f"| generalized | {methods['generalized']['barrier']:.4f} |" in page
     assert "## Target" in page and "target **" in page
+    # the page is re-written from the JSON alone, the same
+    (tmp_path / "generalized.md").unlink()
+    bench.main(["--render", "--out", str(tmp_path)])
+    assert (tmp_path / "generalized.md").read_text() == page
 
 
 def test_generalized_benchmark_missing_data(tmp_path):
