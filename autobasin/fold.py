@@ -202,8 +202,16 @@ def fold_norms(model: nn.Module, example_inputs, center: bool = True, untie: boo
             continue
         for r in tied:
             modules[r].weight = nn.Parameter(modules[r].weight.detach().clone())
-        fits = [_fit_affine(x, y, kind, eps) for x, y in calls]
-        if any(f is None for f in fits):
+        # the form is measured, not assumed from the name (T5's "LayerNorm" is an RMS norm)
+        forms = (kind,) if isinstance(m, (nn.LayerNorm, nn.RMSNorm)) else \
+            (kind, "rms" if kind == "layer" else "layer")
+        fits = None
+        for form in forms:
+            fits = [_fit_affine(x, y, form, eps) for x, y in calls]
+            if all(f is not None for f in fits):
+                kind = form
+                break
+        if fits is None or any(f is None for f in fits):
             skipped[name] = f"its output is not gain * {kind} norm + bias"
             continue
         g, b = fits[0]
@@ -237,7 +245,12 @@ def fold_norms(model: nn.Module, example_inputs, center: bool = True, untie: boo
             f"{n}: {why}" for n, why in list(skipped.items())[:5])
             + (f" (+{len(skipped) - 5} more)" if len(skipped) > 5 else ""), stacklevel=2)
     with torch.no_grad(), eval_mode(model, new):
-        err = relative_error(inputs.call_seeded(model), inputs.call_seeded(new))
+        try:
+            err = relative_error(inputs.call_seeded(model), inputs.call_seeded(new))
+        except Exception as e:  # noqa: BLE001 - forward reads what folding removed
+            raise FoldError(f"the folded model does not run: {type(e).__name__}: {e} (its "
+                            f"forward reads something of the norms {', '.join(list(folded)[:3])} "
+                            "that folding removed)") from e
     if not err <= rtol:
         raise FoldError(f"folding the norms {', '.join(list(folded)[:5])} changed the outputs: "
                         f"relative error {err:.3g} > {rtol:g} (a reader of a norm's output the "

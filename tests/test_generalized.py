@@ -385,3 +385,31 @@ def test_merge_many_with_generalized_symmetries():
     with pytest.raises(NotImplementedError, match="weight"):
         merge_many(models, method="activation", data=[x], example_inputs=x, symmetries="all",
                    progress=False)
+
+
+def test_fold_norms_measures_the_form_not_the_name():
+    """T5's "T5LayerNorm" is an RMS norm: the form is fitted, not taken from the name;
+    a folded model whose forward reads a removed gain raises FoldError, not AttributeError."""
+    from autobasin.fold import FoldError, GainlessRMSNorm, fold_norms
+
+    class T5LikeLayerNorm(nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.weight, self.variance_epsilon = nn.Parameter(torch.ones(d)), 1e-6
+
+        def forward(self, x):
+            return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+    class Net(nn.Module):
+        def __init__(self, peek=False):
+            super().__init__()
+            self.n, self.fc, self.peek = T5LikeLayerNorm(8), nn.Linear(8, 3), peek
+
+        def forward(self, x):
+            y = self.fc(self.n(x))
+            return y * self.n.weight.dtype.is_floating_point if self.peek else y
+    x = torch.randn(4, 8)
+    f = fold_norms(_perturbed(Net()), x)
+    assert f.folded_norms == ["n"] and isinstance(f.n, GainlessRMSNorm)
+    with pytest.raises(FoldError, match="does not run"):
+        fold_norms(_perturbed(Net(peek=True)), x)
