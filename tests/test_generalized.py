@@ -413,3 +413,15 @@ def test_fold_norms_measures_the_form_not_the_name():
     assert f.folded_norms == ["n"] and isinstance(f.n, GainlessRMSNorm)
     with pytest.raises(FoldError, match="does not run"):
         fold_norms(_perturbed(Net(peek=True)), x)
+
+
+def test_casts_to_integers_admit_permutations_only():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 2)
+
+        def forward(self, x):
+            return self.b((self.a(x) * 3).long().float())
+    spec = infer_spec(Net(), torch.randn(3, 4), symmetries="all")
+    assert _kinds(spec) == {"a:out": "permutation"}

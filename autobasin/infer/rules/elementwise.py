@@ -178,7 +178,12 @@ def elementwise_rule(ctx):
 @rule(*UNARY_METHODS, *UNARY_FUNCS, kinds=ALL)
 def unary_rule(ctx):
     x = first_tensor(ctx)
-    return list(ctx.layout(x))
+    lay = list(ctx.layout(x))
+    dtype = getattr(ctx.meta(), "dtype", None)
+    if dtype is not None and not (dtype.is_floating_point or dtype.is_complex):
+        # a cast to integers or booleans rounds entry by entry: permutations only
+        ctx.restrict_layout(lay, {"permutation"}, f"cast to {dtype}")
+    return lay
 
 
 @rule(nn.PReLU, F.prelu, torch.prelu)
