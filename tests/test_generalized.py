@@ -425,3 +425,36 @@ def test_casts_to_integers_admit_permutations_only():
             return self.b((self.a(x) * 3).long().float())
     spec = infer_spec(Net(), torch.randn(3, 4), symmetries="all")
     assert _kinds(spec) == {"a:out": "permutation"}
+
+
+def test_a_rule_of_your_own_declares_its_kinds():
+    """As the guide says: a user rule admits permutations only unless it declares more."""
+    from autobasin.infer import rule
+
+    class Traced(nn.Module):  # positively homogeneous: max(x, 0) / 2
+        def forward(self, x):
+            return torch.clamp(x, min=0) / 2
+
+    class Squash(Traced):  # the same, behind a value check fx cannot trace: a leaf
+        def forward(self, x):
+            if bool(torch.isnan(x).any()):
+                raise ValueError("NaN input")
+            return torch.clamp(x, min=0) / 2
+
+    class Plain(Squash):
+        pass
+
+    @rule(Squash, kinds={"scale"})
+    def _squash(ctx):
+        return list(ctx.layout(ctx.args[0]))
+
+    @rule(Plain)
+    def _plain(ctx):
+        return list(ctx.layout(ctx.args[0]))
+
+    # leaves take their rules' kinds; traced, clamp(min=0) / 2 is seen as a ReLU
+    for act, kind in ((Squash, "scale"), (Plain, "permutation"), (Traced, "scale")):
+        m = nn.Sequential(nn.Linear(4, 6), act(), nn.Linear(6, 2))
+        spec = infer_spec(m, torch.randn(3, 4), symmetries="all", capture="fx")
+        assert _kinds(spec) == {"0:out": kind}, act
+        assert check_equivalence(m, spec, torch.randn(3, 4)) < 1e-5

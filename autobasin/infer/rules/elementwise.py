@@ -107,7 +107,7 @@ def _elementwise_kinds(ctx, tensors, out) -> None:
     elif name in LINEAR or (name in ("Hardtanh", "hardtanh", "hardtanh_") and _symmetric(ctx)):
         if name.startswith("hardtanh") or name == "Hardtanh":
             ctx.restrict_layout(out, {"sign"}, "hardtanh (odd)")
-    elif name in HOMOGENEOUS:
+    elif name in HOMOGENEOUS or _clamps_below_at_zero(ctx, name):
         ctx.restrict_layout(out, {"scale"}, f"{name} (positively homogeneous)")
     elif name in ODD:
         ctx.restrict_layout(out, {"sign"}, f"{name} (odd)")
@@ -143,6 +143,15 @@ def _sum_of_squares(ctx, x, out):
         if j not in dims:
             ctx.restrict(s, {"permutation"}, "squared entries")
     return new
+
+
+def _clamps_below_at_zero(ctx, name: str) -> bool:
+    """``clamp(x, min=0)`` / ``clamp_min(x, 0)`` with no upper bound: a ReLU."""
+    if name not in ("clamp", "clamp_", "clip", "clamp_min", "clamp_min_"):
+        return False
+    lo = ctx.value(ctx.arg(1, "min"))
+    hi = None if name.startswith("clamp_min") else ctx.value(ctx.arg(2, "max"))
+    return isinstance(lo, (int, float)) and not isinstance(lo, bool) and lo == 0 and hi is None
 
 
 def _symmetric(ctx) -> bool:
