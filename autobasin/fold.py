@@ -13,6 +13,10 @@ rows, output rows and biases of the layers adding to it) has its mean along
 the stream removed, so the stream is centred wherever a norm reads it, and
 the LayerNorm equals an RMS norm with the same epsilon.
 
+A LayerScale (a module computing ``x * gamma`` over the last axis right after a
+linear layer, whose output nothing else takes) is folded into that layer's rows
+first, so the stream's writers are plain linear layers that centring reaches.
+
 Which layers read a norm's output is seen by running the model once with
 hooks (the output tensor handed to a module's forward); gains and biases are
 measured on that run (``y = g * n(x) + b`` fitted channel by channel and
@@ -171,13 +175,15 @@ def fold_norms(model: nn.Module, example_inputs, center: bool = True, untie: boo
             it such a norm is left as it is.
         rtol: the largest relative error of the outputs allowed.
 
-    Returns the folded copy (its state_dict lacks the folded norms' tensors; a
-    reader that had no bias gains one when the norm had one). Fold both models
+    Returns the folded copy (its state_dict lacks the folded norms' and layer
+    scales' tensors; a reader that had no bias gains one when the norm had one);
+    ``folded_norms`` and ``folded_scales`` name what was folded. Fold both models
     before aligning them: ``auto_rebasin(fold_norms(a, x), fold_norms(b, x), x,
     symmetries="all")``.
     """
     inputs = as_inputs(example_inputs, model)
     new = copy.deepcopy(model).eval()
+    scales = _fold_layer_scales(new, inputs)
     norms = {n: m for n, m in new.named_modules() if _norm_kind(m) is not None}
     modules = dict(new.named_modules())
     shared = {}
@@ -232,7 +238,7 @@ def fold_norms(model: nn.Module, example_inputs, center: bool = True, untie: boo
         folded[name] = (kind, eps)
     layer_norms = [n for n, (k, _) in folded.items() if k == "layer"]
     if layer_norms and center:
-        _center_streams(new, model, inputs, layer_norms)
+        _center_streams(new, new, inputs, layer_norms)
     elif layer_norms:  # without centring a LayerNorm keeps its centring (no gain)
         for n in layer_norms:
             _set_module(new, n, nn.LayerNorm(norms[n].weight.shape[0], eps=folded[n][1],
@@ -257,7 +263,84 @@ def fold_norms(model: nn.Module, example_inputs, center: bool = True, untie: boo
                         "hooks could not see, a stream written by something other than "
                         "parameters, or a post-norm residual)")
     new.folded_norms = sorted(folded)
+    new.folded_scales = scales
     return new
+
+
+def _fold_layer_scales(model: nn.Module, inputs) -> list[str]:
+    """Fold each LayerScale (a module computing ``x * gamma`` with one 1-D parameter
+    over the last axis) into the linear layer whose output it scales, and replace
+    it by ``nn.Identity``: the layer's rows and bias take ``gamma``. Seen on one
+    run with hooks: the scale's input must be (a view of) a leaf linear layer's
+    output, and nothing else may take that output. Returns the folded names."""
+    cands = {}
+    for n, m in model.named_modules():
+        own = list(m.named_parameters(recurse=False))
+        if next(m.children(), None) is None and len(own) == 1 and own[0][1].dim() == 1 \
+                and not _is_linear(m) and _norm_kind(m) is None:
+            cands[n] = (m, own[0][0])
+    if not cands:
+        return []
+    names = {id(m): n for n, m in model.named_modules()}
+    produced: dict[int, str] = {}      # storage of a linear layer's output -> the layer
+    takers: dict[int, set[str]] = {}   # storage -> leaf modules handed it
+    seen: dict[str, tuple] = {}
+    keep = []
+    hooks = []
+
+    def on_linear(m, _args, out):
+        if isinstance(out, torch.Tensor):
+            keep.append(out)
+            produced[out.untyped_storage().data_ptr()] = names[id(m)]
+
+    def on_call(m, args, kwargs):
+        if next(m.children(), None) is not None:
+            return
+        for a in list(args) + list(kwargs.values()):
+            if isinstance(a, torch.Tensor):
+                keep.append(a)  # alive until the run ends: its storage is not reused
+                takers.setdefault(a.untyped_storage().data_ptr(), set()).add(names[id(m)])
+
+    def on_scale(name):
+        def hook(_m, args, out):
+            if args and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor):
+                seen.setdefault(name, (args[0].detach(), out.detach()))
+        return hook
+    for m in model.modules():
+        hooks.append(m.register_forward_pre_hook(on_call, with_kwargs=True))
+        if _is_linear(m):
+            hooks.append(m.register_forward_hook(on_linear))
+    for n, (m, _) in cands.items():
+        hooks.append(m.register_forward_hook(on_scale(n)))
+    try:
+        with torch.no_grad(), eval_mode(model):
+            inputs.call_seeded(model)
+    finally:
+        for h in hooks:
+            h.remove()
+    modules = dict(model.named_modules())
+    folded = []
+    with torch.no_grad():
+        for n, (m, pname) in cands.items():
+            if n not in seen:
+                continue
+            x, y = seen[n]
+            gamma = getattr(m, pname)
+            if x.shape != y.shape or x.shape[-1] != gamma.shape[0] or \
+                    not torch.allclose(y, x * gamma, rtol=1e-5, atol=1e-6):
+                continue  # not x * gamma over the last axis
+            src = produced.get(x.untyped_storage().data_ptr())
+            if src is None or takers.get(x.untyped_storage().data_ptr(), set()) != {n}:
+                continue  # not a linear layer's output, or another module takes it too
+            lin = modules[src]
+            conv1d = not isinstance(lin, nn.Linear)
+            g = gamma.detach().to(lin.weight.dtype)
+            lin.weight.mul_(g[None, :] if conv1d else g[:, None])
+            if lin.bias is not None:
+                lin.bias.mul_(g)
+            _set_module(model, n, nn.Identity())
+            folded.append(n)
+    return folded
 
 
 def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:

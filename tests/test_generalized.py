@@ -458,3 +458,46 @@ def test_a_rule_of_your_own_declares_its_kinds():
         spec = infer_spec(m, torch.randn(3, 4), symmetries="all", capture="fx")
         assert _kinds(spec) == {"0:out": kind}, act
         assert check_equivalence(m, spec, torch.randn(3, 4)) < 1e-5
+
+
+def test_fold_norms_folds_layer_scales_into_their_writers():
+    """A LayerScale (x * gamma after a linear layer) moves into that layer; then the
+    stream's LayerNorms centre and fold, and the stream admits orthogonal maps."""
+    from autobasin.fold import fold_norms
+
+    class LayerScale(nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.gamma = nn.Parameter(torch.full((d,), 0.1))
+
+        def forward(self, x):
+            return x * self.gamma
+
+    class ScaledBlock(nn.Module):
+        def __init__(self, d=16):
+            super().__init__()
+            self.n, self.up, self.down, self.ls = nn.LayerNorm(d), nn.Linear(d, 32), \
+                nn.Linear(32, d), LayerScale(d)
+
+        def forward(self, x):
+            return x + self.ls(self.down(F.relu(self.up(self.n(x)))))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.b1, self.b2 = nn.Embedding(50, 16), ScaledBlock(), ScaledBlock()
+            self.nf, self.head = nn.LayerNorm(16), nn.Linear(16, 50)
+
+        def forward(self, ids):
+            return self.head(self.nf(self.b2(self.b1(self.emb(ids)))))
+    ids = torch.randint(0, 50, (2, 7))
+    m = _perturbed(Net())
+    assert _kinds(infer_spec(m, ids, symmetries="all"))["emb:in"] == "permutation"
+    f = fold_norms(m, ids)
+    assert f.folded_scales == ["b1.ls", "b2.ls"] and len(f.folded_norms) == 3
+    with torch.no_grad():
+        other = torch.randint(0, 50, (3, 5))
+        assert torch.allclose(f(other), m(other), atol=1e-5)
+    spec = infer_spec(f, ids, symmetries="all")
+    assert _kinds(spec)["emb:in"] == "orthogonal"
+    assert check_equivalence(f, spec, ids) < 1e-5
