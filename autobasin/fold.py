@@ -144,13 +144,18 @@ def _readers(model: nn.Module, inputs, norms: dict[str, nn.Module]):
         hooks.append(m.register_forward_hook(on_norm(n)))
     for m in model.modules():
         hooks.append(m.register_forward_pre_hook(on_call, with_kwargs=True))
+    _run_hooked(model, inputs, hooks)
+    return {n: (seen[n], sorted(readers[n])) for n in norms}
+
+
+def _run_hooked(model: nn.Module, inputs, hooks: list) -> None:
+    """Run ``model`` once on ``inputs`` (eval mode, no grad), then remove ``hooks``."""
     try:
         with torch.no_grad(), eval_mode(model):
             inputs.call_seeded(model)
     finally:
         for h in hooks:
             h.remove()
-    return {n: (seen[n], sorted(readers[n])) for n in norms}
 
 
 def _is_linear(m: nn.Module) -> bool:
@@ -312,12 +317,7 @@ def _fold_layer_scales(model: nn.Module, inputs) -> list[str]:
             hooks.append(m.register_forward_hook(on_linear))
     for n, (m, _) in cands.items():
         hooks.append(m.register_forward_hook(on_scale(n)))
-    try:
-        with torch.no_grad(), eval_mode(model):
-            inputs.call_seeded(model)
-    finally:
-        for h in hooks:
-            h.remove()
+    _run_hooked(model, inputs, hooks)
     modules = dict(model.named_modules())
     folded = []
     with torch.no_grad():
