@@ -179,15 +179,18 @@ def _transformed_entry(param: str, t: torch.Tensor, gm: list[tuple[str, Member]]
                         "permutation) element cannot act on it")
     out = t.detach().to(torch.float64)
     for gname, m in gm:
-        e = checked[gname]
-        rows = m.gather(out)
-        if is_permutation(e):
-            rows = rows[e.to(rows.device)]
-        else:
-            a = torch.linalg.inv(e).T if m.contra else e
-            rows = a.to(rows.device) @ rows
-        out = m.scatter(out, rows)
+        out = m.scatter(out, act(m.gather(out), checked[gname], m.contra))
     return out.to(t.dtype)
+
+
+def act(rows: torch.Tensor, e: torch.Tensor, contra: bool = False) -> torch.Tensor:
+    """A group element acting on a member's rows (:meth:`Member.gather`): a
+    permutation reorders them; a matrix M maps them by ``M``, or by ``M^-T`` for
+    a contra member; in ``rows``' dtype (differentiable in ``e``)."""
+    if is_permutation(e):
+        return rows[e.to(rows.device)]
+    x = torch.linalg.inv(e).T if contra else e
+    return x.to(device=rows.device, dtype=rows.dtype) @ rows
 
 
 def permute_model_(model: torch.nn.Module, spec: PermutationSpec, perms: Perms) -> None:

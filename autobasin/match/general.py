@@ -40,6 +40,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from ..permute import act, as_matrix
 from ..spec import Member, PermutationSpec
 from .lap import solve_lap
 from .result import Matching
@@ -63,16 +64,6 @@ class GeneralMatching(Matching):
 
 def _eye_element(kind: str, n: int) -> torch.Tensor:
     return torch.arange(n) if kind == "permutation" else torch.eye(n, dtype=torch.float64)
-
-
-def _act(rows: torch.Tensor, e: torch.Tensor, contra: bool) -> torch.Tensor:
-    if not e.is_floating_point():
-        return rows[e]
-    return (torch.linalg.inv(e).T if contra else e) @ rows
-
-
-def _perm_matrix(p: torch.Tensor) -> torch.Tensor:
-    return torch.eye(p.numel(), dtype=torch.float64)[p]
 
 
 class _Problem:
@@ -146,7 +137,7 @@ def _solve_sign(pb: _Problem, name: str) -> torch.Tensor:
     p = solve_lap(s.abs(), name=name)
     sign = torch.sign(s[torch.arange(pb.n), p])
     sign[sign == 0] = 1
-    return sign[:, None] * _perm_matrix(p)
+    return sign[:, None] * as_matrix(p)
 
 
 def _procrustes(pb: _Problem) -> torch.Tensor:
@@ -194,7 +185,7 @@ def _solve_scale(pb: _Problem, name: str, pairs) -> torch.Tensor:
         step = torch.where(d2 > 0, d1 / d2.clamp_min(eps), torch.sign(d1) * 0.1).clamp(-1, 1)
         new = (u - step).clamp(-7, 7)
         u = torch.where(f(new) <= f(u), new, u)
-    return torch.exp(u)[:, None] * _perm_matrix(p)
+    return torch.exp(u)[:, None] * as_matrix(p)
 
 
 def _solve_invertible(pb: _Problem, current: torch.Tensor, max_condition: float,
@@ -301,7 +292,7 @@ def general_weight_matching(spec: PermutationSpec, state_dict_a: Mapping[str, to
         t = b0[p]
         for g, m in by_param[p]:
             if g != skip:
-                t = m.scatter(t, _act(m.gather(t), elems[g], m.contra))
+                t = m.scatter(t, act(m.gather(t), elems[g], m.contra))
         return t
 
     cur = {p: transformed(p) for p in by_param}
@@ -332,14 +323,14 @@ def general_weight_matching(spec: PermutationSpec, state_dict_a: Mapping[str, to
                                   for m, d in blocks_of[g] if m.param in counted], g)
         if kind == "permutation":
             e = _solve_permutation(pb, g)
-            return _perm_matrix(e) if grp.kind != "permutation" else e
+            return as_matrix(e) if grp.kind != "permutation" else e
         if kind == "sign":
             return _solve_sign(pb, g)
         if kind == "orthogonal":
             return _procrustes(pb)
         if kind == "scale":
             return _solve_scale(pb, g, pairs)
-        cur_e = elems[g] if elems[g].is_floating_point() else _perm_matrix(elems[g])
+        cur_e = elems[g] if elems[g].is_floating_point() else as_matrix(elems[g])
         e, bad = _solve_invertible(pb, cur_e, max_condition)
         if bad:
             refused.add(g)
@@ -413,7 +404,7 @@ def general_weight_matching(spec: PermutationSpec, state_dict_a: Mapping[str, to
 
 def _apply_group(t: torch.Tensor, members: list[Member], e: torch.Tensor) -> torch.Tensor:
     for m in members:
-        t = m.scatter(t, _act(m.gather(t), e, m.contra))
+        t = m.scatter(t, act(m.gather(t), e, m.contra))
     return t
 
 
@@ -451,17 +442,15 @@ def _element_from_stats(kind: str, s: torch.Tensor, ga: torch.Tensor, gb: torch.
     ``G_A = sum a a^T`` and ``G_B = sum b b^T`` (centred)."""
     sa, sb = torch.diagonal(ga).clamp_min(0).sqrt(), torch.diagonal(gb).clamp_min(0).sqrt()
     corr = s / (sa[:, None] * sb[None, :] + 1e-30)
-    if kind == "permutation":
-        return solve_lap(corr, name=name)
     if kind == "sign":
         p = solve_lap(corr.abs(), name=name)
         sign = torch.sign(corr[torch.arange(len(p)), p])
         sign[sign == 0] = 1
-        return sign[:, None] * _perm_matrix(p)
+        return sign[:, None] * as_matrix(p)
     if kind == "scale":
         p = solve_lap(corr, name=name)
         ratio = (sa / (sb[p] + 1e-30)).clamp(1e-3, 1e3)
-        return ratio[:, None] * _perm_matrix(p)
+        return ratio[:, None] * as_matrix(p)
     if kind == "orthogonal":
         u, _, vh = torch.linalg.svd(s)
         return u @ vh
@@ -568,8 +557,6 @@ def general_activation_matching(spec: PermutationSpec, a: nn.Module, b: nn.Modul
         if e is None:
             refused.append(g)
             continue
-        if e.is_floating_point() or spec.groups[g].kind != "permutation":
-            e = e if e.is_floating_point() else _perm_matrix(e)
         found[g] = e
     if refused:
         warnings.warn(f"general_activation_matching: {len(refused)} invertible group(s) "
@@ -601,14 +588,7 @@ def _elements_applied(spec: PermutationSpec, state: Mapping[str, torch.Tensor],
         if not t.is_floating_point():
             continue
         for g, m in gm:
-            e = elems[g]
-            rows = m.gather(t)
-            if not e.is_floating_point():
-                rows = rows[e]
-            else:
-                x = torch.linalg.inv(e).T if m.contra else e
-                rows = x.to(rows.dtype) @ rows
-            t = m.scatter(t, rows)
+            t = m.scatter(t, act(m.gather(t), elems[g], m.contra))
         out[p] = t
     return out
 
