@@ -584,6 +584,47 @@ def test_as_strided_keeps_the_axes_of_whole_rows(capture):
     assert "inp:out" not in bad.groups  # a view across rows fixes the hidden axis
 
 
+class TransposedChunks(nn.Module):
+    """Windows over positions of a transposed (non-contiguous) tensor: the
+    as_strided view keeps the batch axis and the hidden axis, which sits in
+    the middle with stride 1 (Longformer chunks batch x heads this way)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.out = nn.Linear(6, 16), nn.Linear(16, 4)
+
+    def forward(self, x):  # x: (B, 8, 6)
+        ht = self.inp(x).transpose(1, 2)  # (B, 16, 8), strides (128, 1, 16)
+        chunks = ht.as_strided((ht.size(0), 16, 3, 4),
+                               (ht.stride(0), ht.stride(1), 2 * ht.stride(2), ht.stride(2)))
+        return self.out(torch.relu(chunks).permute(0, 2, 3, 1)).sum(2)
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_as_strided_of_a_transposed_tensor_keeps_its_axes(capture):
+    spec = exact(TransposedChunks(), torch.randn(2, 8, 6), capture=capture)
+    assert "inp:out" in spec.groups
+
+
+class CopiesRows(nn.Module):
+    """Rows written into a fresh tensor in another order with index_copy."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.out = nn.Linear(6, 16), nn.Linear(16, 4)
+
+    def forward(self, x):  # x: (N, 6)
+        h = torch.relu(self.inp(x))
+        order = torch.arange(h.size(0) - 1, -1, -1)
+        return self.out(torch.zeros_like(h).index_copy(0, order, h))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_index_copy_carries_the_other_axes(capture):
+    spec = exact(CopiesRows(), torch.randn(5, 6), capture=capture)
+    assert "inp:out" in spec.groups
+
+
 class CallsAnOutputModule(nn.Module):
     """A submodule returning a Hugging Face ModelOutput, read with ``[0]``."""
 

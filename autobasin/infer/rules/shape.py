@@ -5,6 +5,7 @@ refines them as a row-major product (channels = heads x head_dim,
 conv features -> flatten -> Linear)."""
 from __future__ import annotations
 
+import math
 import operator
 
 import torch
@@ -508,11 +509,12 @@ def _index_select(ctx):
     return out
 
 
-@rule("index_add", torch.index_add, "index_add_")
+@rule("index_add", torch.index_add, "index_add_", "index_copy", torch.index_copy, "index_copy_")
 def _index_add(ctx):
     """``index_add(x, dim, index, source)``: rows of ``source`` are added to the
     rows of ``x`` that ``index`` names (the dispatch of a sparse mixture of
-    experts). Axis ``dim`` of both is fixed; the others are one axis each."""
+    experts); ``index_copy`` writes them there instead. Axis ``dim`` of both
+    is fixed; the others are one axis each."""
     x, source = ctx.args[0], ctx.arg(3, "source")
     lay, src = list(ctx.layout(x)), list(ctx.layout(source))
     dim = norm_dim(ctx.value(ctx.arg(1, "dim")), len(lay))
@@ -552,33 +554,60 @@ def _slice_shape(ctx, x, idx):
 
 @rule("as_strided", torch.as_strided)
 def _as_strided(ctx):
-    """``as_strided(x, size, stride, offset)`` of a contiguous ``x`` (Longformer's
-    overlapping chunks): the trailing axes of ``x`` that the view keeps whole
-    (same sizes, their contiguous strides, every other stride and the offset a
-    multiple of the block they span) pass through, since each of the view's rows
-    is then one whole row of ``x``; every other axis of both is fixed."""
+    """``as_strided(x, size, stride, offset)`` (Longformer's overlapping chunks).
+
+    When ``x``'s entries fill their memory without gaps or overlaps (any axis
+    order), each axis ``j`` of ``x`` is one digit of the memory position:
+    ``(pos // stride_j) % size_j``. Entry ``i`` of the view reads position
+    ``offset + sum_k i_k stride_k``. A view axis ``k`` *is* axis ``j`` when it
+    has ``j``'s size and stride and every other term (the offset from ``x``'s
+    first entry, the other axes' steps) either moves whole blocks of ``j``
+    (a multiple of ``size_j * stride_j``) or stays, summed at its largest,
+    below ``stride_j``: then the view's index along ``k`` is ``x``'s index
+    along ``j`` whatever the others are, and permuting ``j`` permutes ``k``
+    the same way. Every other axis of both (overlapping windows of positions)
+    is fixed."""
     x = ctx.args[0]
     lay, shape = list(ctx.layout(x)), list(ctx.shape(x))
-    size = [int(v) for v in ctx.value(ctx.arg(1, "size"))]
-    stride = [int(v) for v in ctx.value(ctx.arg(2, "stride"))]
-    offset = int(ctx.value(ctx.arg(3, "storage_offset", 0)) or 0)
     meta = ctx.meta(x)
-    keep = 0
-    if getattr(meta, "contiguous", False):
-        block = 1
-        while keep < min(len(shape), len(size)):
-            j, k = len(shape) - 1 - keep, len(size) - 1 - keep
-            if size[k] != shape[j] or (shape[j] > 1 and stride[k] != block):
-                break
-            block *= shape[j]
-            keep += 1
-        # the rows the view reads must start on whole blocks
-        while keep and not (all(st % block == 0 for st in stride[:len(size) - keep])
-                            and offset % block == 0):
-            block //= shape[len(shape) - keep]
-            keep -= 1
+    size = list(ctx.shape())  # the result's (a size may be computed as a tensor)
+    stride = ctx.value(ctx.arg(2, "stride"))
+    offset = ctx.value(ctx.arg(3, "storage_offset", None))
     reason = "as_strided views positions along the axis"
-    for s in lay[:len(lay) - keep]:
-        ctx.block(s, reason)
-    return [ctx.new(n, reason) for n in size[:len(size) - keep]] + \
-        lay[len(lay) - keep:]
+    out: list = [None] * len(size)
+    matched: set[int] = set()
+    xstride = getattr(meta, "stride", None)
+    if getattr(meta, "contiguous", False) and xstride is None:
+        xstride = tuple(math.prod(shape[j + 1:]) for j in range(len(shape)))
+    known = stride is not None and None not in stride
+    if known and xstride is not None and _dense(shape, xstride):
+        stride = [int(v) for v in stride]
+        base = int(offset) - getattr(meta, "offset", 0) if offset is not None else 0
+        for k, (n, st) in enumerate(zip(size, stride)):
+            for j, (m, xs) in enumerate(zip(shape, xstride)):
+                if j in matched or m != n or n <= 1 or xs != st or base < 0:
+                    continue
+                block = xs * m
+                low = base % block
+                for q, (nq, sq) in enumerate(zip(size, stride)):
+                    if q != k and nq > 1 and sq % block:
+                        low += sq * (nq - 1)  # a step inside the entries of axis j
+                if low < xs:
+                    out[k] = lay[j]
+                    matched.add(j)
+                    break
+    for j, s in enumerate(lay):
+        if j not in matched:
+            ctx.block(s, reason)
+    return [s if s is not None else ctx.new(n, reason) for s, n in zip(out, size)]
+
+
+def _dense(shape, stride) -> bool:
+    """Whether a tensor of these sizes and strides covers a block of memory
+    once: in increasing stride, each stride the product of the sizes before."""
+    step = 1
+    for st, n in sorted((st, n) for st, n in zip(stride, shape) if n > 1):
+        if st != step:
+            return False
+        step *= n
+    return True
