@@ -807,3 +807,24 @@ def test_grid_sample_and_antialiased_resize_pass_channels():
         assert "conv:out" in spec.groups and spec.coverage() == 1.0, capture
         for seed in range(2):
             assert check_equivalence(Net(), spec, (x, grid), seed=seed) < 1e-5
+
+
+class PadsSequences(nn.Module):
+    """Variable-length pieces of a batch padded into one (audio chunks)."""
+
+    def __init__(self, pad=0.0):
+        super().__init__()
+        self.pad = pad
+        self.inp, self.out = nn.Linear(6, 16), nn.Linear(16, 4)
+
+    def forward(self, x):  # x: (7, 6)
+        h = torch.relu(self.inp(x))
+        padded = nn.utils.rnn.pad_sequence([h[:3], h[3:]], batch_first=True, padding_value=self.pad)
+        return self.out(padded)
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+@pytest.mark.parametrize("pad", [0.0, 1.5])
+def test_pad_sequence_carries_the_feature_axes(capture, pad):
+    spec = exact(PadsSequences(pad), torch.randn(7, 6), capture=capture)
+    assert "inp:out" in spec.groups

@@ -86,7 +86,8 @@ for _name, _fn in [("expand", "expand"), ("expand_as", "expand_as"), ("index_add
                    ("unfold", "unfold"), ("as_strided", "as_strided")]:
     if hasattr(aten, _name):
         alias(getattr(aten, _name), _fn)
-for _name, _fn in [("cat", torch.cat), ("concat", torch.cat), ("concatenate", torch.cat),
+for _name, _fn in [("cat", torch.cat), ("pad_sequence", torch.nn.utils.rnn.pad_sequence),
+                   ("concat", torch.cat), ("concatenate", torch.cat),
                    ("stack", torch.stack), ("tile", torch.tile),
                    ("gather", torch.gather), ("roll", torch.roll), ("flip", torch.flip),
                    ("diff", torch.diff), ("tril", torch.tril), ("triu", torch.triu),

@@ -162,6 +162,33 @@ def _stack(ctx):
     return layouts[0][:dim] + [o] + layouts[0][dim:]
 
 
+@rule(torch.nn.utils.rnn.pad_sequence, *([torch._C._nn.pad_sequence] if hasattr(torch._C._nn, "pad_sequence") else []),
+      kinds=ALL)
+def _pad_sequence(ctx):
+    """``pad_sequence(seqs, batch_first, padding_value)``: sequences of different
+    lengths (their first axis) padded with a constant to the longest and
+    stacked. The other axes of every sequence are one axis each (a constant
+    pad keeps any map of them that fixes the pad value: a permutation); the
+    lengths and the stacking axis are positions, fixed."""
+    seqs = list(ctx.arg(0, "sequences"))
+    batch_first = bool(ctx.value(ctx.arg(1, "batch_first", False)))
+    pad = ctx.value(ctx.arg(2, "padding_value", 0.0))
+    layouts = [ctx.layout(t) for t in seqs]
+    for lay in layouts:
+        ctx.block(lay[0], "padded to the longest sequence")
+        for a, b in zip(layouts[0][1:], lay[1:]):
+            ctx.union(a, b)
+    out_shape = ctx.shape()
+    n, length = (out_shape[0], out_shape[1]) if batch_first else (out_shape[1], out_shape[0])
+    stacked = ctx.new(n, "sequences stacked")
+    longest = ctx.new(length, "padded to the longest sequence")
+    rest = list(layouts[0][1:])
+    if pad not in (0, 0.0, None):
+        for a in rest:  # a non-zero pad value: only permutations keep it in place
+            ctx.restrict(a, PERMUTATION, "padded with a constant")
+    return ([stacked, longest] if batch_first else [longest, stacked]) + rest
+
+
 def split_outputs(ctx, x, dim, lengths, keep_dim=True):
     lay = list(ctx.layout(x))
     pieces = ctx.cut(lay, dim, lengths)
