@@ -828,3 +828,49 @@ class PadsSequences(nn.Module):
 def test_pad_sequence_carries_the_feature_axes(capture, pad):
     spec = exact(PadsSequences(pad), torch.randn(7, 6), capture=capture)
     assert "inp:out" in spec.groups
+
+
+class FourierMix(nn.Module):
+    """FNet-style token mixing by a Fourier transform along the sequence (the
+    hidden axis passes through) or along sequence and hidden (it is mixed)."""
+
+    def __init__(self, dims=(1,)):
+        super().__init__()
+        self.dims = dims
+        self.inp, self.out = nn.Linear(6, 16), nn.Linear(16, 4)
+
+    def forward(self, x):  # x: (B, 8, 6)
+        h = torch.relu(self.inp(x))
+        return self.out(torch.fft.fftn(h, dim=self.dims).real + torch.fft.irfft(
+            torch.fft.rfft(h, dim=1), n=h.size(1), dim=1))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_fft_along_positions_carries_the_hidden_axis(capture):
+    x = torch.randn(2, 8, 6)
+    spec = exact(FourierMix(), x, capture=capture)
+    assert "inp:out" in spec.groups
+    mixed = infer_spec(FourierMix(dims=(1, 2)).eval(), x, capture=capture)
+    assert "inp:out" not in mixed.groups
+    assert any("fftn mixes positions" in why for _, why in mixed.fixed_axes())
+
+
+class PoolsBoxes(nn.Module):
+    """Features of boxes pooled with torchvision's roi_align (detection heads)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.out = nn.Conv2d(3, 16, 3, padding=1), nn.Linear(16 * 4, 4)
+
+    def forward(self, x, boxes):
+        import torchvision
+        h = torch.relu(self.inp(x))
+        return self.out(torchvision.ops.roi_align(h, boxes, (2, 2), 1.0, 2, True).flatten(1))
+
+
+@pytest.mark.parametrize("capture", ["auto", "export"])  # fx cannot trace torchvision's checks
+def test_roi_align_carries_the_channels(capture):
+    pytest.importorskip("torchvision")
+    boxes = torch.tensor([[0, 1.0, 1.0, 6.0, 5.0], [1, 0.0, 2.0, 7.0, 7.0], [1, 2.0, 2.0, 4.0, 6.0]])
+    spec = exact(PoolsBoxes(), torch.randn(2, 3, 8, 8), boxes, capture=capture)
+    assert "inp:out" in spec.groups

@@ -296,8 +296,68 @@ def _grid_sample(ctx):
                       for n in out_shape[2:]]
 
 
-@rule(F.affine_grid, torch.fft.fft2, torch.fft.rfft2, torch.fft.irfft2,
-      torch.fft.ifft2, torch.fft.rfft, torch.fft.irfft, torch.fft.fft, torch.fft.ifft)
+def _roi_align_ops() -> list:
+    try:
+        import torchvision  # noqa: F401 - registers torch.ops.torchvision
+        return [torchvision.ops.roi_align, torch.ops.torchvision.roi_align]
+    except (ImportError, AttributeError, RuntimeError):
+        return []
+
+
+@rule(*_roi_align_ops(), kinds=ALL)
+def _roi_align(ctx):
+    """``roi_align(input (N, C, H, W), boxes, ...)`` -> (boxes, C, h, w): every
+    channel is sampled at the same points (bilinear weights that depend on the
+    boxes only), so the channels pass through under any linear map; the boxes'
+    axis and the spatial axes are positions."""
+    lay = list(ctx.layout(ctx.args[0]))
+    for s in [lay[0]] + lay[2:]:
+        ctx.block(s, "roi_align samples positions", structural=True)
+    out_shape = ctx.shape()
+    return [ctx.new(out_shape[0], "one row per box", structural=True), lay[1]] + \
+        [ctx.new(n, "roi_align samples positions", structural=True) for n in out_shape[2:]]
+
+
+_FFT_1D = {"fft", "ifft", "rfft", "irfft", "hfft", "ihfft"}
+_FFT_2D = {"fft2", "ifft2", "rfft2", "irfft2", "hfft2", "ihfft2"}
+_FFT_ND = {"fftn", "ifftn", "rfftn", "irfftn", "hfftn", "ihfftn"}
+
+
+def _fft_ops() -> list:
+    names = sorted(_FFT_1D | _FFT_2D | _FFT_ND)
+    return [getattr(torch.fft, n) for n in names if hasattr(torch.fft, n)] + \
+        [getattr(torch.ops.aten, "fft_" + n) for n in names if hasattr(torch.ops.aten, "fft_" + n)]
+
+
+@rule(*_fft_ops(), kinds=ALL)
+def _fft(ctx):
+    """A discrete Fourier transform along some axes mixes the positions of each
+    (those axes of input and result are fixed) and acts on every other axis
+    entry by entry, linearly: those pass through under any linear map."""
+    name = ctx.op_name.removeprefix("fft_")
+    x = ctx.args[0]
+    lay = list(ctx.layout(x))
+    size = ctx.arg(1, "n" if name in _FFT_1D else "s")
+    default = -1 if name in _FFT_1D else (-2, -1) if name in _FFT_2D else None
+    dim = ctx.value(ctx.arg(2, "dim", default))
+    if dim is None:
+        size = ctx.value(size)
+        dims = range(len(lay) - len(size), len(lay)) if size is not None else range(len(lay))
+    else:
+        dims = [dim] if isinstance(dim, int) else list(dim)
+    dims = {norm_dim(d, len(lay)) for d in dims}
+    reason = f"{name} mixes positions"
+    out = []
+    for j, (s, n) in enumerate(zip(lay, ctx.shape())):
+        if j in dims:
+            ctx.block(s, reason)
+            out.append(ctx.new(n, reason))
+        else:
+            out.append(s)
+    return out
+
+
+@rule(F.affine_grid)
 def _fix_all(ctx):
     """Ops that move entries between positions of their axes in ways that do
     not commute with permutations: every axis they see is fixed."""

@@ -105,7 +105,7 @@ def _getattr(ctx):
     lay = ctx.layout(x)
     if attr in ("T", "mT", "mH", "H"):
         return lay[::-1] if attr in ("T", "H") else lay[:-2] + [lay[-1], lay[-2]]
-    if attr == "data":
+    if attr in ("data", "real", "imag"):  # a complex tensor's parts: entry by entry
         return list(lay)
     if attr in ("values", "indices") and isinstance(lay, list) and len(lay) == 2 \
             and not hasattr(ctx.meta(x), "shape"):  # torch.return_types: (values, indices)
