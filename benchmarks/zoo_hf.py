@@ -35,7 +35,7 @@ the worker
    (``main_input_name``). A multimodal LM's ``input_ids`` start with one
    placeholder token per image or audio feature (counted by its
    ``get_image_features`` / ``get_audio_features``), as its processor would
-   write them; images also come as (batch, tiles, C, H, W) with
+   write them, for images and audio together where forward takes both; images also come as (batch, tiles, C, H, W) with
    ``image_sizes`` or ``pixel_attention_mask``, as Qwen-VL flat patches with
    ``image_grid_thw`` and ``mm_token_type_ids``, or as SigLIP 2 flat patches
    with ``spatial_shapes``, at a side a pixel shuffle divides, where forward
@@ -567,6 +567,10 @@ def input_options(model, cfg, gen) -> list[dict]:
         t = 2 * src if _is_int(src) else 64
         if _is_int(window):  # encoders that take whole windows of 2 x n_window frames
             t = 2 * window
+            if _is_int(src) and src < window:
+                # (a window's positions, halved by the stem, within the position table:
+                # Qwen2.5-Omni) one window cut to the table
+                t = 2 * src
         # a mask of the frames where forward takes one (all frames real)
         mask = next((m for m in AUDIO_MASKS if m in params), None)
         for shape in [s for mel in dict.fromkeys(mels) for s in ((BATCH, mel, t), (BATCH, t, mel))]:
@@ -622,10 +626,14 @@ def input_options(model, cfg, gen) -> list[dict]:
             if n:
                 holders = torch.full((BATCH, n), tok, dtype=torch.long)
                 text = {"input_ids": torch.cat([holders, ids(SEQ)], 1), **opt}
-                if mod == "video" and first is not None:
-                    # a second modality (video after image): both at once, each its placeholders
-                    text = {**first, **opt, "input_ids": torch.cat([holders, first["input_ids"]], 1)}
-                elif first is None:
+                both = None
+                if first is not None:
+                    # a second modality (video or audio after image): both at once, each
+                    # with its placeholders; video only so, audio also alone
+                    both = {**first, **opt, "input_ids": torch.cat([holders, first["input_ids"]], 1)}
+                    if mod == "video":
+                        text, both = both, None
+                else:
                     first = text
                 if "mm_token_type_ids" in params and mod == "vision":  # 1 marks image tokens
                     text["mm_token_type_ids"] = (text["input_ids"] == tok).long()
@@ -648,6 +656,9 @@ def input_options(model, cfg, gen) -> list[dict]:
                     if m in text and text[m].shape[-1] != n:
                         # a mask of the projected features, not of the frames (Granite Speech)
                         variants.append({**text, m: torch.ones(BATCH, n, dtype=torch.bool)})
+                if both is not None:
+                    variants[0:0] = [both] + ([{**both, "attention_mask": torch.ones_like(
+                        both["input_ids"])}] if "attention_mask" in params else [])
                 mods["text"][0:0] = variants
                 break
     extra = {}
