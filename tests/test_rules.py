@@ -874,3 +874,27 @@ def test_roi_align_carries_the_channels(capture):
     boxes = torch.tensor([[0, 1.0, 1.0, 6.0, 5.0], [1, 0.0, 2.0, 7.0, 7.0], [1, 2.0, 2.0, 4.0, 6.0]])
     spec = exact(PoolsBoxes(), torch.randn(2, 3, 8, 8), boxes, capture=capture)
     assert "inp:out" in spec.groups
+
+
+class MergesWindows(nn.Module):
+    """Sequence positions reordered into windows by a computed index, then each
+    window's entries concatenated (MiniCPM-V's window merger)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.merge, self.out = nn.Linear(6, 16), nn.Linear(32, 5), nn.Linear(5, 4)
+
+    def forward(self, x):  # x: (B, 8, 6)
+        h = torch.relu(self.inp(x))
+        order = torch.arange(h.size(1)).view(-1, 2).flip(0).flatten()
+        windows = h[:, order, :].reshape(h.size(0), -1, 2 * h.size(2))
+        return self.out(torch.relu(self.merge(windows)))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_positions_gathered_from_positions_stay_positions(capture):
+    spec = exact(MergesWindows(), torch.randn(2, 8, 6), capture=capture)
+    assert "inp:out" in spec.groups and "merge:out" in spec.groups
+    # the window's two positions inside merge's input are structural, not a lost symmetry
+    assert not [e for e, why in spec.fixed_axes() if e.startswith("merge.weight")], spec.fixed_axes()
+    assert spec.coverage() == 1.0

@@ -398,8 +398,12 @@ def index_tensor(ctx, x, idx):
             idx_nd = len(out_shape) - (len(shape) - len(where))
             adjacent = where == list(range(where[0], where[-1] + 1))
             start = where[0] if adjacent else 0
+            # entries picked from positions (an axis tied to the inputs, like the
+            # sequence) are positions too: structural, like what they come from
+            positions = all(ctx.sym.is_structural(lay[i]) for i in where)
             mid = list(ctx.layout(tensor_items[0])) if by_position else \
-                [ctx.new(n, "gathered by index") for n in out_shape[start:start + idx_nd]]
+                [ctx.new(n, "gathered by index", structural=positions)
+                 for n in out_shape[start:start + idx_nd]]
             kept = [lay[i] for i in range(len(lay)) if i not in where]
             if adjacent:
                 return lay[:where[0]] + mid + lay[where[-1] + 1:]
@@ -532,7 +536,8 @@ def _index_select(ctx):
         pair_axes(ctx, lay, shape, idx_lay, idx_shape, dim, "gathered in part")
         return list(idx_lay)
     out = list(lay)
-    out[dim] = ctx.new(ctx.shape()[dim], "indexed by a tensor")
+    out[dim] = ctx.new(ctx.shape()[dim], "indexed by a tensor",
+                       structural=ctx.sym.is_structural(lay[dim]))  # positions picked: positions
     return out
 
 
