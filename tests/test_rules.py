@@ -898,3 +898,33 @@ def test_positions_gathered_from_positions_stay_positions(capture):
     # the window's two positions inside merge's input are structural, not a lost symmetry
     assert not [e for e, why in spec.fixed_axes() if e.startswith("merge.weight")], spec.fixed_axes()
     assert spec.coverage() == 1.0
+
+
+class PoolsAlongOneAxis(nn.Module):
+    """Funnel's pooling of (sequence, hidden) as an image with a (2, 1) window:
+    the hidden axis is never mixed."""
+
+    def __init__(self, pool="avg"):
+        super().__init__()
+        self.pool = pool
+        self.inp, self.out = nn.Linear(6, 16), nn.Linear(16, 4)
+
+    def forward(self, x):  # x: (B, 8, 6)
+        h = torch.relu(self.inp(x))[:, None]
+        fn = F.avg_pool2d if self.pool == "avg" else F.max_pool2d
+        # "mixed": a (2, 3) window, padded to keep the hidden size, mixes neighbours
+        pooled = fn(h, (2, 1), stride=(2, 1)) if self.pool != "mixed" else \
+            F.avg_pool2d(h, (2, 3), stride=(2, 1), padding=(0, 1))
+        return self.out(pooled[:, 0])
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_pooling_with_a_window_of_one_passes_that_axis(capture):
+    x = torch.randn(2, 8, 6)
+    for pool in ("avg", "max"):
+        spec = exact(PoolsAlongOneAxis(pool), x, capture=capture)
+        assert "inp:out" in spec.groups
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mixed = infer_spec(PoolsAlongOneAxis("mixed").eval(), torch.randn(2, 8, 6), capture=capture)
+    assert "inp:out" not in mixed.groups

@@ -168,19 +168,57 @@ def _spatial(ctx):
         k = max(len(lay) - 2, 1)
     out_meta = ctx.meta()
     single = out_meta if hasattr(out_meta, "shape") else out_meta[0]
-    for s in lay[len(lay) - k:]:
-        ctx.block(s, "spatial axis", structural=True)
+    name = type(ctx.module).__name__.lower() if ctx.module is not None else ctx.op_name
+    spatial = list(range(len(lay) - k, len(lay)))
+    # an axis the windows do not span (kernel 1, stride 1, no padding: Funnel pools
+    # (seq, hidden) with a (2, 1) kernel) keeps each position apart: it passes
+    kept = [d for d, untouched in zip(spatial, _untouched_axes(ctx, k, name, single.shape))
+            if untouched]
+    for d in spatial:
+        if d not in kept:
+            ctx.block(lay[d], "spatial axis", structural=True)
     # averaging and interpolation are linear and act on every channel alike (any
     # kind passes the channels); max pooling is positively homogeneous
-    name = type(ctx.module).__name__.lower() if ctx.module is not None else ctx.op_name
     kinds = {"scale"} if "max" in name else PERMUTATION if "lp" in name else ALL
     if kinds is not ALL:
-        for s in lay[:len(lay) - k]:
-            ctx.restrict(s, kinds, name)
-    out = list(lay[:len(lay) - k]) + [ctx.new(n, "spatial axis", structural=True) for n in single.shape[len(lay) - k:]]
+        for d, s in enumerate(lay):
+            if d not in spatial or d in kept:
+                ctx.restrict(s, kinds, name)
+    out = [s if d not in spatial or d in kept else
+           ctx.new(single.shape[d], "spatial axis", structural=True) for d, s in enumerate(lay)]
     if hasattr(out_meta, "shape"):
         return out
     return [out, [ctx.new(n, "pool indices") for n in out_meta[1].shape]]
+
+
+def _untouched_axes(ctx, k: int, name: str, out_shape) -> list[bool]:
+    """For each of the last ``k`` axes, whether a (max or average, not adaptive)
+    pooling window leaves it alone: kernel 1, stride 1, no padding."""
+    no = [False] * k
+    if "pool" not in name or "adaptive" in name or "lp" in name or "fractional" in name:
+        return no
+    if ctx.module is not None:
+        m = ctx.module
+        kernel, stride, padding = m.kernel_size, m.stride, m.padding
+    else:
+        kernel = ctx.value(ctx.arg(1, "kernel_size"))
+        stride = ctx.value(ctx.arg(2, "stride", None))
+        padding = ctx.value(ctx.arg(3, "padding", 0))
+
+    def per_axis(v):
+        if v is None or (isinstance(v, (list, tuple)) and not v):
+            return None
+        v = list(v) if isinstance(v, (list, tuple)) else [v] * k
+        return v if len(v) == k and all(isinstance(i, int) for i in v) else False
+
+    kernel, stride, padding = per_axis(kernel), per_axis(stride), per_axis(padding)
+    if not kernel or stride is False or padding is False:
+        return no
+    stride = stride or kernel  # no stride: the kernel's
+    padding = padding or [0] * k
+    shape = ctx.shape(ctx.args[0])
+    return [kernel[i] == 1 and stride[i] == 1 and padding[i] == 0
+            and shape[len(shape) - k + i] == out_shape[len(out_shape) - k + i] for i in range(k)]
 
 
 def _axes_arg(ctx, pos: int, name: str, ndim: int, default):
