@@ -44,3 +44,53 @@ def test_zoo_hf_audio_lm_gets_its_audio_with_placeholders():
     assert "input_features" in inputs
     n = int((inputs["input_ids"] == cfg.audio_token_id).sum(1)[0])
     assert n > 0 and (inputs["input_ids"] == cfg.audio_token_id).sum(1).eq(n).all()
+
+
+def _first_that_runs(model, cfg):
+    for inputs in zoo_hf.input_options(model, cfg, torch.Generator().manual_seed(0)):
+        try:
+            zoo_hf._run(model, inputs)
+        except Exception:  # noqa: BLE001 - the harness tries the next set too
+            continue
+        return inputs
+    raise AssertionError("no input set runs")
+
+
+def test_zoo_hf_images_and_audio_together():
+    # Qwen2.5-Omni's thinker takes both: its audio tower must be used as well as its
+    # vision tower, each modality with its own placeholders
+    model, cfg = _tiny("qwen2_5_omni_thinker")
+    inputs = _first_that_runs(model, cfg)
+    assert "pixel_values" in inputs and "input_features" in inputs
+    ids = inputs["input_ids"]
+    assert (ids == cfg.image_token_id).sum() > 0 and (ids == cfg.audio_token_id).sum() > 0
+
+
+class _TableAdded(torch.nn.Module):
+    """A residual stream with a position table the checkpoint does not hold."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(10, 8)
+        self.register_buffer("table", torch.randn(5, 8), persistent=False)
+        self.fc1, self.fc2, self.head = (torch.nn.Linear(8, 16), torch.nn.Linear(16, 8),
+                                         torch.nn.Linear(8, 3))
+
+    def forward(self, ids):
+        h = self.emb(ids) + self.table
+        return self.head(h + self.fc2(torch.relu(self.fc1(h))))
+
+
+def test_zoo_hf_architecture_alone_is_told_apart():
+    from autobasin.infer import infer_spec
+    spec = infer_spec(_TableAdded().eval(), torch.randint(0, 10, (2, 5)))
+    # the stream is fixed by the table (hidden, lost), the MLP's units permute
+    assert spec.coverage() < 0.9
+    assert zoo_hf.architectural_coverage(spec) == 1.0
+    row = {"status": "exact", "coverage": spec.coverage(), "head": True, "residual": False,
+           "residual_why": "table is not in the state_dict",
+           "coverage_arch": zoo_hf.architectural_coverage(spec)}
+    assert zoo_hf.architectural(row)
+    # a stream fixed for want of a rule is not the architecture's doing
+    assert not zoo_hf.architectural({**row, "residual_why": "foo: no rule for ATen op aten.foo"})
+    assert not zoo_hf.architectural({**row, "coverage_arch": 0.5})
