@@ -157,7 +157,8 @@ def auto_rebasin(a: nn.Module, b: nn.Module, example_inputs=None, method: str = 
                  data: Iterable | None = None, seed: int = 0, verify: bool = True,
                  spec: PermutationSpec | None = None, max_iter: int = 100, progress: bool = True,
                  device: torch.device | str | None = None, repair: str | None = None,
-                 symmetries=("permutation",), **matcher_kwargs: Any) -> RebasinResult:
+                 symmetries=("permutation",), more_inputs: Iterable = (),
+                 **matcher_kwargs: Any) -> RebasinResult:
     """Permute B's hidden units to line up with A's; A and B are left untouched.
 
     Args:
@@ -174,6 +175,10 @@ def auto_rebasin(a: nn.Module, b: nn.Module, example_inputs=None, method: str = 
             inputs (relative error at most 1e-4, else :class:`EquivalenceError`);
             skipped with a warning when there are no example inputs.
         spec: the permutation spec; inferred from ``a`` when None.
+        more_inputs: further example inputs that run other paths through
+            forward (another modality, a mode): the spec is inferred to hold on
+            each (see :func:`autobasin.infer.trace_model`), and each is verified
+            like ``example_inputs``.
         symmetries: the kinds of symmetry to align with when the spec is inferred
             (see :func:`autobasin.infer_spec`): ``("permutation",)`` by default;
             with ``"sign"``, ``"scale"``, ``"orthogonal"``, ``"invertible"`` (or
@@ -219,7 +224,7 @@ def auto_rebasin(a: nn.Module, b: nn.Module, example_inputs=None, method: str = 
     traced = None
     if spec is None:
         from .infer import trace_model
-        traced = trace_model(a, example_inputs, symmetries=symmetries)
+        traced = trace_model(a, example_inputs, symmetries=symmetries, more_inputs=more_inputs)
         spec = traced.spec
     if spec.is_general and method not in ("weight", "activation", "ste"):
         raise NotImplementedError(
@@ -252,14 +257,18 @@ def auto_rebasin(a: nn.Module, b: nn.Module, example_inputs=None, method: str = 
             warnings.warn("auto_rebasin: no example inputs, so the aligned model was not "
                           "verified; pass example_inputs=... to check it", stacklevel=2)
         else:
-            err, wide = verify_error(b, aligned, inputs, outputs=spec.outputs)
-            result.verify_error = err
-            if wide is not None:
-                result.verify_dtype = str(wide).removeprefix("torch.")
-            if not err <= 1e-4:
-                raise EquivalenceError(
-                    f"the aligned model computes something else than b: relative error "
-                    f"{err:.3g} > 1e-4; the permutation spec does not fit this model "
-                    f"(check it with autobasin.check_equivalence)")
+            sets = [inputs, *(traced.more_inputs if traced is not None else more_inputs)]
+            for k, each in enumerate(sets):
+                err, wide = verify_error(b, aligned, each, outputs=spec.outputs)
+                if k == 0 or err > result.verify_error:
+                    result.verify_error = err
+                    if wide is not None:
+                        result.verify_dtype = str(wide).removeprefix("torch.")
+                if not err <= 1e-4:
+                    which = "the example inputs" if k == 0 else f"more_inputs[{k - 1}]"
+                    raise EquivalenceError(
+                        f"the aligned model computes something else than b on {which}: "
+                        f"relative error {err:.3g} > 1e-4; the permutation spec does not fit "
+                        f"this model (check it with autobasin.check_equivalence)")
     result.seconds = time.perf_counter() - start
     return result

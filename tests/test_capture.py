@@ -894,3 +894,55 @@ def test_an_allocation_filled_later_is_not_compared_before_it_is_written():
             if n.op == "call_function" and not _uninitialized(n)}
     assert skipped == {"empty", "select"}  # the allocation and its views
     assert {"copy_", "sum", "mul"} <= kept  # what was written and computed is compared
+
+
+class TwoPaths(nn.Module):
+    """A second input that only some calls give (an image next to the text):
+    its projection writes into the same stream."""
+
+    def __init__(self):
+        super().__init__()
+        self.text, self.image = nn.Linear(6, 16), nn.Linear(5, 16)
+        self.mlp, self.head = nn.Linear(16, 12), nn.Linear(12, 3)
+
+    def forward(self, x, image=None):
+        h = self.text(x)
+        if image is not None:
+            h = h + self.image(image)
+        return self.head(torch.relu(self.mlp(torch.relu(h))))
+
+
+@pytest.mark.parametrize("capture", ["auto", "fx", "export"])
+def test_more_inputs_constrain_the_same_axes(capture):
+    from autobasin.testing import randomize_state_
+    model = randomize_state_(TwoPaths().eval())
+    x, img = torch.randn(4, 6), torch.randn(4, 5)
+    with pytest.warns(UserWarning, match="does not use"):
+        alone = infer_spec(model, (x,), capture=capture)
+    assert not any(m.param == "image.weight" for g in alone.groups.values() for m in g.members)
+    both = infer_spec(model, (x,), capture=capture, more_inputs=[{"x": x, "image": img}])
+    stream = [g for g in both.groups.values()
+              if any(m.param == "text.weight" and m.axis == 0 for m in g.members)]
+    assert len(stream) == 1 and any(m.param == "image.weight" and m.axis == 0
+                                    for m in stream[0].members)
+    assert both.coverage() == 1.0
+    for inputs in ((x,), {"x": x, "image": img}):
+        for seed in (0, 1):
+            assert ab.check_equivalence(model, both, inputs, seed=seed) <= 1e-5
+
+
+def test_auto_rebasin_with_more_inputs_verifies_each_set():
+    from autobasin.testing import randomize_state_
+    a, b = randomize_state_(TwoPaths().eval(), seed=0), randomize_state_(TwoPaths().eval(), seed=1)
+    x, img = torch.randn(4, 6), torch.randn(4, 5)
+    res = ab.auto_rebasin(a, b, (x,), more_inputs=[{"x": x, "image": img}], progress=False)
+    assert any(m.param == "image.weight" for g in res.spec.groups.values() for m in g.members)
+    with torch.no_grad():  # the aligned model computes what b computes on both paths
+        for inputs in ((x,), (x, img)):
+            assert torch.allclose(res.model(*inputs), b(*inputs), atol=1e-5)
+    # given only the text, the image projection is left as it is: wrong with images,
+    # which the unused-weight warning says
+    with pytest.warns(UserWarning, match="does not use"):
+        text_only = ab.auto_rebasin(a, b, (x,), progress=False)
+    with torch.no_grad():
+        assert not torch.allclose(text_only.model(x, img), b(x, img), atol=1e-3)

@@ -99,7 +99,8 @@ class TracedModel:
 
     def __init__(self, model: nn.Module, inputs: ModelInputs, opaque: Iterable = (),
                  capture: str = "auto", outputs: Sequence | None = None,
-                 fixed: Iterable[str] = (), concrete: bool = True, symmetries=None):
+                 fixed: Iterable[str] = (), concrete: bool = True, symmetries=None,
+                 more_inputs: Sequence[ModelInputs] = ()):
         self.example_inputs = inputs
         self.symmetries = symmetry_kinds(symmetries)
         self.outputs = None if outputs is None else list(outputs)
@@ -111,36 +112,58 @@ class TracedModel:
             self._names = []
         self.gm, self.flat_inputs, self.opaque_modules, self.capture = capture_graph(
             model, inputs, opaque, capture, concrete)
-        capture_nodes = {n for n in self.gm.graph.nodes
-                         if n.op == "call_module" or (n.op == "call_function"
-                                                      and inspect.isfunction(n.target))}
-        rec = ExampleRecorder(self.gm, capture_nodes)
-        with torch.no_grad(), eval_mode(model):
-            try:
-                rec.run(*self.flat_inputs)
-            except Exception as e:  # noqa: BLE001 - name the model, inputs and node
-                raise ExampleInputError(model, inputs, e) from e
+        rec = self._record(model, inputs, self.gm, self.flat_inputs)
         self.sym = Symbols()
         self.table = TensorTable(model, self.sym, opaque)
         self.model_state_names = list(model.state_dict().keys())
         self.graph = GraphInference(self.gm, self.sym, self.table, rec.meta, rec.captured,
                                     passthrough=rec.passthrough)
         out_layout = self.graph.run(block_outputs=False)
-        for s in layout_symbols(self._selected(out_layout)):
+        for s in layout_symbols(self._selected(out_layout, self.gm)):
             self.sym.block(s, "graph output", structural=True)
         del rec
+        # Further input sets (another modality, another mode of forward): each is
+        # captured on its own and walked over the same symbols, so every axis
+        # carries one permutation that holds on every set; the first set's graph
+        # stays the one diagnoses and activation sites use.
+        self.more_inputs = list(more_inputs)
+        for more in self.more_inputs:
+            gm, flat, opaque_more, _ = capture_graph(
+                model, more, opaque, self.capture if capture == "auto" else capture, concrete)
+            rec = self._record(model, more, gm, flat)
+            other = GraphInference(gm, self.sym, self.table, rec.meta, rec.captured,
+                                   passthrough=rec.passthrough, log=self.graph.log,
+                                   distributions=self.graph.distributions)
+            for s in layout_symbols(self._selected(other.run(block_outputs=False), gm)):
+                self.sym.block(s, "graph output", structural=True)
+            self.opaque_modules.update(opaque_more)
+            del rec
         self._finish()
         self.root_to_group: dict[int, str] = {}
         self.spec: PermutationSpec = self._build_spec(fixed)
 
-    def _selected(self, out_layout):
+    @staticmethod
+    def _record(model: nn.Module, inputs: ModelInputs, gm: fx.GraphModule, flat: tuple):
+        """Run ``gm`` on ``flat`` once, recording shapes and calls."""
+        capture_nodes = {n for n in gm.graph.nodes
+                         if n.op == "call_module" or (n.op == "call_function"
+                                                      and inspect.isfunction(n.target))}
+        rec = ExampleRecorder(gm, capture_nodes)
+        with torch.no_grad(), eval_mode(model):
+            try:
+                rec.run(*flat)
+            except Exception as e:  # noqa: BLE001 - name the model, inputs and node
+                raise ExampleInputError(model, inputs, e) from e
+        return rec
+
+    def _selected(self, out_layout, gm: fx.GraphModule):
         """The part of the output's layout that defines what the model
         computes: all of it, or the ``outputs`` asked for."""
         if self.outputs is None:
             return out_layout
         if self.capture == "export":  # flat outputs: rebuild forward's structure
             import torch.utils._pytree as pytree
-            out_layout = pytree.tree_unflatten(list(out_layout), self.gm.meta["out_spec"])
+            out_layout = pytree.tree_unflatten(list(out_layout), gm.meta["out_spec"])
         return [select_output(out_layout, key) for key in self.outputs]
 
     def _finish(self) -> None:
@@ -487,16 +510,18 @@ def _group_name(m: Member, state, used: set) -> str:
 
 def infer_spec(model: nn.Module, example_inputs=None, *, opaque: Iterable = (),
                fixed: Iterable[str] = (), capture: str = "auto",
-               outputs: Sequence | None = None, symmetries=("permutation",)) -> PermutationSpec:
+               outputs: Sequence | None = None, symmetries=("permutation",),
+               more_inputs: Sequence = ()) -> PermutationSpec:
     """Infer which parameter axes of ``model`` can be permuted together:
     ``trace_model(...).spec`` (see :func:`trace_model` for the arguments)."""
     return trace_model(model, example_inputs, opaque=opaque, fixed=fixed, capture=capture,
-                       outputs=outputs, symmetries=symmetries).spec
+                       outputs=outputs, symmetries=symmetries, more_inputs=more_inputs).spec
 
 
 def trace_model(model: nn.Module, example_inputs=None, *, opaque: Iterable = (),
                 fixed: Iterable[str] = (), capture: str = "auto",
-                outputs: Sequence | None = None, symmetries=("permutation",)) -> TracedModel:
+                outputs: Sequence | None = None, symmetries=("permutation",),
+                more_inputs: Sequence = ()) -> TracedModel:
     """Capture ``model`` and infer which parameter axes can be permuted together.
 
     Args:
@@ -528,6 +553,13 @@ def trace_model(model: nn.Module, example_inputs=None, *, opaque: Iterable = (),
             residual sum anything invertible; an op without a declaration only
             permutations), and each member whether a general element acts on
             it as ``M`` or ``M^-T`` (``Member.contra``).
+        more_inputs: further example inputs, each in any form
+            ``example_inputs`` takes, that run other paths through forward
+            (a modality the first set leaves out, a mode flag, a branch on
+            which inputs are given): each set is captured on its own and
+            constrains the same axes, so the spec holds on every set, and
+            weights only another set reaches are permuted too. Check it on
+            each (``check_equivalence`` per set).
 
     Returns:
         A :class:`TracedModel`; its ``spec`` is the :class:`PermutationSpec`.
@@ -544,17 +576,19 @@ def trace_model(model: nn.Module, example_inputs=None, *, opaque: Iterable = (),
     if example_inputs is None:
         example_inputs = default_inputs(model)
     inputs = as_inputs(example_inputs, model)
+    more = [as_inputs(m, model) for m in more_inputs]
     if is_meta_model(model):
-        inputs = inputs.to("meta")
+        inputs, more = inputs.to("meta"), [m.to("meta") for m in more]
     try:
         traced = TracedModel(model, inputs, opaque, capture, outputs, fixed,
-                             symmetries=symmetries)
+                             symmetries=symmetries, more_inputs=more)
     except ExampleInputError:
         # fx's graph cannot run on the inputs although the model can (fx took
         # another path through forward than these inputs do): capture with export
-        if capture != "auto" or opaque or not _runs(model, inputs):
+        if capture != "auto" or opaque or not all(_runs(model, i) for i in [inputs, *more]):
             raise
-        traced = TracedModel(model, inputs, (), "export", outputs, fixed, symmetries=symmetries)
+        traced = TracedModel(model, inputs, (), "export", outputs, fixed, symmetries=symmetries,
+                             more_inputs=more)
     spec = traced.spec
     if capture == "auto" and traced.capture == "fx" and not opaque and (
             spec.blocked_ops() or spec.coverage() < 1.0):
@@ -565,7 +599,7 @@ def trace_model(model: nn.Module, example_inputs=None, *, opaque: Iterable = (),
         # opaque leaves hold for every input.)
         try:
             other = TracedModel(model, inputs, (), "export", outputs, fixed, concrete=False,
-                                symmetries=symmetries)
+                                symmetries=symmetries, more_inputs=more)
         except Exception:  # noqa: BLE001 - export cannot capture it either: keep fx's
             other = None
         if other is not None and other.spec.coverage() > spec.coverage() + 1e-9:
