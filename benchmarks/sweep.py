@@ -41,9 +41,9 @@ def rss_bytes(pid: int) -> int:
     return 0
 
 
-def check_spec(model, spec, inputs, row: dict, seeds, rtol: float) -> None:
+def check_spec(model, spec, inputs, row: dict, seeds, rtol: float, more_inputs=()) -> None:
     """Permute every group at random (one seed after another) and compare the
-    outputs; sets ``row["status"]``: ``exact``, ``caught`` (a wrong spec the
+    outputs, on ``inputs`` and each of ``more_inputs``; sets ``row["status"]``: ``exact``, ``caught`` (a wrong spec the
     check stopped), or ``check-error`` (the check could not judge: the model
     varies by itself, a tie was broken the other way, or something else failed), with ``err`` and ``message``."""
     from autobasin.permute import (EquivalenceError, NondeterministicModelError, TieBreakError,
@@ -51,8 +51,9 @@ def check_spec(model, spec, inputs, row: dict, seeds, rtol: float) -> None:
     from autobasin.spec import SpecError
     errs: list[float] = []
     try:
-        for seed in seeds:
-            errs.append(check_equivalence(model, spec, inputs, seed=seed, rtol=rtol))
+        for each in [inputs, *more_inputs]:
+            for seed in seeds:
+                errs.append(check_equivalence(model, spec, each, seed=seed, rtol=rtol))
         row.update(status="exact", err=max(errs))
     except (NondeterministicModelError, TieBreakError) as e:  # the check cannot judge
         row.update(status="check-error", message=first_line(e, 500))
@@ -66,7 +67,8 @@ def work(result_path: str, threads: int, create: Callable[[dict], tuple],
          describe: Callable[[object, dict], None], seeds, rtol: float, limit: int = 300) -> None:
     """One model's run in a worker, its row saved to ``result_path`` after
     every phase (so the parent learns how far it got if the worker dies):
-    ``create(row)`` builds ``(model, inputs)`` and may add to the row (its
+    ``create(row)`` builds ``(model, inputs)`` or ``(model, inputs, more_inputs)``
+    (further input sets, inferred and checked on too) and may add to the row (its
     ``outputs`` are passed to inference); the spec is inferred and timed,
     ``describe(spec, row)`` records what the sweep reports of it, and the spec
     is checked (:func:`check_spec`). Error messages are cut to ``limit``."""
@@ -89,7 +91,8 @@ def work(result_path: str, threads: int, create: Callable[[dict], tuple],
     save()
     t_start = time.perf_counter()
     try:
-        model, inputs = create(row)
+        model, inputs, *more = create(row)
+        more = more[0] if more else ()
         randomize_state_(model)
     except Exception as e:  # noqa: BLE001
         row.update(status="create-error", message=first_line(e, limit))
@@ -99,7 +102,7 @@ def work(result_path: str, threads: int, create: Callable[[dict], tuple],
     save("infer")
     t0 = time.perf_counter()
     try:
-        spec = infer_spec(model, inputs, outputs=row.get("outputs"))
+        spec = infer_spec(model, inputs, outputs=row.get("outputs"), more_inputs=more)
     except Exception as e:  # noqa: BLE001
         row.update(status="trace-error", message=first_line(e, limit),
                    infer_s=round(time.perf_counter() - t0, 2))
@@ -109,7 +112,7 @@ def work(result_path: str, threads: int, create: Callable[[dict], tuple],
     row["coverage"] = spec.coverage()
     describe(spec, row)
     save("check")
-    check_spec(model, spec, inputs, row, seeds, rtol)
+    check_spec(model, spec, inputs, row, seeds, rtol, more)
     row["total_s"] = round(time.perf_counter() - t_start, 2)
     save("done")
 

@@ -46,6 +46,9 @@ the worker
    ``encoder.vision_config``); placeholders may be wrapped in the modality's
    start / end tokens, and the text's ``attention_mask`` given, where the
    model needs that. The first input set the model runs on is used;
+   Where forward takes a mode flag that switches to another path (Granite-Docling's
+   ``tile_fine_mask`` / ``fine``: :data:`MODE_FLAGS`), the same inputs with the
+   flag on are a further input set (``more_inputs``), inferred and checked on too;
 4. times :func:`autobasin.infer.infer_spec` (``capture="auto"``; a model with
    a head is given ``outputs=["logits"]``: the logits define it, and an
    encoder-decoder's ``encoder_last_hidden_state`` would otherwise fix the
@@ -914,6 +917,56 @@ def build(model_type: str, base: bool):
     raise RuntimeError(f"no tiny config builds and runs ({len(errors)} tries); furthest: {first}")
 
 
+# Flags that switch forward to a path one call cannot take together with the
+# other (Granite-Docling's fine connector beside its coarse one): the same inputs
+# with the flag on are given as a further input set (``infer_spec(...,
+# more_inputs=...)``), so both paths' weights are aligned and checked.
+MODE_FLAGS = {"tile_fine_mask": lambda inputs: torch_ones_bool(inputs),
+              "fine": lambda inputs: True}
+
+
+def torch_ones_bool(inputs: dict):
+    """All samples on (a per-sample flag; batch from the first tensor input)."""
+    import torch
+    first = next(v for v in inputs.values() if hasattr(v, "shape"))
+    batch = first.shape[0] if "input_ids" not in inputs else inputs["input_ids"].shape[0]
+    return torch.ones(batch, dtype=torch.bool)
+
+
+def mode_inputs(model, inputs: dict) -> list[dict]:
+    """``inputs`` with each mode flag forward takes switched on, where that runs;
+    with as many image placeholders as the other path yields, where the model
+    says so ("tokens: 2, features: 8")."""
+    import re
+
+    import torch
+    params = inspect.signature(model.forward).parameters
+    out = []
+    for flag, value in MODE_FLAGS.items():
+        if flag not in params or flag in inputs:
+            continue
+        more = {**inputs, flag: value(inputs)}
+        try:
+            _run(model, more)
+        except Exception as e:  # noqa: BLE001 - maybe the placeholder count, else skip
+            tok = _find_int(model.config, PLACEHOLDERS[0][2])
+            m = re.search(r"tokens:? *(\d+)\b.*?features:? *(\d+)", str(e), re.S | re.I)
+            ids = more.get("input_ids")
+            if m is None or tok is None or ids is None or int(m.group(2)) % BATCH:
+                continue
+            text = ids[:, ids[0] != tok]
+            holders = torch.full((BATCH, int(m.group(2)) // BATCH), tok, dtype=ids.dtype)
+            more["input_ids"] = torch.cat([holders, text], 1)
+            if "attention_mask" in more:
+                more["attention_mask"] = torch.ones_like(more["input_ids"])
+            try:
+                _run(model, more)
+            except Exception:  # noqa: BLE001 - the flag does not apply to these inputs
+                continue
+        out.append(more)
+    return out
+
+
 # ------------------------------------------------------------ spec analysis
 def _param_name(entry: str) -> tuple[str, int | None]:
     """'a.b.weight[0@0:4x4.d1]' -> ('a.b.weight', 0)."""
@@ -985,7 +1038,9 @@ def worker(model_type: str, base: bool, result_path: str, threads: int) -> None:
         row.update(info)
         row["residual_tensor"], row["residual_axis"] = residual_probe(model, inputs)
         row["outputs"] = ["logits"] if info["head"] and "logits" in info["output_keys"] else None
-        return model, inputs
+        more = mode_inputs(model, inputs)
+        row["more_inputs"] = [sorted(set(m) - set(inputs)) for m in more]
+        return model, inputs, more
 
     def describe(spec, row):
         row["capture"] = spec.capture or "?"

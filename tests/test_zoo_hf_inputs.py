@@ -94,3 +94,14 @@ def test_zoo_hf_architecture_alone_is_told_apart():
     # a stream fixed for want of a rule is not the architecture's doing
     assert not zoo_hf.architectural({**row, "residual_why": "foo: no rule for ATen op aten.foo"})
     assert not zoo_hf.architectural({**row, "coverage_arch": 0.5})
+
+
+def test_zoo_hf_mode_flag_is_a_further_input_set():
+    # Granite-Docling's vision model runs its fine connector only with fine=True: that
+    # path comes as a further input set, so both connectors are inferred and checked
+    model, inputs, _ = zoo_hf.build("granite_docling_vision", False)
+    more = zoo_hf.mode_inputs(model, inputs)
+    assert [sorted(set(m) - set(inputs)) for m in more] == [["fine"]]
+    from autobasin.infer import infer_spec
+    spec = infer_spec(model, inputs, more_inputs=more)
+    assert not any("not used" in why for _, why in spec.fixed_axes())
