@@ -205,6 +205,14 @@ OVERRIDES: dict[str, tuple[dict, str]] = {
     "unlimited_ocr": ({"vision_config": {"sam_config": {"downsample_channels": [32, 64]}}},
                       "its SAM tower's last downsampling conv feeds the CLIP tower as patch "
                       "embeddings: its width must be the CLIP tower's (64 at the tiny size)"),
+    "phi4_multimodal": ({"audio_config": {"audio_token_id": 102, "num_blocks": 2,
+                                          "ext_pw_out_channel": 64,
+                                          "depthwise_separable_out_channel": 64},
+                         "vision_config": {"image_token_id": 103}},
+                        "its image and audio tokens (200010, 200011) lie outside the tiny "
+                        "vocabulary, and its audio encoder's depth (num_blocks, 24) and "
+                        "convolution widths (1024, which must equal its hidden size) have names "
+                        "the generic shrinking does not know"),
     **dict.fromkeys(("minicpm_ocr", "minicpmv4_6", "minicpmv4_7"), (
         {"image_token_id": 100, "video_token_id": 101},
         "its default config names no image or video token (without one forward skips the "
@@ -582,6 +590,15 @@ def input_options(model, cfg, gen) -> list[dict]:
             if mask:
                 opt[mask] = torch.ones(BATCH, t, dtype=torch.long)
             audio.append(opt)
+    if "audio_input_features" in params and "audio_embed_sizes" in params:
+        # Phi-4-multimodal: (batch, frames, mels) features, how many projected features
+        # each sample keeps (frames / time_reduction), and the frames' mask
+        mel = _find_int(cfg, ("input_size", "num_mel_bins")) or 80
+        red = _find_int(cfg, ("time_reduction",)) or 8
+        t = 8 * red
+        audio.append({"audio_input_features": torch.randn(BATCH, t, mel, generator=gen),
+                      "audio_embed_sizes": torch.full((BATCH,), t // red, dtype=torch.long),
+                      "audio_attention_mask": torch.ones(BATCH, t, dtype=torch.bool)})
     if "input_values" in params:
         mel = _find(cfg, "num_mel_bins")
         length = _find(cfg, "max_length")
@@ -626,6 +643,7 @@ def input_options(model, cfg, gen) -> list[dict]:
         for opt in mods[mod]:
             opt = {**opt, **(mods.get("extra_ids") or [{}])[0]}
             n = _features_per_sample(model, getter, opt, flat=mod == "video") or \
+                (int(opt["audio_embed_sizes"][0]) if "audio_embed_sizes" in opt else None) or \
                 _features_from_error(model, ids, opt, tok)
             if n:
                 holders = torch.full((BATCH, n), tok, dtype=torch.long)

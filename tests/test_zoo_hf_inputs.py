@@ -105,3 +105,13 @@ def test_zoo_hf_mode_flag_is_a_further_input_set():
     from autobasin.infer import infer_spec
     spec = infer_spec(model, inputs, more_inputs=more)
     assert not any("not used" in why for _, why in spec.fixed_axes())
+
+
+def test_zoo_hf_phi4_gets_its_audio():
+    # Phi-4-multimodal names its audio inputs audio_input_features / audio_embed_sizes and
+    # keeps audio_embed_sizes projected features a sample: that many placeholders
+    model, inputs, _ = zoo_hf.build("phi4_multimodal", False)
+    assert "audio_input_features" in inputs
+    n = int(inputs["audio_embed_sizes"][0])
+    tok = model.config.audio_config.audio_token_id
+    assert (inputs["input_ids"] == tok).sum(1).eq(n).all()
