@@ -49,6 +49,8 @@ the worker
    Where forward takes a mode flag that switches to another path (Granite-Docling's
    ``tile_fine_mask`` / ``fine``: :data:`MODE_FLAGS`), the same inputs with the
    flag on are a further input set (``more_inputs``), inferred and checked on too;
+   so are up to two other input sets that run modules the first leaves unused
+   (:func:`reach_inputs`: Phi-4-multimodal's speech projector, used only without images);
 4. times :func:`autobasin.infer.infer_spec` (``capture="auto"``; a model with
    a head is given ``outputs=["logits"]``: the logits define it, and an
    encoder-decoder's ``encoder_last_hidden_state`` would otherwise fix the
@@ -634,6 +636,16 @@ def input_options(model, cfg, gen) -> list[dict]:
             if o["pixel_values"].dim() == 4 and len(o) == 1]
         if not mods["video"]:
             del mods["video"]
+    if "image_pixel_values" in params and "vision" not in mods:
+        # Phi-4-multimodal's HD crops: (batch, 1 global + crops, C, crop, crop), each
+        # image's size, and a mask of the patches of each crop; one crop a side
+        crop = _find_int(cfg, ("crop_size", "image_size")) or 32
+        patch = _find_int(cfg, ("patch_size",)) or 8
+        c = _find_int(cfg, ("num_channels",)) or 3
+        mods["vision"] = [{"image_pixel_values": torch.randn(BATCH, 2, c, crop, crop, generator=gen),
+                           "image_sizes": torch.tensor([[crop, crop]] * BATCH),
+                           "image_attention_mask": torch.ones(BATCH, 2, crop // patch, crop // patch,
+                                                              dtype=torch.bool)}]
     first = None  # the text set of the first modality that got placeholders
     for mod, getter, token_keys in PLACEHOLDERS:
         # a multimodal LM: input_ids hold one placeholder token per feature of the modality
@@ -840,7 +852,9 @@ def _features_from_error(model, ids, inputs: dict, tok: int) -> int | None:
             try:
                 _run(model, {"input_ids": input_ids, **inputs, **mask})
             except Exception as e:  # noqa: BLE001 - the message is what we want
-                m = re.search(rf"tokens:? *{BATCH * k}\b.*?features:? *(\d+)", str(e), re.S | re.I)
+                m = re.search(rf"tokens:? *{BATCH * k}\b.*?features:? *(\d+)", str(e), re.S | re.I) or \
+                    re.search(rf"value tensor of shape \[(\d+), \d+\] cannot be broadcast to "
+                              rf"indexing result of shape \[{BATCH * k}, ", str(e))
                 if m and int(m.group(1)) % BATCH == 0 and int(m.group(1)) > 0:
                     return int(m.group(1)) // BATCH
                 continue
@@ -951,6 +965,58 @@ def torch_ones_bool(inputs: dict):
     return torch.ones(batch, dtype=torch.bool)
 
 
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(a[k] is b[k] or (
+        hasattr(a[k], "shape") and hasattr(b[k], "shape") and a[k].shape == b[k].shape
+        and bool((a[k] == b[k]).all())) for k in a)
+
+
+def _used_modules(model, inputs: dict) -> set[str]:
+    """Names of the modules owning parameters that a forward on ``inputs`` calls."""
+    import torch
+    owners = {n: m for n, m in model.named_modules() if next(m.parameters(recurse=False), None)
+              is not None}
+    called: set[str] = set()
+    hooks = [m.register_forward_pre_hook(lambda mod, _, n=n: called.add(n))
+             for n, m in owners.items()]
+    try:
+        with torch.no_grad():
+            _run(model, inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return called
+
+
+def reach_inputs(model, inputs: dict, limit: int = 2, scan: int = 12) -> list[dict]:
+    """Further input sets, among the first ``scan`` of :func:`input_options`, that
+    run modules ``inputs`` leaves unused (Phi-4-multimodal projects audio one way
+    alone and another way beside images): at most ``limit``, each reaching some
+    module none before it reached."""
+    import torch
+    try:
+        owners = {n for n, m in model.named_modules()
+                  if next(m.parameters(recurse=False), None) is not None}
+        unused = owners - _used_modules(model, inputs)
+    except Exception:  # noqa: BLE001 - hooks cannot watch this model: none
+        return []
+    out: list[dict] = []
+    options = input_options(model, model.config, torch.Generator().manual_seed(0))[:scan]
+    for opt in options:
+        if not unused or len(out) >= limit:
+            break
+        if _same(opt, inputs):
+            continue
+        try:
+            reached = _used_modules(model, opt) & unused
+        except Exception:  # noqa: BLE001 - this set does not run
+            continue
+        if reached:
+            out.append(opt)
+            unused -= reached
+    return out
+
+
 def mode_inputs(model, inputs: dict) -> list[dict]:
     """``inputs`` with each mode flag forward takes switched on, where that runs;
     with as many image placeholders as the other path yields, where the model
@@ -1057,7 +1123,8 @@ def worker(model_type: str, base: bool, result_path: str, threads: int) -> None:
         row["residual_tensor"], row["residual_axis"] = residual_probe(model, inputs)
         row["outputs"] = ["logits"] if info["head"] and "logits" in info["output_keys"] else None
         more = mode_inputs(model, inputs)
-        row["more_inputs"] = [sorted(set(m) - set(inputs)) for m in more]
+        more += [m for m in reach_inputs(model, inputs) if not any(_same(m, o) for o in more)]
+        row["more_inputs"] = [sorted(m) for m in more]
         return model, inputs, more
 
     def describe(spec, row):
