@@ -107,11 +107,18 @@ def test_zoo_hf_mode_flag_is_a_further_input_set():
     assert not any("not used" in why for _, why in spec.fixed_axes())
 
 
-def test_zoo_hf_phi4_gets_its_audio():
-    # Phi-4-multimodal names its audio inputs audio_input_features / audio_embed_sizes and
-    # keeps audio_embed_sizes projected features a sample: that many placeholders
+def test_zoo_hf_phi4_gets_images_audio_and_audio_alone():
+    # Phi-4-multimodal names its inputs image_pixel_values / audio_input_features, keeps
+    # audio_embed_sizes projected audio features a sample (that many placeholders), and
+    # projects audio one way beside images and another way alone: the audio-only set
+    # comes as a further input set, so both projectors are used
     model, inputs, _ = zoo_hf.build("phi4_multimodal", False)
-    assert "audio_input_features" in inputs
+    assert "audio_input_features" in inputs and "image_pixel_values" in inputs
     n = int(inputs["audio_embed_sizes"][0])
     tok = model.config.audio_config.audio_token_id
     assert (inputs["input_ids"] == tok).sum(1).eq(n).all()
+    more = zoo_hf.reach_inputs(model, inputs)
+    assert len(more) == 1 and "image_pixel_values" not in more[0]
+    used = zoo_hf._used_modules(model, inputs) | zoo_hf._used_modules(model, more[0])
+    assert any("up_proj_for_speech" in n for n in used)
+    assert any("up_proj_for_vision_speech" in n for n in used)
