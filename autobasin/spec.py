@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 
@@ -226,7 +226,7 @@ class PermutationSpec:
         return ["trivial" if n <= 1 else "permuted" if a in moved else "fixed"
                 for a, n in enumerate(shape)]
 
-    def coverage(self) -> float:
+    def coverage(self, not_hidden: Callable[[str], bool] | None = None) -> float:
         """Share of hidden parameter axes that some group permutes.
 
         For each floating-point parameter with hidden axes (those neither
@@ -234,14 +234,18 @@ class PermutationSpec:
         axes that a group acts on, weighted by the parameter's elements. A
         model with no hidden axis has coverage 1.0: there is nothing to
         permute. Every hidden axis left fixed has its reason in
-        :attr:`blocked`. See :meth:`element_coverage` for the share of
-        elements instead."""
+        :attr:`blocked`. ``not_hidden(reason)``: whole axes fixed for a reason
+        it accepts count as structural too (a what-if: how much of the
+        symmetry left by those reasons was found). See :meth:`element_coverage`
+        for the share of elements instead."""
+        why = {e: r for e, r in self.fixed_axes()} if not_hidden is not None else {}
         num = den = 0.0
         for name, info in self.tensors.items():
             if not (info.is_parameter and info.floating):
                 continue
-            kinds = self.axis_kinds(name)
-            hidden = [k for k in kinds if k in ("permuted", "fixed")]
+            hidden = [k for a, k in enumerate(self.axis_kinds(name))
+                      if k == "permuted" or (k == "fixed" and not (
+                          not_hidden is not None and not_hidden(why.get(f"{name}[{a}]", ""))))]
             if not hidden:
                 continue
             numel = math.prod(info.shape)

@@ -34,9 +34,10 @@ class TraceError(RuntimeError):
 class TensorMeta:
     shape: tuple[int, ...]
     dtype: torch.dtype
-    contiguous: bool = True  # the layout in memory (as_strided reads it)
-    stride: tuple[int, ...] | None = None  # steps in memory per axis, when known
-    offset: int = 0  # the storage offset of the first entry
+    # the layout in memory (as_strided reads it): steps per axis, when known, and
+    # the storage offset of the first entry
+    stride: tuple[int, ...] | None = None
+    offset: int = 0
 
     @property
     def ndim(self) -> int:
@@ -59,11 +60,10 @@ def describe(value: Any) -> Any:
     """Light, picklable description of a runtime value (shapes for tensors)."""
     if isinstance(value, torch.Tensor):
         try:
-            contiguous = bool(value.is_contiguous())
             stride, offset = tuple(int(v) for v in value.stride()), int(value.storage_offset())
         except Exception:  # noqa: BLE001 - a tensor subclass without strides
-            contiguous, stride, offset = False, None, 0
-        return TensorMeta(tuple(value.shape), value.dtype, contiguous, stride, offset)
+            stride, offset = None, 0
+        return TensorMeta(tuple(value.shape), value.dtype, stride, offset)
     if isinstance(value, torch.Size):
         return tuple(value)
     if isinstance(value, (list, tuple)):

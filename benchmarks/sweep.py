@@ -43,9 +43,10 @@ def rss_bytes(pid: int) -> int:
 
 def check_spec(model, spec, inputs, row: dict, seeds, rtol: float, more_inputs=()) -> None:
     """Permute every group at random (one seed after another) and compare the
-    outputs, on ``inputs`` and each of ``more_inputs``; sets ``row["status"]``: ``exact``, ``caught`` (a wrong spec the
-    check stopped), or ``check-error`` (the check could not judge: the model
-    varies by itself, a tie was broken the other way, or something else failed), with ``err`` and ``message``."""
+    outputs, on ``inputs`` and each of ``more_inputs``; sets ``row["status"]``:
+    ``exact``, ``caught`` (a wrong spec the check stopped), or ``check-error``
+    (the check could not judge: the model varies by itself, a tie was broken the
+    other way, or something else failed), with ``err`` and ``message``."""
     from autobasin.permute import (EquivalenceError, NondeterministicModelError, TieBreakError,
                                    check_equivalence)
     from autobasin.spec import SpecError

@@ -35,9 +35,10 @@ the worker
    (``main_input_name``). A multimodal LM's ``input_ids`` start with one
    placeholder token per image or audio feature (counted by its
    ``get_image_features`` / ``get_audio_features``), as its processor would
-   write them, for images and audio together where forward takes both; images also come as (batch, tiles, C, H, W) with
-   ``image_sizes`` or ``pixel_attention_mask``, as Qwen-VL flat patches with
-   ``image_grid_thw`` and ``mm_token_type_ids``, or as SigLIP 2 flat patches
+   write them, for images and audio together where forward takes both; images
+   also come as (batch, tiles, C, H, W) with ``image_sizes`` or
+   ``pixel_attention_mask``, as Qwen-VL flat patches with ``image_grid_thw``
+   and ``mm_token_type_ids``, or as SigLIP 2 flat patches
    with ``spatial_shapes``, at a side a pixel shuffle divides, where forward
    takes those; a second image input (``high_res_pixel_values``), a second
    token sequence (``protein_input_ids``) and videos
@@ -91,7 +92,6 @@ import concurrent.futures as cf
 import datetime
 import inspect
 import json
-import math
 import os
 import platform
 import re
@@ -838,13 +838,23 @@ def _features_per_sample(model, getter: str, inputs: dict, flat: bool = False) -
     return None
 
 
+def _features_in(message: str, tokens: int | None = None) -> int | None:
+    """How many features a model's complaint about its placeholders names, given
+    ``tokens`` placeholders (any number when None): "tokens: 2, features: 8", or
+    index_put's "value tensor of shape [8, d] cannot be broadcast to indexing
+    result of shape [2, d]"."""
+    t = r"\d+" if tokens is None else str(tokens)
+    m = re.search(rf"tokens:? *{t}\b.*?features:? *(\d+)", message, re.S | re.I) or \
+        re.search(rf"value tensor of shape \[(\d+), \d+\] cannot be broadcast to "
+                  rf"indexing result of shape \[{t}, ", message)
+    return int(m.group(1)) if m else None
+
+
 def _features_from_error(model, ids, inputs: dict, tok: int) -> int | None:
     """Placeholder tokens per sample, read from the model's own complaint when it is
     run with none, or with two per sample ("tokens: 0, features: 32"): for models
     without a usable getter (two in a row: Qwen2-Audio takes a lone placeholder for
     an unexpanded prompt and merges otherwise)."""
-    import re
-
     import torch
     for k in (0, 2):
         input_ids = torch.cat([torch.full((BATCH, k), tok, dtype=torch.long), ids(SEQ)], 1)
@@ -852,11 +862,9 @@ def _features_from_error(model, ids, inputs: dict, tok: int) -> int | None:
             try:
                 _run(model, {"input_ids": input_ids, **inputs, **mask})
             except Exception as e:  # noqa: BLE001 - the message is what we want
-                m = re.search(rf"tokens:? *{BATCH * k}\b.*?features:? *(\d+)", str(e), re.S | re.I) or \
-                    re.search(rf"value tensor of shape \[(\d+), \d+\] cannot be broadcast to "
-                              rf"indexing result of shape \[{BATCH * k}, ", str(e))
-                if m and int(m.group(1)) % BATCH == 0 and int(m.group(1)) > 0:
-                    return int(m.group(1)) // BATCH
+                n = _features_in(str(e), BATCH * k)
+                if n and n % BATCH == 0:
+                    return n // BATCH
                 continue
             break
     return None
@@ -953,16 +961,17 @@ def build(model_type: str, base: bool):
 # other (Granite-Docling's fine connector beside its coarse one): the same inputs
 # with the flag on are given as a further input set (``infer_spec(...,
 # more_inputs=...)``), so both paths' weights are aligned and checked.
-MODE_FLAGS = {"tile_fine_mask": lambda inputs: torch_ones_bool(inputs),
-              "fine": lambda inputs: True}
-
-
-def torch_ones_bool(inputs: dict):
-    """All samples on (a per-sample flag; batch from the first tensor input)."""
+def _all_samples_on(inputs: dict):
+    """A per-sample flag, on for every sample (the batch of ``input_ids``, else of
+    the first tensor input)."""
     import torch
-    first = next(v for v in inputs.values() if hasattr(v, "shape"))
-    batch = first.shape[0] if "input_ids" not in inputs else inputs["input_ids"].shape[0]
-    return torch.ones(batch, dtype=torch.bool)
+    first = inputs.get("input_ids")
+    if first is None:
+        first = next(v for v in inputs.values() if hasattr(v, "shape"))
+    return torch.ones(first.shape[0], dtype=torch.bool)
+
+
+MODE_FLAGS = {"tile_fine_mask": _all_samples_on, "fine": lambda inputs: True}
 
 
 def _same(a: dict, b: dict) -> bool:
@@ -971,11 +980,16 @@ def _same(a: dict, b: dict) -> bool:
         and bool((a[k] == b[k]).all())) for k in a)
 
 
+def _owners(model) -> dict:
+    """The modules that own parameters themselves, by name."""
+    return {n: m for n, m in model.named_modules()
+            if next(m.parameters(recurse=False), None) is not None}
+
+
 def _used_modules(model, inputs: dict) -> set[str]:
     """Names of the modules owning parameters that a forward on ``inputs`` calls."""
     import torch
-    owners = {n: m for n, m in model.named_modules() if next(m.parameters(recurse=False), None)
-              is not None}
+    owners = _owners(model)
     called: set[str] = set()
     hooks = [m.register_forward_pre_hook(lambda mod, _, n=n: called.add(n))
              for n, m in owners.items()]
@@ -995,9 +1009,7 @@ def reach_inputs(model, inputs: dict, limit: int = 2, scan: int = 12) -> list[di
     module none before it reached."""
     import torch
     try:
-        owners = {n for n, m in model.named_modules()
-                  if next(m.parameters(recurse=False), None) is not None}
-        unused = owners - _used_modules(model, inputs)
+        unused = set(_owners(model)) - _used_modules(model, inputs)
     except Exception:  # noqa: BLE001 - hooks cannot watch this model: none
         return []
     out: list[dict] = []
@@ -1020,9 +1032,7 @@ def reach_inputs(model, inputs: dict, limit: int = 2, scan: int = 12) -> list[di
 def mode_inputs(model, inputs: dict) -> list[dict]:
     """``inputs`` with each mode flag forward takes switched on, where that runs;
     with as many image placeholders as the other path yields, where the model
-    says so ("tokens: 2, features: 8")."""
-    import re
-
+    says so (:func:`_features_in`)."""
     import torch
     params = inspect.signature(model.forward).parameters
     out = []
@@ -1034,12 +1044,12 @@ def mode_inputs(model, inputs: dict) -> list[dict]:
             _run(model, more)
         except Exception as e:  # noqa: BLE001 - maybe the placeholder count, else skip
             tok = _find_int(model.config, PLACEHOLDERS[0][2])
-            m = re.search(r"tokens:? *(\d+)\b.*?features:? *(\d+)", str(e), re.S | re.I)
+            n = _features_in(str(e))
             ids = more.get("input_ids")
-            if m is None or tok is None or ids is None or int(m.group(2)) % BATCH:
+            if n is None or tok is None or ids is None or n % BATCH:
                 continue
             text = ids[:, ids[0] != tok]
-            holders = torch.full((BATCH, int(m.group(2)) // BATCH), tok, dtype=ids.dtype)
+            holders = torch.full((BATCH, n // BATCH), tok, dtype=ids.dtype)
             more["input_ids"] = torch.cat([holders, text], 1)
             if "attention_mask" in more:
                 more["attention_mask"] = torch.ones_like(more["input_ids"])
@@ -1271,20 +1281,7 @@ def architectural_coverage(spec) -> float:
     """``spec.coverage()`` with the whole axes fixed for an :data:`ARCHITECTURAL`
     reason counted as structural (not hidden): how much of the symmetry that
     exists the spec found."""
-    why = {e: r for e, r in spec.fixed_axes() if "@" not in e}
-    num = den = 0.0
-    for name, info in spec.tensors.items():
-        if not (info.is_parameter and info.floating):
-            continue
-        kinds = spec.axis_kinds(name)
-        hidden = [a for a, k in enumerate(kinds) if k == "permuted" or (
-            k == "fixed" and not ARCHITECTURAL.search(why.get(f"{name}[{a}]", "")))]
-        if not hidden:
-            continue
-        n = math.prod(info.shape)
-        den += n
-        num += n * sum(kinds[a] == "permuted" for a in hidden) / len(hidden)
-    return num / den if den else 1.0
+    return spec.coverage(not_hidden=lambda why: bool(ARCHITECTURAL.search(why)))
 
 
 def architectural(r: dict) -> bool:

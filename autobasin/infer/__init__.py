@@ -112,39 +112,29 @@ class TracedModel:
             self._names = []
         self.gm, self.flat_inputs, self.opaque_modules, self.capture = capture_graph(
             model, inputs, opaque, capture, concrete)
-        rec = self._record(model, inputs, self.gm, self.flat_inputs)
         self.sym = Symbols()
         self.table = TensorTable(model, self.sym, opaque)
         self.model_state_names = list(model.state_dict().keys())
-        self.graph = GraphInference(self.gm, self.sym, self.table, rec.meta, rec.captured,
-                                    passthrough=rec.passthrough)
-        out_layout = self.graph.run(block_outputs=False)
-        for s in layout_symbols(self._selected(out_layout, self.gm)):
-            self.sym.block(s, "graph output", structural=True)
-        del rec
+        self.graph = self._walk(model, inputs, self.gm, self.flat_inputs)
         # Further input sets (another modality, another mode of forward): each is
         # captured on its own and walked over the same symbols, so every axis
         # carries one permutation that holds on every set; the first set's graph
         # stays the one diagnoses and activation sites use.
         self.more_inputs = list(more_inputs)
         for more in self.more_inputs:
-            gm, flat, opaque_more, _ = capture_graph(
-                model, more, opaque, self.capture if capture == "auto" else capture, concrete)
-            rec = self._record(model, more, gm, flat)
-            other = GraphInference(gm, self.sym, self.table, rec.meta, rec.captured,
-                                   passthrough=rec.passthrough, log=self.graph.log,
-                                   distributions=self.graph.distributions)
-            for s in layout_symbols(self._selected(other.run(block_outputs=False), gm)):
-                self.sym.block(s, "graph output", structural=True)
+            gm, flat, opaque_more, _ = capture_graph(model, more, opaque, self.capture, concrete)
+            self._walk(model, more, gm, flat, log=self.graph.log,
+                       distributions=self.graph.distributions)
             self.opaque_modules.update(opaque_more)
-            del rec
         self._finish()
         self.root_to_group: dict[int, str] = {}
         self.spec: PermutationSpec = self._build_spec(fixed)
 
-    @staticmethod
-    def _record(model: nn.Module, inputs: ModelInputs, gm: fx.GraphModule, flat: tuple):
-        """Run ``gm`` on ``flat`` once, recording shapes and calls."""
+    def _walk(self, model: nn.Module, inputs: ModelInputs, gm: fx.GraphModule, flat: tuple,
+              **shared) -> GraphInference:
+        """Run ``gm`` on ``flat`` once, recording shapes and calls, then walk it over
+        this model's symbols and fix the outputs that define the model. ``shared``:
+        the first graph's ``log`` and ``distributions``, for a further input set."""
         capture_nodes = {n for n in gm.graph.nodes
                          if n.op == "call_module" or (n.op == "call_function"
                                                       and inspect.isfunction(n.target))}
@@ -154,7 +144,11 @@ class TracedModel:
                 rec.run(*flat)
             except Exception as e:  # noqa: BLE001 - name the model, inputs and node
                 raise ExampleInputError(model, inputs, e) from e
-        return rec
+        graph = GraphInference(gm, self.sym, self.table, rec.meta, rec.captured,
+                               passthrough=rec.passthrough, **shared)
+        for s in layout_symbols(self._selected(graph.run(block_outputs=False), gm)):
+            self.sym.block(s, "graph output", structural=True)
+        return graph
 
     def _selected(self, out_layout, gm: fx.GraphModule):
         """The part of the output's layout that defines what the model

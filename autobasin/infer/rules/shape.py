@@ -5,7 +5,6 @@ refines them as a row-major product (channels = heads x head_dim,
 conv features -> flatten -> Linear)."""
 from __future__ import annotations
 
-import math
 import operator
 
 import torch
@@ -609,15 +608,14 @@ def _as_strided(ctx):
     out: list = [None] * len(size)
     matched: set[int] = set()
     xstride = getattr(meta, "stride", None)
-    if getattr(meta, "contiguous", False) and xstride is None:
-        xstride = tuple(math.prod(shape[j + 1:]) for j in range(len(shape)))
-    known = stride is not None and None not in stride
-    if known and xstride is not None and _dense(shape, xstride):
+    # the view's first entry, counted from x's (as_strided's offset is the storage's)
+    base = int(offset) - meta.offset if offset is not None and xstride is not None else 0
+    if stride is not None and None not in stride and xstride is not None and base >= 0 \
+            and _dense(shape, xstride):
         stride = [int(v) for v in stride]
-        base = int(offset) - getattr(meta, "offset", 0) if offset is not None else 0
         for k, (n, st) in enumerate(zip(size, stride)):
             for j, (m, xs) in enumerate(zip(shape, xstride)):
-                if j in matched or m != n or n <= 1 or xs != st or base < 0:
+                if j in matched or m != n or n <= 1 or xs != st:
                     continue
                 block = xs * m
                 low = base % block
