@@ -62,7 +62,10 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 def _bad_values(t: torch.Tensor) -> str | None:
     if not (t.is_floating_point() or t.is_complex()) or t.is_meta or t.numel() == 0:
         return None
-    if bool(torch.isfinite(t).all()):
+    # a sum is finite only when every entry is (NaN and Inf propagate): one cheap
+    # reduction settles the common case; only a non-finite sum (or an overflow of
+    # huge finite values) pays for the entrywise test
+    if bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all()):
         return None
     nan = int(torch.isnan(t).sum())
     inf = int(torch.isinf(t).sum())

@@ -381,6 +381,19 @@ def test_non_finite_weights_are_refused_naming_the_parameter(which, name, value,
             weight_matching(spec, a.state_dict(), b.state_dict(), progress=False)
 
 
+def test_huge_finite_weights_are_not_taken_for_non_finite():
+    """The guard sums a tensor first; a sum that overflows must not be read as an Inf."""
+    from autobasin.guard import check_finite
+    big = torch.full((4,), 3e38)  # finite in float32; their sum is not
+    assert not torch.isfinite(big.sum())
+    check_finite({"w": big})  # passes
+    for bad in (float("nan"), float("inf")):
+        t = big.clone()
+        t[2] = bad
+        with pytest.raises(NonFiniteWeightError, match=r"'w' holds 1 (NaN|Inf)"):
+            check_finite({"w": t})
+
+
 def test_non_finite_batchnorm_statistics_are_refused_by_weight_matching():
     a, b = ConvBN(0), ConvBN(1)
     _poison(b, "bn2.running_var", float("nan"))
