@@ -1404,6 +1404,12 @@ def write_report(rows: list[dict], out: Path, stem: str, argv: list[str], elapse
         "and the reasons of the fixed hidden axes (share of all parameter elements).",
         "",
     ]
+    rechecked = [r for r in rows if r.get("check_note")]
+    if rechecked:
+        lines += ["Judged on weights perturbed farther from their initialisation (0.1 N(0, 1)), "
+                  "because near it a selection (top-k, argmax) picked among values equal but "
+                  "for rounding and the check could not judge: "
+                  + ", ".join(f"`{r['type']}`" for r in rechecked) + ".", ""]
     # failure categories
     fails: dict[str, dict[str, list[dict]]] = {}
     for r in rows:
