@@ -177,7 +177,12 @@ def fold_norms(model: nn.Module, example_inputs, center: bool = True, untie: boo
             their streams (inferring the model's spec to find them).
         untie: give a reader that shares its weight (an output head tied to the
             embedding) its own copy, so the final norm can fold into it; without
-            it such a norm is left as it is.
+            it such a norm is left as it is. Likewise a stream's writer shared with
+            another layer (the same tied embedding, for ``center``): with ``untie``
+            the other layer gets its own copy and the stream is centred; without
+            it the LayerNorms of that stream fold their gains but keep centring
+            (``nn.LayerNorm`` without affine; the stream then admits permutations,
+            not orthogonal maps).
         rtol: the largest relative error of the outputs allowed.
 
     Returns the folded copy (its state_dict lacks the folded norms' and layer
@@ -242,17 +247,19 @@ def fold_norms(model: nn.Module, example_inputs, center: bool = True, untie: boo
                     lin.bias.add_(extra.to(lin.bias.dtype))
         folded[name] = (kind, eps)
     layer_norms = [n for n, (k, _) in folded.items() if k == "layer"]
+    uncentred = dict.fromkeys(layer_norms, "center=False")
     if layer_norms and center:
-        _center_streams(new, new, inputs, layer_norms)
-    elif layer_norms:  # without centring a LayerNorm keeps its centring (no gain)
-        for n in layer_norms:
-            _set_module(new, n, nn.LayerNorm(norms[n].weight.shape[0], eps=folded[n][1],
-                                             elementwise_affine=False))
+        uncentred = _center_streams(new, new, inputs, layer_norms, untie)
+        skipped.update({n: f"its gain is folded, but it still centres: {why}"
+                        for n, why in uncentred.items()})
     for n, (k, eps) in folded.items():
-        if k == "rms" or center:
+        if n in uncentred:  # a LayerNorm that keeps its centring (no gain)
+            _set_module(new, n, nn.LayerNorm(norms[n].weight.shape[0], eps=eps,
+                                             elementwise_affine=False))
+        else:
             _set_module(new, n, GainlessRMSNorm(eps))
     if skipped:
-        warnings.warn("fold_norms left these norms as they are: " + "; ".join(
+        warnings.warn("fold_norms did not fold these norms (or not fully): " + "; ".join(
             f"{n}: {why}" for n, why in list(skipped.items())[:5])
             + (f" (+{len(skipped) - 5} more)" if len(skipped) > 5 else ""), stacklevel=2)
     with torch.no_grad(), eval_mode(model, new):
@@ -348,14 +355,22 @@ def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, leaf, module)
 
 
-def _center_streams(new: nn.Module, original: nn.Module, inputs, layer_norms: list[str]) -> None:
+def _center_streams(new: nn.Module, original: nn.Module, inputs, layer_norms: list[str],
+                    untie: bool) -> dict[str, str]:
     """Remove, from every writer of the streams the LayerNorms read, its mean
-    along the stream (see the module docstring)."""
+    along the stream (see the module docstring).
+
+    A writer whose parameter another layer shares (GPT-2's embedding, which is
+    also its output head) cannot be centred for one use alone: with ``untie`` the
+    other holders get their own copy first; without it that stream is left
+    uncentred. Returns ``{norm: why}`` for the LayerNorms whose stream was not
+    centred (they must keep centring their input)."""
     from .infer import trace_model  # the spec finds the streams and their writers
+    from .spec import Member
     traced = trace_model(original, inputs, symmetries="all")
     sym, state = traced.sym, traced.table
     # each stream: the class of the LayerNorm's gain axis, and the gain's orientation
-    anchors = {}
+    anchors, norms_of = {}, {}
     for n in layer_norms:
         s = state.syms.get(f"{n}.weight")
         if not s:
@@ -365,21 +380,39 @@ def _center_streams(new: nn.Module, original: nn.Module, inputs, layer_norms: li
             raise FoldError(f"cannot centre the stream of {n}: its axis is structured")
         root, *_, dual = leaves[0]
         anchors[root] = dual
+        norms_of.setdefault(root, []).append(n)
     skip = {f"{n}.{t}" for n in layer_norms for t in ("weight", "bias")}
     params = dict(new.state_dict(keep_vars=True))
+    writers: dict[int, list[tuple[str, Member]]] = {}   # stream -> members to centre
+    for name in traced.model_state_names:
+        syms = state.syms.get(name)
+        if not syms or name in skip or name not in params or not params[name].is_floating_point():
+            continue
+        for axis, s in enumerate(syms):
+            for root, offset, shape, strides, dim, dual in sym.leaves(s):
+                if root in anchors and dual == anchors[root] and root not in sym.blocked:
+                    writers.setdefault(root, []).append(
+                        (name, Member(name, axis, offset, tuple(shape), tuple(strides), dim)))
+    holders: dict[int, list[tuple[nn.Module, str]]] = {}  # parameter -> (module, attribute)
+    for mod in new.modules():
+        for attr, p in mod.named_parameters(recurse=False):
+            holders.setdefault(id(p), []).append((mod, attr))
+    uncentred: dict[str, str] = {}
     with torch.no_grad():
-        for name in traced.model_state_names:
-            syms = state.syms.get(name)
-            if not syms or name in skip or name not in params:
+        for root, members in writers.items():
+            tied = sorted({name for name, _ in members if len(holders.get(id(params[name]), [])) > 1})
+            if tied and not untie:
+                for n in norms_of[root]:
+                    uncentred[n] = (f"its stream's writer {tied[0]!r} shares its weight with another "
+                                    "layer (a tied head), which centring would change; untie=True "
+                                    "gives that layer its own copy")
                 continue
-            t = params[name]
-            if not t.is_floating_point():
-                continue
-            for axis, s in enumerate(syms):
-                for root, offset, shape, strides, dim, dual in sym.leaves(s):
-                    if root not in anchors or dual != anchors[root] or root in sym.blocked:
-                        continue
-                    from .spec import Member
-                    m = Member(name, axis, offset, tuple(shape), tuple(strides), dim)
-                    rows = m.gather(t.detach().double())
-                    t.copy_(m.scatter(t.detach().double(), rows - rows.mean(0, keepdim=True)))
+            for name in tied:  # the other holders keep the uncentred values
+                p = params[name]
+                for mod, attr in holders[id(p)][1:]:
+                    setattr(mod, attr, nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad))
+            for name, m in members:
+                t = params[name]
+                rows = m.gather(t.detach().double())
+                t.copy_(m.scatter(t.detach().double(), rows - rows.mean(0, keepdim=True)))
+    return uncentred

@@ -354,6 +354,31 @@ def test_fold_norms_on_hugging_face_models(arch):
         assert check_equivalence(f, spec, x, seed=seed) < 1e-5
 
 
+def test_fold_norms_keeps_centring_where_the_writer_is_a_tied_head():
+    """GPT-2's embedding also computes its logits: centring it for the stream would
+    change them. Without untie the block norms fold their gains but keep centring
+    (a LayerNorm without affine), the stream stays a permutation group, and the
+    folded model computes what the model computes, under any element of its spec."""
+    T = pytest.importorskip("transformers")
+    from autobasin.fold import fold_norms
+    torch.set_num_threads(1)
+    cfg = T.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32)
+    m = _perturbed(T.GPT2LMHeadModel(cfg))
+    x = {"input_ids": torch.randint(0, 64, (2, 9))}
+    with pytest.warns(UserWarning, match="still centres: its stream's writer .* tied head"):
+        f = fold_norms(m, x)
+    assert f.folded_norms == [f"transformer.h.{i}.{n}" for i in range(2) for n in ("ln_1", "ln_2")]
+    ln = f.transformer.h[0].ln_1
+    assert type(ln) is nn.LayerNorm and not ln.elementwise_affine
+    assert f.transformer.wte.weight is f.lm_head.weight                 # still tied
+    with torch.no_grad():
+        assert torch.allclose(f(**x).logits, m(**x).logits, atol=1e-5)
+    spec = infer_spec(f, x, symmetries="all")
+    assert _kinds(spec)["transformer.wte:in"] == "permutation"
+    for seed in range(2):
+        assert check_equivalence(f, spec, x, seed=seed) < 1e-5
+
+
 @pytest.mark.parametrize("general_from", ["weights", "activations"])
 @pytest.mark.parametrize("make,x", [
     (MLP, lambda: torch.randn(64, 8)),
