@@ -928,3 +928,29 @@ def test_pooling_with_a_window_of_one_passes_that_axis(capture):
         warnings.simplefilter("ignore")
         mixed = infer_spec(PoolsAlongOneAxis("mixed").eval(), torch.randn(2, 8, 6), capture=capture)
     assert "inp:out" not in mixed.groups
+
+
+class Bags(nn.Module):
+    """``nn.EmbeddingBag`` then an MLP: bags of a 2-D batch, or cut by offsets."""
+
+    def __init__(self, mode, max_norm=None):
+        super().__init__()
+        self.e = nn.EmbeddingBag(30, 16, mode=mode, max_norm=max_norm)
+        self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 2)
+
+    def forward(self, x, offsets=None):
+        return self.fc2(F.relu(self.fc1(self.e(x, offsets))))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+def test_embedding_bag_passes_its_embedding_axis(capture, mode):
+    model = randomize_state_(Bags(mode).eval())
+    for x in ((torch.randint(0, 30, (3, 4)),),                      # equal bags, one a row
+              (torch.randint(0, 30, (10,)), torch.tensor([0, 3, 7]))):  # cut by offsets
+        spec = infer_spec(model, x, capture=capture, symmetries="all")
+        assert spec.coverage() == 1.0 and spec.axis_kinds("e.weight") == ["structural", "permuted"]
+        # a sum or mean is linear in the rows; a max only commutes with permutations
+        assert spec.groups["e:in"].kind == ("permutation" if mode == "max" else "invertible")
+        for seed in range(3):
+            assert check_equivalence(model, spec, x, seed=seed) < 1e-5

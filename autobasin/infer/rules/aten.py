@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from ..registry import ALL, PERMUTATION, alias, rule
 from .common import broadcast_along_last, broadcast_layouts, norm_dim, pair_axes
 from .elementwise import elementwise_rule, constant_like, unary_rule
-from .linear import conv_rule, embedding_rule
+from .linear import conv_rule, embedding_bag_rule, embedding_rule
 from .norm import group_norm_rule, layer_norm_rule, per_channel
 from .shape import index_tensor, permute_rule, reshape_rule, split_outputs, strided_slice
 
@@ -285,6 +285,17 @@ def _outer(ctx):
 def _embedding(ctx):
     """``aten.embedding(weight, indices, ...)``: the functional order swapped."""
     return embedding_rule(ctx, ctx.arg(1, "indices"), ctx.layout(ctx.arg(0, "weight")))
+
+
+@rule(*_ops("_embedding_bag", "embedding_bag", "_embedding_bag_forward_only"), kinds=ALL)
+def _embedding_bag(ctx):
+    """``aten._embedding_bag(weight, indices, offsets, scale_grad_by_freq, mode, sparse,
+    per_sample_weights, include_last_offset, padding_idx)``: mode 0 sum, 1 mean, 2 max;
+    its other outputs (offset2bag, bag sizes, max indices) index bags and rows."""
+    meta = ctx.meta()
+    out = embedding_bag_rule(ctx, ctx.arg(1, "indices"), ctx.layout(ctx.arg(0, "weight")),
+                             ctx.value(ctx.arg(4, "mode", 0)), None, meta[0].shape[0])
+    return [out] + [ctx.fresh(m, blocked="embedding bag bookkeeping") for m in meta[1:]]
 
 
 @rule(*_ops("addmm", "baddbmm", "addbmm"), kinds=ALL)

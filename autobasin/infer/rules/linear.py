@@ -116,6 +116,31 @@ def embedding_rule(ctx, idx, w):
     return list(ctx.layout(idx)) + [w[1]]
 
 
+def embedding_bag_rule(ctx, idx, w, mode, max_norm, bags: int):
+    """Rows of ``w`` looked up by index and reduced over each bag (sum, mean or
+    max): the embedding axis passes to the output's last axis. A sum or mean is
+    linear in the rows (every kind passes); a max, or a renormalisation of rows
+    longer than ``max_norm``, commutes only with permutations of that axis."""
+    ctx.block(w[0], "embedding rows are looked up by index", structural=True)
+    if mode == "max" or mode == 2:
+        ctx.restrict(w[1], PERMUTATION, "the largest entry of each bag, entry by entry")
+    if max_norm is not None:
+        ctx.restrict(w[1], PERMUTATION, "rows renormalised to max_norm")
+    lay = ctx.layout(idx)
+    # a 2-D input is a batch of equal bags, one per row; a 1-D one is cut by offsets
+    first = lay[0] if len(lay) == 2 else ctx.new(bags, "bags cut by offsets", structural=True)
+    return [first, w[1]]
+
+
+@rule(F.embedding_bag, kinds=ALL)
+def _embedding_bag_fn(ctx):
+    """``F.embedding_bag(input, weight, offsets, max_norm, norm_type, scale_grad_by_freq,
+    mode, sparse, per_sample_weights, ...)`` (``nn.EmbeddingBag``)."""
+    return embedding_bag_rule(ctx, ctx.arg(0, "input"), ctx.layout(ctx.arg(1, "weight")),
+                              ctx.value(ctx.arg(6, "mode", "mean")),
+                              ctx.value(ctx.arg(3, "max_norm", None)), ctx.shape()[0])
+
+
 @rule(nn.Embedding, inherit=True, params=("weight",), kinds=ALL)
 def _embedding_module(ctx):
     return embedding_rule(ctx, ctx.args[0], ctx.param("weight"))
