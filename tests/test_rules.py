@@ -954,3 +954,22 @@ def test_embedding_bag_passes_its_embedding_axis(capture, mode):
         assert spec.groups["e:in"].kind == ("permutation" if mode == "max" else "invertible")
         for seed in range(3):
             assert check_equivalence(model, spec, x, seed=seed) < 1e-5
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_embedding_rows_renormalised_to_max_norm_admit_permutations_only(capture):
+    """``max_norm`` shortens rows longer than it, in place: a permutation of the
+    embedding axis keeps every row's norm, a general map does not."""
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.e, self.fc = nn.Embedding(20, 8, max_norm=1.0), nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.fc(self.e(x))
+
+    model, x = randomize_state_(M().eval(), scale=1.0), torch.randint(0, 20, (2, 5))
+    spec = infer_spec(model, x, capture=capture, symmetries="all")
+    assert spec.coverage() == 1.0 and all(g.kind == "permutation" for g in spec.groups.values())
+    for seed in range(3):
+        assert check_equivalence(model, spec, x, seed=seed) < 1e-5

@@ -287,6 +287,16 @@ def _embedding(ctx):
     return embedding_rule(ctx, ctx.arg(1, "indices"), ctx.layout(ctx.arg(0, "weight")))
 
 
+@rule(*_ops("embedding_renorm_", "embedding_renorm"), kinds=ALL)
+def _embedding_renorm(ctx):
+    """``embedding_renorm_(weight, indices, max_norm, norm_type)``: the looked-up rows
+    longer than ``max_norm`` are shortened (``nn.Embedding(max_norm=...)``); a
+    permutation of the embedding axis keeps every row's norm, a general map does not."""
+    w = ctx.layout(ctx.arg(0, "weight"))
+    ctx.restrict(w[1], PERMUTATION, "rows renormalised to max_norm")
+    return list(w)
+
+
 @rule(*_ops("_embedding_bag", "embedding_bag", "_embedding_bag_forward_only"), kinds=ALL)
 def _embedding_bag(ctx):
     """``aten._embedding_bag(weight, indices, offsets, scale_grad_by_freq, mode, sparse,

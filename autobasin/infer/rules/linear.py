@@ -106,7 +106,9 @@ def _conv_fn(ctx):
                      ctx.layout(b) if b is not None else None, groups, spatial, transposed)
 
 
-def embedding_rule(ctx, idx, w):
+def embedding_rule(ctx, idx, w, max_norm=None):
+    if max_norm is not None:  # rows longer than max_norm (in a p-norm) are shortened
+        ctx.restrict(w[1], PERMUTATION, "rows renormalised to max_norm")
     if ctx.positions(idx) is not None:  # rows picked by positions along another axis
         ctx.union(w[0], ctx.positions(idx))
         ctx.restrict(w[0], PERMUTATION, "rows picked by positions")
@@ -143,9 +145,10 @@ def _embedding_bag_fn(ctx):
 
 @rule(nn.Embedding, inherit=True, params=("weight",), kinds=ALL)
 def _embedding_module(ctx):
-    return embedding_rule(ctx, ctx.args[0], ctx.param("weight"))
+    return embedding_rule(ctx, ctx.args[0], ctx.param("weight"), ctx.module.max_norm)
 
 
 @rule(F.embedding, kinds=ALL)
 def _embedding_fn(ctx):
-    return embedding_rule(ctx, ctx.arg(0, "input"), ctx.layout(ctx.arg(1, "weight")))
+    return embedding_rule(ctx, ctx.arg(0, "input"), ctx.layout(ctx.arg(1, "weight")),
+                          ctx.value(ctx.arg(3, "max_norm", None)))
