@@ -973,3 +973,24 @@ def test_embedding_rows_renormalised_to_max_norm_admit_permutations_only(capture
     assert spec.coverage() == 1.0 and all(g.kind == "permutation" for g in spec.groups.values())
     for seed in range(3):
         assert check_equivalence(model, spec, x, seed=seed) < 1e-5
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_bilinear_contracts_each_input_with_its_weight_axis(capture):
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 8), nn.Linear(5, 6)
+            self.bl, self.out = nn.Bilinear(8, 6, 10), nn.Linear(10, 2)
+
+        def forward(self, x, y):
+            return self.out(torch.relu(self.bl(torch.relu(self.a(x)), torch.tanh(self.b(y)))))
+
+    model, x = randomize_state_(M().eval()), (torch.randn(3, 4), torch.randn(3, 5))
+    spec = infer_spec(model, x, capture=capture)
+    assert spec.coverage() == 1.0 and len(spec.groups) == 3
+    assert spec.axis_kinds("bl.weight") == ["permuted"] * 3
+    general = infer_spec(model, x, capture=capture, symmetries="all")
+    for s in (spec, general):
+        for seed in range(3):
+            assert check_equivalence(model, s, x, seed=seed) < 1e-5

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from ..registry import ALL, PERMUTATION, alias, rule
 from .common import broadcast_along_last, broadcast_layouts, norm_dim, pair_axes
 from .elementwise import elementwise_rule, constant_like, unary_rule
-from .linear import conv_rule, embedding_bag_rule, embedding_rule
+from .linear import bilinear_rule, conv_rule, embedding_bag_rule, embedding_rule
 from .norm import group_norm_rule, layer_norm_rule, per_channel
 from .shape import index_tensor, permute_rule, reshape_rule, split_outputs, strided_slice
 
@@ -285,6 +285,14 @@ def _outer(ctx):
 def _embedding(ctx):
     """``aten.embedding(weight, indices, ...)``: the functional order swapped."""
     return embedding_rule(ctx, ctx.arg(1, "indices"), ctx.layout(ctx.arg(0, "weight")))
+
+
+@rule(*_ops("bilinear"), kinds=ALL)
+def _bilinear(ctx):
+    """``aten.bilinear(input1, input2, weight, bias)``: as ``F.bilinear``."""
+    b = ctx.arg(3, "bias")
+    return bilinear_rule(ctx, ctx.arg(0, "input1"), ctx.arg(1, "input2"),
+                         ctx.layout(ctx.arg(2, "weight")), ctx.layout(b) if b is not None else None)
 
 
 @rule(*_ops("embedding_renorm_", "embedding_renorm"), kinds=ALL)

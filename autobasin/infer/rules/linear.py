@@ -37,6 +37,28 @@ def _linear_fn(ctx):
                        ctx.layout(b) if b is not None else None)
 
 
+def bilinear_rule(ctx, x1, x2, w, b):
+    """``y[..., o] = sum_ij x1[..., i] w[o, i, j] x2[..., j] + b[o]`` (``nn.Bilinear``):
+    each input's features are contracted with their axis of the weight (dual: any
+    invertible map of them passes), the output follows the weight's rows, and the
+    leading axes of both inputs are one."""
+    l1, l2 = list(ctx.layout(x1)), list(ctx.layout(x2))
+    ctx.union(l1[-1], w[1], dual=True)
+    ctx.union(l2[-1], w[2], dual=True)
+    for a, c in zip(l1[:-1], l2[:-1]):
+        ctx.union(a, c)
+    if b:
+        ctx.union(b[0], w[0])
+    return l1[:-1] + [w[0]]
+
+
+@rule(F.bilinear, torch.bilinear, kinds=ALL)
+def _bilinear_fn(ctx):
+    b = ctx.arg(3, "bias")
+    return bilinear_rule(ctx, ctx.arg(0, "input1"), ctx.arg(1, "input2"),
+                         ctx.layout(ctx.arg(2, "weight")), ctx.layout(b) if b is not None else None)
+
+
 def conv_rule(ctx, x, w, b, groups: int, spatial: int, transposed: bool):
     lay = list(ctx.layout(x))
     c = len(lay) - spatial - 1  # channel axis (0 for unbatched input)
