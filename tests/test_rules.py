@@ -994,3 +994,45 @@ def test_bilinear_contracts_each_input_with_its_weight_axis(capture):
     for s in (spec, general):
         for seed in range(3):
             assert check_equivalence(model, s, x, seed=seed) < 1e-5
+
+
+def test_indexing_by_a_list_of_positions():
+    """``h[:, [4, 0, 2]]`` picks hidden units by a constant list: that axis is fixed
+    (with its reason, not a failing rule); a list of consecutive positions is a slice."""
+    class M(nn.Module):
+        def __init__(self, picks):
+            super().__init__()
+            self.picks = picks
+            self.a, self.b, self.c = nn.Linear(6, 12), nn.Linear(12, 12), nn.Linear(len(picks), 3)
+
+        def forward(self, x):
+            return self.c(self.b(torch.relu(self.a(x)))[:, self.picks])
+
+    x = torch.randn(3, 6)
+    scattered = randomize_state_(M([4, 0, 2, 9, 1]).eval())
+    spec = infer_spec(scattered, x, capture="fx")
+    assert [r for r, _ in spec.fixed_reasons()] == ["getitem: picked by a list of positions"]
+    assert spec.axis_kinds("b.weight")[0] == "fixed"
+    run = randomize_state_(M([3, 4, 5, 6]).eval())
+    spec_run = infer_spec(run, x, capture="fx")
+    assert spec_run.axis_kinds("b.weight")[0] == "permuted"   # a slice: its pieces permute
+    for model, s in ((scattered, spec), (run, spec_run)):
+        for seed in range(3):
+            assert check_equivalence(model, s, x, seed=seed) < 1e-5
+
+
+def test_a_method_without_a_rule_is_blocked_with_its_name():
+    """A tensor method no rule covers fixes what it reads, saying so (not a rule crash)."""
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(6, 12), nn.Linear(12, 12), nn.Linear(12, 3)
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            return self.c(torch.einsum("bi,bj->bij", h, self.b(h)).diagonal(dim1=1, dim2=2))
+
+    model, x = randomize_state_(M().eval()), torch.randn(3, 6)
+    spec = infer_spec(model, x, capture="fx")
+    assert spec.blocked_ops() == [("diagonal", "no rule for method .diagonal()")]
+    assert check_equivalence(model, spec, x) < 1e-5

@@ -323,7 +323,8 @@ class GraphInference:
             # no tensors, which the body would otherwise use unseen by a rule),
             # then the rule of a base class, else block
             inner = self.inline(node, ctx)
-            if inner is None and (node.op == "call_function" or not _owns_tensors(ctx.module)):
+            if inner is None and (node.op == "call_function" or node.op == "call_module"
+                                  and not _owns_tensors(ctx.module)):
                 inner = self.inline(node, ctx, shapes_fixed=True)
             if inner is not None:
                 return inner

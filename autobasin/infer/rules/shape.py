@@ -411,6 +411,12 @@ def index_tensor(ctx, x, idx):
         for s in lay:
             ctx.block(s, "advanced indexing")
         return ctx.fresh(blocked="advanced indexing")
+    lists = [i for i, (k, v) in enumerate(expanded) if isinstance(v, (list, tuple))]
+    if len(lists) > 1 or (lists and any(isinstance(v, int) for _, v in expanded)):
+        # several lists (or a list and an integer) index jointly, numpy's way: fixed
+        for s in lay:
+            ctx.block(s, "picked by lists of positions")
+        return ctx.fresh(blocked="picked by lists of positions")
     ints = [i for i, (k, v) in enumerate(expanded) if isinstance(v, int) and not isinstance(v, bool)]
     if len(ints) == 1 and all(v == slice(None) for i, (k, v) in enumerate(expanded) if i != ints[0]):
         d = ints[0]
@@ -427,6 +433,15 @@ def index_tensor(ctx, x, idx):
             ctx.cut([s], 0, [i, 1, n - i - 1])
             axis += 1
             continue
+        if isinstance(v, (list, tuple)):  # a list of positions (x[:, [3, 1, 2]])
+            pos = [int(p) % n for p in v]
+            if pos and pos == list(range(pos[0], pos[0] + len(pos))):
+                v = slice(pos[0], pos[0] + len(pos))
+            else:
+                ctx.block(s, "picked by a list of positions")
+                out.append(ctx.new(len(pos), "picked by a list of positions"))
+                axis += 1
+                continue
         start, stop, step = v.indices(n)
         if step == 1 and start == 0 and stop == n:
             out.append(s)
