@@ -1036,3 +1036,52 @@ def test_a_method_without_a_rule_is_blocked_with_its_name():
     spec = infer_spec(model, x, capture="fx")
     assert spec.blocked_ops() == [("diagonal", "no rule for method .diagonal()")]
     assert check_equivalence(model, spec, x) < 1e-5
+
+
+ORDER_STATS = {
+    "median": lambda v: v.median(-1, keepdim=True).values,
+    "median_dropped": lambda v: v.median(-1).values[:, None],
+    "nanmedian": lambda v: torch.nanmedian(v, 1, keepdim=True).values,
+    "kthvalue": lambda v: v.kthvalue(3, -1, keepdim=True).values,
+    "mode": lambda v: v.round().mode(-1, keepdim=True).values,
+    "quantile": lambda v: torch.quantile(v, 0.3, dim=-1, keepdim=True),
+    "quantile_levels": lambda v: torch.quantile(v, torch.tensor([0.2, 0.7]), dim=-1).T.mean(
+        -1, keepdim=True),
+    "median_all": lambda v: v.median().expand(v.shape[0], 1),
+    "median_over_batch": lambda v: v.median(0, keepdim=True).values,
+}
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+@pytest.mark.parametrize("stat", sorted(ORDER_STATS))
+def test_order_statistics_do_not_depend_on_the_order_of_their_axis(capture, stat):
+    """A median, k-th value, mode or quantile along the hidden axis is unchanged by
+    permuting it (subtracting it keeps the whole MLP permutable); its indices,
+    read as numbers, are positions along it and fix it."""
+    op = ORDER_STATS[stat]
+
+    class M(nn.Module):
+        def __init__(self, use_index=False):
+            super().__init__()
+            self.use_index = use_index
+            self.a, self.b, self.c = nn.Linear(6, 12), nn.Linear(12, 12), nn.Linear(12, 3)
+
+        def forward(self, x):
+            v = self.b(torch.relu(self.a(x)))
+            if self.use_index:
+                return self.c(v - v.median(-1).indices[:, None].float())
+            return self.c(v - op(v))
+
+    x = torch.randn(5, 6)
+    model = randomize_state_(M().eval(), scale=0.3)
+    spec = infer_spec(model, x, capture=capture)
+    general = infer_spec(model, x, capture=capture, symmetries="all")
+    assert spec.coverage() == 1.0 and len(spec.groups) == 2
+    for s in (spec, general):
+        for seed in range(3):
+            assert check_equivalence(model, s, x, seed=seed) < 1e-5
+    if stat == "median":
+        indexed = randomize_state_(M(use_index=True).eval(), scale=0.3)
+        fixed = infer_spec(indexed, x, capture=capture)
+        assert fixed.axis_kinds("b.weight")[0] == "fixed"
+        assert check_equivalence(indexed, fixed, x) < 1e-5

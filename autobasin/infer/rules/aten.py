@@ -96,7 +96,9 @@ for _name, _fn in [("cat", torch.cat), ("pad_sequence", torch.nn.utils.rnn.pad_s
                    ("logcumsumexp", torch.logcumsumexp),
                    ("argmax", torch.argmax), ("argmin", torch.argmin), ("topk", torch.topk),
                    ("sort", torch.sort), ("argsort", torch.argsort), ("max", torch.max),
-                   ("min", torch.min),
+                   ("min", torch.min), ("median", torch.median), ("nanmedian", torch.nanmedian),
+                   ("kthvalue", torch.kthvalue), ("mode", torch.mode),
+                   ("quantile", torch.quantile), ("nanquantile", torch.nanquantile),
                    # reductions over ``dim`` (keepdim is read from the result's rank)
                    ("mean", torch.mean), ("sum", torch.sum), ("amax", torch.amax),
                    ("amin", torch.amin), ("var", torch.var), ("std", torch.std),

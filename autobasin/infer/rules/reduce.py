@@ -117,18 +117,50 @@ def _ranking(ctx):
     return layouts
 
 
-@rule(torch.median, "median")
-def _median(ctx):
-    """median along ``dim`` fixes that axis (its index output is positions
-    along it, and picks among ties by order)."""
+ORDER_STATISTICS = {"median": 1, "nanmedian": 1, "kthvalue": 2, "mode": 1, "quantile": 2,
+                    "nanquantile": 2}
+
+
+@rule(torch.median, "median", torch.nanmedian, "nanmedian", torch.kthvalue, "kthvalue",
+      torch.mode, "mode", torch.quantile, "quantile", torch.nanquantile, "nanquantile",
+      kinds=ALL)
+def _order_statistic(ctx):
+    """median / kthvalue / mode / quantile along ``dim``: the value does not depend
+    on the order of that axis (among equal entries any pick has the value), so
+    permuting it leaves the result as it is; the indices they return are
+    positions along it. Per kept channel they commute with positive scalings only
+    (quantiles interpolate, medians pick)."""
     x = ctx.args[0]
-    lay = ctx.layout(x)
-    dim = ctx.value(ctx.arg(1, "dim", None))
-    if dim is None:
-        ctx.block_layout(lay, "median over all axes")
-    else:
-        ctx.block(lay[norm_dim(dim, len(lay))], "median depends on order")
-    return ctx.fresh(blocked="median output")
+    lay = list(ctx.layout(x))
+    name = ctx.op_name
+    dim = ctx.value(ctx.arg(ORDER_STATISTICS[name], "dim", None))
+    meta = ctx.meta()
+    outs = [meta] if hasattr(meta, "shape") else list(meta)
+    if dim is None:  # over all entries: no axis's order matters, nothing passes
+        ctx.restrict_layout(lay, PERMUTATION, f"{name} over all entries")
+        if not hasattr(meta, "shape"):
+            raise ValueError(f"{name} over all entries returns one value")
+        return ctx.fresh(blocked=f"{name} over all entries") if meta.shape else []
+    d = norm_dim(dim, len(lay))
+    ctx.restrict(lay[d], PERMUTATION, f"{name} over the axis")
+    for k, t in enumerate(lay):
+        if k != d:
+            ctx.restrict(t, {"scale"}, name)
+    q = ctx.arg(1, "q") if name.endswith("quantile") else None
+    levels = q is not None and ctx.is_tensor(q) and len(ctx.shape(q)) == 1  # q's axis in front
+    layouts = []
+    for m in outs:
+        keep = len(m.shape) - levels == len(lay)
+        kept = [ctx.new(1) if k == d else t for k, t in enumerate(lay)] if keep else \
+            [t for k, t in enumerate(lay) if k != d]
+        front = [ctx.new(m.shape[0], f"{name} levels", structural=True)] if levels else []
+        if len(front) + len(kept) != len(m.shape):
+            raise ValueError(f"unexpected {name} result shape")
+        layouts.append(front + kept)
+    if len(layouts) == 2:  # (values, indices)
+        ctx.set_positions(lay[d], 1)
+        return layouts
+    return layouts[0]
 
 
 @rule(torch.cumsum, "cumsum", torch.cumprod, "cumprod", torch.cummax, torch.logcumsumexp)
