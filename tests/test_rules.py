@@ -1085,3 +1085,56 @@ def test_order_statistics_do_not_depend_on_the_order_of_their_axis(capture, stat
         fixed = infer_spec(indexed, x, capture=capture)
         assert fixed.axis_kinds("b.weight")[0] == "fixed"
         assert check_equivalence(indexed, fixed, x) < 1e-5
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+@pytest.mark.parametrize("p", [2.0, 1.0])
+def test_cdist_relates_both_inputs_features(capture, p):
+    """Distances to learned prototypes (an RBF head): the features and the
+    prototypes' columns are one space; Euclidean distances keep orthogonal maps of
+    it, a 1-norm only signed permutations; each input's rows pass (here the
+    prototypes, read by the next layer); batch axes broadcast."""
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.proto = nn.Linear(6, 8), nn.Parameter(torch.randn(10, 8))
+            self.c = nn.Linear(10, 3)
+
+        def forward(self, x):
+            h = self.a(x)                                           # (B, 8)
+            d = torch.cdist(h[:, None], self.proto[None], p=p)[:, 0]  # (B, 10)
+            return self.c(torch.exp(-d))
+
+    model, x = randomize_state_(M().eval()), torch.randn(4, 6)
+    spec = infer_spec(model, x, capture=capture)
+    assert spec.coverage() == 1.0 and len(spec.groups) == 2
+    general = infer_spec(model, x, capture=capture, symmetries="all")
+    kinds = sorted(g.kind for g in general.groups.values())
+    assert kinds == sorted(["orthogonal" if p == 2 else "sign", "permutation"])
+    for s in (spec, general):
+        for seed in range(3):
+            assert check_equivalence(model, s, x, seed=seed) < 1e-5
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_one_hot_of_positions_follows_their_axis(capture):
+    """``one_hot(argmax over units)`` marks a unit: permuting the units moves the
+    mark with them; a one-hot of input ids is of classes, structural."""
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(6, 12), nn.Linear(12, 12), nn.Linear(12, 3)
+            self.d = nn.Linear(5, 3)
+
+        def forward(self, x, ids):
+            h = torch.relu(self.a(x))
+            mark = F.one_hot(self.b(h).argmax(-1), 12).float()
+            return self.c(h + mark) + self.d(F.one_hot(ids, 5).float())
+
+    model, x = randomize_state_(M().eval()), (torch.randn(4, 6), torch.randint(0, 5, (4,)))
+    spec = infer_spec(model, x, capture=capture)
+    assert spec.coverage() == 1.0
+    assert spec.axis_kinds("d.weight") == ["structural", "structural"]
+    assert any(len(g.members) > 4 for g in spec.groups.values())   # a, b and c's units at once
+    for seed in range(3):
+        assert check_equivalence(model, spec, x, seed=seed) < 1e-5

@@ -96,7 +96,8 @@ for _name, _fn in [("cat", torch.cat), ("pad_sequence", torch.nn.utils.rnn.pad_s
                    ("logcumsumexp", torch.logcumsumexp),
                    ("argmax", torch.argmax), ("argmin", torch.argmin), ("topk", torch.topk),
                    ("sort", torch.sort), ("argsort", torch.argsort), ("max", torch.max),
-                   ("min", torch.min), ("median", torch.median), ("nanmedian", torch.nanmedian),
+                   ("min", torch.min), ("cdist", torch.cdist), ("_cdist_forward", torch.cdist),
+                   ("one_hot", torch.nn.functional.one_hot), ("median", torch.median), ("nanmedian", torch.nanmedian),
                    ("kthvalue", torch.kthvalue), ("mode", torch.mode),
                    ("quantile", torch.quantile), ("nanquantile", torch.nanquantile),
                    # reductions over ``dim`` (keepdim is read from the result's rank)

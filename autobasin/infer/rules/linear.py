@@ -174,3 +174,26 @@ def _embedding_module(ctx):
 def _embedding_fn(ctx):
     return embedding_rule(ctx, ctx.arg(0, "input"), ctx.layout(ctx.arg(1, "weight")),
                           ctx.value(ctx.arg(3, "max_norm", None)))
+
+
+@rule(torch.cdist, kinds=ALL)
+def _cdist(ctx):
+    """``cdist(x1, x2, p)[..., i, j] = ||x1[..., i, :] - x2[..., j, :]||_p``: both
+    inputs' features are one space (a map of it applied to both keeps every
+    difference), the rows of each input pass; a Euclidean distance admits
+    orthogonal maps, any p-norm signed permutations."""
+    x1, x2 = ctx.layout(ctx.arg(0, "x1")), ctx.layout(ctx.arg(1, "x2"))
+    p = ctx.value(ctx.arg(2, "p", 2.0))
+    ctx.union(x1[-1], x2[-1])
+    ctx.restrict(x1[-1], {"sign", "orthogonal"} if p == 2 else {"sign"}, f"a {p}-norm distance")
+    # batch axes broadcast against each other (from the right)
+    out_shape = ctx.shape()
+    batch = []
+    for k in range(len(out_shape) - 2):
+        cands = [lay[len(lay) - 2 - (len(out_shape) - 2 - k)] for lay in (x1, x2)
+                 if len(lay) - 2 - (len(out_shape) - 2 - k) >= 0]
+        full = [c for c in cands if ctx.size[c] == out_shape[k]]
+        for c in full[1:]:
+            ctx.union(full[0], c)
+        batch.append(full[0] if full else ctx.new(out_shape[k]))
+    return batch + [x1[-2], x2[-2]]

@@ -656,3 +656,20 @@ def _dense(shape, stride) -> bool:
             return False
         step *= n
     return True
+
+
+@rule(torch.nn.functional.one_hot, "one_hot", kinds=ALL)
+def _one_hot(ctx):
+    """``one_hot(idx, num_classes)``: a new last axis of classes. When ``idx`` holds
+    positions along an axis (argmax or topk over it: a router's choice of expert)
+    and there is one class per position, the classes are that axis: permuting it
+    renumbers the positions and moves the ones with it. Otherwise the classes are
+    what the numbers mean: structural."""
+    idx = ctx.arg(0, "input")
+    n = ctx.shape()[-1]
+    s = ctx.positions(idx)
+    if s is not None and ctx.size[s] == n:
+        ctx.restrict(s, PERMUTATION, "one-hot of positions along it")
+        ctx.consume(idx)
+        return list(ctx.layout(idx)) + [s]
+    return list(ctx.layout(idx)) + [ctx.new(n, "one-hot classes", structural=True)]
