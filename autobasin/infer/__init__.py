@@ -17,7 +17,7 @@ from ..trace import (ExampleRecorder, TraceError, caused_by, default_inputs, exp
                      op_name_of, symbolic_trace)
 from . import rules as _rules  # noqa: F401 - registers the built-in rules
 from .engine import GraphInference, TensorTable, layout_symbols
-from .registry import rule
+from .registry import module_rule, rule
 from .symbols import Symbols
 
 __all__ = ["infer_spec", "trace_model", "rule", "TracedModel"]
@@ -135,9 +135,20 @@ class TracedModel:
         """Run ``gm`` on ``flat`` once, recording shapes and calls, then walk it over
         this model's symbols and fix the outputs that define the model. ``shared``:
         the first graph's ``log`` and ``distributions``, for a further input set."""
-        capture_nodes = {n for n in gm.graph.nodes
-                         if n.op == "call_module" or (n.op == "call_function"
-                                                      and inspect.isfunction(n.target))}
+        opaque = self.table.opaque
+
+        def may_inline(n: fx.Node) -> bool:
+            """Whether the walk may look inside this call, and so needs its example
+            arguments (and whether it hands an input back): not a module its rule covers."""
+            if n.op == "call_function":
+                return inspect.isfunction(n.target)
+            if n.op != "call_module":
+                return False
+            m = gm.get_submodule(n.target)
+            user_opaque = n.target in opaque or any(isinstance(o, type) and isinstance(m, o)
+                                                    for o in opaque)
+            return user_opaque or module_rule(m, exact_only=True) is None
+        capture_nodes = {n for n in gm.graph.nodes if may_inline(n)}
         rec = ExampleRecorder(gm, capture_nodes)
         with torch.no_grad(), eval_mode(model):
             try:
