@@ -44,6 +44,31 @@ MODELS = {
         max_position_embeddings=64)), SEQ2SEQ),
     "vit": lambda: (T.ViTForImageClassification(T.ViTConfig(image_size=32, patch_size=8, **VISION)),
                     {"pixel_values": torch.randn(2, 3, 32, 32)}),
+    # config variants a checkpoint may carry (biases, one key-value head, scaled RoPE, a
+    # head dim of its own, shared experts, soft-capping, ALiBi, partial rotary, relative
+    # attention, a gated T5 with an untied head, a state-space model)
+    "llama_bias_mqa": lambda: (T.LlamaForCausalLM(T.LlamaConfig(
+        num_key_value_heads=1, attention_bias=True, mlp_bias=True, **SMALL)), TEXT),
+    "llama_rope_scaled_head_dim": lambda: (T.LlamaForCausalLM(T.LlamaConfig(
+        num_key_value_heads=2, head_dim=16, rope_scaling={"rope_type": "linear", "factor": 2.0},
+        **SMALL)), TEXT),
+    "qwen2_moe_shared": lambda: (T.Qwen2MoeForCausalLM(T.Qwen2MoeConfig(
+        num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
+        shared_expert_intermediate_size=40, **SMALL)), TEXT),
+    "gemma2": lambda: (T.Gemma2ForCausalLM(T.Gemma2Config(num_key_value_heads=2, head_dim=8,
+                                                          **SMALL)), TEXT),
+    "falcon_alibi": lambda: (T.FalconForCausalLM(T.FalconConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, alibi=True,
+        new_decoder_architecture=False)), TEXT),
+    "gpt_neox_partial_rotary": lambda: (T.GPTNeoXForCausalLM(T.GPTNeoXConfig(
+        rotary_pct=0.5, use_parallel_residual=False, **SMALL)), TEXT),
+    "deberta_v2_relative": lambda: (T.DebertaV2ForMaskedLM(T.DebertaV2Config(
+        relative_attention=True, pos_att_type=["p2c", "c2p"], position_buckets=8, **SMALL)), TEXT),
+    "t5_gated_untied": lambda: (T.T5ForConditionalGeneration(T.T5Config(
+        d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4, vocab_size=64,
+        feed_forward_proj="gated-gelu", tie_word_embeddings=False)), SEQ2SEQ),
+    "mamba": lambda: (T.MambaForCausalLM(T.MambaConfig(vocab_size=64, hidden_size=32, state_size=8,
+                                                       num_hidden_layers=2, expand=2)), TEXT),
 }
 
 
@@ -74,7 +99,7 @@ def test_hf_model_spec_is_exact_with_its_residual_stream_permuted(name):
     model, inputs = build(name)
     # an encoder-decoder also returns the encoder's last hidden state: only the
     # logits define what it computes, so the encoder's stream may move
-    outputs = ["logits"] if name in ("t5", "bart") else None
+    outputs = ["logits"] if name.startswith(("t5", "bart")) else None
     spec = infer_spec(model, inputs, outputs=outputs)
     assert spec.capture == "export"  # fx cannot trace an HF top-level forward
     for seed in (0, 1):
