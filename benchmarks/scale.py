@@ -13,7 +13,8 @@ Four parts, each in fresh subprocesses with ``torch.set_num_threads(THREADS)``
   which handles ResNets but not the timm ViT / ConvNeXt norms. Objective: the
   paper's ``sum <A_T, P(B_T)>`` over parameters.
 * ``memory``: the growth of the peak resident set during ``weight_matching``
-  (``VmHWM`` reset through ``/proc/self/clear_refs``), against the two models'
+  (``VmHWM`` reset through ``/proc/self/clear_refs``, after freed memory is
+  handed back with ``malloc_trim``), against the two models'
   state size.
 * ``lowmem``: ``autobasin align --low-memory`` and ``merge --low-memory`` on two checkpoints of a model
   whose two copies exceed a memory cap set on the process: a cgroup (v1

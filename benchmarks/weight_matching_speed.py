@@ -33,8 +33,9 @@ train mode, cumulative average), where they differ per channel.
 Distances are ``||A - B||`` over every floating state_dict entry, before and
 after alignment; each aligned B is checked to compute what B computes. Peak
 memory is the growth of the process's peak resident set during the call:
-``/proc/self/clear_refs`` resets ``VmHWM`` just before, and we report
-``VmHWM`` after minus ``VmRSS`` before, against the two models' state size.
+freed memory is handed back first (``malloc_trim``), ``/proc/self/clear_refs``
+resets ``VmHWM`` just before, and we report ``VmHWM`` after minus ``VmRSS``
+before, against the two models' state size.
 
 Usage::
 
@@ -70,10 +71,27 @@ def _proc_status() -> dict[str, int]:
     return out
 
 
+def _trim_heap() -> None:
+    """Hand memory the process freed back to the system (glibc's ``malloc_trim``).
+    Without it, pages freed by earlier work (inference's recorded activations)
+    stay resident and a block measured next reuses them without growing the
+    resident set: its growth then reads lower than what it needs."""
+    import ctypes
+    import ctypes.util
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
+
+
 class PeakMemory:
-    """Growth of the peak resident set over a ``with`` block, in bytes."""
+    """Growth of the peak resident set over a ``with`` block, in bytes, from a
+    baseline taken after freed memory went back to the system (see _trim_heap)."""
 
     def __enter__(self):
+        import gc
+        gc.collect()
+        _trim_heap()
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset VmHWM to the current VmRSS
         self.before = _proc_status()["VmRSS"]
@@ -536,7 +554,8 @@ Columns:
   alignment (autobasin's and rebasin's B' both compute what B computes{"" if not notes else ", except as noted below"}).
 - **peak MB**: growth of the process's peak resident set (`VmHWM` after the
   call, reset through `/proc/self/clear_refs` just before, minus `VmRSS`
-  before), each method in its own fresh process; **two models MB** is the
+  before, freed memory handed back with `malloc_trim` first), each method in
+  its own fresh process; **two models MB** is the
   state_dict size of A and B together.
 {chr(10).join(notes)}
 
