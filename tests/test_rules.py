@@ -1043,6 +1043,8 @@ ORDER_STATS = {
     "median_dropped": lambda v: v.median(-1).values[:, None],
     "nanmedian": lambda v: torch.nanmedian(v, 1, keepdim=True).values,
     "kthvalue": lambda v: v.kthvalue(3, -1, keepdim=True).values,
+    "kthvalue_last_axis": lambda v: v.kthvalue(3).values[:, None],
+    "mode_last_axis": lambda v: v.round().mode().values[:, None],
     "mode": lambda v: v.round().mode(-1, keepdim=True).values,
     "quantile": lambda v: torch.quantile(v, 0.3, dim=-1, keepdim=True),
     "quantile_levels": lambda v: torch.quantile(v, torch.tensor([0.2, 0.7]), dim=-1).T.mean(

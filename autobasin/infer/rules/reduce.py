@@ -133,7 +133,9 @@ def _order_statistic(ctx):
     x = ctx.args[0]
     lay = list(ctx.layout(x))
     name = ctx.op_name
-    dim = ctx.value(ctx.arg(ORDER_STATISTICS[name], "dim", None))
+    # kthvalue and mode default to the last axis; median and quantile to all entries
+    dim = ctx.value(ctx.arg(ORDER_STATISTICS[name], "dim",
+                            -1 if name in ("kthvalue", "mode") else None))
     meta = ctx.meta()
     outs = [meta] if hasattr(meta, "shape") else list(meta)
     if dim is None:  # over all entries: no axis's order matters, nothing passes
