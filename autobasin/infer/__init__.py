@@ -16,7 +16,7 @@ from ..inputs import ModelInputs, as_inputs, positional, seeded_rng, select_outp
 from ..trace import (ExampleRecorder, TraceError, caused_by, default_inputs, export_trace, graph_over,
                      op_name_of, symbolic_trace)
 from . import rules as _rules  # noqa: F401 - registers the built-in rules
-from .engine import GraphInference, TensorTable, layout_symbols
+from .engine import GraphInference, TensorTable, is_user_opaque, layout_symbols
 from .registry import module_rule, rule
 from .symbols import Symbols
 
@@ -145,9 +145,7 @@ class TracedModel:
             if n.op != "call_module":
                 return False
             m = gm.get_submodule(n.target)
-            user_opaque = n.target in opaque or any(isinstance(o, type) and isinstance(m, o)
-                                                    for o in opaque)
-            return user_opaque or module_rule(m, exact_only=True) is None
+            return is_user_opaque(opaque, n.target, m) or module_rule(m, exact_only=True) is None
         capture_nodes = {n for n in gm.graph.nodes if may_inline(n)}
         rec = ExampleRecorder(gm, capture_nodes)
         with torch.no_grad(), eval_mode(model):

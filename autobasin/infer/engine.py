@@ -72,6 +72,11 @@ SHAPE_QUERIES = {"size", "dim", "numel", "shape", "dtype", "device", "is_contigu
                  "sym_size", "sym_numel", "sym_stride", "sym_storage_offset"}
 
 
+def is_user_opaque(opaque, name: str, module) -> bool:
+    """Whether the user marked module ``name`` opaque, by name or by type."""
+    return name in opaque or any(isinstance(o, type) and isinstance(module, o) for o in opaque)
+
+
 class GraphInference:
     """Inference over one GraphModule (the model, or the inside of an opaque call)."""
 
@@ -96,9 +101,7 @@ class GraphInference:
         self.positions: dict[fx.Node, Any] = {}
 
     def user_opaque(self, target: str, module) -> bool:
-        opaque = self.tensors.opaque
-        return (self.prefix + target) in opaque or any(
-            isinstance(o, type) and isinstance(module, o) for o in opaque)
+        return is_user_opaque(self.tensors.opaque, self.prefix + target, module)
 
     def tensor_symbols(self, target: str) -> list[int]:
         return self.tensors.symbols(self.prefix + target, self.gm, target)
