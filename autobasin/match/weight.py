@@ -67,6 +67,7 @@ from typing import Mapping
 import torch
 from tqdm.auto import tqdm
 
+from ..alloc import release_freed
 from ..guard import check_finite, check_materialized
 from ..permute import check_perm, axis_index
 from ..spec import Member, PermutationSpec, Perms, SpecError
@@ -82,6 +83,9 @@ _FLOAT64_COLS = 64
 # Descent is skipped when the starting objective is within this fraction of the
 # Cauchy-Schwarz bound ||A|| ||B|| that no permutation can exceed.
 _BOUND_TOL = 1e-12
+# Most elements a gathered temporary holds (products and objectives are taken a
+# slice at a time): 1 MiB in float32, so the workspace's slots cost 8 MiB.
+_CHUNK = 1 << 18
 
 
 @dataclass
@@ -191,10 +195,16 @@ def _b_rows(term: _Term, b: torch.Tensor, perms: Perms) -> torch.Tensor:
     return t.reshape(*m.shape, -1).movedim(m.dim, 0).reshape(m.size, -1)
 
 
-def _accumulate(c: torch.Tensor | None, a_rows: torch.Tensor, b_rows: torch.Tensor) -> torch.Tensor:
-    """``c + a_rows @ b_rows.T`` (in place where possible); ``c`` may be wider than the rows."""
+def _accumulate(c: torch.Tensor | None, a_rows: torch.Tensor, b_rows: torch.Tensor,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """``c + a_rows @ b_rows.T`` (in place where possible); ``c`` may be wider than the rows.
+    Without ``c``, the product is written into ``out`` when given."""
     if c is None:
-        return a_rows @ b_rows.T
+        if out is None:
+            return a_rows @ b_rows.T
+        if out.dtype == a_rows.dtype:
+            return torch.mm(a_rows, b_rows.T, out=out)
+        return out.copy_(a_rows @ b_rows.T)
     if c.dtype == a_rows.dtype:
         return c.addmm_(a_rows, b_rows.T)
     return c.add_(a_rows @ b_rows.T)
@@ -216,17 +226,113 @@ class _LowRank:
 
 
 def _static_matrix(static: torch.Tensor | _LowRank | None,
-                   dtype: torch.dtype | None = None) -> torch.Tensor | None:
-    """A fresh (n, n) matrix holding the static similarity (None: there is none),
-    made in ``dtype`` (default: the one it is kept in)."""
+                   dtype: torch.dtype | None = None,
+                   out: torch.Tensor | None = None) -> torch.Tensor | None:
+    """An (n, n) matrix holding the static similarity (None: there is none), made
+    in ``dtype`` (default: the one it is kept in): fresh, or written into ``out``
+    (of that dtype) when given."""
     if static is None:
         return None
     if isinstance(static, _LowRank):
-        return static.a.to(dtype) @ static.b.to(dtype).T if dtype else static.a @ static.b.T
+        a, b = (static.a.to(dtype), static.b.to(dtype)) if dtype else (static.a, static.b)
+        return a @ b.T if out is None else torch.mm(a, b.T, out=out)
+    if out is not None:
+        return out.copy_(static)
     return static.to(dtype or static.dtype, copy=True)
 
 
-def _update(c: torch.Tensor, term: _Term, b: torch.Tensor, perms: Perms, seen: Perms) -> None:
+class _Workspace:
+    """Buffers weight matching reuses instead of allocating per group and sweep.
+
+    One buffer per dtype, the size of the largest group's (n, n) similarity, for
+    every similarity that is solved and dropped (not kept in the cache), and a
+    few flat slots of ``_CHUNK`` elements for the rows a product is gathered
+    from. Made and freed each time, such tensors left glibc's heap holding freed
+    blocks of every size (it serves them from the heap once it has freed one
+    block that large; see :mod:`autobasin.alloc`) and cost page faults on each
+    use: resnet50's extra peak was 146 MB with about 80 MB live.
+    """
+
+    SLOTS = 8
+
+    def __init__(self, device: torch.device, largest: dict[torch.dtype, int]):
+        self.device, self.largest = device, largest  # per dtype, the largest group's size
+        self.matrices: dict[torch.dtype, torch.Tensor] = {}
+        self.flats: dict[tuple[int, torch.dtype], torch.Tensor] = {}
+        self.next = 0
+
+    def matrix(self, n: int, dtype: torch.dtype) -> torch.Tensor:
+        """An (n, n) matrix: the front of one buffer per dtype, grown to the
+        largest group's size at once (one at a time is in use: solved, then dropped)."""
+        buf = self.matrices.get(dtype)
+        if buf is None or buf.numel() < n * n:
+            self.matrices.pop(dtype, None)
+            size = max(n, self.largest.get(dtype, 0)) ** 2
+            buf = self.matrices[dtype] = torch.empty(size, dtype=dtype, device=self.device)
+        return buf[:n * n].view(n, n)
+
+    def start(self) -> None:
+        """Every slot is free again (the tensors taken from them are done with)."""
+        self.next = 0
+
+    def flat(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """A free slot of ``numel`` elements; a slot grows when asked for more."""
+        key = (self.next % self.SLOTS, dtype)
+        self.next += 1
+        buf = self.flats.get(key)
+        if buf is None or buf.numel() < numel:
+            buf = self.flats[key] = torch.empty(max(numel, _CHUNK), dtype=dtype, device=self.device)
+        return buf[:numel]
+
+    def take(self, t: torch.Tensor, axis: int, index: torch.Tensor) -> torch.Tensor:
+        """``t.index_select(axis, index)``, written into a slot."""
+        shape = list(t.shape)
+        shape[axis] = index.numel()
+        return torch.index_select(t, axis, index, out=self.flat(math.prod(shape), t.dtype).view(shape))
+
+    def front(self, t: torch.Tensor, axis: int) -> torch.Tensor:
+        """``t.movedim(axis, 0)``, contiguous (in a slot when that needs a copy)."""
+        moved = t.movedim(axis, 0)
+        if moved.is_contiguous():
+            return moved
+        return self.flat(t.numel(), t.dtype).view(moved.shape).copy_(moved)
+
+    def clear(self) -> None:
+        self.matrices.clear()
+        self.flats.clear()
+
+
+def _sliced(term: _Term) -> bool:
+    """Whether ``term``'s product can be taken a slice of its one other axis at a time."""
+    return len(term.member.shape) == 1 and not term.same_axis and len(term.other_axes) == 1 \
+        and term.a.shape[term.other_axes[0][0]] > 0
+
+
+def _add_sliced(c: torch.Tensor | None, term: _Term, b: torch.Tensor, now: torch.Tensor,
+                cols: torch.Tensor, ws: _Workspace, before: torch.Tensor | None = None,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """``c + A_m[:, cols] @ (B_m[:, now[cols]] - B_m[:, before[cols]])^T`` for a
+    :func:`_sliced` term, its columns indexed along its other axis (no ``before``:
+    that term is 0), a few positions at a time, each gathered into ``ws``'s
+    slots: no temporary holds more than ``_CHUNK`` elements, and none is allocated."""
+    m = term.member
+    axis = term.other_axes[0][0]
+    step = max(1, _CHUNK * b.shape[axis] // max(b.numel(), 1))
+    for part in cols.split(step):
+        ws.start()
+        b_rows = ws.take(b, axis, now[part])
+        if before is not None:
+            b_rows.sub_(ws.take(b, axis, before[part]))
+        a_rows = ws.take(term.a, axis, part)  # the same layout as b_rows
+        if term.rows is not None:
+            b_rows, a_rows = ws.take(b_rows, m.axis, term.rows), ws.take(a_rows, m.axis, term.rows)
+        c = _accumulate(c, ws.front(a_rows, m.axis).reshape(m.size, -1),
+                        ws.front(b_rows, m.axis).reshape(m.size, -1), out)
+    return c
+
+
+def _update(c: torch.Tensor, term: _Term, b: torch.Tensor, perms: Perms, seen: Perms,
+            ws: _Workspace) -> None:
     """Bring ``c``, computed at the permutations ``seen``, to ``perms`` for ``term``'s part.
 
     ``A_m @ B_m^T`` changes by ``A_m @ (B_m' - B_m)^T``, and only the columns of
@@ -239,22 +345,14 @@ def _update(c: torch.Tensor, term: _Term, b: torch.Tensor, perms: Perms, seen: P
         return
     then = {**perms, **{d: seen[d] for d in term.deps}}
     m = term.member
-    if len(m.shape) == 1 and not term.same_axis and len(term.other_axes) == 1:
+    if _sliced(term):
         # one other axis moves (a conv's or linear's other side): slice the moved
         # positions of that axis out of B, and the matching columns of A_m
         axis, members = term.other_axes[0]
         now, before = (_axis_perm(b.shape[axis], members, q, b.device) for q in (perms, then))
         moved = (now != before).nonzero().squeeze(1)
-        if moved.numel() == 0:
-            return
-        diff = b.index_select(axis, now[moved]).sub_(b.index_select(axis, before[moved]))
-        if term.rows is not None:
-            diff = diff.index_select(m.axis, term.rows)
-        diff = diff.movedim(m.axis, 0).reshape(m.size, -1)
-        a_rows = term.a.index_select(axis, moved)  # the same layout as diff
-        if term.rows is not None:
-            a_rows = a_rows.index_select(m.axis, term.rows)
-        _accumulate(c, a_rows.movedim(m.axis, 0).reshape(m.size, -1), diff)
+        if moved.numel():
+            _add_sliced(c, term, b, now, moved, ws, before)
         return
     new = _b_rows(term, b, perms)
     diff = new.sub_(_b_rows(term, b, then))
@@ -275,7 +373,9 @@ def _cached_groups(spec: PermutationSpec, dynamic: dict[str, list[_Term]],
 
     A kept (n, n) matrix costs n^2 elements and saves a product over all of its
     dynamic terms' columns, so groups are taken by columns per element until
-    they fill ``budget`` times the bytes of the matched tensors of A and B.
+    they fill ``budget`` times the bytes of the matched tensors of A and B,
+    less the matrix the largest group is solved in (the workspace's): the
+    budget bounds all similarity memory, kept or in use.
     """
     room = budget * sum(t.numel() * t.element_size() for d in (a_t, b_t) for t in d.values())
     candidates = []
@@ -284,6 +384,7 @@ def _cached_groups(spec: PermutationSpec, dynamic: dict[str, list[_Term]],
         if n > 1 and terms:
             size = n * n * sim_dtype[g].itemsize
             candidates.append((sum(t.cols for t in terms) / (n * n), size, g))
+    room -= max((size for _, size, _ in candidates), default=0)
     keep = set()
     for _, size, g in sorted(candidates, reverse=True):
         if size <= room:
@@ -292,13 +393,39 @@ def _cached_groups(spec: PermutationSpec, dynamic: dict[str, list[_Term]],
     return keep
 
 
-def _permute_tensor(t: torch.Tensor, members: list[tuple[str, Member]], perms: Perms) -> torch.Tensor:
+def _norm64(tensors) -> float:
+    """The 2-norm of all ``tensors`` together, summed in float64 a slice at a time
+    (a whole float64 copy of each would cost twice the model in passing)."""
+    return math.sqrt(sum(float(torch.linalg.vector_norm(piece, dtype=torch.float64)) ** 2
+                         for t in tensors for piece in t.reshape(-1).split(1 << 18)))
+
+
+def _dot_permuted(a: torch.Tensor, b: torch.Tensor, members: list[tuple[str, Member]],
+                  perms: Perms, dtype: torch.dtype | None = None) -> float:
+    """``<a, P(b)>`` with ``members`` at ``perms``, in ``dtype`` (default: theirs),
+    a slice of the first permuted axis at a time: no temporary above ``_CHUNK``
+    elements (a whole permuted copy of each tensor would cost up to two in passing)."""
     per_axis: dict[int, list[tuple[str, Member]]] = {}
     for g, m in members:
         per_axis.setdefault(m.axis, []).append((g, m))
-    for axis, ms in per_axis.items():
-        t = t.index_select(axis, _axis_perm(t.shape[axis], ms, perms, t.device))
-    return t
+    index = {axis: _axis_perm(b.shape[axis], ms, perms, b.device) for axis, ms in per_axis.items()}
+    first = min(index, default=0)
+    if b.dim() == 0 or b.numel() == 0:
+        return float(torch.dot(a.reshape(-1).to(dtype or a.dtype), b.reshape(-1).to(dtype or b.dtype)))
+    step = max(1, _CHUNK * b.shape[first] // b.numel())
+    total = 0.0
+    for start in range(0, b.shape[first], step):
+        part = torch.arange(start, min(start + step, b.shape[first]), device=b.device)
+        pb = b.index_select(first, index[first][part] if first in index else part)
+        for axis, idx in index.items():
+            if axis != first:
+                pb = pb.index_select(axis, idx)
+        pa = a.narrow(first, start, part.numel())
+        pa, pb = pa.reshape(-1), pb.reshape(-1)
+        if dtype is not None:
+            pa, pb = pa.to(dtype), pb.to(dtype)
+        total += float(torch.dot(pa, pb))
+    return total
 
 
 def _signature_rows(term: _Term, t: torch.Tensor, perms: Perms | None,
@@ -336,7 +463,7 @@ def _signature_rows(term: _Term, t: torch.Tensor, perms: Perms | None,
 def _greedy_init(spec: PermutationSpec, static: dict[str, torch.Tensor | _LowRank | None],
                  static_cols: dict[str, int], dynamic: dict[str, list[_Term]],
                  a_t: dict[str, torch.Tensor], b_t: dict[str, torch.Tensor], perms: Perms,
-                 device: torch.device, keep: set[str], cache: dict
+                 device: torch.device, keep: set[str], cache: dict, ws: _Workspace
                  ) -> tuple[list[str], dict[str, bool], float, float]:
     """Solve every group once, best-determined first (see the module docstring).
 
@@ -399,23 +526,33 @@ def _greedy_init(spec: PermutationSpec, static: dict[str, torch.Tensor | _LowRan
         chosen = {id(t) for t in clean[g]}
         rough = [t for t in dynamic[g] if id(t) not in chosen] if signature else []
 
+        # a signature row holds the same elements as the member's row, sorted
+        wide = static_cols[g] + sum(t.cols for t in (*clean[g], *rough)) > _FLOAT64_COLS
+        complete[g] = len(clean[g]) == len(dynamic[g])
+        # narrow: float64; wide: the terms' precision
+        dtype = torch.float64 if not wide else dynamic[g][0].dtype if dynamic[g] else None
+        out = None if (complete[g] and g in keep) or dtype is None else \
+            ws.matrix(spec.groups[g].size, dtype)
+        c = _static_matrix(static[g], dtype, out)
+
         def pairs():  # one term's rows at a time: never all of B's rows at once
             for term in clean[g]:
-                yield term.a_rows, _b_rows(term, b_t[term.member.param], perms)
+                if not (wide and _sliced(term)):
+                    yield term.a_rows, _b_rows(term, b_t[term.member.param], perms)
             for term in rough:
                 p = term.member.param
                 yield (_signature_rows(term, a_t[p], None, unknown),
                        _signature_rows(term, b_t[p], perms, unknown))
-        # a signature row holds the same elements as the member's row, sorted
-        wide = static_cols[g] + sum(t.cols for t in (*clean[g], *rough)) > _FLOAT64_COLS
-        # narrow: float64; wide: the terms' precision
-        c = _static_matrix(static[g], torch.float64 if not wide else
-                           dynamic[g][0].dtype if dynamic[g] else None)
+        for term in clean[g]:
+            if wide and _sliced(term):  # a slice at a time, in the workspace
+                b = b_t[term.member.param]
+                axis, members = term.other_axes[0]
+                c = _add_sliced(c, term, b, _axis_perm(b.shape[axis], members, perms, device),
+                                torch.arange(b.shape[axis], device=device), ws, out=out)
         for a_rows, b_rows in pairs():
             if not wide:
                 a_rows, b_rows = a_rows.double(), b_rows.double()
-            c = _accumulate(c, a_rows, b_rows)
-        complete[g] = len(clean[g]) == len(dynamic[g])
+            c = _accumulate(c, a_rows, b_rows, out)
         if complete[g] and g in keep:
             cache[g] = (c, {d: perms[d] for t in dynamic[g] for d in t.deps})
         t1 = time.perf_counter()
@@ -467,9 +604,11 @@ def weight_matching(spec: PermutationSpec, state_dict_a: Mapping[str, torch.Tens
             its value. The default 0 is the paper's rule: stop after a sweep
             that changes nothing. A small ``tol`` (say 1e-4) trades the last
             sweeps' tiny gains for time on large models.
-        cache_budget: memory for similarity matrices kept between sweeps and
-            updated by the columns that moved instead of recomputed, as a share of the
-            matched tensors' bytes in A and B (default 0.25; 0 recomputes every time).
+        cache_budget: memory for similarity matrices, as a share of the matched
+            tensors' bytes in A and B (default 0.25): the one the largest group is
+            solved in, and matrices kept between sweeps and updated by the columns
+            that moved instead of recomputed, in what is left (none when nothing is
+            left: 0 recomputes every time).
         stats: kept for compatibility: a dict given here receives the result's
             fields (:meth:`~autobasin.match.result.Matching.as_dict`).
 
@@ -532,6 +671,7 @@ def weight_matching(spec: PermutationSpec, state_dict_a: Mapping[str, torch.Tens
         device = first.device if first is not None else torch.device("cpu")
     device = torch.device(device)
 
+    release_freed()  # what the caller (or the other start) freed: see autobasin.alloc
     with torch.no_grad():
         a_t = {p: state_dict_a[p].detach().to(device, _compute_dtype(state_dict_a[p])) for p in by_param}
         b_t = {p: state_dict_b[p].detach().to(device, _compute_dtype(state_dict_b[p])) for p in by_param}
@@ -587,11 +727,7 @@ def weight_matching(spec: PermutationSpec, state_dict_a: Mapping[str, torch.Tens
                 if param in cached and cached[param][0] == key:
                     total += cached[param][1]
                     continue
-                pb = _permute_tensor(b_t[param], members, perms).reshape(-1)
-                pa = a_t[param].reshape(-1)
-                if dtype is not None:
-                    pa, pb = pa.to(dtype), pb.to(dtype)
-                cached[param] = (key, float(torch.dot(pa, pb)))
+                cached[param] = (key, _dot_permuted(a_t[param], b_t[param], members, perms, dtype))
                 total += cached[param][1]
             return total
 
@@ -601,6 +737,10 @@ def weight_matching(spec: PermutationSpec, state_dict_a: Mapping[str, torch.Tens
                      static_cols[g] + sum(t.cols for t in dynamic[g]) <= _FLOAT64_COLS
                      else dynamic[g][0].dtype for g in names if dynamic[g]}
         keep = _cached_groups(spec, dynamic, sim_dtype, a_t, b_t, cache_budget)
+        largest: dict[torch.dtype, int] = {}
+        for g, dtype in sim_dtype.items():
+            largest[dtype] = max(largest.get(dtype, 0), spec.groups[g].size)
+        ws = _Workspace(device, largest)
         cache: dict[str, tuple[torch.Tensor, Perms]] = {}  # group -> (C_g, its deps' perms then)
         version = dict.fromkeys(names, 0)
         solved_at: dict[str, tuple[int, ...] | None] = dict.fromkeys(names)
@@ -609,23 +749,20 @@ def weight_matching(spec: PermutationSpec, state_dict_a: Mapping[str, torch.Tens
         if mode == "greedy":
             t0 = time.perf_counter()
             order, complete, sim_s, lap_s = _greedy_init(spec, static, static_cols, dynamic,
-                                                         a_t, b_t, perms, device, keep, cache)
+                                                         a_t, b_t, perms, device, keep, cache, ws)
             for gname in names:
                 version[gname] = 0 if torch.equal(perms[gname].cpu(), torch.arange(perms[gname].numel())) else 1
             for gname in names:  # solved from its full similarity at these perms: descent may skip it
                 if complete[gname]:
                     solved_at[gname] = tuple(version[d] for d in deps[gname])
+            release_freed()  # the similarities greedy solved and dropped
             init_s = time.perf_counter() - t0
 
         history: list[float] = []
         initial = objective()
         # No permutation beats ||A|| ||B|| (Cauchy-Schwarz). Reaching it (B = P(A), a
         # planted problem) proves the start optimal: the first sweep would find nothing.
-        norm_a = math.sqrt(sum(float(torch.linalg.vector_norm(t, dtype=torch.float64)) ** 2
-                               for t in a_t.values()))
-        norm_b = math.sqrt(sum(float(torch.linalg.vector_norm(t, dtype=torch.float64)) ** 2
-                               for t in b_t.values()))
-        bound = norm_a * norm_b
+        bound = _norm64(a_t.values()) * _norm64(b_t.values())
         optimal = bound > 0 and initial >= (1 - 1e-6) * bound and \
             1 - objective(torch.float64) / bound <= _BOUND_TOL
         sweep_seconds = [time.perf_counter() - start]
@@ -640,11 +777,20 @@ def weight_matching(spec: PermutationSpec, state_dict_a: Mapping[str, torch.Tens
             if gname in cache:
                 c, seen = cache[gname]
                 for term in dynamic[gname]:
-                    _update(c, term, b_t[term.member.param], perms, seen)
+                    _update(c, term, b_t[term.member.param], perms, seen, ws)
             else:
-                c = _static_matrix(static[gname], sim_dtype.get(gname))
+                dtype = sim_dtype.get(gname)
+                out = None if gname in keep or dtype is None else \
+                    ws.matrix(spec.groups[gname].size, dtype)
+                c = _static_matrix(static[gname], dtype, out)
                 for term in dynamic[gname]:
-                    c = _accumulate(c, term.a_rows, _b_rows(term, b_t[term.member.param], perms))
+                    b = b_t[term.member.param]
+                    if _sliced(term):
+                        axis, members = term.other_axes[0]
+                        c = _add_sliced(c, term, b, _axis_perm(b.shape[axis], members, perms, device),
+                                        torch.arange(b.shape[axis], device=device), ws, out=out)
+                    else:
+                        c = _accumulate(c, term.a_rows, _b_rows(term, b, perms), out)
             if gname in keep and c is not None:
                 cache[gname] = (c, {d: perms[d] for d in deps[gname]})
             solved_at[gname] = key
@@ -678,6 +824,8 @@ def weight_matching(spec: PermutationSpec, state_dict_a: Mapping[str, torch.Tens
             descent = coordinate_descent(names, similarity, perms, max_iter=max_iter, seed=seed,
                                          on_change=changed, after_sweep=after_sweep)
             lap_s += descent.lap_seconds
+            cache.clear()  # the similarities are done with: free them before the last objective
+            ws.clear()
             if history:  # sweeps' gains are summed in float32 similarities: end exact
                 history[-1] = objective()
         bar.close()
