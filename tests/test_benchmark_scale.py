@@ -41,8 +41,9 @@ def test_memory_part_smoke(tmp_path):
     row = res["memory"]["resnet18"]
     assert row["ok"], row
     # a smoke bound, not the target (judged on resnet50 and convnext_tiny by the benchmark):
-    # resnet18's growth swings between 0.4x and 1.2x of its two models with the state of the
-    # allocator (which freed pages it reuses), so only a gross regression fails here
-    assert 0 < row["greedy"] < 2 * row["models_bytes"] and 0 < row["best"] < 2 * row["models_bytes"]
+    # with its buffers reused resnet18 grows by 0.16-0.27x its two models; before, freed
+    # blocks left in the heap took it from 0.4x to 1.2x. Margin for allocator states.
+    assert 0 < row["greedy"] < 0.75 * row["models_bytes"]
+    assert 0 < row["best"] < 0.75 * row["models_bytes"]
     text = (tmp_path / "scale.md").read_text()
     assert "| resnet18 |" in text and "extra peak memory ≤ 0.5× the two models" in text
