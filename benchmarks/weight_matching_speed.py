@@ -71,27 +71,19 @@ def _proc_status() -> dict[str, int]:
     return out
 
 
-def _trim_heap() -> None:
-    """Hand memory the process freed back to the system (glibc's ``malloc_trim``).
-    Without it, pages freed by earlier work (inference's recorded activations)
-    stay resident and a block measured next reuses them without growing the
-    resident set: its growth then reads lower than what it needs."""
-    import ctypes
-    import ctypes.util
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to trim
-        pass
-
-
 class PeakMemory:
     """Growth of the peak resident set over a ``with`` block, in bytes, from a
-    baseline taken after freed memory went back to the system (see _trim_heap)."""
+    baseline taken after freed memory went back to the system
+    (:func:`autobasin.alloc.release_freed`). Without it, pages freed by earlier
+    work (inference's recorded activations) stay resident and the block reuses
+    them without growing the resident set: its growth then reads lower than
+    what it needs."""
 
     def __enter__(self):
         import gc
+        from autobasin.alloc import release_freed
         gc.collect()
-        _trim_heap()
+        release_freed()
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset VmHWM to the current VmRSS
         self.before = _proc_status()["VmRSS"]

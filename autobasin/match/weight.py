@@ -331,6 +331,15 @@ def _add_sliced(c: torch.Tensor | None, term: _Term, b: torch.Tensor, now: torch
     return c
 
 
+def _add_whole(c: torch.Tensor | None, term: _Term, b: torch.Tensor, perms: Perms,
+               ws: _Workspace, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``c + A_m @ B_m^T`` at ``perms`` for a :func:`_sliced` term, every position of
+    its other axis (see :func:`_add_sliced`)."""
+    axis, members = term.other_axes[0]
+    return _add_sliced(c, term, b, _axis_perm(b.shape[axis], members, perms, b.device),
+                       torch.arange(b.shape[axis], device=b.device), ws, out=out)
+
+
 def _update(c: torch.Tensor, term: _Term, b: torch.Tensor, perms: Perms, seen: Perms,
             ws: _Workspace) -> None:
     """Bring ``c``, computed at the permutations ``seen``, to ``perms`` for ``term``'s part.
@@ -545,10 +554,7 @@ def _greedy_init(spec: PermutationSpec, static: dict[str, torch.Tensor | _LowRan
                        _signature_rows(term, b_t[p], perms, unknown))
         for term in clean[g]:
             if wide and _sliced(term):  # a slice at a time, in the workspace
-                b = b_t[term.member.param]
-                axis, members = term.other_axes[0]
-                c = _add_sliced(c, term, b, _axis_perm(b.shape[axis], members, perms, device),
-                                torch.arange(b.shape[axis], device=device), ws, out=out)
+                c = _add_whole(c, term, b_t[term.member.param], perms, ws, out)
         for a_rows, b_rows in pairs():
             if not wide:
                 a_rows, b_rows = a_rows.double(), b_rows.double()
@@ -785,12 +791,8 @@ def weight_matching(spec: PermutationSpec, state_dict_a: Mapping[str, torch.Tens
                 c = _static_matrix(static[gname], dtype, out)
                 for term in dynamic[gname]:
                     b = b_t[term.member.param]
-                    if _sliced(term):
-                        axis, members = term.other_axes[0]
-                        c = _add_sliced(c, term, b, _axis_perm(b.shape[axis], members, perms, device),
-                                        torch.arange(b.shape[axis], device=device), ws, out=out)
-                    else:
-                        c = _accumulate(c, term.a_rows, _b_rows(term, b, perms), out)
+                    c = _add_whole(c, term, b, perms, ws, out) if _sliced(term) else \
+                        _accumulate(c, term.a_rows, _b_rows(term, b, perms), out)
             if gname in keep and c is not None:
                 cache[gname] = (c, {d: perms[d] for d in deps[gname]})
             solved_at[gname] = key
