@@ -48,8 +48,10 @@ the worker
    start / end tokens, and the text's ``attention_mask`` given, where the
    model needs that. The first input set the model runs on is used;
    Where forward takes a mode flag that switches to another path (Granite-Docling's
-   ``tile_fine_mask`` / ``fine``: :data:`MODE_FLAGS`), the same inputs with the
-   flag on are a further input set (``more_inputs``), inferred and checked on too;
+   ``tile_fine_mask`` / ``fine``), or an optional input reaches weights the others
+   leave unused (Longformer's ``global_attention_mask``, SAM 3's ``input_boxes``;
+   :data:`MODE_INPUTS`), the same inputs with them added are a further input set
+   (``more_inputs``), inferred and checked on too;
    so are up to two other input sets that run modules the first leaves unused
    (:func:`reach_inputs`: Phi-4-multimodal's speech projector, used only without images);
 4. times :func:`autobasin.infer.infer_spec` (``capture="auto"``; a model with
@@ -506,7 +508,8 @@ def input_options(model, cfg, gen) -> list[dict]:
         # a second token sequence of a tower of its own (Evolla's protein_input_ids), from
         # that tower's vocabulary, with its mask
         for name in params:
-            if name.endswith("_input_ids") and name not in ("input_ids", "decoder_input_ids"):
+            if name.endswith("_input_ids") and name not in ("input_ids", "decoder_input_ids") \
+                    and not (name == "audio_input_ids" and _codebooks(cfg)):
                 sub = None
                 for k, v in vars(cfg).items():
                     if k.startswith(name[:-len("_input_ids")]) and _is_int(getattr(v, "vocab_size", None)):
@@ -569,6 +572,11 @@ def input_options(model, cfg, gen) -> list[dict]:
             # patches flattened to (batch, patches, C x P x P) for a linear patch embedding
             # (Fuyu), tried after whole images
             opts.append({"pixel_values": torch.randn(BATCH, 4, c * p * p, generator=gen)})
+        t = _find(cfg, "temporal_patch_size")
+        if _is_int(p) and _is_int(t) and "image_grid_thw" not in params:
+            # one space-time patch an image, channels last (patches, T, P, P, C): an encoder
+            # that folds patches to depth itself (Inkling), tried last
+            opts.append({"pixel_values": torch.randn(BATCH, t, p, p, c, generator=gen)})
         mods["vision"] = opts
     audio = []
     if "input_features" in params:
@@ -609,6 +617,10 @@ def input_options(model, cfg, gen) -> list[dict]:
             audio += [{"input_values": torch.randn(BATCH, length if _is_int(length) else 64, mel,
                                                    generator=gen)}]
         audio += [{"input_values": torch.randn(BATCH, 1, 4000, generator=gen)}]
+    if "audio_input_ids" in params and _codebooks(cfg):
+        # audio as codes (audios, frames, codebooks): 3 frames an audio
+        books, size = _codebooks(cfg)
+        audio.append({"audio_input_ids": torch.randint(0, size, (BATCH, 3, books), generator=gen)})
     if audio:
         mods["audio"] = audio
     if "vision" in mods and "image_sizes" in params:  # each image's (height, width), when needed
@@ -728,6 +740,15 @@ def input_options(model, cfg, gen) -> list[dict]:
             s["bbox"] = torch.zeros(*s["input_ids"].shape, 4, dtype=torch.long)
         out.append(s)
     return out
+
+
+def _codebooks(cfg) -> tuple[int, int] | None:
+    """(codebooks, codes a codebook) of audio given as discrete codes, one per
+    codebook a frame (Inkling: ``n_mel_bins`` of ``mel_vocab_size``), or None
+    where the config names no codebooks."""
+    books = _find_int(cfg, ("num_codebooks", "n_mel_bins"))
+    size = _find_int(cfg, ("codebook_size", "mel_vocab_size"))
+    return None if books is None or size is None else (books, size)
 
 
 def _entities(cfg, gen) -> dict:
@@ -957,21 +978,49 @@ def build(model_type: str, base: bool):
     raise RuntimeError(f"no tiny config builds and runs ({len(errors)} tries); furthest: {first}")
 
 
-# Flags that switch forward to a path one call cannot take together with the
-# other (Granite-Docling's fine connector beside its coarse one): the same inputs
-# with the flag on are given as a further input set (``infer_spec(...,
-# more_inputs=...)``), so both paths' weights are aligned and checked.
+# Inputs that switch forward to a path one call cannot take together with the
+# other (Granite-Docling's fine connector beside its coarse one), or that only an
+# optional input reaches (Longformer's global attention, SAM 3's box prompts):
+# the same inputs with them added are a further input set (``infer_spec(...,
+# more_inputs=...)``), so both paths' weights are aligned and checked. Each entry:
+# a forward parameter that switches the path on, and what to add for it.
 def _all_samples_on(inputs: dict):
     """A per-sample flag, on for every sample (the batch of ``input_ids``, else of
     the first tensor input)."""
     import torch
+    return torch.ones(_first(inputs).shape[0], dtype=torch.bool)
+
+
+def _first(inputs: dict):
     first = inputs.get("input_ids")
-    if first is None:
-        first = next(v for v in inputs.values() if hasattr(v, "shape"))
-    return torch.ones(first.shape[0], dtype=torch.bool)
+    return first if first is not None else next(v for v in inputs.values() if hasattr(v, "shape"))
 
 
-MODE_FLAGS = {"tile_fine_mask": _all_samples_on, "fine": lambda inputs: True}
+def _global_first_token(inputs: dict) -> dict:
+    """Longformer / LED: the first token of every sample attends globally (as a
+    classification token does), the rest locally."""
+    import torch
+    ids = inputs.get("input_ids")
+    if ids is None:
+        return {}
+    mask = torch.zeros_like(ids)
+    mask[:, 0] = 1
+    return {"global_attention_mask": mask}
+
+
+def _one_box(inputs: dict) -> dict:
+    """A box prompt per image (SAM 3's geometry encoder): one positive box,
+    normalised (cx, cy, w, h), with its label."""
+    import torch
+    n = _first(inputs).shape[0]
+    return {"input_boxes": torch.tensor([[[0.5, 0.5, 0.4, 0.3]]] * n),
+            "input_boxes_labels": torch.ones(n, 1, dtype=torch.long)}
+
+
+MODE_INPUTS = {"tile_fine_mask": lambda inputs: {"tile_fine_mask": _all_samples_on(inputs)},
+               "fine": lambda inputs: {"fine": True},
+               "global_attention_mask": _global_first_token,
+               "input_boxes": _one_box}
 
 
 def _same(a: dict, b: dict) -> bool:
@@ -1030,16 +1079,20 @@ def reach_inputs(model, inputs: dict, limit: int = 2, scan: int = 12) -> list[di
 
 
 def mode_inputs(model, inputs: dict) -> list[dict]:
-    """``inputs`` with each mode flag forward takes switched on, where that runs;
+    """``inputs`` with each mode input forward takes added (:data:`MODE_INPUTS`),
+    where that runs;
     with as many image placeholders as the other path yields, where the model
     says so (:func:`_features_in`)."""
     import torch
     params = inspect.signature(model.forward).parameters
     out = []
-    for flag, value in MODE_FLAGS.items():
+    for flag, value in MODE_INPUTS.items():
         if flag not in params or flag in inputs:
             continue
-        more = {**inputs, flag: value(inputs)}
+        add = value(inputs)
+        if not add or not set(add) <= set(params):
+            continue
+        more = {**inputs, **add}
         try:
             _run(model, more)
         except Exception as e:  # noqa: BLE001 - maybe the placeholder count, else skip

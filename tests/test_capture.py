@@ -946,3 +946,112 @@ def test_auto_rebasin_with_more_inputs_verifies_each_set():
         text_only = ab.auto_rebasin(a, b, (x,), progress=False)
     with torch.no_grad():
         assert not torch.allclose(text_only.model(x, img), b(x, img), atol=1e-3)
+
+
+class _GlobalAttention(nn.Module):
+    """A path taken only when some token is marked global (Longformer's global
+    attention): a branch on the mask's values, which fx cannot trace (the
+    module becomes opaque) and torch.export cannot capture for every input."""
+
+    def __init__(self):
+        super().__init__()
+        self.local, self.glob = nn.Linear(16, 16), nn.Linear(16, 16)
+
+    def forward(self, h, mask):
+        out = self.local(h)
+        if mask.any():
+            out = out + self.glob(h) * mask[..., None]
+        return out
+
+
+class GlobalMask(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp, self.block, self.out = nn.Linear(8, 16), _GlobalAttention(), nn.Linear(16, 3)
+
+    def forward(self, x, mask):
+        return self.out(torch.relu(self.block(self.inp(x), mask)))
+
+
+def test_auto_takes_the_graph_of_the_inputs_branches_where_fx_left_a_module_opaque():
+    # fx makes the branching module opaque (its hidden units fixed); export cannot
+    # capture the branch for every input; the graph each input set takes (the mask off,
+    # then on) permutes the global path's units with the stream, checked on both sets
+    model = randomize_state_(GlobalMask().eval())
+    x, off = torch.randn(2, 5, 8), torch.zeros(2, 5)
+    on = off.clone()
+    on[:, 0] = 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        spec = infer_spec(model, (x, off), more_inputs=[(x, on)])
+    assert spec.capture == "export" and spec.coverage() == 1.0
+    assert any(m.param == "block.glob.weight" and m.axis == 0
+               for g in spec.groups.values() for m in g.members)
+    for inputs in ((x, off), (x, on)):
+        for seed in (0, 1):
+            assert ab.check_equivalence(model, spec, inputs, seed=seed) <= 1e-5
+
+
+class ScatterRows(nn.Module):
+    """One padded sequence appended after the valid part of another (SAM 3's
+    prompt concatenation): ``scatter`` along the tokens with an index expanded
+    over the hidden axis. ``vary`` makes the index differ along the hidden
+    axis, which must then stay fixed."""
+
+    def __init__(self, vary: bool = False):
+        super().__init__()
+        self.a, self.b, self.out = nn.Linear(8, 16), nn.Linear(8, 16), nn.Linear(16, 3)
+        self.vary = vary
+
+    def forward(self, x, y, valid):
+        B, T, _ = x.shape
+        S = y.shape[1]
+        seq = torch.zeros((B, T + S, 16))
+        seq[:, :T] = self.a(x)
+        index = torch.arange(S)[None].repeat(B, 1) + valid.long().sum(-1)[:, None]
+        index = index[:, :, None].expand(-1, -1, 16)
+        if self.vary:
+            index = index - torch.arange(16) % 2
+        seq = seq.scatter(1, index, self.b(y))
+        return self.out(torch.relu(seq))
+
+
+@pytest.mark.parametrize("vary", [False, True])
+def test_scatter_with_an_index_equal_along_the_hidden_axis_keeps_it_free(vary):
+    model = randomize_state_(ScatterRows(vary).eval())
+    x, y = torch.randn(2, 5, 8), torch.randn(2, 3, 8)
+    valid = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1.]])
+    spec = infer_spec(model, (x, y, valid), capture="export")
+    free = [m for g in spec.groups.values() for m in g.members]
+    if vary:
+        assert not any(m.param in ("a.weight", "b.weight") for m in free)
+        assert any("scatter" in why for _, why in spec.fixed_axes())
+    else:
+        assert spec.coverage() == 1.0
+        assert {(m.param, m.axis) for m in free} >= {("a.weight", 0), ("b.weight", 0), ("out.weight", 1)}
+    for seed in (0, 1):
+        assert ab.check_equivalence(model, spec, (x, y, valid), seed=seed) <= 1e-5
+
+
+class NarrowAtComputedStart(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.out = nn.Linear(8, 16), nn.Linear(16, 3)
+
+    def forward(self, x, start):
+        h = torch.relu(self.a(x))
+        return self.out(h.narrow(1, start.sum(), 2))
+
+
+def test_narrow_at_a_start_the_graph_computes_fixes_only_the_narrowed_axis():
+    # torch.export records aten.narrow.Tensor: which positions is unknown to the rule,
+    # so the token axis is fixed and the hidden units stay free
+    model = randomize_state_(NarrowAtComputedStart().eval())
+    x, start = torch.randn(2, 5, 8), torch.tensor([1, 1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = ab.trace_model(model, (x, start), capture="export")
+    assert any("narrow.Tensor" in str(n.target) for n in traced.gm.graph.nodes)
+    assert list(traced.spec.groups) == ["a:out"]
+    for seed in (0, 1):
+        assert ab.check_equivalence(model, traced.spec, (x, start), seed=seed) <= 1e-5

@@ -122,3 +122,32 @@ def test_zoo_hf_phi4_gets_images_audio_and_audio_alone():
     used = zoo_hf._used_modules(model, inputs) | zoo_hf._used_modules(model, more[0])
     assert any("up_proj_for_speech" in n for n in used)
     assert any("up_proj_for_vision_speech" in n for n in used)
+
+
+def test_zoo_hf_global_attention_and_box_prompts_are_further_input_sets():
+    # Longformer's global projections run only for tokens marked global, SAM 3's
+    # geometry encoder only with a box prompt: each comes as a further input set
+    model, inputs, _ = zoo_hf.build("longformer", False)
+    more = zoo_hf.mode_inputs(model, inputs)
+    assert [sorted(set(m) - set(inputs)) for m in more] == [["global_attention_mask"]]
+    mask = more[0]["global_attention_mask"]
+    assert mask[:, 0].eq(1).all() and mask[:, 1:].eq(0).all()
+    used = zoo_hf._used_modules(model, more[0])
+    assert any(n.endswith("query_global") for n in used)
+    assert not any(n.endswith("query_global") for n in zoo_hf._used_modules(model, inputs))
+    boxes = zoo_hf.MODE_INPUTS["input_boxes"]({"pixel_values": torch.zeros(2, 3, 8, 8)})
+    assert boxes["input_boxes"].shape == (2, 1, 4) and boxes["input_boxes_labels"].shape == (2, 1)
+
+
+def test_zoo_hf_audio_codes_and_space_time_patches_reach_inklings_towers():
+    # Inkling takes audio as codes (audios, frames, codebooks) and images as
+    # channels-last space-time patches, each with its placeholder tokens
+    model, inputs, _ = zoo_hf.build("inkling_mm_model", False)
+    cfg = model.config
+    assert inputs["audio_input_ids"].dim() == 3 and inputs["pixel_values"].dim() == 5
+    assert int(inputs["audio_input_ids"].max()) < cfg.audio_config.mel_vocab_size
+    ids = inputs["input_ids"]
+    assert (ids == cfg.audio_token_id).sum(1).eq(inputs["audio_input_ids"].shape[1]).all()
+    assert (ids == cfg.image_token_id).sum(1).eq(1).all()
+    used = zoo_hf._used_modules(model, inputs)
+    assert any("audio_tower" in n for n in used) and any("vision_tower" in n for n in used)

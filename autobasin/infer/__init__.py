@@ -579,7 +579,7 @@ def trace_model(model: nn.Module, example_inputs=None, *, opaque: Iterable = (),
     if example_inputs is None:
         example_inputs = default_inputs(model)
     inputs = as_inputs(example_inputs, model)
-    more = [as_inputs(m, model) for m in more_inputs]
+    more = [as_inputs(m, model) for m in (more_inputs or ())]
     if is_meta_model(model):
         inputs, more = inputs.to("meta"), [m.to("meta") for m in more]
     try:
@@ -598,13 +598,19 @@ def trace_model(model: nn.Module, example_inputs=None, *, opaque: Iterable = (),
         # fx left hidden axes fixed (an untraceable submodule, a module without
         # a rule, a weight computed by a hook or a parametrization): torch.export
         # looks through every module, so try it and keep the spec that permutes
-        # more. Both fail closed. (Not the graph of these inputs' branches: fx's
-        # opaque leaves hold for every input.)
-        try:
-            other = TracedModel(model, inputs, (), "export", outputs, fixed, concrete=False,
-                                symmetries=symmetries, more_inputs=more)
-        except Exception:  # noqa: BLE001 - export cannot capture it either: keep fx's
-            other = None
+        # more. Both fail closed. The graph torch.export captures for every input
+        # first; where it cannot (a branch on the inputs' values: Longformer's
+        # global attention), the graph of these inputs' branches, as when fx fails
+        # outright (it warns that it holds for these inputs' branches; refused
+        # where a branch reads the weights).
+        other = None
+        for concrete in (False, True):
+            try:
+                other = TracedModel(model, inputs, (), "export", outputs, fixed,
+                                    concrete=concrete, symmetries=symmetries, more_inputs=more)
+                break
+            except Exception:  # noqa: BLE001 - export cannot capture it either: keep fx's
+                continue
         if other is not None and other.spec.coverage() > spec.coverage() + 1e-9:
             traced = other
     _warn_unused(traced)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..registry import ALL, PERMUTATION, alias, rule
-from .common import broadcast_along_last, broadcast_layouts, norm_dim, pair_axes
+from .common import broadcast_along, broadcast_along_last, broadcast_layouts, norm_dim, pair_axes
 from .elementwise import elementwise_rule, constant_like, unary_rule
 from .linear import bilinear_rule, conv_rule, embedding_bag_rule, embedding_rule
 from .norm import group_norm_rule, layer_norm_rule, per_channel
@@ -175,13 +175,16 @@ def _scatter(ctx):
     along ``x``'s own axis ``dim`` (a router masking its top pick:
     ``scores.scatter(-1, top, -inf)``), permuting that axis renumbers the
     positions with it and the result is permuted the same way; the other
-    axes pair up with the index's (and a source's). Else every axis is fixed."""
+    axes pair up with the index's (and a source's). Else, the axes along which
+    the index is equal (expanded from length 1: whole rows scattered, SAM 3
+    appending one padded sequence to another) are written element for element:
+    each is one axis of ``x``, the source and the result; the rest are fixed."""
     x, index = ctx.args[0], ctx.arg(2, "index")
     lay = list(ctx.layout(x))
     dim = norm_dim(ctx.value(ctx.arg(1, "dim")), len(lay))
     src = ctx.arg(3, "src", ctx.kwargs.get("value"))
     if ctx.positions(index) is None:
-        return _write_at_positions(ctx)
+        return _scatter_rows(ctx, index, src, lay, dim)
     ctx.union(lay[dim], ctx.positions(index))
     ctx.consume(index)
     shape = ctx.shape(x)
@@ -196,6 +199,31 @@ def _scatter(ctx):
                 ctx.union(t_lay[dim], ctx.layout(index)[dim])
             else:
                 ctx.block(t_lay[dim], "scattered in part")
+    return lay
+
+
+def _scatter_rows(ctx, index, src, lay: list, dim: int) -> list:
+    """``scatter`` whose index is equal along some axes other than ``dim``: see
+    :func:`_scatter`. Nothing of the kind: every axis fixed."""
+    shape, i_shape = ctx.shape(ctx.args[0]), ctx.shape(index)
+    n = len(shape)
+    tensors = [ctx.layout(src)] if ctx.is_tensor(src) else []
+    sizes = [shape, i_shape] + ([ctx.shape(src)] if tensors else [])
+    if any(len(sz) != n for sz in sizes):
+        return _write_at_positions(ctx)
+    free = [k for k in range(n) if k != dim and len({sz[k] for sz in sizes}) == 1
+            and broadcast_along(ctx, index, k - n)]
+    if not free:
+        return _write_at_positions(ctx)
+    why = f"{ctx.op_name} writes at indexed positions"
+    i_lay = ctx.layout(index)
+    for k in range(n):
+        if k in free:  # the index is equal along it: nothing to block there
+            for t_lay in tensors:
+                ctx.union(lay[k], t_lay[k])
+        else:
+            for a in [lay[k], i_lay[k]] + [t_lay[k] for t_lay in tensors]:
+                ctx.block(a, why)
     return lay
 
 

@@ -93,22 +93,29 @@ def broadcast_along_last(ctx: Context, node, depth: int = 8) -> bool:
     """Is ``node`` equal along its last axis whatever the values: length 1
     there (it broadcasts), or an expand of such a tensor, through casts and
     copies? (fx method calls and ATen ops alike.)"""
+    return broadcast_along(ctx, node, -1, depth)
+
+
+def broadcast_along(ctx: Context, node, axis: int, depth: int = 8) -> bool:
+    """Is ``node`` equal along ``axis`` (counted from the end: -1 the last)
+    whatever the values: length 1 there, or an expand of a tensor that has
+    length 1 there or lacks that axis, through casts and copies?"""
     def shape(n):
         m = ctx.meta(n) if isinstance(n, fx.Node) else None
         return tuple(m.shape) if is_tensor_meta(m) else None
 
     for _ in range(depth):
         out = shape(node)
-        if out is None:
+        if out is None or -axis > max(len(out), 1):
             return False
-        if len(out) == 0 or out[-1] == 1:
+        if len(out) == 0 or out[axis] == 1:
             return True
         if node.op not in ("call_function", "call_method"):
             return False
         name = op_name_of(node.target)
         if name in ("expand", "expand_as", "broadcast_to"):
             src = shape(node.args[0])
-            return src is not None and (len(src) < len(out) or src[-1] == 1)
+            return src is not None and (len(src) < -axis or src[axis] == 1)
         if name not in VALUE_COPIES:
             return False
         node = node.args[0]

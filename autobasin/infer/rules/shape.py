@@ -225,6 +225,11 @@ def _narrow(ctx):
     dim = norm_dim(ctx.value(ctx.arg(1, "dim")), len(shape))
     start = ctx.value(ctx.arg(2, "start"))
     length = ctx.value(ctx.arg(3, "length"))
+    if start is None:  # narrow.Tensor: a start the graph computes; which positions is unknown
+        lay = list(ctx.layout(x))
+        why = "narrowed at a start computed in the graph"
+        ctx.block(lay[dim], why)
+        return lay[:dim] + [ctx.new(ctx.shape()[dim], why)] + lay[dim + 1:]
     start = start % shape[dim] if start < 0 else start
     return split_outputs(ctx, x, dim, [start, length, shape[dim] - start - length])[1]
 
