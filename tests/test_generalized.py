@@ -286,6 +286,36 @@ def test_generalized_ste_lowers_the_midpoint_loss():
     assert midpoint_loss(s.model) < midpoint_loss(w.model)
 
 
+def test_generalized_ste_over_the_whole_path_lowers_its_points_off_the_midpoint():
+    """path="uniform": each step lowers the loss at a point of the path drawn
+    uniformly, so the points beside the midpoint come down too; B' still computes B."""
+    from torch.func import functional_call
+    torch.set_num_threads(1)
+    torch.manual_seed(3)
+    a, b = MLP(), MLP()
+    x = torch.randn(256, 8)
+    y = (x[:, 0] > 0).long() + 2 * (x[:, 1] > 0).long()
+    data = [(x[i:i + 32], y[i:i + 32]) for i in range(0, 256, 32)] * 4
+
+    def path_loss(bb, lam):
+        sd = {k: (1 - lam) * v + lam * bb.state_dict()[k] for k, v in a.state_dict().items()}
+        return float(F.cross_entropy(functional_call(a, sd, (x,)), y))
+    w = auto_rebasin(a, b, x[:4], symmetries="all", progress=False)
+    s = auto_rebasin(a, b, x[:4], method="ste", data=data, symmetries="all", progress=False,
+                     path="uniform")
+    assert s.verify_error < 1e-5 and s.matching.history
+    for lam in (0.25, 0.5, 0.75):
+        assert path_loss(s.model, lam) < path_loss(w.model, lam), lam
+    for bad in ("ends", (0.7, 0.3), (0.5, 1.5)):
+        with pytest.raises(ValueError, match="path="):
+            auto_rebasin(a, b, x[:4], method="ste", data=data, symmetries="all",
+                         progress=False, path=bad)
+    # a range around the middle: still exact, and its midpoint below weight matching's
+    r = auto_rebasin(a, b, x[:4], method="ste", data=data, symmetries="all", progress=False,
+                     path=(0.4, 0.6))
+    assert r.verify_error < 1e-5 and path_loss(r.model, 0.5) < path_loss(w.model, 0.5)
+
+
 # ------------------------------------------------------------------ folding norms
 def _perturbed(model):
     with torch.no_grad():

@@ -603,7 +603,8 @@ def _cayley(k: torch.Tensor) -> torch.Tensor:
 def general_ste_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, data,
                          epochs: int = 1, lr: float = 1e-2, seed: int = 0,
                          max_steps: int | None = None, max_condition: float = 1e4,
-                         max_iter: int = 100, loss_fn=None, **_ignored) -> GeneralMatching:
+                         max_iter: int = 100, loss_fn=None, path: str = "midpoint",
+                         **_ignored) -> GeneralMatching:
     """Elements that lower the loss of the A-B midpoint, for specs beyond permutations.
 
     The permutation groups come from :func:`~autobasin.match.ste.ste_matching`
@@ -616,6 +617,12 @@ def general_ste_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, data
     B computes, so only the midpoint moves. A refined element whose condition
     number reaches ``max_condition`` is refused (its starting point is kept).
     ``loss_fn(output, batch)``: default :func:`autobasin.batches.default_loss`.
+    ``path``: where on the path each step lowers the loss: ``"midpoint"``
+    (``lam = 0.5``), ``"uniform"`` (``lam`` drawn uniformly from (0, 1), seeded),
+    or a range ``(lo, hi)`` to draw ``lam`` from, at ``(1 - lam) A + lam T(B)``.
+    A barrier is the path's maximum, which need not sit at the midpoint: trained
+    at the midpoint alone, the peak moves beside it (a Llama-style LM: 0.6), and
+    a narrow range around the middle, ``(0.4, 0.6)``, brings that down too.
     """
     import warnings
     from torch.func import functional_call
@@ -652,6 +659,14 @@ def general_ste_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, data
                 out[g] = start[g] * torch.exp(k)[None, :]
         return out
 
+    if isinstance(path, str) and path in ("midpoint", "uniform"):
+        lo, hi = (0.5, 0.5) if path == "midpoint" else (0.0, 1.0)
+    elif isinstance(path, (tuple, list)) and len(path) == 2 and 0 <= path[0] <= path[1] <= 1:
+        lo, hi = float(path[0]), float(path[1])
+    else:
+        raise ValueError(f"path={path!r}; choose 'midpoint', 'uniform' or a range (lo, hi) "
+                         "within [0, 1]")
+    draw = torch.Generator().manual_seed(seed)
     history = []
     if free and data:
         sa = {k: v.detach() for k, v in a.state_dict().items()}
@@ -666,8 +681,9 @@ def general_ste_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, data
                     if max_steps is not None and step >= max_steps:
                         break
                     moved = _elements_applied(spec, sb, elements())
-                    mid = {k: (sa[k] + moved.get(k, sb[k])) / 2 if sa[k].is_floating_point()
-                           else sa[k] for k in sa}
+                    lam = lo + (hi - lo) * float(torch.rand((), generator=draw))
+                    mid = {k: (1 - lam) * sa[k] + lam * moved.get(k, sb[k])
+                           if sa[k].is_floating_point() else sa[k] for k in sa}
                     inputs = batch_inputs(batch, model=a)
                     out = functional_call(a, mid, inputs.args, inputs.kwargs)
                     loss = loss_fn(out, batch)
