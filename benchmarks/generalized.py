@@ -239,7 +239,7 @@ def render(results: dict, fams: dict, args, seconds: float, when: str) -> str:
         ratio = gen / naive if naive > 0 else float("nan")
         verdict = "met" if ratio <= TARGET and perm / naive > TARGET else "not met"
         lines.append(f"- {fams[key]['title']}: best generalized ({best}) {gen:.4f} = "
-                     f"{ratio:.2f}× naive ({naive:.4f}), weight matching alone "
+                     f"{ratio:.3f}× naive ({naive:.4f}), weight matching alone "
                      f"{weights / naive:.2f}×; permutations alone {perm:.4f} = "
                      f"{perm / naive:.2f}×: target **{verdict}**")
     lines += ["", "![held-out loss along the path](generalized.png)", ""]
