@@ -266,29 +266,9 @@ def test_generalized_matching_beats_permutations_on_independent_models():
     assert gen.verify_error < 1e-4
 
 
-def test_generalized_ste_lowers_the_midpoint_loss():
-    """method="ste" with general groups: the continuous elements are refined on the
-    midpoint's loss, from the weight-matching start, and B' still computes B."""
-    from torch.func import functional_call
-    torch.set_num_threads(1)
-    torch.manual_seed(3)
-    a, b = MLP(), MLP()
-    x = torch.randn(256, 8)
-    y = (x[:, 0] > 0).long() + 2 * (x[:, 1] > 0).long()
-    data = [(x[i:i + 32], y[i:i + 32]) for i in range(0, 256, 32)] * 4
-
-    def midpoint_loss(bb):
-        mid = {k: (v + bb.state_dict()[k]) / 2 for k, v in a.state_dict().items()}
-        return float(F.cross_entropy(functional_call(a, mid, (x,)), y))
-    w = auto_rebasin(a, b, x[:4], symmetries="all", progress=False)
-    s = auto_rebasin(a, b, x[:4], method="ste", data=data, symmetries="all", progress=False)
-    assert s.verify_error < 1e-5 and s.matching.history
-    assert midpoint_loss(s.model) < midpoint_loss(w.model)
-
-
-def test_generalized_ste_over_the_whole_path_lowers_its_points_off_the_midpoint():
-    """path="uniform": each step lowers the loss at a point of the path drawn
-    uniformly, so the points beside the midpoint come down too; B' still computes B."""
+def _ste_case():
+    """Two MLPs, a 4-class task on 256 points in batches of 32 (4 passes), and the
+    loss at ``(1 - lam) A + lam B'`` for an aligned ``B'``."""
     from torch.func import functional_call
     torch.set_num_threads(1)
     torch.manual_seed(3)
@@ -300,6 +280,23 @@ def test_generalized_ste_over_the_whole_path_lowers_its_points_off_the_midpoint(
     def path_loss(bb, lam):
         sd = {k: (1 - lam) * v + lam * bb.state_dict()[k] for k, v in a.state_dict().items()}
         return float(F.cross_entropy(functional_call(a, sd, (x,)), y))
+    return a, b, x, data, path_loss
+
+
+def test_generalized_ste_lowers_the_midpoint_loss():
+    """method="ste" with general groups: the continuous elements are refined on the
+    midpoint's loss, from the weight-matching start, and B' still computes B."""
+    a, b, x, data, path_loss = _ste_case()
+    w = auto_rebasin(a, b, x[:4], symmetries="all", progress=False)
+    s = auto_rebasin(a, b, x[:4], method="ste", data=data, symmetries="all", progress=False)
+    assert s.verify_error < 1e-5 and s.matching.history
+    assert path_loss(s.model, 0.5) < path_loss(w.model, 0.5)
+
+
+def test_generalized_ste_over_the_whole_path_lowers_its_points_off_the_midpoint():
+    """path="uniform": each step lowers the loss at a point of the path drawn
+    uniformly, so the points beside the midpoint come down too; B' still computes B."""
+    a, b, x, data, path_loss = _ste_case()
     w = auto_rebasin(a, b, x[:4], symmetries="all", progress=False)
     s = auto_rebasin(a, b, x[:4], method="ste", data=data, symmetries="all", progress=False,
                      path="uniform")
