@@ -602,15 +602,21 @@ def trace_model(model: nn.Module, example_inputs=None, *, opaque: Iterable = (),
         # first; where it cannot (a branch on the inputs' values: Longformer's
         # global attention), the graph of these inputs' branches, as when fx fails
         # outright (it warns that it holds for these inputs' branches; refused
-        # where a branch reads the weights).
+        # where a branch reads the weights). That graph is taken only when the
+        # inputs read every weight: fx's opaque module holds for every input, and
+        # a weight no example reads belongs to a branch they did not take
+        # (Longformer's global projections without a global_attention_mask),
+        # which the branch graph would leave unpermuted while its inputs move.
         other = None
         for concrete in (False, True):
             try:
                 other = TracedModel(model, inputs, (), "export", outputs, fixed,
                                     concrete=concrete, symmetries=symmetries, more_inputs=more)
-                break
             except Exception:  # noqa: BLE001 - export cannot capture it either: keep fx's
                 continue
+            if concrete and other.unused_tensors():
+                other = None
+            break
         if other is not None and other.spec.coverage() > spec.coverage() + 1e-9:
             traced = other
     _warn_unused(traced)
