@@ -307,6 +307,8 @@ def test_generalized_ste_over_the_whole_path_lowers_its_points_off_the_midpoint(
         with pytest.raises(ValueError, match="path="):
             auto_rebasin(a, b, x[:4], method="ste", data=data, symmetries="all",
                          progress=False, path=bad)
+    with pytest.raises(ValueError, match="beyond permutations"):  # permutation STE: midpoint only
+        auto_rebasin(a, b, x[:4], method="ste", data=data, progress=False, path="uniform")
     # a range around the middle: still exact, and its midpoint below weight matching's
     r = auto_rebasin(a, b, x[:4], method="ste", data=data, symmetries="all", progress=False,
                      path=(0.4, 0.6))

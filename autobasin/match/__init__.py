@@ -74,6 +74,10 @@ def _ste(spec: PermutationSpec, a: nn.Module, b: nn.Module, data: Iterable | Non
          seed: int = 0, progress: bool = True, **kw: Any) -> STEMatching | GeneralMatching:
     if spec.is_general:  # the continuous groups learned on the midpoint's loss
         return general_ste_matching(spec, a, b, data, seed=seed, **kw)
+    path = kw.pop("path", "midpoint")
+    if path != "midpoint":
+        raise ValueError(f"path={path!r} applies to STE with symmetries beyond permutations "
+                         "(symmetries='all' and the like); permutation STE trains at the midpoint")
     return ste_matching(spec, a, b, data, seed=seed, progress=progress, **kw)
 
 
