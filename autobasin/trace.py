@@ -451,6 +451,7 @@ def export_trace(model: nn.Module, inputs, concrete: bool = True) -> tuple[fx.Gr
             why = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
         try:
             out = concrete_aten_trace(model, inputs)
+            out[0].meta["branches_taken"] = True  # holds for these inputs' branches only
         except Exception as again:  # noqa: BLE001 - report both
             e.add_note(f"the ATen graph on the example inputs could not be traced either: "
                        f"{type(again).__name__}: {(str(again).strip().splitlines() or [''])[0]}")

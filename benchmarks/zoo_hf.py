@@ -1608,13 +1608,16 @@ def main(argv: list[str] | None = None) -> int:
                         "running anything")
     args = p.parse_args(argv)
 
-    if args.render:
-        out = Path(args.out)
+    def published(flag: str) -> dict:
         try:
-            doc = json.loads((out / "zoo_hf.json").read_text())
+            return json.loads((Path(args.out) / "zoo_hf.json").read_text())
         except (OSError, ValueError) as e:
-            p.error(f"--render: cannot read {out / 'zoo_hf.json'} ({e}); run the full sweep first")
-        write_report(doc["rows"], out, "zoo_hf", argv, 0.0, 1, doc["meta"])
+            p.error(f"{flag}: cannot read {Path(args.out) / 'zoo_hf.json'} ({e}); "
+                    "run the full sweep first")
+
+    if args.render:
+        doc = published("--render")
+        write_report(doc["rows"], Path(args.out), "zoo_hf", argv, 0.0, 1, doc["meta"])
         return 0
 
     ensure_importable()
@@ -1628,10 +1631,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.update:
         if not args.only or args.base:
             p.error("--update needs --only (the types to re-run) and no --base")
-        try:
-            base_doc = json.loads((out / "zoo_hf.json").read_text())
-        except (OSError, ValueError) as e:
-            p.error(f"--update: cannot read {out / 'zoo_hf.json'} ({e}); run the full sweep first")
+        base_doc = published("--update")
         stem = "zoo_hf"
     t0 = time.monotonic()
     entries = all_types()

@@ -121,8 +121,12 @@ class TracedModel:
         # carries one permutation that holds on every set; the first set's graph
         # stays the one diagnoses and activation sites use.
         self.more_inputs = list(more_inputs)
+        # whether some set's graph is the one its branches take (export_trace's
+        # fallback), not one that holds for every input
+        self.branches_taken = bool(self.gm.meta.get("branches_taken"))
         for more in self.more_inputs:
             gm, flat, opaque_more, _ = capture_graph(model, more, opaque, self.capture, concrete)
+            self.branches_taken |= bool(gm.meta.get("branches_taken"))
             self._walk(model, more, gm, flat, log=self.graph.log,
                        distributions=self.graph.distributions)
             self.opaque_modules.update(opaque_more)
@@ -607,16 +611,13 @@ def trace_model(model: nn.Module, example_inputs=None, *, opaque: Iterable = (),
         # a weight no example reads belongs to a branch they did not take
         # (Longformer's global projections without a global_attention_mask),
         # which the branch graph would leave unpermuted while its inputs move.
-        other = None
-        for concrete in (False, True):
-            try:
-                other = TracedModel(model, inputs, (), "export", outputs, fixed,
-                                    concrete=concrete, symmetries=symmetries, more_inputs=more)
-            except Exception:  # noqa: BLE001 - export cannot capture it either: keep fx's
-                continue
-            if concrete and other.unused_tensors():
-                other = None
-            break
+        try:
+            other = TracedModel(model, inputs, (), "export", outputs, fixed,
+                                symmetries=symmetries, more_inputs=more)
+        except Exception:  # noqa: BLE001 - export cannot capture it either: keep fx's
+            other = None
+        if other is not None and other.branches_taken and other.unused_tensors():
+            other = None
         if other is not None and other.spec.coverage() > spec.coverage() + 1e-9:
             traced = other
     _warn_unused(traced)

@@ -406,7 +406,7 @@ def _norm64(tensors) -> float:
     """The 2-norm of all ``tensors`` together, summed in float64 a slice at a time
     (a whole float64 copy of each would cost twice the model in passing)."""
     return math.sqrt(sum(float(torch.linalg.vector_norm(piece, dtype=torch.float64)) ** 2
-                         for t in tensors for piece in t.reshape(-1).split(1 << 18)))
+                         for t in tensors for piece in t.reshape(-1).split(_CHUNK)))
 
 
 def _dot_permuted(a: torch.Tensor, b: torch.Tensor, members: list[tuple[str, Member]],
