@@ -286,8 +286,10 @@ def plot(results: dict, fams: dict, path: Path) -> None:
         ax.set_title(fams[key]["title"])
         ax.set_xlabel("λ (A → aligned B)")
         ax.set_ylabel("held-out loss")
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
+    # one legend below the panels: inside one, its ten entries hid the curves' peaks
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=5, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
