@@ -14,11 +14,12 @@ the worker
    ``vision_config``, ``encoder``/``decoder``, ...) shrunk the same way, then
    the few documented per-type overrides of :data:`OVERRIDES`. When a model
    does not build or run at that size, milder levels are tried
-   (:data:`LEVELS`: no generic shrinking of unnamed sizes, then 64x64 images,
+   (:data:`LEVELS`: as many key-value heads as heads, then no generic shrinking
+   of unnamed sizes, then 64x64 images,
    then only the depth, then the defaults), each only under
    :data:`MAX_PARAMS` parameters (counted on the meta device first);
 2. builds the type's model with transformers' own head when it has one (the
-   first of :data:`HEADS` that maps the type: ``...ForConditionalGeneration``,
+   first of :data:`HEAD_MAPPINGS` that maps the type: ``...ForConditionalGeneration``,
    ``...ForMaskedLM``, ``...ForCausalLM``, ``...ForImageClassification``, ...;
    it contains the base model), else the base model class, with
    ``attn_implementation="sdpa"`` (``"eager"`` when sdpa is not supported),
@@ -122,6 +123,7 @@ SEQ, DEC_SEQ, BATCH = 8, 5, 2
 # vocabulary are moved above it
 ID_LIMIT = 99
 
+KV_KEYS = ("num_key_value_heads", "num_kv_heads", "multi_query_group_num", "n_head_kv", "num_kv")
 # named config fields and their tiny values (a field is set only when the
 # config has it and its default is an int)
 NAMED = {
@@ -138,8 +140,7 @@ NAMED = {
     **dict.fromkeys(("num_attention_heads", "n_head", "n_heads", "num_heads",
                      "encoder_attention_heads", "decoder_attention_heads",
                      "num_encoder_attention_heads", "num_decoder_attention_heads"), HEADS),
-    **dict.fromkeys(("num_key_value_heads", "num_kv_heads", "multi_query_group_num",
-                     "n_head_kv", "num_kv"), KV_HEADS),
+    **dict.fromkeys(KV_KEYS, KV_HEADS),
     **dict.fromkeys(("head_dim", "d_kv", "kv_channels", "attention_head_dim",
                      "attention_head_size"), HIDDEN // HEADS),
     "rotary_dim": HIDDEN // HEADS // 2,
@@ -161,7 +162,9 @@ NAMED = {
     # (rope part = head_dim: DeepSeek's rotary embedding is sized by head_dim)
     "qk_rope_head_dim": 16, "qk_nope_head_dim": 16, "v_head_dim": 16, "qk_head_dim": 32,
     # embeddings
-    **dict.fromkeys(("vocab_size", "n_vocab", "entity_vocab_size"), VOCAB),
+    **dict.fromkeys(("vocab_size", "n_vocab", "entity_vocab_size",
+                     # Gemma 3n / 4: a second embedding table, of per-layer inputs
+                     "vocab_size_per_layer_input"), VOCAB),
     **dict.fromkeys(("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len",
                      "max_sequence_length", "max_target_positions", "max_text_len"), POSITIONS),
     "max_source_positions": 64,
@@ -218,6 +221,8 @@ OVERRIDES: dict[str, tuple[dict, str]] = {
                         "vocabulary, and its audio encoder's depth (num_blocks, 24) and "
                         "convolution widths (1024, which must equal its hidden size) have names "
                         "the generic shrinking does not know"),
+    "mamba2": ({"num_heads": 8},
+               "its heads x head_dim must equal expand x hidden_size (2 x 64 = 8 x 16)"),
     **dict.fromkeys(("minicpm_ocr", "minicpmv4_6", "minicpmv4_7"), (
         {"image_token_id": 100, "video_token_id": 101},
         "its default config names no image or video token (without one forward skips the "
@@ -230,18 +235,22 @@ def _merge(base: dict, override: dict) -> dict:
     return {**base, **{k: _merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict)
                        else v for k, v in override.items()}}
 
-# (label, generic shrink of unnamed sizes, image side, shrink widths)
+# (label, generic shrink of unnamed sizes, image side, shrink widths, key-value
+# heads: KV_HEADS, or HEADS where a model has no grouped-query attention: DeepSeek's
+# latent attention repeats its keys by heads / kv heads although every head has its
+# own, and some configs refuse kv heads != heads)
 LEVELS = (
-    ("tiny", True, IMAGE, True),
-    ("tiny-named", False, IMAGE, True),
-    ("tiny-img64", False, 64, True),
-    ("shallow", False, None, False),
-    ("default", False, None, None),
+    ("tiny", True, IMAGE, True, KV_HEADS),
+    ("tiny-mha", True, IMAGE, True, HEADS),
+    ("tiny-named", False, IMAGE, True, KV_HEADS),
+    ("tiny-img64", False, 64, True, KV_HEADS),
+    ("shallow", False, None, False, KV_HEADS),
+    ("default", False, None, None, KV_HEADS),
 )
 
 # transformers' head mappings, in order of preference; the first that maps a
 # type gives its model (a head keeps the residual stream hidden)
-HEADS = ("MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", "MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES",
+HEAD_MAPPINGS = ("MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", "MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES",
          "MODEL_FOR_MASKED_LM_MAPPING_NAMES", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
          "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES", "MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES",
          "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES", "MODEL_FOR_CTC_MAPPING_NAMES",
@@ -266,7 +275,7 @@ DEPTH_KEYS = ("num_hidden_layers", "n_layer", "n_layers", "num_layers", "encoder
               "num_vision_layers", "depth")
 WIDTH_KEYS = ("hidden_size", "d_model", "n_embd", "dim")
 # fields that may default to None, meaning "set me" (a model does not build without them)
-NONE_SET = ("vocab_size", "n_routed_experts", "num_experts_per_tok")
+NONE_SET = ("vocab_size", "n_routed_experts", "num_experts_per_tok", "head_dim", "n_shared_experts")
 
 
 def _widths(d: dict) -> set[int]:
@@ -281,7 +290,7 @@ def _widths(d: dict) -> set[int]:
 
 
 def shrink_kwargs(cfg, generic: bool, image: int | None, widths: bool | None,
-                  stream_widths: set[int] | None = None) -> dict:
+                  stream_widths: set[int] | None = None, kv_heads: int = KV_HEADS) -> dict:
     """Config kwargs that make ``cfg`` (a default config) tiny; sub-configs
     are returned as dicts (their defaults updated with their own shrunk
     kwargs). ``widths`` False: only the depth; None: nothing but the
@@ -312,7 +321,7 @@ def shrink_kwargs(cfg, generic: bool, image: int | None, widths: bool | None,
     for k in subs:
         sub = getattr(cfg, k, None)
         if isinstance(sub, PretrainedConfig):
-            kw = shrink_kwargs(sub, generic, image, widths, stream_widths)
+            kw = shrink_kwargs(sub, generic, image, widths, stream_widths, kv_heads)
             out[k] = {**sub.to_dict(), **kw}
     if widths is None:
         return out
@@ -322,7 +331,7 @@ def shrink_kwargs(cfg, generic: bool, image: int | None, widths: bool | None,
         if k in NAMED and (_is_int(v) or v is None and k in NONE_SET):
             if not widths and k not in DEPTH_KEYS:
                 continue
-            new = NAMED[k]
+            new = kv_heads if NAMED[k] == KV_HEADS and k in KV_KEYS else NAMED[k]
             if k in ("projection_dim", "projection_size") and v in stream_widths:
                 new = HIDDEN  # a projection into a residual stream keeps its width
             if v is None or v > new or k == "first_k_dense_replace":
@@ -389,17 +398,23 @@ def shrink_kwargs(cfg, generic: bool, image: int | None, widths: bool | None,
     # sections for the full-size head: sections in the same proportions (1 : 1.5 : 1.5)
     # that add up to the tiny head's rotary half. (An interleaved layout, Qwen3-VL's, takes
     # every third frequency and runs at any head size.)
+    # A config that states sections for the full-size head (Cosmos 3 Edge, HY-V4-VL) gets
+    # them the same way when they do not add up to the tiny head's rotary half.
     ignored = getattr(type(cfg), "ignore_keys_at_rope_validation", None) or ()
     rope = d.get("rope_parameters")
-    if widths and "mrope_section" in ignored and "mrope_interleaved" not in ignored and \
-            isinstance(rope, dict) and "mrope_section" not in rope:
+    stated = rope.get("mrope_section") if isinstance(rope, dict) else None
+    if widths and isinstance(rope, dict) and (
+            "mrope_section" in ignored and "mrope_interleaved" not in ignored and stated is None
+            or isinstance(stated, list) and len(stated) == 3 and all(_is_int(x) for x in stated)):
         new = {**d, **out}
         hidden, heads = new.get("hidden_size"), new.get("num_attention_heads")
-        head_dim = new.get("head_dim") if _is_int(new.get("head_dim")) else \
+        # DeepSeek-style latent attention rotates only its qk_rope_head_dim part
+        head_dim = new.get("qk_rope_head_dim") if _is_int(new.get("qk_rope_head_dim")) else \
+            new.get("head_dim") if _is_int(new.get("head_dim")) else \
             hidden // heads if _is_int(hidden) and _is_int(heads) and heads else None
         half = int(head_dim * rope.get("partial_rotary_factor", new.get("partial_rotary_factor")
                                        or 1.0)) // 2 if head_dim else 0
-        if half >= 3:
+        if half >= 3 and (stated is None or sum(stated) != half):
             t = max(1, half // 4)
             out["rope_parameters"] = {**rope, "mrope_section": [t, (half - t) // 2,
                                                                 half - t - (half - t) // 2]}
@@ -450,7 +465,7 @@ def model_classes(model_type: str, base: bool) -> list[str]:
     from transformers.models.auto import modeling_auto as ma
     names = []
     if not base:
-        for mapping in HEADS:
+        for mapping in HEAD_MAPPINGS:
             c = getattr(ma, mapping, {}).get(model_type)
             if isinstance(c, (list, tuple)):
                 c = c[0]
@@ -542,13 +557,10 @@ def input_options(model, cfg, gen) -> list[dict]:
                 if _is_int(side):
                     for o in opts:
                         o[name] = torch.randn(BATCH, c, side, side, generator=gen)
-        if "image_grid_thw" in params:  # Qwen-VL style: flat patches and each image's grid
-            grids = _patch_grids(cfg, gen)
-            if "image_merge_sizes" in params:
-                for o in grids:
-                    o["image_merge_sizes"] = torch.full((BATCH,), _find(cfg, "spatial_merge_size")
-                                                        or 1, dtype=torch.long)
-            opts[0:0] = grids
+        if "image_grid_thw" in params or "grid_thw" in params:
+            # Qwen-VL style: flat patches and each image's grid (``grid_thw``: a vision
+            # tower called on its own)
+            opts[0:0] = _grid_inputs(cfg, gen, params)
         if _is_int(frames):
             opts.insert(0, {"pixel_values": torch.randn(BATCH, frames, c, h, w, generator=gen)})
         if "spatial_shapes" in params and _is_int(p):
@@ -649,6 +661,9 @@ def input_options(model, cfg, gen) -> list[dict]:
             if o["pixel_values"].dim() == 4 and len(o) == 1]
         if not mods["video"]:
             del mods["video"]
+    if "hidden_states" in params and "grid_thw" in params and "vision" not in mods:
+        # a Qwen-VL-style vision tower called on its own, its patches named hidden_states
+        mods["tower"] = _grid_inputs(cfg, gen, params, image="hidden_states")
     if "image_pixel_values" in params and "vision" not in mods:
         # Phi-4-multimodal's HD crops: (batch, 1 global + crops, C, crop, crop), each
         # image's size, and a mask of the patches of each crop; one crop a side
@@ -809,6 +824,29 @@ def _patch_grids(cfg, gen) -> list[dict]:
     return opts
 
 
+def _grid_inputs(cfg, gen, params, image: str = "pixel_values") -> list[dict]:
+    """:func:`_patch_grids` under the names ``forward`` takes: the patches as ``image``,
+    the grids as ``image_grid_thw`` (a VLM) or ``grid_thw`` (its tower alone), each
+    image's merge size where it takes that too."""
+    import torch
+    grid = "image_grid_thw" if "image_grid_thw" in params else "grid_thw"
+    merges = next((k for k in ("image_merge_sizes", "merge_sizes") if k in params), None)
+    p = _find(cfg, "patch_size")
+    p = p[0] if isinstance(p, (list, tuple)) and p else p
+    out = []
+    for flat in _patch_grids(cfg, gen):
+        x = flat["pixel_values"]
+        # the flat patches, then (a conv patch embedding: Kimi K2.5) as (patches, C, P, P)
+        shapes = [x] + ([x.view(len(x), -1, p, p)] if _is_int(p) and x.shape[1] % (p * p) == 0 else [])
+        for x in shapes:
+            o = {image: x, grid: flat["image_grid_thw"]}
+            if merges:
+                o[merges] = torch.full((BATCH,), _find(cfg, "spatial_merge_size") or 1,
+                                       dtype=torch.long)
+            out.append(o)
+    return out
+
+
 def torch_cat_twice(x):
     import torch
     return torch.cat([x, x.flip(-1)], -1)
@@ -921,8 +959,8 @@ def build(model_type: str, base: bool):
     default = cfg_cls()
     classes = model_classes(model_type, base)
     errors: list[tuple[int, str]] = []  # (how far it got: 0 config .. 3 forward, message)
-    for label, generic, image, widths in LEVELS:
-        kw = shrink_kwargs(default, generic, image, widths)
+    for label, generic, image, widths, kv_heads in LEVELS:
+        kw = shrink_kwargs(default, generic, image, widths, kv_heads=kv_heads)
         override, _why = OVERRIDES.get(model_type, ({}, ""))
         if widths is not None:  # nested configs (vision_config) are merged, not replaced
             kw = _merge(kw, override)
@@ -1347,6 +1385,16 @@ SHORT_CAUSES = {
     "deepseek_v4": "its hash-routed layers read expert ids from a checkpoint table (tid2eid): "
                    "permuting experts would relabel the table's values, which a spec does not "
                    "express; its compression RoPE frequencies are outside the state_dict",
+    "longcat_flash": "its router also picks among zero-computation experts (ids past the real "
+                     "experts), whose slots it turns into identity outputs and re-maps to real "
+                     "expert ids with weight 0 (`ge` and `where` on the ids): the ids no longer "
+                     "name router outputs one to one, so the experts stay fixed",
+    "kimi_k25": "its vision tower adds a time-position table outside the state_dict to its stream "
+                "(which therefore has no permutation), and its projector pools the frames of each "
+                "merged patch by index_add: the merge kernel's positions are no symmetry",
+    "dots3_note": "no head class: the base model, whose latent attention and sparse-attention "
+                  "indexer keep their RoPE dimensions fixed (a large share of their weights at the "
+                  "tiny size), and whose audio tower the sweep's input sets do not reach",
     "kosmos-2.5": "its text decoder adds a sinusoidal table outside the state_dict to the "
                   "residual stream, which therefore has no permutation; its image path takes "
                   "flattened patches the sweep does not build",
@@ -1482,8 +1530,9 @@ def write_report(rows: list[dict], out: Path, stem: str, argv: list[str], elapse
         "(or the spec did not fit the state_dict); `check-error` the check failed otherwise; "
         "`trace-error` inference raised; `create-error` no tiny config of the type builds and "
         "runs offline; `timeout`; `crash` the worker died or ran out of memory. Columns: "
-        "`level` the config level that built (`tiny`, `tiny-named`: no generic shrinking of "
-        "unnamed sizes, `tiny-img64`, `shallow`: depth only, `default`), `attn` the attention "
+        "`level` the config level that built (`tiny`, `tiny-mha`: as many key-value heads as "
+        "heads, `tiny-named`: no generic shrinking of unnamed sizes, `tiny-img64`, `shallow`: "
+        "depth only, `default`), `attn` the attention "
         "implementation, `front end` the capture that produced the spec (fx / export), "
         "`coverage` the share of hidden parameter axes permuted (`spec.coverage()`), "
         "`residual` whether a group acts on the model's first hidden axis (word embedding "

@@ -151,3 +151,27 @@ def test_zoo_hf_audio_codes_and_space_time_patches_reach_inklings_towers():
     assert (ids == cfg.image_token_id).sum(1).eq(1).all()
     used = zoo_hf._used_modules(model, inputs)
     assert any("audio_tower" in n for n in used) and any("vision_tower" in n for n in used)
+
+
+def test_zoo_hf_vision_tower_alone_gets_flat_patches_and_their_grids():
+    # Qwen2.5-VL's tower takes (hidden_states, grid_thw); Kimi K2.5's (pixel_values,
+    # grid_thw) with its patches as (patches, C, P, P) for a conv patch embedding
+    for t, image in (("qwen2_5_vl_vision", "hidden_states"), ("kimi_k25_vision", "pixel_values")):
+        model, cfg = _tiny(t)
+        inputs = _first_that_runs(model, cfg)
+        assert set(inputs) == {image, "grid_thw"}, t
+        assert int(inputs["grid_thw"].prod(1).sum()) == len(inputs[image]), t
+
+
+def test_zoo_hf_latent_attention_builds_with_as_many_kv_heads_as_heads():
+    # DeepSeek-V2 repeats its keys by heads / kv heads although each head has its own:
+    # the tiny level's 2 kv heads do not run, the level with kv heads = heads does
+    _model, inputs, info = zoo_hf.build("deepseek_v2", False)
+    assert info["level"] == "tiny-mha" and info["cls"] == "DeepseekV2ForCausalLM"
+
+
+def test_zoo_hf_rescales_stated_multimodal_rope_sections_to_the_tiny_head():
+    # Cosmos 3 Edge states sections for a 128-wide head; the tiny head's rotary half is 8
+    cfg_cls = T.CONFIG_MAPPING["cosmos3_edge_text"]
+    cfg = cfg_cls(**zoo_hf.shrink_kwargs(cfg_cls(), True, zoo_hf.IMAGE, True))
+    assert sum(cfg.rope_parameters["mrope_section"]) == zoo_hf.HIDDEN // zoo_hf.HEADS // 2
