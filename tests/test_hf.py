@@ -67,6 +67,13 @@ MODELS = {
     "t5_gated_untied": lambda: (T.T5ForConditionalGeneration(T.T5Config(
         d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4, vocab_size=64,
         feed_forward_proj="gated-gelu", tie_word_embeddings=False)), SEQ2SEQ),
+    # DeepSeek-V3: multi-head latent attention (low-rank q and kv, a shared RoPE key),
+    # routed experts with a group-limited router and a shared expert, the first layer dense
+    "deepseek_v3_mla": lambda: (T.DeepseekV3ForCausalLM(T.DeepseekV3Config(
+        num_key_value_heads=4, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8,
+        qk_nope_head_dim=8, v_head_dim=8, n_routed_experts=4, num_experts_per_tok=2,
+        n_shared_experts=1, moe_intermediate_size=24, first_k_dense_replace=1, n_group=1,
+        topk_group=1, **SMALL)), TEXT),
     "mamba": lambda: (T.MambaForCausalLM(T.MambaConfig(vocab_size=64, hidden_size=32, state_size=8,
                                                        num_hidden_layers=2, expand=2)), TEXT),
 }
@@ -230,3 +237,38 @@ def test_mixtral_experts_permute_with_the_router_rows():
     assert "permuted" in spec.axis_kinds("model.layers.0.mlp.experts.gate_up_proj")[1:]
     for seed in (0, 1, 2):
         assert ab.check_equivalence(model, spec, inputs, seed=seed) <= 1e-4
+
+
+def test_deepseek_v3_latent_attention_and_experts_have_their_structure():
+    """Multi-head latent attention: the q and kv latent ranks permute (each with its
+    RMSNorm), heads permute across q, k, v and o, the non-rotary q/k head-dim and the
+    value head-dim each permute within a head, and only the RoPE dimensions stay fixed,
+    for that reason. The routed experts permute with the router's rows and its
+    correction bias; each expert's hidden units and the shared expert's permute too."""
+    model, inputs = build("deepseek_v3_mla")
+    spec = infer_spec(model, inputs)
+    layer = "model.layers.1."
+
+    def acting(param, axis, size):
+        return [g for g in spec.groups.values() if g.size == size and
+                any(m.param == layer + param and m.axis == axis for m in g.members)]
+
+    q_rank, kv_rank = acting("self_attn.q_a_proj.weight", 0, 16), \
+        acting("self_attn.kv_a_proj_with_mqa.weight", 0, 16)
+    assert len(q_rank) == 1 and layer + "self_attn.q_a_layernorm.weight" in \
+        {m.param for m in q_rank[0].members}
+    assert len(kv_rank) == 1 and layer + "self_attn.kv_a_layernorm.weight" in \
+        {m.param for m in kv_rank[0].members}
+    heads = acting("self_attn.q_b_proj.weight", 0, 4)
+    assert len(heads) == 1 and {layer + p for p in ("self_attn.kv_b_proj.weight",
+                                                    "self_attn.o_proj.weight")} <= \
+        {m.param for m in heads[0].members}
+    assert len(acting("self_attn.q_b_proj.weight", 0, 8)) == 1  # non-rotary q/k head-dim
+    assert len(acting("self_attn.o_proj.weight", 1, 8)) == 1  # value head-dim
+    experts = acting("mlp.experts.gate_up_proj", 0, 4)
+    assert len(experts) == 1 and {layer + "mlp.gate.weight", layer + "mlp.gate.e_score_correction_bias",
+                                  layer + "mlp.experts.down_proj"} <= {m.param for m in experts[0].members}
+    assert len(acting("mlp.experts.gate_up_proj", 1, 24)) == 1
+    assert len(acting("mlp.shared_experts.gate_proj.weight", 0, 24)) == 1
+    rope = [a for a, why in spec.fixed_axes() if a.startswith(layer)]
+    assert rope and all("inv_freq" in why for a, why in spec.fixed_axes() if a.startswith(layer))
