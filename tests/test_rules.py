@@ -832,7 +832,9 @@ def test_pad_sequence_carries_the_feature_axes(capture, pad):
 
 class FourierMix(nn.Module):
     """FNet-style token mixing by a Fourier transform along the sequence (the
-    hidden axis passes through) or along sequence and hidden (it is mixed)."""
+    hidden axis passes through) or along sequence and hidden (it is mixed), and
+    an autocorrelation along the sequence (Autoformer: a spectrum times its
+    conjugate, which torch.export records as ``aten._conj``)."""
 
     def __init__(self, dims=(1,)):
         super().__init__()
@@ -841,8 +843,9 @@ class FourierMix(nn.Module):
 
     def forward(self, x):  # x: (B, 8, 6)
         h = torch.relu(self.inp(x))
+        spectrum = torch.fft.rfft(h, dim=1)
         return self.out(torch.fft.fftn(h, dim=self.dims).real + torch.fft.irfft(
-            torch.fft.rfft(h, dim=1), n=h.size(1), dim=1))
+            spectrum * torch.conj(spectrum), n=h.size(1), dim=1))
 
 
 @pytest.mark.parametrize("capture", ["fx", "export"])

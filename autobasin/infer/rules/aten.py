@@ -53,7 +53,7 @@ _ELEMENTWISE = (
 rule(*_ops(*_ELEMENTWISE, *(name + "_" for name in _ELEMENTWISE), "copy_", "zero_"))(elementwise_rule)
 # the first tensor's layout only: casts, copies, views of the whole tensor
 rule(*_ops("to", "_to_copy", "clone", "contiguous", "alias", "detach", "detach_", "lift_fresh_copy",
-           "type_as", "_to_dim_order_copy", "real", "imag", "conj", "resolve_conj", "resolve_neg",
+           "type_as", "_to_dim_order_copy", "real", "imag", "conj", "_conj", "resolve_conj", "resolve_neg",
            "conj_physical", "angle"))(unary_rule)
 
 

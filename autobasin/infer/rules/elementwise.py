@@ -60,9 +60,11 @@ BROADCAST_METHODS = [
 # combined elementwise: ``type_as(other)`` reads only other's dtype).
 UNARY_METHODS = ["contiguous", "clone", "detach", "float", "half", "double", "bfloat16", "int",
                  "long", "bool", "to", "type", "type_as", "cpu", "cuda", "requires_grad_",
-                 "detach_"]
+                 "detach_", "conj", "conj_physical", "resolve_conj"]
+# entry by entry on complex values too (a spectrum's conjugate: autocorrelation by FFT)
 UNARY_FUNCS = [torch.clone, torch.detach, torch.Tensor.contiguous, torch.Tensor.float,
-               torch.Tensor.to, torch.Tensor.type_as, torch.Tensor.detach]
+               torch.Tensor.to, torch.Tensor.type_as, torch.Tensor.detach, torch.conj,
+               torch.conj_physical, torch.resolve_conj, torch.real, torch.imag]
 
 ELEMENTWISE_MODULES = [
     nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid,
