@@ -221,6 +221,24 @@ OVERRIDES: dict[str, tuple[dict, str]] = {
                         "vocabulary, and its audio encoder's depth (num_blocks, 24) and "
                         "convolution widths (1024, which must equal its hidden size) have names "
                         "the generic shrinking does not know"),
+    **dict.fromkeys(("informer", "time_series_transformer"), (
+        {"prediction_length": 4, "context_length": 8, "num_time_features": 1},
+        "its default config leaves the forecast horizon unset (a checkpoint states it) and "
+        "takes no time features")),
+    "autoformer": ({"prediction_length": 4, "context_length": 8, "num_time_features": 1,
+                    "label_length": 4},
+                   "its default config leaves the forecast horizon unset and takes no time "
+                   "features; its decoder starts from the context's last label_length steps "
+                   "(10 by default, more than the tiny context of 8)"),
+    "dbrx": ({"attn_config": {"rope_theta": 10000.0, "clip_qkv": 8.0}},
+             "its attention reads rope_theta from attn_config, which its config keeps in "
+             "rope_parameters (the same default, 10000), and clamps q, k, v by clip_qkv "
+             "unconditionally (DBRX's checkpoints use 8)"),
+    "esm": ({"pad_token_id": 1},
+            "its default config names no padding token, from which its position ids count "
+            "(ESM-2 checkpoints use 1)"),
+    "lfm2_moe": ({"layer_types": ["conv", "full_attention"]},
+                 "its default config states no layer types, which its layers read one by one"),
     "mamba2": ({"num_heads": 8},
                "its heads x head_dim must equal expand x hidden_size (2 x 64 = 8 x 16)"),
     **dict.fromkeys(("minicpm_ocr", "minicpmv4_6", "minicpmv4_7"), (
@@ -275,7 +293,8 @@ DEPTH_KEYS = ("num_hidden_layers", "n_layer", "n_layers", "num_layers", "encoder
               "num_vision_layers", "depth")
 WIDTH_KEYS = ("hidden_size", "d_model", "n_embd", "dim")
 # fields that may default to None, meaning "set me" (a model does not build without them)
-NONE_SET = ("vocab_size", "n_routed_experts", "num_experts_per_tok", "head_dim", "n_shared_experts")
+NONE_SET = ("vocab_size", "n_routed_experts", "num_experts_per_tok", "head_dim", "n_shared_experts",
+            "num_key_value_heads")
 
 
 def _widths(d: dict) -> set[int]:
@@ -636,6 +655,17 @@ def input_options(model, cfg, gen) -> list[dict]:
         audio.append({"audio_input_ids": torch.randint(0, size, (BATCH, 3, books), generator=gen)})
     if audio:
         mods["audio"] = audio
+    if "past_values" in params:
+        mods["series"] = _series(cfg, params, gen)
+    if "states" in params and "returns_to_go" in params:
+        # Decision Transformer: a trajectory of (return-to-go, state, action) steps
+        steps, state, act = 4, _find_int(cfg, ("state_dim",)) or 4, _find_int(cfg, ("act_dim",)) or 2
+        mods["trajectory"] = [{"states": torch.randn(BATCH, steps, state, generator=gen),
+                               "actions": torch.randn(BATCH, steps, act, generator=gen),
+                               "rewards": torch.randn(BATCH, steps, 1, generator=gen),
+                               "returns_to_go": torch.randn(BATCH, steps, 1, generator=gen),
+                               "timesteps": torch.arange(steps).expand(BATCH, steps).contiguous(),
+                               "attention_mask": torch.ones(BATCH, steps, dtype=torch.long)}]
     if "vision" in mods and "image_sizes" in params:  # each image's (height, width), when needed
         mods["vision"] += [{**opt, "image_sizes": torch.tensor([list(opt["pixel_values"].shape[-2:])]
                                                                * BATCH)}
@@ -755,6 +785,43 @@ def input_options(model, cfg, gen) -> list[dict]:
         if "bbox" in params and "input_ids" in s:  # layout models: one (empty) box per token
             s["bbox"] = torch.zeros(*s["input_ids"].shape, 4, dtype=torch.long)
         out.append(s)
+    return out
+
+
+def _series(cfg, params, gen) -> list[dict]:
+    """Time-series inputs: ``past_values`` of (batch, length, channels) or (batch, length),
+    the length the config's context (with its lags) or a few of its patches, every step
+    observed, and the time features, padding and frequency forward takes; where it
+    takes the known future (``future_values``, for an encoder-decoder), also with it."""
+    import torch
+    patch = _find_int(cfg, ("patch_length", "patch_len")) or 1
+    context = _find_int(cfg, ("context_length",)) or 4 * patch
+    if context > POSITIONS:  # TimesFM: a context of 512 or 16384 steps, 32 a patch
+        context = 2 * patch
+    lags = _find(cfg, "lags_sequence")
+    length = context + (max(lags) if isinstance(lags, (list, tuple)) and lags else 0)
+    channels = _find_int(cfg, ("num_input_channels", "input_size")) or 1
+    shapes = [(BATCH, length, channels)] + ([(BATCH, length)] if channels == 1 else [])
+    out = []
+    for shape in shapes:
+        o = {"past_values": torch.randn(*shape, generator=gen)}
+        if "past_time_features" in params:
+            o["past_time_features"] = torch.randn(BATCH, length, max(1, _find_int(
+                cfg, ("num_time_features",)) or 0), generator=gen)
+        for mask in ("past_observed_mask",):
+            if mask in params:
+                o[mask] = torch.ones(*shape)
+        if "past_values_padding" in params:
+            o["past_values_padding"] = torch.zeros(BATCH, length)
+        if "freq" in params:
+            o["freq"] = torch.zeros(BATCH, 1, dtype=torch.long)
+        horizon = _find_int(cfg, ("prediction_length",))
+        if "future_values" in params and horizon and "past_time_features" in o:
+            # the known future too (Informer, Autoformer): its decoder runs on it
+            out.append({**o, "future_values": torch.randn(BATCH, horizon, *shape[2:], generator=gen),
+                        "future_time_features": torch.randn(
+                            BATCH, horizon, o["past_time_features"].shape[-1], generator=gen)})
+        out.append(o)
     return out
 
 
@@ -1385,6 +1452,10 @@ SHORT_CAUSES = {
     "deepseek_v4": "its hash-routed layers read expert ids from a checkpoint table (tid2eid): "
                    "permuting experts would relabel the table's values, which a spec does not "
                    "express; its compression RoPE frequencies are outside the state_dict",
+    "dbrx": "its experts loop over the experts the router picked (`nonzero` of the routing "
+            "mask, one weight slice an expert): torch.export cannot capture that for every "
+            "input, and the graph of the example's branches is refused because the branches "
+            "follow values computed from the weights",
     "longcat_flash": "its router also picks among zero-computation experts (ids past the real "
                      "experts), whose slots it turns into identity outputs and re-maps to real "
                      "expert ids with weight 0 (`ge` and `where` on the ids): the ids no longer "
@@ -1666,7 +1737,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.render:
         doc = published("--render")
-        write_report(doc["rows"], Path(args.out), "zoo_hf", argv, 0.0, 1, doc["meta"])
+        # rows an --update re-ran are already listed in the meta's reruns
+        rows = [{k: v for k, v in r.items() if k != "rerun"} for r in doc["rows"]]
+        write_report(rows, Path(args.out), "zoo_hf", argv, 0.0, 1, doc["meta"])
         return 0
 
     ensure_importable()

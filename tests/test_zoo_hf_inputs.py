@@ -175,3 +175,20 @@ def test_zoo_hf_rescales_stated_multimodal_rope_sections_to_the_tiny_head():
     cfg_cls = T.CONFIG_MAPPING["cosmos3_edge_text"]
     cfg = cfg_cls(**zoo_hf.shrink_kwargs(cfg_cls(), True, zoo_hf.IMAGE, True))
     assert sum(cfg.rope_parameters["mrope_section"]) == zoo_hf.HIDDEN // zoo_hf.HEADS // 2
+
+
+def test_zoo_hf_time_series_get_their_past_and_future_values():
+    # Informer (an encoder-decoder forecaster): past values with their lags, time
+    # features and observed mask, and the known future its decoder runs on; TimesFM:
+    # a few of its patches (its default context is 512 steps), padding and frequency
+    for t, want in (("informer", {"past_values", "past_time_features", "past_observed_mask",
+                                  "future_values", "future_time_features"}),
+                    ("timesfm", {"past_values", "past_values_padding", "freq"})):
+        cfg_cls = T.CONFIG_MAPPING[t]
+        kw = zoo_hf._merge(zoo_hf.shrink_kwargs(cfg_cls(), True, zoo_hf.IMAGE, True),
+                           zoo_hf.OVERRIDES.get(t, ({}, ""))[0])
+        cfg = cfg_cls(**kw)
+        model = getattr(T, zoo_hf.model_classes(t, False)[0])._from_config(cfg).eval()
+        inputs = _first_that_runs(model, cfg)
+        assert set(inputs) == want, t
+        assert inputs["past_values"].shape[1] <= zoo_hf.POSITIONS, t
