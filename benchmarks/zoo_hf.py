@@ -268,13 +268,14 @@ LEVELS = (
 
 # transformers' head mappings, in order of preference; the first that maps a
 # type gives its model (a head keeps the residual stream hidden)
-HEAD_MAPPINGS = ("MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", "MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES",
-         "MODEL_FOR_MASKED_LM_MAPPING_NAMES", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
-         "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES", "MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES",
-         "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES", "MODEL_FOR_CTC_MAPPING_NAMES",
-         "MODEL_FOR_AUDIO_CLASSIFICATION_MAPPING_NAMES",
-         "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
-         "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES")
+HEAD_MAPPINGS = (
+    "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", "MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES",
+    "MODEL_FOR_MASKED_LM_MAPPING_NAMES", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
+    "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES", "MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES",
+    "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES", "MODEL_FOR_CTC_MAPPING_NAMES",
+    "MODEL_FOR_AUDIO_CLASSIFICATION_MAPPING_NAMES",
+    "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
+    "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES")
 
 
 def _n_layers(d: dict) -> int | None:
@@ -808,9 +809,8 @@ def _series(cfg, params, gen) -> list[dict]:
         if "past_time_features" in params:
             o["past_time_features"] = torch.randn(BATCH, length, max(1, _find_int(
                 cfg, ("num_time_features",)) or 0), generator=gen)
-        for mask in ("past_observed_mask",):
-            if mask in params:
-                o[mask] = torch.ones(*shape)
+        if "past_observed_mask" in params:
+            o["past_observed_mask"] = torch.ones(*shape)
         if "past_values_padding" in params:
             o["past_values_padding"] = torch.zeros(BATCH, length)
         if "freq" in params:
