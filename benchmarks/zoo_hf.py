@@ -1729,17 +1729,19 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     def published(flag: str) -> dict:
+        """The published sweep, its rows without an earlier --update's ``rerun`` flag
+        (the meta's reruns list those)."""
         try:
-            return json.loads((Path(args.out) / "zoo_hf.json").read_text())
+            doc = json.loads((Path(args.out) / "zoo_hf.json").read_text())
         except (OSError, ValueError) as e:
             p.error(f"{flag}: cannot read {Path(args.out) / 'zoo_hf.json'} ({e}); "
                     "run the full sweep first")
+        doc["rows"] = [{k: v for k, v in r.items() if k != "rerun"} for r in doc["rows"]]
+        return doc
 
     if args.render:
         doc = published("--render")
-        # rows an --update re-ran are already listed in the meta's reruns
-        rows = [{k: v for k, v in r.items() if k != "rerun"} for r in doc["rows"]]
-        write_report(rows, Path(args.out), "zoo_hf", argv, 0.0, 1, doc["meta"])
+        write_report(doc["rows"], Path(args.out), "zoo_hf", argv, 0.0, 1, doc["meta"])
         return 0
 
     ensure_importable()
@@ -1793,8 +1795,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in rows:
             r["rerun"] = True
         new = {r["type"] for r in rows}
-        rows = [{k: v for k, v in r.items() if k != "rerun"} for r in base_doc["rows"]
-                if r["type"] not in new] + rows
+        rows = [r for r in base_doc["rows"] if r["type"] not in new] + rows
     st = write_report(rows, out, stem, argv, time.monotonic() - t0, jobs,
                       base_doc["meta"] if base_doc is not None else None)
     if not partial and (out / "zoo_hf_progress.md").exists():
