@@ -603,7 +603,8 @@ def _cayley(k: torch.Tensor) -> torch.Tensor:
 def general_ste_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, data,
                          epochs: int = 1, lr: float = 1e-2, seed: int = 0,
                          max_steps: int | None = None, max_condition: float = 1e4,
-                         max_iter: int = 100, loss_fn=None, path: str = "midpoint",
+                         max_iter: int = 100, loss_fn=None,
+                         path: str | tuple[float, float] = "midpoint",
                          **_ignored) -> GeneralMatching:
     """Elements that lower the loss of the A-B midpoint, for specs beyond permutations.
 
