@@ -1446,9 +1446,6 @@ SHORT_CAUSES = {
               "per-expert counts (a Python list), each expert's weight selected singly: no rule "
               "follows the expert index through sort, counts and split, so the experts stay fixed "
               "(their hidden units and the residual stream are permuted)",
-    "zaya": "its router picks among the experts and a skip class, then sends skipped slots to "
-            "expert 0 with weight 0: its expert ids no longer name router outputs one to one, so "
-            "the experts stay fixed",
     "deepseek_v4": "its hash-routed layers read expert ids from a checkpoint table (tid2eid): "
                    "permuting experts would relabel the table's values, which a spec does not "
                    "express; its compression RoPE frequencies are outside the state_dict",
@@ -1456,10 +1453,6 @@ SHORT_CAUSES = {
             "mask, one weight slice an expert): torch.export cannot capture that for every "
             "input, and the graph of the example's branches is refused because the branches "
             "follow values computed from the weights",
-    "longcat_flash": "its router also picks among zero-computation experts (ids past the real "
-                     "experts), whose slots it turns into identity outputs and re-maps to real "
-                     "expert ids with weight 0 (`ge` and `where` on the ids): the ids no longer "
-                     "name router outputs one to one, so the experts stay fixed",
     "kimi_k25": "its vision tower adds a time-position table outside the state_dict to its stream "
                 "(which therefore has no permutation), and its projector pools the frames of each "
                 "merged patch by index_add: the merge kernel's positions are no symmetry",

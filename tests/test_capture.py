@@ -481,7 +481,8 @@ def test_positions_compared_as_numbers_fix_their_axis_and_say_why():
     model = randomize_state_(SparseMoE().eval(), 0, 0.3)
     spec = infer_spec(model, torch.randn(6, 8))
     reasons = dict(spec.fixed_axes())
-    assert "uses positions along the axis as numbers" in reasons["router.weight[0]"]
+    # each expert number cuts the router's rows: each row stays where it is
+    assert "compares positions along the axis with the number" in reasons["router.weight[0]"]
 
 
 class TopkGather(nn.Module):

@@ -274,7 +274,9 @@ class TracedModel:
                     why = next((sym.blocked[r] for r in leaves
                                 if r in sym.blocked and r not in sym.structural), None)
                     if why is None and not leaves:  # cut down to pieces of length 1
-                        why = "its entries are used one by one (split or selected singly)"
+                        cut = sym.refined(syms[axis])
+                        why = (cut and cut.why) or \
+                            "its entries are used one by one (split or selected singly)"
                     reasons.append((f"{name}[{axis}]", why or "no group"))
             kinds[name] = row
         return kinds, reasons

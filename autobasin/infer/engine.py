@@ -25,6 +25,7 @@ from ..trace import OPAQUE_VALUE, get_attr
 from .context import Context, is_tensor_meta, layout_symbols, map_meta
 from .inline import MAX_INLINE_DEPTH, paired_layouts, trace_body
 from .registry import ALL, FUNCTION_RULES, METHOD_RULES, PERMUTATION, module_rule
+from .routing import Routing
 from .symbols import Symbols
 
 # Ops that move, copy or cast the values of their first argument without computing on them:
@@ -99,6 +100,8 @@ class GraphInference:
         # integer tensors whose values are positions along an axis (the indices
         # of topk or argmax): node -> symbol, or {tuple index: symbol}
         self.positions: dict[fx.Node, Any] = {}
+        # masks, taint, garbage and zeros of routing with muted slots (see routing.py)
+        self.routing = Routing(self)
 
     def user_opaque(self, target: str, module) -> bool:
         return is_user_opaque(self.tensors.opaque, self.prefix + target, module)
@@ -129,6 +132,7 @@ class GraphInference:
                 for a in node.all_input_nodes:  # positions handed out are read as numbers
                     for s in self._held_positions(a):
                         self.sym.block(s, f"{a.name}: positions along the axis are returned")
+                self.routing.finish(node.all_input_nodes)
                 if block_io and block_outputs:
                     for s in layout_symbols(out_layout):
                         self.sym.block(s, "graph output", structural=True)
@@ -162,6 +166,7 @@ class GraphInference:
                 self._admit(node, ctx, fn, out, what)
             else:
                 out = self.opaque(node, ctx, what)
+            self.routing.follow(node, ctx)
             self._follow_positions(node, ctx)
             return out
         except Exception as e:  # noqa: BLE001 - a failing rule fails closed
@@ -170,6 +175,7 @@ class GraphInference:
             for a in node.all_input_nodes:  # positions it may have used as numbers
                 for sym in self._held_positions(a):
                     self.sym.block(sym, reason)
+            self.routing.finish(node.all_input_nodes)
             # every input, containers too (a ModelOutput, a dict, a tuple of
             # tensors): whatever the rule would have related stays fixed
             ctx.block_layout([self.layouts.get(a) for a in node.all_input_nodes], reason)
@@ -237,6 +243,8 @@ class GraphInference:
                     and is_tensor_meta(self.meta.get(node)) and _clamps_to_axis(node, ctx, self.sym.size[s]):
                 self.positions[node] = s  # a clamp to [0, n-1] leaves every position as it is
                 continue
+            if self.routing.tainted(node, s, ctx):
+                continue  # numbers that may still only fill muted slots (routing.py)
             self.sym.block(s, f"{node.name}: {ctx.op_name} uses positions along the axis as numbers")
 
     def block_module_tensors(self, module: nn.Module, reason: str) -> None:

@@ -49,6 +49,7 @@ class SizeMismatch(ValueError):
 class Refinement:
     kind: str  # "product" | "concat"
     children: list[int]
+    why: str = ""  # what cut the axis, for a fixed axis cut into pieces of length 1
 
 
 def _suffix_products(sizes: list[int]) -> set[int]:
