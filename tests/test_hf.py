@@ -74,6 +74,9 @@ MODELS = {
         qk_nope_head_dim=8, v_head_dim=8, n_routed_experts=4, num_experts_per_tok=2,
         n_shared_experts=1, moe_intermediate_size=24, first_k_dense_replace=1, n_group=1,
         topk_group=1, **SMALL)), TEXT),
+    "jetmoe_sorted_dispatch": lambda: (T.JetMoeForCausalLM(T.JetMoeConfig(
+        hidden_size=32, num_hidden_layers=2, num_key_value_heads=2, kv_channels=8, intermediate_size=48,
+        vocab_size=64, max_position_embeddings=64, num_local_experts=4, num_experts_per_tok=2)), TEXT),
     "mamba": lambda: (T.MambaForCausalLM(T.MambaConfig(vocab_size=64, hidden_size=32, state_size=8,
                                                        num_hidden_layers=2, expand=2)), TEXT),
 }
@@ -235,6 +238,23 @@ def test_mixtral_experts_permute_with_the_router_rows():
     assert len({g.name for g in spec.groups.values() for m in g.members
                 if m.param == "model.layers.0.mlp.gate.weight" and m.axis == 0}) == 1
     assert "permuted" in spec.axis_kinds("model.layers.0.mlp.experts.gate_up_proj")[1:]
+    for seed in (0, 1, 2):
+        assert ab.check_equivalence(model, spec, inputs, seed=seed) <= 1e-4
+
+
+def test_jetmoe_experts_dispatched_by_sorting_permute_with_the_router_rows():
+    """JetMoE sorts the picks by expert, splits the rows by the picks' histogram
+    and multiplies each piece by its expert's weight, in its MLP and in its
+    mixture of attention heads: both sets of experts permute with their router."""
+    model, inputs = build("jetmoe_sorted_dispatch")
+    spec = infer_spec(model, inputs)
+    for part in ("mlp.", "self_attention.experts."):
+        p = f"model.layers.0.{part}"
+        (group,) = [g for g in spec.groups.values()
+                    if any(m.param == p + "router.layer.weight" and m.axis == 0 for m in g.members)]
+        assert {(m.param, m.axis) for m in group.members} == {
+            (p + "input_linear.weight", 0), (p + "output_linear.weight", 0),
+            (p + "router.layer.weight", 0)}, str(spec)
     for seed in (0, 1, 2):
         assert ab.check_equivalence(model, spec, inputs, seed=seed) <= 1e-4
 

@@ -107,3 +107,66 @@ def test_the_unmuted_model_really_changes_under_an_expert_permutation():
         model.router.weight.copy_(model.router.weight[rows])
         model.router.bias.copy_(model.router.bias[rows])
     assert (model(x) - ref).abs().max() > 1e-3
+
+
+class SortedDispatch(nn.Module):
+    """Top-2 routing dispatched as ScatterMoE / JetMoE do: picks sorted by
+    expert, rows gathered in that order, split by the picks' histogram, each
+    piece times its expert's weight, rows put back with ``index_add``.
+    ``fault`` breaks one link: ``"flipped"`` sizes, a ``"descending"`` sort,
+    ``"shifted"`` weights (piece e meets expert e + 1), ``"sorted_out"`` rows
+    returned in sorted order."""
+
+    def __init__(self, fault=None):
+        super().__init__()
+        self.fault = fault
+        self.inp, self.out = nn.Linear(5, D), nn.Linear(D, 3)
+        self.router = nn.Linear(D, E, bias=False)
+        self.w1, self.w2 = nn.Parameter(torch.randn(E, 2 * H, D)), nn.Parameter(torch.randn(E, D, H))
+
+    def grouped(self, rows, w, sizes):
+        pieces = rows.split(sizes, dim=0)
+        shift = 1 if self.fault == "shifted" else 0
+        return torch.cat([nn.functional.linear(pieces[e], w[(e + shift) % E]) for e in range(E)])
+
+    def forward(self, x):
+        h = self.inp(x)
+        top_w, top_i = self.router(h).topk(2, dim=1)
+        gates = top_w.softmax(1)
+        counts = torch.zeros(h.shape[0], E).scatter(1, top_i, 1).long().sum(0)
+        if self.fault == "flipped":
+            counts = counts.flip(0)
+        order = top_i.flatten().sort(0, descending=self.fault == "descending")[1]
+        tok = order.div(2, rounding_mode="trunc")
+        sizes = counts.tolist()
+        a, b = self.grouped(h[tok], self.w1, sizes).chunk(2, dim=-1)
+        y = self.grouped(nn.functional.silu(a) * b, self.w2, sizes) * gates.flatten()[order][:, None]
+        if self.fault == "sorted_out":
+            return self.out(h + y[:h.shape[0]])
+        return self.out(h + torch.zeros_like(h).index_add(0, tok, y))
+
+
+def _sorted_model(fault=None):
+    torch.manual_seed(0)
+    return randomize_state_(SortedDispatch(fault).eval(), 0, 0.5)
+
+
+def test_experts_dispatched_by_sorting_permute_with_their_router_rows():
+    model = _sorted_model()
+    x = torch.randn(12, 5)
+    spec = infer_spec(model, x)
+    (experts,) = _groups_on(spec, "w1")
+    assert {(m.param, m.axis) for m in experts.members} == {("w1", 0), ("w2", 0), ("router.weight", 0)}
+    assert _groups_on(spec, "w1", 1) and _groups_on(spec, "inp.weight", 0), str(spec)
+    for seed in range(4):
+        assert ab.check_equivalence(model, spec, torch.randn(12, 5), seed=seed) <= 1e-5
+
+
+@pytest.mark.parametrize("fault", ["flipped", "descending", "shifted", "sorted_out"])
+def test_a_broken_sorted_dispatch_fixes_the_experts(fault):
+    model = _sorted_model(fault)
+    x = torch.randn(12, 5)
+    spec = infer_spec(model, x)
+    assert not _groups_on(spec, "w1", 0), str(spec)
+    for seed in range(3):
+        assert ab.check_equivalence(model, spec, torch.randn(12, 5), seed=seed) <= 1e-5

@@ -115,6 +115,7 @@ class GraphInference:
         """Walk the graph; return the output's layout. ``block_io`` blocks the
         inputs' and outputs' axes (structural), ``block_outputs=False`` leaves
         the outputs to the caller (who may block only some of them)."""
+        self.routing.prepare(self.gm.graph)
         placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
         for i, node in enumerate(placeholders):
             m = self.meta.get(node)
@@ -160,6 +161,8 @@ class GraphInference:
                 return list(self.tensor_symbols(node.target))
             return None
         fn, what = self.find_rule(node, ctx)
+        if node in self.routing.claims:  # part of a grouped product (routing.py)
+            fn, what = self.routing.claim(node, fn), f"{what} in a grouped product"
         try:
             if fn is not None:
                 out = self._check_layout(node, fn(ctx))

@@ -30,6 +30,22 @@ the axis whose positions made it, as any other use of positions as numbers does.
 A tensor's *slots* are its leading axes whose product is the number of entries
 of the positions the mask was computed from, in the same row-major order
 (reshapes that keep that prefix keep the slots).
+
+The same row tracking serves **dispatch by sorting** (JetMoE's experts, the
+ScatterMoE / MegaBlocks layout): the router's picks are flattened and sorted,
+the rows are gathered in that order (``x[order // k]``), split by the number of
+picks of each expert (``counts.tolist()``: the picks' histogram), each piece
+multiplied by its expert's weight (``linear(piece_e, W[e])``), the pieces
+concatenated and the rows put back (``zeros.index_add(0, order // k, y)``).
+Renumbering the experts only reorders the sorted rows (by some permutation of
+them), so every tensor in sorted order is *shuffled*: a row tag like garbage,
+cleared where ``index_add`` puts the rows back by the same order. The split,
+the per-expert products and the concatenation together are one grouped
+product whose weight's expert axis is the picks' axis; that is recognised
+before the walk (:meth:`Routing.prepare`) only where the sizes are the items
+of the histogram of the very positions that were sorted, in expert order, and
+each piece meets the weight of its own expert; anything else keeps the rules
+that fix the experts.
 """
 from __future__ import annotations
 
@@ -87,6 +103,33 @@ class Slots:
     sym: int = -1  # the axis to fix if garbage escapes (-1: zeros)
 
 
+@dataclass
+class _Grouped:
+    """A grouped product found by :meth:`Routing.prepare`."""
+    split: fx.Node
+    counts: fx.Node
+    weight: fx.Node
+    cat: fx.Node
+    ok: bool | None = None  # decided when the walk reaches the split
+    sym: int = -1
+
+
+_COPIES = {"to", "_to_copy", "clone", "contiguous", "alias", "detach", "long", "int", "type_as"}
+_FLATTENS = {"flatten", "view", "reshape", "_unsafe_view"}
+
+
+def _through_copies(node, flat: bool = False):
+    """``node`` without the casts and copies (and, with ``flat``, reshapes) before it."""
+    while isinstance(node, fx.Node) and node.op == "call_function" and \
+            (op_name_of(node.target) in _COPIES or (flat and op_name_of(node.target) in _FLATTENS)):
+        node = node.args[0]
+    return node
+
+
+def _symbols(layout) -> list[int]:
+    return [s for s in layout if isinstance(s, int)] if isinstance(layout, list) else []
+
+
 def _merge(ranges) -> tuple[tuple[int, int], ...]:
     out: list[list[int]] = []
     for a, b in sorted(ranges):
@@ -116,6 +159,11 @@ class Routing:
         self.taint: dict[fx.Node, int] = {}
         self.garbage: dict[fx.Node, Slots] = {}
         self.zeros: dict[fx.Node, Slots] = {}
+        # dispatch by sorting: sort node -> the positions' axis; order-derived
+        # index tensors -> their sort node; claimed nodes -> their handler
+        self.sorts: dict[fx.Node, int] = {}
+        self.order: dict[fx.Node, fx.Node] = {}
+        self.claims: dict[fx.Node, object] = {}
 
     # -------------------------------------------------------------- helpers
     def _shape(self, node):
@@ -123,7 +171,10 @@ class Routing:
         return tuple(m.shape) if is_tensor_meta(m) else None
 
     def _slots_of(self, mask_key) -> int:
-        return math.prod(self._shape(mask_key[0]) or (0,))
+        src = mask_key[0]
+        if src in self.sorts:  # rows in the order of a sort: as many as it sorted
+            src = src.args[0]
+        return math.prod(self._shape(src) or (0,))
 
     def _plain_positions(self, arg) -> int | None:
         if not isinstance(arg, fx.Node) or arg in self.garbage:
@@ -151,6 +202,8 @@ class Routing:
         first = args[0] if args else None
         handled: set[fx.Node] = set()  # inputs this node is allowed to take as they are
 
+        if self._sorted_dispatch(node, ctx, name, args, first, handled):
+            return
         # a mask: positions compared with a number
         if name in _COMPARE and len(args) == 2 and not node.kwargs:
             s = self._plain_positions(first)
@@ -209,6 +262,233 @@ class Routing:
                 self._block(self.taint[a], f"{a.name}: numbers computed from positions are returned")
             if a in self.garbage:
                 self._block(self.garbage[a].sym, f"{a.name}: rows of masked-out positions are returned")
+
+    # ------------------------------------------------------ sorted dispatch
+    def _sorted_dispatch(self, node, ctx, name, args, first, handled) -> bool:
+        """Sorting positions, and what follows the sort's order (see the module
+        docstring). True when ``node`` is fully accounted for."""
+        if node in self.claims:
+            return True  # part of a grouped product (prepare); its handler ran
+        if name in ("sort", "argsort") and isinstance(first, fx.Node):
+            s = self._plain_positions(first)
+            shape = self._shape(first)
+            if s is None or shape is None or len(shape) != 1:
+                return False
+            self.sorts[node] = s
+            if name == "argsort":
+                self.order[node] = node
+            ctx.consume(first)
+            return True
+        if node.target is operator.getitem and first in self.sorts and isinstance(args[1], int):
+            if args[1] == 1:
+                self.order[node] = first
+            else:  # the sorted values: numbers that change under a renumbering
+                self.taint[node] = self.sorts[first]
+            return True
+        orders = [a for a in node.all_input_nodes if a in self.order]
+        if not orders:
+            return False
+        sort = self.order[orders[0]]
+        tensors = [a for a in node.all_input_nodes if is_tensor_meta(self.engine.meta.get(a))]
+        clean = all(a not in self.taint and a not in self.garbage for a in tensors if a not in orders)
+        if (name in _ARITHMETIC or name in _RESHAPES) and tensors == [first] and first in self.order \
+                and self._shape(node) == self._shape(first):
+            self.order[node] = sort  # order // k: the token of each sorted pick
+            return True
+        if name in ("index", "getitem") and len(args) == 2 and first not in self.order and clean:
+            idx = args[1]
+            if isinstance(idx, (list, tuple)) and len(idx) == 1:
+                idx = idx[0]
+            if idx in self.order and self.order[idx] is sort and first not in self.garbage:
+                # rows gathered in sorted order: shuffled by a renumbering
+                self.garbage[node] = Slots((sort, "sorted"), len(self._shape(idx)), self.sorts[sort])
+                return True
+        if name in ("index_add", "index_add_") and len(args) == 4 and args[1] == 0 \
+                and args[2] in self.order and self.order[args[2]] is sort \
+                and args[3] in self.garbage and self.garbage[args[3]].key == (sort, "sorted") \
+                and self.garbage[args[3]].k == 1 and args[0] not in self.garbage \
+                and args[0] not in self.taint:
+            return True  # the rows put back where the order says: clean
+        for a in orders:
+            self._block(self.sorts[self.order[a]], f"{node.name}: {name} uses the order of "
+                                                   f"positions sorted along the axis")
+        return False
+
+    def prepare(self, graph: fx.Graph) -> None:
+        """Find the grouped products of dispatch by sorting (see the module
+        docstring): ``cat([linear(split(rows, sizes)[e], W.select(0, e)) for e])``
+        with ``sizes`` the items, in order, of ``counts.unbind(0)`` and ``counts``
+        a histogram of positions. Their nodes are claimed: :meth:`claim` gives
+        the rule that the walk uses for them."""
+        for node in graph.nodes:
+            if node.op != "call_function" or op_name_of(node.target) not in ("split_with_sizes", "split"):
+                continue
+            args = node.args
+            dim = args[2] if len(args) > 2 else node.kwargs.get("dim", 0)
+            if dim != 0 or len(args) < 2 or not isinstance(args[1], (list, tuple)) or len(args[1]) < 2:
+                continue
+            found = self._counts_of(args[1])
+            if found is None:
+                continue
+            counts, unbind, items = found
+            pieces = {u.args[1]: u for u in node.users
+                      if u.target is operator.getitem and isinstance(u.args[1], int)}
+            if len(pieces) != len(node.users) or sorted(pieces) != list(range(len(args[1]))):
+                continue
+            weight, links = None, []
+            for e in range(len(args[1])):
+                piece = pieces[e]
+                lin = next(iter(piece.users)) if len(piece.users) == 1 else None
+                if lin is None or op_name_of(lin.target) != "linear" or len(lin.args) != 2 \
+                        or lin.kwargs or lin.args[0] is not piece or len(lin.users) != 1:
+                    break
+                sel = lin.args[1]
+                if not isinstance(sel, fx.Node) or op_name_of(sel.target) != "select" \
+                        or tuple(sel.args[1:]) != (0, e) or len(sel.users) != 1 \
+                        or (weight is not None and sel.args[0] is not weight):
+                    break
+                weight = sel.args[0]
+                links.append((sel, lin))
+            else:
+                cat = next(iter(links[0][1].users))
+                cat_dim = cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
+                if op_name_of(cat.target) not in ("cat", "concat") or cat_dim != 0 \
+                        or list(cat.args[0]) != [lin for _, lin in links]:
+                    continue
+                group = _Grouped(split=node, counts=counts, weight=weight, cat=cat)
+                for n in (unbind, *items, node, *(sel for sel, _ in links), cat):
+                    self.claims[n] = group
+
+    def _counts_of(self, sizes):
+        """``(counts, unbind, items)`` when ``sizes`` are ``counts.unbind(0)[e].item()``
+        for e = 0, 1, ... (``counts.tolist()`` as torch.export records it), the
+        items used for nothing but these sizes (and checks on them), else None."""
+        items, unbind = [], None
+        for e, n in enumerate(sizes):
+            if not isinstance(n, fx.Node) or op_name_of(n.target) not in ("item", "_local_scalar_dense"):
+                return None
+            g = n.args[0]
+            if not isinstance(g, fx.Node) or g.target is not operator.getitem or g.args[1] != e \
+                    or len(g.users) != 1:
+                return None
+            u = g.args[0]
+            if unbind is None:
+                unbind = u
+            if u is not unbind or op_name_of(u.target) != "unbind" or \
+                    (u.args[1] if len(u.args) > 1 else u.kwargs.get("dim", 0)) != 0:
+                return None
+            for user in n.users:
+                if op_name_of(getattr(user, "target", None)) not in ("split_with_sizes", "split") \
+                        and not self._scalar_only(user):
+                    return None
+            items.append(n)
+        if unbind is None or len(unbind.users) != len(sizes):
+            return None
+        counts = unbind.args[0]
+        shape = self._shape(counts)
+        if shape is not None and shape != (len(sizes),):
+            return None
+        return counts, unbind, items
+
+    def claim(self, node: fx.Node, rule):
+        """The rule the walk uses for a claimed ``node`` (``rule``: the one it
+        would use otherwise, kept for a group found not to be a grouped product)."""
+        group = self.claims[node]
+
+        def grouped(ctx):
+            if node is group.split:
+                group.ok = self._check_grouped(group, ctx)
+                if group.ok:
+                    rows = list(ctx.layout(ctx.args[0]))
+                    return [[ctx.new(self._shape(p)[0], "rows of one expert", structural=True),
+                             *rows[1:]] for p in self._split_metas(node)]
+                # not a grouped product: the counts were read one by one after all
+                for sym in _symbols(self.engine.layouts.get(group.counts)):
+                    self._block(sym, f"{node.name}: split by sizes read one by one")
+            elif node is group.cat and group.ok:
+                outs = [ctx.layout(a) for a in ctx.args[0]]
+                for o in outs[1:]:
+                    ctx.union(o[1], outs[0][1])
+                key = self.garbage[group.split.args[0]].key
+                self.garbage[node] = Slots(key, 1, group.sym)
+                return [ctx.new(self._shape(node)[0], "rows in sorted order", structural=True),
+                        outs[0][1]]
+            elif op_name_of(node.target) == "select" and group.ok:
+                lay = list(ctx.layout(ctx.args[0]))
+                ctx.union(lay[0], group.sym)
+                ctx.restrict(lay[0], frozenset({"permutation"}), "experts of a grouped product")
+                return lay[1:]
+            elif op_name_of(node.target) == "unbind":
+                return [[] for _ in range(self._shape(node.args[0])[0])]
+            elif op_name_of(node.target) in ("item", "_local_scalar_dense"):
+                return None
+            if group.ok is None:  # visited before its split: not the order a walk takes
+                group.ok = False
+            if rule is None:
+                raise ValueError("no rule")
+            return rule(ctx)
+
+        grouped.kinds = getattr(rule, "kinds", frozenset({"permutation"}))
+        return grouped
+
+    def _scalar_only(self, node) -> bool:
+        """Whether ``node`` and all it feeds are plain numbers (checks on a size)."""
+        if node.op == "output" or is_tensor_meta(self.engine.meta.get(node)):
+            return False
+        return all(self._scalar_only(u) for u in node.users)
+
+    def _split_metas(self, node):
+        return sorted((u for u in node.users), key=lambda u: u.args[1])
+
+    def _histogram(self, counts):
+        """``(axis, positions)`` when ``counts`` is the number of entries of the
+        positions equal to each position: ``zeros(T, n).scatter(1, idx, 1)``
+        summed over its rows (one pick per class and row, as topk's), or
+        ``bincount(idx.flatten(), minlength=n)``; else ``(None, None)``."""
+        c = _through_copies(counts)
+        name = op_name_of(getattr(c, "target", None))
+        if name == "sum" and len(c.args) >= 2 and list(c.args[1]) in ([0], [-2]) \
+                and not (len(c.args) > 2 and c.args[2]) and not c.kwargs.get("keepdim"):
+            sc = _through_copies(c.args[0])
+            if op_name_of(getattr(sc, "target", None)) == "scatter" and len(sc.args) == 4 \
+                    and sc.args[1] in (1, -1) and sc.args[3] == 1 \
+                    and op_name_of(getattr(sc.args[0], "target", None)) in ("zeros", "new_zeros") \
+                    and len(self._shape(sc) or ()) == 2:
+                idx = sc.args[2]
+                s = self._plain_positions(idx)
+                if s is not None and self.engine.sym.size[s] == self._shape(sc)[1] \
+                        and self._distinct_rows(idx):
+                    return s, idx
+        if name == "bincount":
+            idx = _through_copies(c.args[0])
+            s = self._plain_positions(c.args[0])
+            if s is not None and c.kwargs.get("minlength", c.args[2] if len(c.args) > 2 else 0) \
+                    == self.engine.sym.size[s]:
+                return s, idx
+        return None, None
+
+    def _distinct_rows(self, idx) -> bool:
+        """Whether each row of ``idx`` holds distinct positions: topk's and argmax's do."""
+        src = _through_copies(idx)
+        if src.target is operator.getitem:
+            src = src.args[0]
+        return op_name_of(getattr(src, "target", None)) in ("topk", "argmax", "argmin") or \
+            (len(self._shape(idx) or ()) == 2 and self._shape(idx)[1] == 1)
+
+    def _check_grouped(self, group, ctx) -> bool:
+        """The split's rows are in the order of sorting the counted positions
+        (ascending), so piece e holds exactly the picks of class e."""
+        s, idx = self._histogram(group.counts)
+        rows = group.split.args[0]
+        tag = self.garbage.get(rows)
+        if s is None or tag is None or tag.k != 1 or tag.key[1] != "sorted":
+            return False
+        sort = tag.key[0]
+        descending = sort.args[2] if len(sort.args) > 2 else sort.kwargs.get("descending", False)
+        if descending or _through_copies(sort.args[0], flat=True) is not idx:
+            return False
+        group.sym = s
+        return True
 
     # --------------------------------------------------------------- pieces
     def _compare(self, s: int, node: fx.Node, source: fx.Node, name: str, c: int) -> Mask | None:
