@@ -1442,10 +1442,6 @@ SHORT_CAUSES = {
     "wav2vec2-conformer": "its encoder builds pos_conv_embed (18% of the parameters) but its "
                           "forward never calls it; its sinusoidal position table is not in the "
                           "state_dict",
-    "jetmoe": "its experts dispatch by sorting token slots by expert id and splitting them by "
-              "per-expert counts (a Python list), each expert's weight selected singly: no rule "
-              "follows the expert index through sort, counts and split, so the experts stay fixed "
-              "(their hidden units and the residual stream are permuted)",
     "deepseek_v4": "its hash-routed layers read expert ids from a checkpoint table (tid2eid): "
                    "permuting experts would relabel the table's values, which a spec does not "
                    "express; its compression RoPE frequencies are outside the state_dict",

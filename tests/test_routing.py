@@ -113,7 +113,8 @@ class SortedDispatch(nn.Module):
     """Top-2 routing dispatched as ScatterMoE / JetMoE do: picks sorted by
     expert, rows gathered in that order, split by the picks' histogram, each
     piece times its expert's weight, rows put back with ``index_add``.
-    ``fault`` breaks one link: ``"flipped"`` sizes, a ``"descending"`` sort,
+    ``fault`` breaks one link: ``"flipped"`` sizes, ``"other_counts"`` sizes
+    counted from other picks, a ``"descending"`` sort,
     ``"shifted"`` weights (piece e meets expert e + 1), ``"sorted_out"`` rows
     returned in sorted order."""
 
@@ -134,6 +135,9 @@ class SortedDispatch(nn.Module):
         top_w, top_i = self.router(h).topk(2, dim=1)
         gates = top_w.softmax(1)
         counts = torch.zeros(h.shape[0], E).scatter(1, top_i, 1).long().sum(0)
+        if self.fault == "other_counts":  # the histogram of other picks of the same scores
+            low = (-self.router(h)).topk(2, dim=1)[1]
+            counts = torch.zeros(h.shape[0], E).scatter(1, low, 1).long().sum(0)
         if self.fault == "flipped":
             counts = counts.flip(0)
         order = top_i.flatten().sort(0, descending=self.fault == "descending")[1]
@@ -162,7 +166,7 @@ def test_experts_dispatched_by_sorting_permute_with_their_router_rows():
         assert ab.check_equivalence(model, spec, torch.randn(12, 5), seed=seed) <= 1e-5
 
 
-@pytest.mark.parametrize("fault", ["flipped", "descending", "shifted", "sorted_out"])
+@pytest.mark.parametrize("fault", ["flipped", "other_counts", "descending", "shifted", "sorted_out"])
 def test_a_broken_sorted_dispatch_fixes_the_experts(fault):
     model = _sorted_model(fault)
     x = torch.randn(12, 5)

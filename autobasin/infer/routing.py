@@ -267,7 +267,8 @@ class Routing:
     def _sorted_dispatch(self, node, ctx, name, args, first, handled) -> bool:
         """Sorting positions, and what follows the sort's order (see the module
         docstring). True when ``node`` is fully accounted for."""
-        if node in self.claims:
+        group = self.claims.get(node)
+        if group is not None and (group.ok or node not in (group.split, group.cat)):
             return True  # part of a grouped product (prepare); its handler ran
         if name in ("sort", "argsort") and isinstance(first, fx.Node):
             s = self._plain_positions(first)
@@ -443,8 +444,8 @@ class Routing:
     def _histogram(self, counts):
         """``(axis, positions)`` when ``counts`` is the number of entries of the
         positions equal to each position: ``zeros(T, n).scatter(1, idx, 1)``
-        summed over its rows (one pick per class and row, as topk's), or
-        ``bincount(idx.flatten(), minlength=n)``; else ``(None, None)``."""
+        summed over its rows (one pick per class and row, as topk's); else
+        ``(None, None)``."""
         c = _through_copies(counts)
         name = op_name_of(getattr(c, "target", None))
         if name == "sum" and len(c.args) >= 2 and list(c.args[1]) in ([0], [-2]) \
@@ -459,12 +460,8 @@ class Routing:
                 if s is not None and self.engine.sym.size[s] == self._shape(sc)[1] \
                         and self._distinct_rows(idx):
                     return s, idx
-        if name == "bincount":
-            idx = _through_copies(c.args[0])
-            s = self._plain_positions(c.args[0])
-            if s is not None and c.kwargs.get("minlength", c.args[2] if len(c.args) > 2 else 0) \
-                    == self.engine.sym.size[s]:
-                return s, idx
+        # (bincount, the other natural histogram, has a size torch.export cannot know,
+        # and a graph of one input's sizes is refused: it never reaches this point)
         return None, None
 
     def _distinct_rows(self, idx) -> bool:
