@@ -193,6 +193,10 @@ OVERRIDES: dict[str, tuple[dict, str]] = {
     **dict.fromkeys(("llava_next", "llava_next_video", "llava_onevision"), (
         {"image_grid_pinpoints": [[32, 32]]},
         "its tiling picks a resolution among pinpoints made for 336-pixel images")),
+    "dots3_note": ({"audio_config": {"feature_size": 8}},
+                   "its audio stem's three stride-2 convolutions leave feature_size / 8 mel bins, "
+                   "and the tiny conv_output_size (32) is the stem's channels (32) times them only "
+                   "with 8 mel bins"),
     "voxtral": ({"audio_token_id": 24},
                 "its default config names no audio token (the released checkpoints use 24)"),
     "vipllava": ({"vision_feature_layers": [-1, 0]},
@@ -632,6 +636,9 @@ def input_options(model, cfg, gen) -> list[dict]:
             opt = {"input_features": torch.randn(*shape, generator=gen)}
             if mask:
                 opt[mask] = torch.ones(BATCH, t, dtype=torch.long)
+            if "chunk_sample_lengths" in params:  # the waveform samples each chunk's frames hold
+                hop = _find_int(cfg, ("hop_length",)) or 160
+                opt["chunk_sample_lengths"] = torch.full((BATCH,), t * hop, dtype=torch.long)
             audio.append(opt)
     if "audio_input_features" in params and "audio_embed_sizes" in params:
         # Phi-4-multimodal: (batch, frames, mels) features, how many projected features
@@ -1452,9 +1459,6 @@ SHORT_CAUSES = {
     "kimi_k25": "its vision tower adds a time-position table outside the state_dict to its stream "
                 "(which therefore has no permutation), and its projector pools the frames of each "
                 "merged patch by index_add: the merge kernel's positions are no symmetry",
-    "dots3_note": "no head class: the base model, whose latent attention and sparse-attention "
-                  "indexer keep their RoPE dimensions fixed (a large share of their weights at the "
-                  "tiny size), and whose audio tower the sweep's input sets do not reach",
     "kosmos-2.5": "its text decoder adds a sinusoidal table outside the state_dict to the "
                   "residual stream, which therefore has no permutation; its image path takes "
                   "flattened patches the sweep does not build",

@@ -192,3 +192,18 @@ def test_zoo_hf_time_series_get_their_past_and_future_values():
         inputs = _first_that_runs(model, cfg)
         assert set(inputs) == want, t
         assert inputs["past_values"].shape[1] <= zoo_hf.POSITIONS, t
+
+
+def test_zoo_hf_audio_chunks_come_with_their_sample_lengths():
+    # Dots3-Note's audio tower takes each chunk's waveform length beside its mel frames
+    # (it masks the frames past it): with them, and with mel bins its stem can take, the
+    # audio tower runs together with the images, one placeholder per audio token
+    model, inputs, _ = zoo_hf.build("dots3_note", False)
+    assert {"input_features", "chunk_sample_lengths", "pixel_values"} <= set(inputs)
+    frames = inputs["input_features"].shape[-1]
+    hop = model.config.audio_config.hop_length
+    assert inputs["chunk_sample_lengths"].eq(frames * hop).all()
+    per_token = model.config.audio_config.samples_per_token
+    n = frames * hop // per_token
+    assert (inputs["input_ids"] == model.config.audio_token_id).sum(1).eq(n).all()
+    assert any(name.startswith("audio_tower.") for name in zoo_hf._used_modules(model, inputs))
