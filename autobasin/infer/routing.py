@@ -56,7 +56,8 @@ from dataclasses import dataclass
 import torch.fx as fx
 
 from ..trace import op_name_of
-from .context import is_tensor_meta
+from .context import VALUE_COPIES, is_tensor_meta, layout_symbols
+from .registry import PERMUTATION
 
 # comparisons of positions with a number: (op, which side of the cut is true)
 _COMPARE = {"ge", "gt", "lt", "le", "eq", "ne", "greater_equal", "greater", "less", "less_equal",
@@ -108,13 +109,12 @@ class _Grouped:
     """A grouped product found by :meth:`Routing.prepare`."""
     split: fx.Node
     counts: fx.Node
-    weight: fx.Node
     cat: fx.Node
     ok: bool | None = None  # decided when the walk reaches the split
     sym: int = -1
 
 
-_COPIES = {"to", "_to_copy", "clone", "contiguous", "alias", "detach", "long", "int", "type_as"}
+_COPIES = VALUE_COPIES | {"long", "int"}  # fx records x.long() as a method of its own
 _FLATTENS = {"flatten", "view", "reshape", "_unsafe_view"}
 
 
@@ -124,10 +124,6 @@ def _through_copies(node, flat: bool = False):
             (op_name_of(node.target) in _COPIES or (flat and op_name_of(node.target) in _FLATTENS)):
         node = node.args[0]
     return node
-
-
-def _symbols(layout) -> list[int]:
-    return [s for s in layout if isinstance(s, int)] if isinstance(layout, list) else []
 
 
 def _merge(ranges) -> tuple[tuple[int, int], ...]:
@@ -198,11 +194,11 @@ class Routing:
         """After ``node``'s rule: record what its value is (a mask, taint,
         garbage, zeros) and fix the axes whose garbage or taint it misuses."""
         name = ctx.op_name
-        args = [a for a in node.args]
+        args = list(node.args)
         first = args[0] if args else None
         handled: set[fx.Node] = set()  # inputs this node is allowed to take as they are
 
-        if self._sorted_dispatch(node, ctx, name, args, first, handled):
+        if self._sorted_dispatch(node, ctx, name, args, first):
             return
         # a mask: positions compared with a number
         if name in _COMPARE and len(args) == 2 and not node.kwargs:
@@ -264,7 +260,7 @@ class Routing:
                 self._block(self.garbage[a].sym, f"{a.name}: rows of masked-out positions are returned")
 
     # ------------------------------------------------------ sorted dispatch
-    def _sorted_dispatch(self, node, ctx, name, args, first, handled) -> bool:
+    def _sorted_dispatch(self, node, ctx, name, args, first) -> bool:
         """Sorting positions, and what follows the sort's order (see the module
         docstring). True when ``node`` is fully accounted for."""
         group = self.claims.get(node)
@@ -356,7 +352,7 @@ class Routing:
                 if op_name_of(cat.target) not in ("cat", "concat") or cat_dim != 0 \
                         or list(cat.args[0]) != [lin for _, lin in links]:
                     continue
-                group = _Grouped(split=node, counts=counts, weight=weight, cat=cat)
+                group = _Grouped(split=node, counts=counts, cat=cat)
                 for n in (unbind, *items, node, *(sel for sel, _ in links), cat):
                     self.claims[n] = group
 
@@ -402,9 +398,9 @@ class Routing:
                 if group.ok:
                     rows = list(ctx.layout(ctx.args[0]))
                     return [[ctx.new(self._shape(p)[0], "rows of one expert", structural=True),
-                             *rows[1:]] for p in self._split_metas(node)]
+                             *rows[1:]] for p in sorted(node.users, key=lambda u: u.args[1])]
                 # not a grouped product: the counts were read one by one after all
-                for sym in _symbols(self.engine.layouts.get(group.counts)):
+                for sym in layout_symbols(self.engine.layouts.get(group.counts)):
                     self._block(sym, f"{node.name}: split by sizes read one by one")
             elif node is group.cat and group.ok:
                 outs = [ctx.layout(a) for a in ctx.args[0]]
@@ -417,7 +413,7 @@ class Routing:
             elif op_name_of(node.target) == "select" and group.ok:
                 lay = list(ctx.layout(ctx.args[0]))
                 ctx.union(lay[0], group.sym)
-                ctx.restrict(lay[0], frozenset({"permutation"}), "experts of a grouped product")
+                ctx.restrict(lay[0], PERMUTATION, "experts of a grouped product")
                 return lay[1:]
             elif op_name_of(node.target) == "unbind":
                 return [[] for _ in range(self._shape(node.args[0])[0])]
@@ -429,7 +425,7 @@ class Routing:
                 raise ValueError("no rule")
             return rule(ctx)
 
-        grouped.kinds = getattr(rule, "kinds", frozenset({"permutation"}))
+        grouped.kinds = getattr(rule, "kinds", PERMUTATION)
         return grouped
 
     def _scalar_only(self, node) -> bool:
@@ -437,9 +433,6 @@ class Routing:
         if node.op == "output" or is_tensor_meta(self.engine.meta.get(node)):
             return False
         return all(self._scalar_only(u) for u in node.users)
-
-    def _split_metas(self, node):
-        return sorted((u for u in node.users), key=lambda u: u.args[1])
 
     def _histogram(self, counts):
         """``(axis, positions)`` when ``counts`` is the number of entries of the
