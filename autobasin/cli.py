@@ -595,7 +595,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="kinds of symmetry to align with, comma-separated: permutation (default), "
                         "sign, scale, orthogonal, invertible, or all; groups whose ops admit "
                         "more than permutations are aligned by signed or scaled permutations, "
-                        "orthogonal or invertible maps (weight matching)")
+                        "orthogonal or invertible maps (weight matching); RoPE head dims by "
+                        "rotations (and scales) of their frequency pairs")
     g.add_argument("--max-iter", type=int, default=100, help="most matching sweeps (default 100)")
     g.add_argument("--tol", type=float, default=0.0,
                    help="weight matching: stop after a sweep that raises the objective by at "

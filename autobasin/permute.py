@@ -7,6 +7,7 @@ position ``p[i]``.
 from __future__ import annotations
 
 import copy
+import math
 from typing import Callable, Mapping, Sequence
 
 import torch
@@ -16,7 +17,7 @@ from torch import nn
 from .guard import eval_mode
 from .inputs import ModelInputs, as_inputs, select_outputs
 from .state import with_metadata
-from .spec import Member, PermutationSpec, Perms, SpecError, axis_index  # noqa: F401 - axis_index: re-exported
+from .spec import PAIR_KINDS, Member, PermutationSpec, Perms, SpecError, axis_index, pair_partners  # noqa: F401 - axis_index: re-exported
 
 
 
@@ -67,9 +68,17 @@ def as_matrix(t: torch.Tensor, n: int | None = None) -> torch.Tensor:
     return t.detach().to(torch.float64).cpu()
 
 
-def random_element(kind: str, n: int, gen: torch.Generator) -> torch.Tensor:
+def random_element(kind: str, n: int, gen: torch.Generator, pairs=None) -> torch.Tensor:
     """A random element of ``kind`` on ``n`` units: a permutation (LongTensor) or
-    a well-conditioned float64 matrix (condition number at most e^2)."""
+    a well-conditioned float64 matrix (condition number at most e^2). The kinds
+    of ``spec.PAIR_KINDS`` need the group's ``pairs``."""
+    if kind in PAIR_KINDS:
+        partner = pair_partners(pairs, n)
+        first = torch.nonzero(partner > torch.arange(n)).reshape(-1)
+        angle = (torch.rand(len(first), generator=gen, dtype=torch.float64) * 2 - 1) * math.pi
+        scale = torch.exp(torch.rand(len(first), generator=gen, dtype=torch.float64) * 2 - 1) \
+            if kind == "rotary" else torch.ones(len(first), dtype=torch.float64)
+        return pair_matrix(partner, scale * torch.cos(angle), scale * torch.sin(angle))
     p = torch.randperm(n, generator=gen)
     if kind == "permutation":
         return p
@@ -94,7 +103,26 @@ def random_transforms(spec: PermutationSpec, seed: int = 0) -> Perms:
     """One random element per group, of the group's kind, reproducible from
     ``seed`` (:func:`random_permutation` for a spec of permutations only)."""
     gen = torch.Generator().manual_seed(seed)
-    return {name: random_element(g.kind, g.size, gen) for name, g in spec.groups.items()}
+    return {name: random_element(g.kind, g.size, gen, g.pairs) for name, g in spec.groups.items()}
+
+
+def pair_matrix(partner: torch.Tensor, re: torch.Tensor, im: torch.Tensor) -> torch.Tensor:
+    """The (n, n) matrix acting on each frequency pair ``(i, partner[i])``, ``i``
+    the smaller, as the complex number ``re + i im`` (a rotation times a scale):
+    ``x_i -> re x_i - im x_j``, ``x_j -> im x_i + re x_j``; one entry of ``re``
+    and ``im`` per pair, in the order of their first positions (differentiable)."""
+    n = len(partner)
+    first = torch.nonzero(partner > torch.arange(n)).reshape(-1)
+    second = partner[first]
+    m = torch.zeros(n, n, dtype=re.dtype)
+    m = m.index_put((first, first), re).index_put((second, second), re)
+    return m.index_put((first, second), -im).index_put((second, first), im)
+
+
+def pair_parts(m: torch.Tensor, partner: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(re, im)`` of each pair of ``m`` (see :func:`pair_matrix`)."""
+    first = torch.nonzero(partner > torch.arange(len(partner))).reshape(-1)
+    return m[first, first], m[partner[first], first]
 
 
 def invert(perms: Perms) -> Perms:
@@ -124,11 +152,15 @@ def check_perm(name: str, p: torch.Tensor, n: int) -> torch.Tensor:
 MAX_CONDITION = 1e6
 
 
-def check_element(name: str, t: torch.Tensor, n: int, kind: str) -> torch.Tensor:
+def check_element(name: str, t: torch.Tensor, n: int, kind: str, pairs=None) -> torch.Tensor:
     """A group's element, checked: a permutation of 0..n-1, or, for a group of
     another kind, a finite float (n, n) matrix (float64) whose condition number
-    is below :data:`MAX_CONDITION`. SpecError naming the group otherwise."""
+    is below :data:`MAX_CONDITION`; for a group of ``spec.PAIR_KINDS``, the
+    identity or a matrix that acts on each of its ``pairs`` alone as a rotation
+    (times a scale, for "rotary"). SpecError naming the group otherwise."""
     t = torch.as_tensor(t)
+    if kind in PAIR_KINDS:
+        return _check_pair_element(name, t, n, kind, pairs)
     if is_permutation(t):
         return check_perm(name, t, n)
     if kind == "permutation":
@@ -147,12 +179,32 @@ def check_element(name: str, t: torch.Tensor, n: int, kind: str) -> torch.Tensor
     return m
 
 
+def _check_pair_element(name: str, t: torch.Tensor, n: int, kind: str, pairs) -> torch.Tensor:
+    partner = pair_partners(pairs, n)
+    if is_permutation(t):
+        p = check_perm(name, t, n)
+        if not torch.equal(p, torch.arange(n)):
+            raise SpecError(f"group {name!r} ({kind}: RoPE frequency pairs) takes no "
+                            "permutation but the identity")
+        return p
+    m = check_element(name, t, n, "invertible")
+    re, im = pair_parts(m, partner)
+    want = pair_matrix(partner, re, im)
+    tol = 1e-9 * max(float(m.abs().max()), 1.0)
+    if float((m - want).abs().max()) > tol:
+        raise SpecError(f"element for group {name!r} ({kind}) does not act on each RoPE "
+                        "frequency pair alone as a rotation times a scale")
+    if kind == "rotation" and float((re * re + im * im - 1).abs().max()) > 1e-9:
+        raise SpecError(f"element for group {name!r} (rotation) scales a frequency pair")
+    return m
+
+
 def _checked_perms(spec: PermutationSpec, perms: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Every group's element, checked (:func:`check_element`); SpecError naming a missing one."""
     missing = [g for g in spec.groups if g not in perms]
     if missing:
         raise SpecError(f"no permutation given for group {missing[0]!r}")
-    return {name: check_element(name, perms[name], g.size, g.kind)
+    return {name: check_element(name, perms[name], g.size, g.kind, g.pairs)
             for name, g in spec.groups.items()}
 
 

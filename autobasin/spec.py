@@ -97,6 +97,17 @@ class Member:
 # all invertible maps (a general element M acts as ``M`` or ``M^-T``, see
 # ``Member.contra``).
 KINDS = ("permutation", "sign", "scale", "orthogonal", "invertible")
+# Two more kinds a group can carry, which contain no permutation but the
+# identity: the maps that commute with rotary position embeddings (RoPE) on a
+# head dim whose positions come in frequency pairs (``Group.pairs``): within
+# each pair a 2x2 rotation ("rotation", orthogonal) or a rotation times a
+# positive scale ("rotary", invertible; a complex number acting on the pair).
+# They are asked for as "orthogonal" and "invertible": a group gets one where
+# RoPE admits nothing more general.
+PAIR_KINDS = ("rotation", "rotary")
+GROUP_KINDS = ("permutation", "sign", "scale", "rotation", "orthogonal", "rotary", "invertible")
+# the kind each asked kind brings with it
+_IMPLIED = {"orthogonal": "rotation", "invertible": "rotary"}
 
 
 def symmetry_kinds(symmetries) -> frozenset:
@@ -116,11 +127,27 @@ def symmetry_kinds(symmetries) -> frozenset:
     return asked | {"permutation"}
 
 
-def group_kind(admitted, asked) -> str:
-    """The most general kind a group may carry: asked for and admitted by every
-    op on its axes (invertible, then orthogonal, scale, sign, permutation)."""
-    both = frozenset(admitted) & frozenset(asked)
-    return next(k for k in reversed(KINDS) if k in both or k == "permutation")
+def group_kind(admitted, asked) -> str | None:
+    """The most general kind a group may carry: asked for (``"orthogonal"``
+    brings ``"rotation"``, ``"invertible"`` ``"rotary"``) and admitted by every
+    op on its axes. None when nothing is: a RoPE head dim (which admits no
+    permutation) met by an op that admits no pair rotation."""
+    asked = frozenset(asked) | {_IMPLIED[k] for k in asked if k in _IMPLIED}
+    both = frozenset(admitted) & asked
+    return next((k for k in reversed(GROUP_KINDS) if k in both), None)
+
+
+def pair_partners(pairs, n: int) -> torch.Tensor:
+    """``pairs`` (each position's partner) as a LongTensor, checked: an
+    involution of 0..n-1 without fixed points."""
+    if pairs is None:
+        raise SpecError("a group of a RoPE pair kind (rotation, rotary) needs its pairs")
+    p = torch.as_tensor(list(pairs), dtype=torch.long)
+    idx = torch.arange(n)
+    if p.shape != (n,) or bool(((p < 0) | (p >= n)).any()) or not torch.equal(p[p], idx) \
+            or bool((p == idx).any()):
+        raise SpecError(f"pairs {list(pairs)[:8]}... are not a pairing of 0..{n - 1}")
+    return p
 
 
 @dataclass
@@ -129,6 +156,8 @@ class Group:
     size: int
     members: list[Member] = field(default_factory=list)
     kind: str = "permutation"
+    # for the kinds of PAIR_KINDS: each position's partner in its frequency pair
+    pairs: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -399,6 +428,7 @@ class PermutationSpec:
             "format": "autobasin.PermutationSpec/1",
             "groups": [{"name": g.name, "size": g.size,
                         **({"kind": g.kind} if g.kind != "permutation" else {}),
+                        **({"pairs": list(g.pairs)} if g.pairs is not None else {}),
                         "members": [{"param": m.param, "axis": m.axis, "offset": m.offset,
                                      "shape": list(m.shape), "strides": list(m.strides),
                                      "dim": m.dim, **({"contra": True} if m.contra else {})}
@@ -420,12 +450,17 @@ class PermutationSpec:
         if d.get("format") != "autobasin.PermutationSpec/1":
             raise SpecError(f"not an autobasin spec (format={d.get('format')!r})")
         for g in d["groups"]:
-            if g.get("kind", "permutation") not in KINDS:
-                raise SpecError(f"group {g['name']!r} has kind {g['kind']!r}; kinds are {KINDS}")
+            if g.get("kind", "permutation") not in GROUP_KINDS:
+                raise SpecError(f"group {g['name']!r} has kind {g['kind']!r}; kinds are "
+                                f"{GROUP_KINDS}")
+            if (g.get("kind") in PAIR_KINDS) != ("pairs" in g):
+                raise SpecError(f"group {g['name']!r}: kinds {PAIR_KINDS} and only they come "
+                                "with pairs")
         groups = [Group(g["name"], int(g["size"]),
                         [Member(m["param"], int(m["axis"]), int(m["offset"]), tuple(m["shape"]),
                                 tuple(m["strides"]), int(m["dim"]), bool(m.get("contra", False)))
-                         for m in g["members"]], g.get("kind", "permutation"))
+                         for m in g["members"]], g.get("kind", "permutation"),
+                        tuple(int(i) for i in g["pairs"]) if "pairs" in g else None)
                   for g in d["groups"]]
         tensors = {k: TensorInfo(tuple(v["shape"]), bool(v["is_parameter"]), bool(v["floating"]))
                    for k, v in d["tensors"].items()}

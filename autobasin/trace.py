@@ -810,15 +810,25 @@ class ExampleRecorder(fx.Interpreter):
 
     ``meta[node]`` is :func:`describe` of the value; ``captured[node]`` holds
     the actual arguments of the nodes in ``capture`` (for looking inside
-    opaque calls later).
+    opaque calls later). ``probes``: ``{node: (inputs, fn)}``: when ``node``
+    has run, ``probed[node] = fn(*values of inputs, value of node)`` (values
+    are kept only until every probe that reads them has run).
     """
 
-    def __init__(self, gm: fx.GraphModule, capture: set[fx.Node] = frozenset()):
+    def __init__(self, gm: fx.GraphModule, capture: set[fx.Node] = frozenset(),
+                 probes: dict | None = None):
         super().__init__(gm, garbage_collect_values=True)
         self.meta: dict[fx.Node, Any] = {}
         self.capture = capture
         self.captured: dict[fx.Node, tuple[tuple, dict]] = {}
         self.passthrough: dict[fx.Node, int] = {}
+        self.probes = dict(probes or {})
+        self.probed: dict[fx.Node, Any] = {}
+        self._kept: dict[fx.Node, Any] = {}
+        self._readers: dict[fx.Node, int] = {}
+        for ins, _ in self.probes.values():
+            for a in ins:
+                self._readers[a] = self._readers.get(a, 0) + 1
 
     def _always_passes_through(self, n: fx.Node, index: int, trials: int = 4) -> bool:
         """Seeing a call return its input once proves nothing if it branches
@@ -863,6 +873,18 @@ class ExampleRecorder(fx.Interpreter):
                     self.passthrough[n] = i
                     break
         self.meta[n] = describe(value)
+        if n in self._readers:
+            self._kept[n] = value
+        if n in self.probes:
+            ins, fn = self.probes[n]
+            try:
+                self.probed[n] = fn(*(self._kept.get(a) for a in ins), value)
+            except Exception:  # noqa: BLE001 - a probe that cannot decide says no
+                self.probed[n] = None
+            for a in ins:
+                self._readers[a] -= 1
+                if not self._readers[a]:
+                    self._kept.pop(a, None)
         return value
 
 

@@ -173,7 +173,8 @@ def _with_kind(spec: PermutationSpec, group: str, kind: str, flip_contra: bool =
             # every member as an output: the readers no longer undo the map
             members = [type(m)(m.param, m.axis, m.offset, m.shape, m.strides, m.dim, False)
                        for m in members]
-        groups.append(Group(g.name, g.size, members, kind if g.name == group else g.kind))
+        new = kind if g.name == group else g.kind
+        groups.append(Group(g.name, g.size, members, new, g.pairs if new == g.kind else None))
     return PermutationSpec(groups, spec.tensors, spec.blocked, spec.axes, spec.outputs, None)
 
 
@@ -555,3 +556,127 @@ def test_fold_norms_folds_layer_scales_into_their_writers():
     spec = infer_spec(f, ids, symmetries="all")
     assert _kinds(spec)["emb:in"] == "orthogonal"
     assert check_equivalence(f, spec, ids) < 1e-5
+
+
+# ------------------------------------------------------------------ RoPE
+def _rotate_half(x):
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+def _rotate_pairs(x):  # GPT-J's interleaved form: pairs (0, 1), (2, 3), ...
+    return torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
+
+
+class RopeBlock(Block):
+    """A block whose queries and keys get rotary position embeddings."""
+
+    def __init__(self, form="half", d=16, h=2):
+        super().__init__(d, h)
+        self.form, hd = form, d // h
+        self.register_buffer("inv_freq", 1.0 / 100 ** (torch.arange(0, hd, 2).float() / hd),
+                             persistent=False)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        f = torch.outer(torch.arange(t, dtype=x.dtype), self.inv_freq)
+        if self.form == "pairs":
+            emb, rot = f.repeat_interleave(2, -1), _rotate_pairs
+        elif self.form == "broken":  # the two halves at different frequencies
+            emb, rot = torch.cat((f, 1.5 * f), -1), _rotate_half
+        else:
+            emb, rot = torch.cat((f, f), -1), _rotate_half
+        cos, sin = emb.cos(), emb.sin()
+        y = self.n1(x)
+        q, k, v = (g(y).view(b, t, self.h, -1).transpose(1, 2) for g in (self.q, self.k, self.v))
+        q, k = q * cos + rot(q) * sin, k * cos + rot(k) * sin
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.o(a.transpose(1, 2).reshape(b, t, d))
+        return x + self.down(F.relu(self.up(self.n2(x))))
+
+
+class RopeLM(LM):
+    def __init__(self, form="half"):
+        super().__init__()
+        self.blocks = nn.Sequential(RopeBlock(form), RopeBlock(form))
+
+
+def _rope_groups(spec):
+    return {n: g for n, g in spec.groups.items() if g.pairs is not None}
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+@pytest.mark.parametrize("form,partner", [("half", (4, 5, 6, 7, 0, 1, 2, 3)),
+                                          ("pairs", (1, 0, 3, 2, 5, 4, 7, 6))])
+def test_rope_head_dims_carry_pair_rotations(form, partner, capture):
+    """RoPE fixes the q/k head dim for permutations, but maps acting on each
+    frequency pair as a rotation times a scale commute with it: asked for as
+    invertible maps they are "rotary", as orthogonal ones "rotation"; random
+    elements of them keep what the model computes, a general map does not."""
+    m, ids = RopeLM(form), torch.randint(0, 50, (2, 7))
+    plain = infer_spec(m, ids, capture=capture)
+    assert not _rope_groups(plain)
+    assert any("q.weight[0" in n for n, _ in plain.fixed_axes())
+    spec = infer_spec(m, ids, symmetries="all", capture=capture)
+    rope = _rope_groups(spec)
+    assert len(rope) == 2 and spec.coverage() == 1.0
+    for g in rope.values():
+        assert g.kind == "rotary" and g.pairs == partner and g.size == 8
+        assert {m.param.split(".")[-2] for m in g.members} == {"q", "k"}
+        assert all(m.contra == (m.param.split(".")[-2] == "k") for m in g.members)
+    for seed in range(3):
+        assert check_equivalence(m, spec, ids, seed=seed) < 1e-5
+    assert {g.kind for g in _rope_groups(
+        infer_spec(m, ids, symmetries="orthogonal", capture=capture)).values()} == {"rotation"}
+    name = next(iter(rope))
+    with pytest.raises(EquivalenceError):  # any invertible map of the head dim is too much
+        check_equivalence(m, _with_kind(spec, name, "invertible"), ids)
+    again = PermutationSpec.from_json(spec.to_json())
+    assert again == spec and again.groups[name].pairs == partner
+
+
+def test_rope_whose_pairs_differ_in_frequency_stays_fixed():
+    m, ids = RopeLM("broken"), torch.randint(0, 50, (2, 7))
+    spec = infer_spec(m, ids, symmetries="all")
+    assert not _rope_groups(spec)
+    assert any("q.weight[0" in n for n, _ in spec.fixed_axes())
+    for seed in range(2):
+        assert check_equivalence(m, spec, ids, seed=seed) < 1e-5
+
+
+def test_pair_elements_are_checked():
+    m, ids = RopeLM(), torch.randint(0, 50, (2, 7))
+    spec = infer_spec(m, ids, symmetries="all")
+    name, grp = next(iter(_rope_groups(spec).items()))
+    sd, good = m.state_dict(), random_transforms(spec, 3)
+    apply_permutation(spec, good, sd)
+    for wrong, match in ((torch.randperm(8), "identity"),
+                         (torch.eye(8, dtype=torch.float64)[[1, 0, 2, 3, 4, 5, 6, 7]], "pair"),
+                         (good[name] * torch.linspace(1, 2, 8, dtype=torch.float64), "pair")):
+        if not wrong.is_floating_point() and torch.equal(wrong, torch.arange(8)):
+            continue
+        bad = dict(good)
+        bad[name] = wrong
+        with pytest.raises(SpecError, match=match):
+            apply_permutation(spec, bad, sd)
+    d = spec.to_dict()
+    next(g for g in d["groups"] if g["name"] == name).pop("pairs")
+    with pytest.raises(SpecError, match="pairs"):
+        PermutationSpec.from_dict(d)
+
+
+@pytest.mark.parametrize("method", ["weight", "activation"])
+def test_planted_pair_rotations_recovered(method):
+    """B is A under random elements of every group, RoPE's pair maps among them."""
+    torch.set_num_threads(1)
+    a, ids = RopeLM(), torch.randint(0, 50, (8, 7))
+    spec = infer_spec(a, ids[:2], symmetries="all")
+    b = permute_model(a, spec, random_transforms(spec, seed=5))
+    r = general_weight_matching(spec, a.state_dict(), b.state_dict())
+    assert r.distance < 1e-5 * r.initial_distance
+    data = [ids[i:i + 4] for i in range(0, len(ids), 4)]
+    res = auto_rebasin(a, b, ids[:2], method=method, data=data, symmetries="all",
+                       progress=False)
+    assert res.verify_error < 1e-5
+    for k, v in a.state_dict().items():
+        assert torch.allclose(res.model.state_dict()[k], v, atol=1e-4), k

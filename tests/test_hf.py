@@ -292,3 +292,27 @@ def test_deepseek_v3_latent_attention_and_experts_have_their_structure():
     assert len(acting("mlp.shared_experts.gate_proj.weight", 0, 24)) == 1
     rope = [a for a, why in spec.fixed_axes() if a.startswith(layer)]
     assert rope and all("inv_freq" in why for a, why in spec.fixed_axes() if a.startswith(layer))
+
+
+@pytest.mark.parametrize("name,rotated", [("llama", 8), ("gpt_neox_partial_rotary", 4),
+                                          ("llama_rope_scaled_head_dim", 16)])
+def test_rope_head_dims_take_pair_rotations(name, rotated):
+    """With invertible maps asked for, the q/k head dim (its rotated part, for
+    partial rotary) carries rotations times scales of its RoPE frequency pairs
+    (``rotate_half``: i with i + d/2), with k under the inverse-transpose; any
+    element of them keeps the logits. GPT-NeoX's pass-through part is a
+    general invertible group of its own."""
+    model, inputs = build(name)
+    spec = infer_spec(model, inputs, symmetries="all")
+    rope = [g for g in spec.groups.values() if g.kind == "rotary"]
+    assert len(rope) == 2 and all(g.size == rotated for g in rope)
+    half = rotated // 2
+    assert all(g.pairs == tuple(list(range(half, rotated)) + list(range(half))) for g in rope)
+    assert all(any(m.contra for m in g.members) and not all(m.contra for m in g.members)
+               for g in rope)
+    if name == "gpt_neox_partial_rotary":
+        assert sum(g.kind == "invertible" and any("query_key_value" in m.param and
+                                                  m.contra for m in g.members)
+                   for g in spec.groups.values()) == 2
+    for seed in range(2):
+        assert ab.check_equivalence(model, spec, inputs, seed=seed) < 1e-4

@@ -11,10 +11,12 @@ import torch.fx as fx
 from torch import nn
 
 from ..guard import eval_mode, is_meta_model, unwrap_model
-from ..spec import Group, Member, PermutationSpec, TensorInfo, group_kind, symmetry_kinds
+from ..spec import (PAIR_KINDS, Group, Member, PermutationSpec, TensorInfo, group_kind,
+                    symmetry_kinds)
 from ..inputs import ModelInputs, as_inputs, positional, seeded_rng, select_output
 from ..trace import (ExampleRecorder, TraceError, caused_by, default_inputs, export_trace, graph_over,
                      op_name_of, symbolic_trace)
+from . import rope
 from . import rules as _rules  # noqa: F401 - registers the built-in rules
 from .engine import GraphInference, TensorTable, is_user_opaque, layout_symbols
 from .registry import module_rule, rule
@@ -151,7 +153,11 @@ class TracedModel:
             m = gm.get_submodule(n.target)
             return is_user_opaque(opaque, n.target, m) or module_rule(m, exact_only=True) is None
         capture_nodes = {n for n in gm.graph.nodes if may_inline(n)}
-        rec = ExampleRecorder(gm, capture_nodes)
+        # RoPE's head dims admit pair rotations, asked for as orthogonal / invertible maps
+        ropes = rope.find_patterns(gm.graph, set(self.table.by_id), gm) \
+            if self.symmetries & {"orthogonal", "invertible"} else []
+        rec = ExampleRecorder(gm, capture_nodes,
+                              {p.final: ((p.x, p.r, p.c, p.s), rope.check) for p in ropes})
         with torch.no_grad(), eval_mode(model):
             try:
                 rec.run(*flat)
@@ -159,6 +165,7 @@ class TracedModel:
                 raise ExampleInputError(model, inputs, e) from e
         graph = GraphInference(gm, self.sym, self.table, rec.meta, rec.captured,
                                passthrough=rec.passthrough, **shared)
+        graph.rope.confirm(ropes, rec.probed)
         for s in layout_symbols(self._selected(graph.run(block_outputs=False), gm)):
             self.sym.block(s, "graph output", structural=True)
         return graph
@@ -198,6 +205,11 @@ class TracedModel:
     def _build_spec(self, fixed: Iterable[str] = ()) -> PermutationSpec:
         sym = self.sym
         state = self.table.state
+        # a RoPE head dim that some op admits no pair rotation on carries nothing
+        for r in list(sym.pairs):
+            root = sym.find(r)
+            if root not in sym.blocked and group_kind(sym.kinds(root), self.symmetries) is None:
+                sym.block(root, sym.narrowed.get(root) or "RoPE frequency pairs")
         members: dict[int, list[Member]] = {}
         for name in state:
             syms = self.table.syms.get(name)
@@ -219,7 +231,8 @@ class TracedModel:
             kind = group_kind(sym.kinds(root), self.symmetries)
             if kind == "permutation":  # orientation means nothing to a permutation
                 ms = [dataclasses.replace(m, contra=False) for m in ms]
-            groups.append(Group(name, sym.size[root], ms, kind))
+            groups.append(Group(name, sym.size[root], ms, kind,
+                                sym.pairs.get(root) if kind in PAIR_KINDS else None))
         blocked = [(n, r) for n, r in self.graph.log]
         blocked += [(m, f"opaque module: {why}") for m, why in self.opaque_modules.items()]
         axes, fixed_axes = self._axis_kinds(state, members)
@@ -561,7 +574,10 @@ def trace_model(model: nn.Module, example_inputs=None, *, opaque: Iterable = (),
             flips, a gainless RMSNorm orthogonal maps, a linear layer and a
             residual sum anything invertible; an op without a declaration only
             permutations), and each member whether a general element acts on
-            it as ``M`` or ``M^-T`` (``Member.contra``).
+            it as ``M`` or ``M^-T`` (``Member.contra``). A RoPE head dim, which
+            admits no permutation, gets the rotations (``"orthogonal"``) or
+            rotations times scales (``"invertible"``) of each frequency pair:
+            kinds ``"rotation"`` / ``"rotary"`` with ``Group.pairs``.
         more_inputs: further example inputs, each in any form
             ``example_inputs`` takes, that run other paths through forward
             (a modality the first set leaves out, a mode flag, a branch on

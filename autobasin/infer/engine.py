@@ -25,6 +25,7 @@ from ..trace import OPAQUE_VALUE, get_attr
 from .context import Context, is_tensor_meta, layout_symbols, map_meta
 from .inline import MAX_INLINE_DEPTH, paired_layouts, trace_body
 from .registry import ALL, FUNCTION_RULES, METHOD_RULES, PERMUTATION, module_rule
+from .rope import Rope
 from .routing import Routing
 from .symbols import Symbols
 
@@ -102,6 +103,8 @@ class GraphInference:
         self.positions: dict[fx.Node, Any] = {}
         # masks, taint, garbage and zeros of routing with muted slots (see routing.py)
         self.routing = Routing(self)
+        # rotary position embeddings confirmed on the example run (rope.py)
+        self.rope = Rope(self)
 
     def user_opaque(self, target: str, module) -> bool:
         return is_user_opaque(self.tensors.opaque, self.prefix + target, module)
@@ -163,6 +166,8 @@ class GraphInference:
         fn, what = self.find_rule(node, ctx)
         if node in self.routing.claims:  # part of a grouped product (routing.py)
             fn, what = self.routing.claim(node, fn), f"{what} in a grouped product"
+        elif node in self.rope.claims:  # part of a rotary position embedding (rope.py)
+            fn, what = self.rope.claim(node, fn), f"{what} in a rotary position embedding"
         try:
             if fn is not None:
                 out = self._check_layout(node, fn(ctx))

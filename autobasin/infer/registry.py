@@ -38,7 +38,7 @@ def alias(aten_op, fn: Callable) -> None:
     ALIASES[aten_op] = fn
 
 
-ALL = frozenset({"permutation", "sign", "scale", "orthogonal", "invertible"})
+ALL = frozenset({"permutation", "sign", "scale", "orthogonal", "invertible", "rotation", "rotary"})
 PERMUTATION = frozenset({"permutation"})
 
 

@@ -81,9 +81,18 @@ def _runs(sizes: list[int], fine: list[int], combine) -> list[list[int]]:
     return runs
 
 
-ALL_KINDS = frozenset({"permutation", "sign", "scale", "orthogonal", "invertible"})
+ALL_KINDS = frozenset({"permutation", "sign", "scale", "orthogonal", "invertible", "rotation",
+                       "rotary"})
 # the kinds whose every element equals its inverse-transpose
-SELF_DUAL_KINDS = frozenset({"permutation", "sign", "orthogonal"})
+SELF_DUAL_KINDS = frozenset({"permutation", "sign", "orthogonal", "rotation"})
+# an op that admits every orthogonal (invertible) map admits the pair rotations
+# (times scales) of RoPE's head dims too: they are among them (see spec.PAIR_KINDS)
+_SUBKINDS = {"orthogonal": {"rotation"}, "invertible": {"rotary", "rotation"},
+             "rotary": {"rotation"}}
+
+
+def with_subkinds(kinds) -> frozenset:
+    return frozenset(kinds).union(*(_SUBKINDS.get(k, ()) for k in kinds))
 
 
 class Symbols:
@@ -98,6 +107,8 @@ class Symbols:
         # kinds each class admits (absent: all) and the first reason it lost one
         self.admits: dict[int, frozenset] = {}
         self.narrowed: dict[int, str] = {}
+        # RoPE head dims: each position's partner in its frequency pair, by class
+        self.pairs: dict[int, tuple[int, ...]] = {}
         # orientation: weighted union-find, parity of each symbol to its parent
         self._pparent: list[int] = []
         self._pbit: list[int] = []
@@ -131,12 +142,12 @@ class Symbols:
         """The kinds of symmetry every op on ``s``'s class admits."""
         return self.admits.get(self.find(s), ALL_KINDS)
 
-    def restrict(self, s: int, kinds, reason: str = "") -> None:
-        """Only ``kinds`` (and always permutations) may act on ``s``'s class;
-        a refined class's parts are restricted alike."""
+    def restrict(self, s: int, kinds, reason: str = "", permutations: bool = True) -> None:
+        """Only ``kinds`` (and permutations, unless ``permutations=False``) may
+        act on ``s``'s class; a refined class's parts are restricted alike."""
         if self.trivial(s):
             return
-        kinds = frozenset(kinds) | {"permutation"}
+        kinds = with_subkinds(kinds) | ({"permutation"} if permutations else set())
         r = self.find(s)
         cur = self.admits.get(r, ALL_KINDS)
         new = cur & kinds
@@ -147,7 +158,18 @@ class Symbols:
         ref = self.refinement.get(r)
         if ref:
             for c in ref.children:
-                self.restrict(c, kinds, reason)
+                self.restrict(c, kinds, reason, permutations)
+
+    def set_pairs(self, s: int, partner: tuple[int, ...], reason: str) -> None:
+        """``s``'s class is a RoPE head dim: only maps acting on each pair
+        ``(i, partner[i])`` alone as a rotation (times a scale) keep what the
+        model computes (see ``spec.PAIR_KINDS``); ``reason`` names the op."""
+        r = self.find(s)
+        self.restrict(r, {"rotary", "rotation"}, reason, permutations=False)
+        old = self.pairs.get(r)
+        if r in self.refinement or (old is not None and old != tuple(partner)):
+            self.block(r, f"{reason}: RoPE frequency pairs that do not agree")
+        self.pairs[r] = tuple(partner)
 
     # ---------------------------------------------------------------- basics
     def new(self, size: int, blocked: str | None = None, structural: bool = False) -> int:
@@ -220,6 +242,7 @@ class Symbols:
         ka, kb = self.admits.pop(ra, None), self.admits.pop(rb, None)
         na, nb = self.narrowed.pop(ra, None), self.narrowed.pop(rb, None)
         fa, fb = self.refinement.pop(ra, None), self.refinement.pop(rb, None)
+        qa, qb = self.pairs.pop(ra, None), self.pairs.pop(rb, None)
         reason = self.blocked.pop(ra, None) or self.blocked.pop(rb, None)
         self.blocked.pop(rb, None)
         structural = ra in self.structural or rb in self.structural
@@ -228,7 +251,7 @@ class Symbols:
         self.uf.union(ra, rb)
         r = self.find(ra)
         if ka is not None or kb is not None:
-            self.admits[r] = (ka or ALL_KINDS) & (kb or ALL_KINDS)
+            self.admits[r] = (ALL_KINDS if ka is None else ka) & (ALL_KINDS if kb is None else kb)
         if na or nb:
             self.narrowed[r] = na or nb
         # refinements are recorded in the orientation of their class's reference
@@ -245,6 +268,10 @@ class Symbols:
                     else self.refine_concat(r, sizes, _frame=True))
             for k, c in zip(kids, fb.children):
                 self.union(k, c, dual=bool(rel))
+        if qa is not None or qb is not None:
+            self.pairs[r] = qa if qa is not None else qb
+            if (qa is not None and qb is not None and qa != qb) or r in self.refinement:
+                reason = reason or "RoPE frequency pairs that do not agree, or an axis cut"
         if reason:
             self.block(r, reason, structural)
 
@@ -284,6 +311,8 @@ class Symbols:
 
     def _refine_nontrivial(self, s: int, sizes: list[int], kind: str) -> list[int]:
         r = self.find(s)
+        if r in self.pairs:  # a pair rotation does not act on the pieces alone
+            self.block(r, f"a RoPE head dim viewed as a {kind} of {sizes}")
         reason = self.blocked.get(r)
         cur = self.refinement.get(r)
         if cur is None:

@@ -40,8 +40,8 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from ..permute import act, as_matrix
-from ..spec import Member, PermutationSpec
+from ..permute import act, as_matrix, pair_matrix
+from ..spec import PAIR_KINDS, Member, PermutationSpec, pair_partners
 from .lap import solve_lap
 from .result import Matching
 
@@ -166,26 +166,67 @@ def _solve_scale(pb: _Problem, name: str, pairs) -> torch.Tensor:
     beta = pb.s[False][idx, p]
     gamma = nb[True][p]
     delta = pb.s[True][idx, p]
-    if pb.has[False] and pb.has[True]:
-        s0 = ((na[False] * gamma) / (alpha * na[True] + eps) + eps) ** 0.25
-    elif pb.has[False]:
-        s0 = beta / (alpha + eps)
-    else:
-        s0 = gamma / (delta.abs() + eps)
+    s0 = _balanced_scale(na, alpha, gamma, delta, beta, pb.has)
+    return _newton_scale(s0, alpha, beta, gamma, delta)[:, None] * as_matrix(p)
+
+
+def _balanced_scale(na, alpha, gamma, delta, beta, has, eps: float = 1e-30) -> torch.Tensor:
+    """A starting scale per unit for :func:`_newton_scale`: the one that balances
+    the norms (co and contra members), else the closed form of the side there is."""
+    if has[False] and has[True]:
+        return ((na[False] * gamma) / (alpha * na[True] + eps) + eps) ** 0.25
+    if has[False]:
+        return beta / (alpha + eps)
+    return gamma / (delta.abs() + eps)
+
+
+def _newton_scale(s0, alpha, beta, gamma, delta, eps: float = 1e-30) -> torch.Tensor:
+    """Per unit, the positive ``s`` minimising ``alpha s^2 - 2 beta s + gamma / s^2
+    - 2 delta / s`` (co rows scaled by ``s``, contra rows by ``1/s``): Newton's
+    method in log-scale from ``s0``, each step kept only if it helps."""
     u = torch.log(s0.clamp(1e-3, 1e3))
 
     def f(u):
         s = torch.exp(u)
         return alpha * s * s - 2 * beta * s + gamma / (s * s) - 2 * delta / s
 
-    for _ in range(50):  # Newton in log-scale, each step kept only if it helps
+    for _ in range(50):
         s = torch.exp(u)
         d1 = 2 * alpha * s * s - 2 * beta * s - 2 * gamma / (s * s) + 2 * delta / s
         d2 = 4 * alpha * s * s - 2 * beta * s + 4 * gamma / (s * s) - 2 * delta / s
         step = torch.where(d2 > 0, d1 / d2.clamp_min(eps), torch.sign(d1) * 0.1).clamp(-1, 1)
         new = (u - step).clamp(-7, 7)
         u = torch.where(f(new) <= f(u), new, u)
-    return torch.exp(u)[:, None] * as_matrix(p)
+    return torch.exp(u)
+
+
+def _solve_pairs(pb: _Problem, pairs, kind: str) -> torch.Tensor:
+    """The best map acting on each RoPE frequency pair ``(i, j)`` alone as a
+    rotation by ``phi`` ("rotation"), times a scale ``s`` ("rotary"): co rows
+    take ``s R(phi)``, contra rows ``R(phi) / s``. The distance splits by pair:
+    ``s^2 g1 - 2 s (cos a1 + sin b1) + g2 / s^2 - 2 (cos a2 + sin b2) / s`` with
+    ``a = S_ii + S_jj``, ``b = S_ji - S_ij``, ``g = G_ii + G_jj`` (1: co, 2:
+    contra); for a given ``s`` the best angle is closed-form, for a given angle
+    the best scale is :func:`_newton_scale`'s; alternated from ``s = 1``."""
+    partner = pair_partners(pairs, pb.n)
+    i = torch.nonzero(partner > torch.arange(pb.n)).reshape(-1)
+    j = partner[i]
+
+    def parts(c):
+        if not pb.has[c]:
+            z = torch.zeros(len(i), dtype=torch.float64)
+            return z, z, z
+        sm, gm = pb.s[c], pb.g[c]
+        return sm[i, i] + sm[j, j], sm[j, i] - sm[i, j], gm[i, i] + gm[j, j]
+    (a1, b1, g1), (a2, b2, g2) = parts(False), parts(True)
+    s = torch.ones(len(i), dtype=torch.float64)
+    for _ in range(1 if kind == "rotation" else 30):
+        phi = torch.atan2(s * b1 + b2 / s, s * a1 + a2 / s)
+        if kind == "rotation":
+            break
+        c, sn = torch.cos(phi), torch.sin(phi)
+        s = _newton_scale(s, g1, c * a1 + sn * b1, g2, c * a2 + sn * b2)
+    return pair_matrix(partner, s * torch.cos(phi), s * torch.sin(phi))
 
 
 def _solve_invertible(pb: _Problem, current: torch.Tensor, max_condition: float,
@@ -229,13 +270,17 @@ def _solve_invertible(pb: _Problem, current: torch.Tensor, max_condition: float,
     return best, refused
 
 
+# kinds whose elements mix a member's units (not a scaled or signed permutation)
+_GENERAL_MAPS = ("orthogonal", "invertible", *PAIR_KINDS)
+
+
 def _blocks_of(spec: PermutationSpec) -> dict[str, list[tuple[Member, int]]]:
     """Permutation groups whose every member is a grid (heads x head-dim) whose
     other dimension an orthogonal or invertible group maps: blocks to assign,
     with that dimension of each member."""
     general_dim: dict[tuple, int] = {}
     for grp in spec.groups.values():
-        if grp.kind in ("orthogonal", "invertible"):
+        if grp.kind in _GENERAL_MAPS:
             for m in grp.members:
                 general_dim[(m.param, m.axis, m.offset, m.shape, m.strides)] = m.dim
     out: dict[str, list[tuple[Member, int]]] = {}
@@ -302,7 +347,7 @@ def general_weight_matching(spec: PermutationSpec, state_dict_a: Mapping[str, to
         return sum(float(((a[p] - cur[p]) ** 2).sum()) for p in ps if p in counted)
 
     siblings = {g: sorted({h for m, _ in inner for h, grp in spec.groups.items()
-                           if h != g and grp.kind in ("orthogonal", "invertible") and any(
+                           if h != g and grp.kind in _GENERAL_MAPS and any(
                                (mm.param, mm.axis, mm.offset, mm.shape) ==
                                (m.param, m.axis, m.offset, m.shape) for mm in grp.members)})
                 for g, inner in blocks_of.items()}
@@ -330,6 +375,8 @@ def general_weight_matching(spec: PermutationSpec, state_dict_a: Mapping[str, to
             return _procrustes(pb)
         if kind == "scale":
             return _solve_scale(pb, g, pairs)
+        if kind in PAIR_KINDS:
+            return _solve_pairs(pb, grp.pairs, kind)
         cur_e = elems[g] if elems[g].is_floating_point() else as_matrix(elems[g])
         e, bad = _solve_invertible(pb, cur_e, max_condition)
         if bad:
@@ -347,7 +394,7 @@ def general_weight_matching(spec: PermutationSpec, state_dict_a: Mapping[str, to
     # scale (invertible -> orthogonal, scale -> permutation), which settles the
     # permutations before maps that could absorb a wrong one are free; then
     # every group as its own kind, from there
-    coarse = {"invertible": "orthogonal", "scale": "permutation"}
+    coarse = {"invertible": "orthogonal", "scale": "permutation", "rotary": "rotation"}
     phases = [{g: coarse.get(k.kind, k.kind) for g, k in spec.groups.items()},
               {g: k.kind for g, k in spec.groups.items()}]
     if phases[0] == phases[1]:
@@ -505,7 +552,9 @@ def general_activation_matching(spec: PermutationSpec, a: nn.Module, b: nn.Modul
         # dims) are left to weight matching, which assigns them jointly
         blocks = _blocks_of(spec)
         found.update({g: p for g, p in perms.items() if g not in blocks})
-    sites = [s for s in _sites(spec, a) if s[0] in general] \
+    # RoPE's pair maps are not read off a layer's outputs: left to weight matching
+    sites = [s for s in _sites(spec, a) if s[0] in general
+             and spec.groups[s[0]].kind not in PAIR_KINDS] \
         if general_from == "activations" else []
     stats: dict[str, dict] = {}
     outputs: dict[tuple[int, str], torch.Tensor] = {}
@@ -611,7 +660,7 @@ def general_ste_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, data
     The permutation groups come from :func:`~autobasin.match.ste.ste_matching`
     (the other groups held at the identity; heads around general head dims are
     left to weights), the others from :func:`general_weight_matching` with those
-    held; then every orthogonal, invertible and scale group is refined by Adam
+    held; then every orthogonal, invertible, scale and RoPE pair group is refined by Adam
     on the loss of ``(A + T(B)) / 2`` over ``data`` (``epochs`` passes): an
     orthogonal element as ``T0 cayley(K)``, an invertible one as ``T0 (I + E)``,
     a scale as ``T0 diag(exp(u))``, all starting at ``T0``. Any ``T`` keeps what
@@ -643,10 +692,17 @@ def general_ste_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, data
                                    max_iter=max_iter, max_condition=max_condition, fixed=fixed)
     start = {g: (e if not e.is_floating_point() else e.to(torch.float64))
              for g, e in base.perms.items()}
-    free = {g: torch.zeros((spec.groups[g].size,) if spec.groups[g].kind == "scale" else
-                           (spec.groups[g].size, spec.groups[g].size), dtype=torch.float64,
-                           requires_grad=True)
-            for g in spec.groups if spec.groups[g].kind in ("orthogonal", "invertible", "scale")}
+    def free_shape(grp):
+        if grp.kind == "scale":
+            return (grp.size,)
+        if grp.kind in PAIR_KINDS:  # per pair: log-scale and angle
+            return (grp.size // 2, 2)
+        return (grp.size, grp.size)
+    free = {g: torch.zeros(free_shape(grp), dtype=torch.float64, requires_grad=True)
+            for g, grp in spec.groups.items()
+            if grp.kind in ("orthogonal", "invertible", "scale", *PAIR_KINDS)}
+    partners = {g: pair_partners(spec.groups[g].pairs, spec.groups[g].size)
+                for g in free if spec.groups[g].kind in PAIR_KINDS}
 
     def elements():
         out = dict(start)
@@ -656,6 +712,10 @@ def general_ste_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, data
                 out[g] = start[g] @ _cayley(k)
             elif kind == "invertible":
                 out[g] = start[g] @ (torch.eye(k.shape[0], dtype=k.dtype) + k)
+            elif kind in PAIR_KINDS:
+                s = torch.exp(k[:, 0]) if kind == "rotary" else torch.ones_like(k[:, 0])
+                out[g] = start[g] @ pair_matrix(partners[g], s * torch.cos(k[:, 1]),
+                                                s * torch.sin(k[:, 1]))
             else:
                 out[g] = start[g] * torch.exp(k)[None, :]
         return out

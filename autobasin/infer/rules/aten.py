@@ -144,7 +144,7 @@ for _name, _fn in [("cat", torch.cat), ("pad_sequence", torch.nn.utils.rnn.pad_s
         alias(getattr(aten, _name), _fn)
 
 
-@rule(*_ops("slice"))
+@rule(*_ops("slice"), kinds=ALL)
 def _slice(ctx):
     """``aten.slice.Tensor(x, dim, start, end, step)``: ``x[..., start:end:step]``."""
     x = ctx.args[0]

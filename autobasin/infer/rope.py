@@ -1,0 +1,266 @@
+"""Rotary position embeddings (RoPE): the maps of a head dim that commute with them.
+
+RoPE rotates the head dim of queries and keys pair by pair, by an angle that
+depends on the token's position and the pair's frequency:
+``y = x * cos + rot(x) * sin``, where ``rot`` maps each pair ``(x_i, x_j)`` to
+``(-x_j, x_i)`` (``rotate_half``: ``j = i + d/2``; GPT-J's interleaved form:
+``j = i + 1``) and ``cos`` / ``sin`` are equal on the two positions of a pair.
+Such ops fix the head dim for permutations (each position has its own
+frequency), but any map acting on each pair alone as a rotation times a scale
+(a complex number) commutes with them: ``y(Mx) = M y(x)``. With ``q -> M q``
+and ``k -> M^-T k`` the logits ``q . k`` stay; ``M^-T`` is again such a map.
+
+This module finds the pattern before the walk (:meth:`Rope.prepare`:
+``add``/``sub`` of ``mul(x, c)`` and ``mul(r, s)``, where ``r`` is computed from
+``x`` alone by ops that only move, negate or copy values, and ``c``, ``s`` read no
+state_dict tensor), checks it on the example run (:func:`check`: ``r`` is ``x``
+under a fixed pairing with opposite signs on the two positions of each pair,
+``c`` and ``s`` are equal on both positions of each pair), and, when the walk
+reaches it, relates every other axis as the ops would and gives the head dim
+the pairing (``Symbols.set_pairs``), which admits only ``spec.PAIR_KINDS``.
+Only asked for with ``symmetries`` holding "orthogonal" or "invertible";
+otherwise (or when a check fails) the ops' own rules fix the head dim as before.
+
+Not recognised (the head dim stays fixed, with the ops' reason): RoPE through
+complex numbers (``view_as_complex``, Llama 4), inside a function the walk
+inlines, or with a table read from the state_dict.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from ..trace import get_attr, op_name_of
+
+# ops that move, negate or copy their one tensor argument's values: a chain of
+# them from x is a fixed signed permutation of x's entries whatever the values
+_MOVES = {"slice", "neg", "cat", "concat", "stack", "flatten", "view", "reshape", "_unsafe_view",
+          "unsqueeze", "squeeze", "clone", "contiguous", "getitem", "chunk", "split",
+          "split_with_sizes", "unflatten", "alias", "unbind", "select", "to", "_to_copy",
+          "expand", "repeat_interleave"}
+
+
+@dataclass
+class Pattern:
+    final: fx.Node        # x * c + r * s
+    x: fx.Node
+    r: fx.Node
+    c: fx.Node
+    s: fx.Node
+    mul_x: fx.Node
+    mul_r: fx.Node
+    chain: set            # the nodes computing r from x
+    axis: int | None = None          # the head dim, after the example run
+    partner: tuple[int, ...] | None = None
+
+
+def _mul_operands(n) -> tuple[fx.Node, fx.Node] | None:
+    if not isinstance(n, fx.Node) or n.op not in ("call_function", "call_method") or \
+            op_name_of(n.target) != "mul" or len(n.users) != 1 or n.kwargs:
+        return None
+    a = n.args[:2]
+    if len(n.args) != 2 or not all(isinstance(v, fx.Node) for v in a):
+        return None
+    return a[0], a[1]
+
+
+def _chain(r: fx.Node, x: fx.Node, limit: int = 16) -> set | None:
+    """The nodes computing ``r`` from ``x`` by :data:`_MOVES` ops alone (no other
+    tensor comes in), or None."""
+    seen, todo = set(), [r]
+    while todo:
+        n = todo.pop()
+        if n is x or n in seen:
+            continue
+        if n.op not in ("call_function", "call_method") or op_name_of(n.target) not in _MOVES:
+            return None
+        seen.add(n)
+        if len(seen) > limit:
+            return None
+        ins = [a for a in n.all_input_nodes if not _is_size(a)]
+        if not ins:
+            return None
+        todo.extend(ins)
+    return seen if x not in seen and r is not x else None
+
+
+_SIZES = {"size", "sym_size", "dim", "numel", "sym_numel"}
+_SIZE_ARITHMETIC = {"floordiv", "add", "sub", "mul", "getitem", "truediv", "neg", "mod"}
+
+
+def _is_size(n: fx.Node, depth: int = 0) -> bool:
+    """Whether ``n`` is a size read off a tensor, or arithmetic on sizes (fx's
+    ``x.shape[-1] // 2``): a number, not a tensor the chain reads values of."""
+    if depth > 8 or n.op not in ("call_function", "call_method"):
+        return False
+    name = op_name_of(n.target)
+    if name in _SIZES or (name == "getattr" and len(n.args) > 1 and n.args[1] == "shape"):
+        return True
+    return name in _SIZE_ARITHMETIC and bool(n.all_input_nodes) and \
+        all(_is_size(a, depth + 1) for a in n.all_input_nodes)
+
+
+class Rope:
+    """The RoPE patterns of one graph (see the module docstring)."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.patterns: list[Pattern] = []
+        self.claims: dict[fx.Node, Pattern] = {}
+
+    # ---------------------------------------------------------------- the walk
+    def confirm(self, patterns: list[Pattern], results: dict) -> None:
+        """Keep the ``patterns`` :func:`check` confirmed on the example run
+        (``results``: by final node), and claim their nodes."""
+        for pat in patterns:
+            got = results.get(pat.final)
+            if not got:
+                continue
+            pat.axis, pat.partner = got
+            self.patterns.append(pat)
+            for n in (*pat.chain, pat.mul_x, pat.mul_r):
+                self.claims[n] = pat
+
+    def claim(self, node: fx.Node, rule):
+        """The rule for ``node`` of a confirmed pattern (see the module docstring)."""
+        from .registry import ALL
+        pat, e = self.claims[node], self.engine
+
+        def inside(ctx):  # r's chain: values moved within the pattern only
+            return ctx.fresh()
+
+        def term(ctx):
+            """``mul(x, c)`` or ``mul(r, s)``: the op's own rule with the head dim
+            masked (r read as x, whose axes it has), then the head dim put back."""
+            x_lay = e.layouts[pat.x]
+            head = x_lay[pat.axis]
+            nd = len(x_lay)
+
+            def masked(lay):
+                if not isinstance(lay, list) or not lay:
+                    return lay
+                i = pat.axis - (nd - len(lay))
+                if i < 0:
+                    return lay
+                out = list(lay)
+                out[i] = e.sym.new(e.sym.size[lay[i]])
+                return out
+            other = pat.c if node is pat.mul_x else pat.s
+            saved = {n: e.layouts.get(n) for n in (pat.x, pat.r, other)}
+            try:
+                if node is pat.mul_r:
+                    e.layouts[pat.r] = masked(x_lay)
+                else:
+                    e.layouts[pat.x] = masked(x_lay)
+                e.layouts[other] = masked(saved[other])
+                out = rule(ctx)
+                e._admit(node, ctx, rule, out, ctx.op_name)
+            finally:
+                e.layouts.update(saved)
+            if not isinstance(out, list) or len(out) != nd:
+                raise ValueError("a RoPE term whose result is not shaped like its input")
+            out = list(out)
+            out[pat.axis] = head
+            e.sym.set_pairs(head, pat.partner, f"{pat.final.name}: rotary position embedding")
+            return out
+        fn = inside if node in pat.chain else term
+        fn.kinds = ALL
+        return fn
+
+
+def find_patterns(graph: fx.Graph, state_ids: set[int], root) -> list[Pattern]:
+    """Every candidate pattern of ``graph`` (structure only; :func:`check`
+    decides on values). ``state_ids``: ids of the state_dict's tensors, which
+    ``c`` and ``s`` must not read; ``root``: the module holding get_attr targets."""
+    reads: dict[fx.Node, bool] = {}
+    for n in graph.nodes:  # in order: a node's inputs come before it
+        if n.op == "get_attr":
+            try:
+                reads[n] = id(get_attr(root, n.target)) in state_ids
+            except AttributeError:
+                reads[n] = True
+        else:
+            reads[n] = any(reads.get(a, True) for a in n.all_input_nodes)
+
+    found = []
+    for f in graph.nodes:
+        if f.op not in ("call_function", "call_method") or op_name_of(f.target) not in ("add", "sub") \
+                or len(f.args) != 2 or f.kwargs:
+            continue
+        if any(_mul_operands(a) is None for a in f.args):
+            continue
+        pat = None
+        for mx, mr in ((f.args[0], f.args[1]), (f.args[1], f.args[0])):
+            for x, c in _orders(_mul_operands(mx)):
+                for r, s in _orders(_mul_operands(mr)):
+                    if pat is not None:
+                        break
+                    chain = _chain(r, x)
+                    if chain is None or any(u not in chain and u is not mr
+                                            for n in chain for u in n.users):
+                        continue
+                    if reads[c] or reads[s] or x in _ancestors(c) or x in _ancestors(s):
+                        continue
+                    pat = Pattern(f, x, r, c, s, mx, mr, chain)
+        if pat is not None:
+            found.append(pat)
+    return found
+
+
+def _orders(pair):
+    return ((pair[0], pair[1]), (pair[1], pair[0]))
+
+
+def _ancestors(n: fx.Node) -> set:
+    out, todo = set(), [n]
+    while todo:
+        m = todo.pop()
+        for a in m.all_input_nodes:
+            if a not in out:
+                out.add(a)
+                todo.append(a)
+    return out
+
+
+def check(x: torch.Tensor, r: torch.Tensor, c: torch.Tensor, s: torch.Tensor,
+          out: torch.Tensor) -> tuple[int, tuple[int, ...]] | None:
+    """``(axis, partner)`` when ``r`` is ``x`` with each position ``i`` of
+    ``axis`` replaced by ``+-x[partner[i]]`` (opposite signs within a pair) and
+    ``c``, ``s`` (broadcast to ``x``) are equal on both positions of each pair;
+    None otherwise, or when ``x``'s positions are not told apart by their values."""
+    tensors = (x, r, c, s, out)
+    if not all(isinstance(t, torch.Tensor) for t in tensors) or r.shape != x.shape or \
+            out.shape != x.shape or not x.is_floating_point() or x.is_meta:
+        return None
+    try:
+        if torch.broadcast_shapes(c.shape, x.shape) != x.shape or \
+                torch.broadcast_shapes(s.shape, x.shape) != x.shape:
+            return None
+    except RuntimeError:
+        return None
+    for axis in reversed(range(x.dim())):
+        d = x.shape[axis]
+        if d < 2 or d % 2:
+            continue
+        xa = x.detach().movedim(axis, -1).reshape(-1, d)
+        ra = r.detach().movedim(axis, -1).reshape(-1, d)
+        xs, rs = xa[:64], ra[:64]  # the pairing from a few rows, checked on all below
+        plus = (rs[:, :, None] == xs[:, None, :]).all(0)    # (i, j): r_i == x_j
+        minus = (rs[:, :, None] == -xs[:, None, :]).all(0)  # r_i == -x_j
+        match = plus | minus
+        if not bool((match.sum(1) == 1).all()) or bool((plus & minus).any()):
+            continue
+        partner = match.float().argmax(1)
+        idx = torch.arange(d)
+        sign = torch.where(plus[idx, partner], 1.0, -1.0).to(xa.dtype)
+        if not torch.equal(partner[partner], idx) or bool((partner == idx).any()) or \
+                not torch.equal(sign[partner], -sign) or not torch.equal(ra, xa[:, partner] * sign):
+            continue
+        for t in (c, s):
+            ta = t.detach().expand(x.shape).movedim(axis, -1).reshape(-1, d)
+            if not torch.equal(ta, ta[:, partner]):
+                return None
+        return axis, tuple(int(i) for i in partner)
+    return None
