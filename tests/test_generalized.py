@@ -427,11 +427,14 @@ def test_planted_elements_recovered_from_activations(make, x, general_from):
         assert torch.allclose(res.model.state_dict()[k], v, atol=1e-4), k
 
 
-def test_merge_many_with_generalized_symmetries():
-    """Three copies of one model under random elements of every kind merge back into it."""
+@pytest.mark.parametrize("make,x", [(MLP, lambda: torch.randn(16, 8)),
+                                    (lambda: RopeLM(), lambda: torch.randint(0, 50, (2, 7)))])
+def test_merge_many_with_generalized_symmetries(make, x):
+    """Three copies of one model under random elements of every kind (RoPE's pair
+    maps among them) merge back into it."""
     from autobasin import merge_many
     torch.set_num_threads(1)
-    a, x = MLP(), torch.randn(16, 8)
+    a, x = make(), x()
     spec = infer_spec(a, x, symmetries="all")
     models = [a] + [permute_model(a, spec, random_transforms(spec, seed=s)) for s in (1, 2)]
     merged = merge_many(models, example_inputs=x, symmetries="all", progress=False)

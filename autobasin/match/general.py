@@ -180,7 +180,8 @@ def _balanced_scale(na, alpha, gamma, delta, beta, has, eps: float = 1e-30) -> t
     return gamma / (delta.abs() + eps)
 
 
-def _newton_scale(s0, alpha, beta, gamma, delta, eps: float = 1e-30) -> torch.Tensor:
+def _newton_scale(s0, alpha, beta, gamma, delta, eps: float = 1e-30,
+                  steps: int = 50) -> torch.Tensor:
     """Per unit, the positive ``s`` minimising ``alpha s^2 - 2 beta s + gamma / s^2
     - 2 delta / s`` (co rows scaled by ``s``, contra rows by ``1/s``): Newton's
     method in log-scale from ``s0``, each step kept only if it helps."""
@@ -190,7 +191,7 @@ def _newton_scale(s0, alpha, beta, gamma, delta, eps: float = 1e-30) -> torch.Te
         s = torch.exp(u)
         return alpha * s * s - 2 * beta * s + gamma / (s * s) - 2 * delta / s
 
-    for _ in range(50):
+    for _ in range(steps):
         s = torch.exp(u)
         d1 = 2 * alpha * s * s - 2 * beta * s - 2 * gamma / (s * s) + 2 * delta / s
         d2 = 4 * alpha * s * s - 2 * beta * s + 4 * gamma / (s * s) - 2 * delta / s
@@ -220,12 +221,15 @@ def _solve_pairs(pb: _Problem, pairs, kind: str) -> torch.Tensor:
         return sm[i, i] + sm[j, j], sm[j, i] - sm[i, j], gm[i, i] + gm[j, j]
     (a1, b1, g1), (a2, b2, g2) = parts(False), parts(True)
     s = torch.ones(len(i), dtype=torch.float64)
-    for _ in range(1 if kind == "rotation" else 30):
-        phi = torch.atan2(s * b1 + b2 / s, s * a1 + a2 / s)
-        if kind == "rotation":
-            break
+    phi = torch.atan2(b1 + b2, a1 + a2)
+    for _ in range(0 if kind == "rotation" else 50):
         c, sn = torch.cos(phi), torch.sin(phi)
-        s = _newton_scale(s, g1, c * a1 + sn * b1, g2, c * a2 + sn * b2)
+        s_new = _newton_scale(s, g1, c * a1 + sn * b1, g2, c * a2 + sn * b2, steps=8)
+        phi_new = torch.atan2(s_new * b1 + b2 / s_new, s_new * a1 + a2 / s_new)
+        moved = max(float((s_new - s).abs().max()), float((phi_new - phi).abs().max()))
+        s, phi = s_new, phi_new
+        if moved < 1e-12:
+            break
     return pair_matrix(partner, s * torch.cos(phi), s * torch.sin(phi))
 
 
