@@ -87,13 +87,15 @@ def render(rows: list[dict], seconds: float, when: str, argv: list[str]) -> str:
     folded = [r for r in built if r.get("folded")]
     general = [r for r in exact if any(k != "permutation" for k in r.get("kinds", {}))]
     orth = [r for r in exact if r.get("stream") == "orthogonal"]
+    rope = [r for r in exact if {"rotary", "rotation"} & set(r.get("kinds", {}))]
     lines = [
         "# Symmetry kinds beyond permutations on Hugging Face model types", "",
         "Each type built from a tiny config by `benchmarks/zoo_hf.py`'s harness (nothing "
         "downloaded), every floating parameter perturbed (no gain 1, no bias 0); norms folded "
         "with `fold_norms(model, x, untie=True)` (a `FoldError` recorded and the unfolded model "
         "used); the spec inferred with `symmetries=\"all\"`; checked with a random element of "
-        "every group's kind (orthogonal, invertible, signed or scaled permutations), seeds 0 and "
+        "every group's kind (orthogonal, invertible, signed or scaled permutations, rotations "
+        "(times scales) of RoPE's frequency pairs), seeds 0 and "
         f"1, relative output error ≤ {RTOL:g}. *stream*: the kind of the group acting on the "
         "residual stream (the word embedding's columns, else the first layer's outputs).", "",
         "## Summary", "",
@@ -103,7 +105,10 @@ def render(rows: list[dict], seconds: float, when: str, argv: list[str]) -> str:
         f"- with a group beyond permutations: {len(general)}; residual stream orthogonal: "
         f"{len(orth)}; norms folded: {len(folded)} types (a `FoldError` — post-norm residuals, "
         "norms read by other ops, streams that are outputs — on "
-        f"{sum(1 for r in built if r.get('fold_error'))})", "",
+        f"{sum(1 for r in built if r.get('fold_error'))})",
+        f"- RoPE head dims with rotations (times scales) of their frequency pairs (`rotary`, "
+        f"`rotation`): {len(rope)} types (a q/k norm with a gain before RoPE admits none: "
+        "that head dim stays fixed)", "",
         "| type | status | norms folded | stream | groups by kind | max rel err | time (s) | "
         "note |", "|---|---|---:|---|---|---:|---:|---|"]
     for r in rows:
