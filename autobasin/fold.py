@@ -211,6 +211,13 @@ def fold_norms(model: nn.Module, example_inputs, center: bool = True, untie: boo
             skipped[name] = (f"its output reaches {', '.join(readers) or 'no module'}"
                              " (only linear layers can take its gain)")
             continue
+        width = m.weight.shape[-1] if getattr(m, "weight", None) is not None else None
+        wide = [r for r in readers if width is not None and modules[r].weight.shape[
+            0 if not isinstance(modules[r], nn.Linear) else 1] != width]
+        if wide:  # a view merged several normalised vectors into one input (a patch merger)
+            skipped[name] = (f"its output reaches {', '.join(wide)} reshaped to another width "
+                             "(only a reader of the normalised vectors can take the gain)")
+            continue
         tied = [r for r in readers if shared[id(modules[r].weight)] > 1]
         if tied and not untie:
             skipped[name] = "a reader shares its weight with another layer (a tied head; " \

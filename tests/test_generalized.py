@@ -358,6 +358,25 @@ def test_fold_norms_leaves_a_norm_read_by_anything_else():
     assert f.folded_norms == [] and isinstance(f.n, nn.RMSNorm)
 
 
+def test_fold_norms_leaves_a_norm_whose_vectors_are_merged_before_the_linear():
+    """A patch merger (Qwen2-VL's): the norm's output is viewed as fewer, wider
+    vectors before the linear layer, whose columns no longer match the gain."""
+    from autobasin.fold import fold_norms
+
+    class Merger(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.n, self.fc = nn.LayerNorm(8), nn.Linear(32, 3)
+
+        def forward(self, x):
+            return self.fc(self.n(x).view(-1, 32))
+    m, x = _perturbed(Merger()), torch.randn(8, 8)
+    with pytest.warns(UserWarning, match="n: its output reaches fc reshaped"):
+        f = fold_norms(m, x)
+    assert f.folded_norms == [] and isinstance(f.n, nn.LayerNorm)
+    assert torch.allclose(f(x), m(x))
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_fold_norms_on_hugging_face_models(arch):
     T = pytest.importorskip("transformers")
