@@ -205,8 +205,9 @@ def render(results: dict, fams: dict, args, seconds: float, when: str) -> str:
         "with permutations;",
         "- **generalized**: `auto_rebasin(fold_norms(a), fold_norms(b), x, symmetries=\"all\")`: "
         "every group gets the most general kind its ops admit (the residual stream an orthogonal "
-        "map, q/k and v/o head dims invertible maps, ReLU units scaled permutations, the rest "
-        "permutations) and is matched by `general_weight_matching` (distance-minimising "
+        "map, q/k and v/o head dims invertible maps, under RoPE the q/k head dim rotations "
+        "times scales of its frequency pairs (kind `rotary`; `rotation` when only orthogonal "
+        "maps are asked for), ReLU units scaled permutations, the rest permutations) and is matched by `general_weight_matching` (distance-minimising "
         "coordinate descent); *orthogonal only*: `symmetries=(\"orthogonal\",)`; "
         "*activation*: `method=\"activation\"`: the permutation groups from activations on "
         "training batches, the others by weight matching with those held; *activation "
@@ -214,7 +215,7 @@ def render(results: dict, fams: dict, args, seconds: float, when: str) -> str:
         "that are some layer's outputs from those outputs too (Procrustes, regression).",
         "- **generalized, STE**: `method=\"ste\"`: the permutation groups by the "
         "straight-through estimator, the others by weight matching with those held, then every "
-        "orthogonal, invertible and scale element refined by Adam on the loss of the midpoint "
+        "orthogonal, invertible, scale and RoPE pair element refined by Adam on the loss of the midpoint "
         f"`(A + T(B)) / 2` on training batches (`general_ste_matching`; LMs: {args.ste_batches} "
         f"batches of 32 windows, lr {args.ste_lr:g}; ViT: 3 epochs of the training images); "
         "*middle of the path*: "
