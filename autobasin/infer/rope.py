@@ -10,7 +10,7 @@ frequency), but any map acting on each pair alone as a rotation times a scale
 (a complex number) commutes with them: ``y(Mx) = M y(x)``. With ``q -> M q``
 and ``k -> M^-T k`` the logits ``q . k`` stay; ``M^-T`` is again such a map.
 
-This module finds the pattern before the walk (:meth:`Rope.prepare`:
+This module finds the pattern before the walk (:func:`find_patterns`:
 ``add``/``sub`` of ``mul(x, c)`` and ``mul(r, s)``, where ``r`` is computed from
 ``x`` alone by ops that only move, negate or copy values, and ``c``, ``s`` read no
 state_dict tensor), checks it on the example run (:func:`check`: ``r`` is ``x``
@@ -35,11 +35,13 @@ import torch.fx as fx
 from ..trace import get_attr, op_name_of
 
 # ops that move, negate or copy their one tensor argument's values: a chain of
-# them from x is a fixed signed permutation of x's entries whatever the values
+# them from x picks each entry of r from one entry of x, the same ones whatever
+# the values, so r == J x on the example run (checked on every entry) makes it J
+# (no broadcasting copies: on an example whose rows happen to be equal, a chain
+# that copies one row to all could pass for J)
 _MOVES = {"slice", "neg", "cat", "concat", "stack", "flatten", "view", "reshape", "_unsafe_view",
           "unsqueeze", "squeeze", "clone", "contiguous", "getitem", "chunk", "split",
-          "split_with_sizes", "unflatten", "alias", "unbind", "select", "to", "_to_copy",
-          "expand", "repeat_interleave"}
+          "split_with_sizes", "unflatten", "alias", "unbind", "select", "to", "_to_copy"}
 
 
 @dataclass

@@ -28,7 +28,10 @@ map M on one side needs ``M^-T`` on the other. A weighted union-find (parity
 to the parent) keeps orientations; a class that meets itself with both
 orientations (a Gram matrix, a tied embedding that is also the output head)
 is self-dual, and admits only maps equal to their inverse-transpose:
-orthogonal ones.
+orthogonal ones. A RoPE head dim (``set_pairs``, see ``rope.py``) records each
+position's partner in its frequency pair and admits no permutation, only
+rotations (times scales) of each pair; a class with pairs that is cut into
+pieces, or met with other pairs, is fixed.
 
 The union-find itself is networkx's; this module adds sizes, blocking,
 refinement, admitted kinds and orientation, which networkx does not have.
