@@ -37,7 +37,7 @@ from autobasin.fold import FoldError  # noqa: E402
 
 TYPES = ("llama,mistral,qwen2,qwen3,gemma,gemma2,phi3,stablelm,starcoder2,olmo2,granite,cohere,"
          "persimmon,gpt2,gpt_bigcode,gptj,gpt_neox,codegen,opt,bloom,falcon,mpt,mixtral,olmoe,"
-         "qwen2_moe,jamba,mamba,t5,bart,whisper,bert,roberta,distilbert,albert,electra,deberta-v2,"
+         "qwen2_moe,llama4_text,jamba,mamba,t5,bart,whisper,bert,roberta,distilbert,albert,electra,deberta-v2,"
          "vit,deit,beit,dinov2,swin,convnext,resnet,levit,mobilevit,segformer,clip_vision_model,"
          "siglip_vision_model,wav2vec2")
 RTOL = 1e-4

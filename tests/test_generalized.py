@@ -611,7 +611,15 @@ class RopeBlock(Block):
         cos, sin = emb.cos(), emb.sin()
         y = self.n1(x)
         q, k, v = (g(y).view(b, t, self.h, -1).transpose(1, 2) for g in (self.q, self.k, self.v))
-        q, k = q * cos + rot(q) * sin, k * cos + rot(k) * sin
+        if self.form == "complex":  # Llama 4's form: pairs (2i, 2i + 1) as complex numbers
+            turn = torch.polar(torch.ones_like(f), f)
+
+            def rope(z):
+                zc = torch.view_as_complex(z.float().unflatten(-1, (-1, 2)))
+                return torch.view_as_real(zc * turn).flatten(-2).type_as(z)
+            q, k = rope(q), rope(k)
+        else:
+            q, k = q * cos + rot(q) * sin, k * cos + rot(k) * sin
         a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         x = x + self.o(a.transpose(1, 2).reshape(b, t, d))
         return x + self.down(F.relu(self.up(self.n2(x))))
@@ -629,7 +637,8 @@ def _rope_groups(spec):
 
 @pytest.mark.parametrize("capture", ["fx", "export"])
 @pytest.mark.parametrize("form,partner", [("half", (4, 5, 6, 7, 0, 1, 2, 3)),
-                                          ("pairs", (1, 0, 3, 2, 5, 4, 7, 6))])
+                                          ("pairs", (1, 0, 3, 2, 5, 4, 7, 6)),
+                                          ("complex", (1, 0, 3, 2, 5, 4, 7, 6))])
 def test_rope_head_dims_carry_pair_rotations(form, partner, capture):
     """RoPE fixes the q/k head dim for permutations, but maps acting on each
     frequency pair as a rotation times a scale commute with it: asked for as

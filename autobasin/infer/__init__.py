@@ -156,8 +156,9 @@ class TracedModel:
         # RoPE's head dims admit pair rotations, asked for as orthogonal / invertible maps
         ropes = rope.find_patterns(gm.graph, set(self.table.by_id), gm) \
             if self.symmetries & {"orthogonal", "invertible"} else []
-        rec = ExampleRecorder(gm, capture_nodes,
-                              {p.final: ((p.x, p.r, p.c, p.s), rope.check) for p in ropes})
+        rec = ExampleRecorder(gm, capture_nodes, {
+            p.final: ((p.x, p.r, p.c, p.s), rope.check) if p.form == "real" else
+            ((p.x, p.c), rope.check_complex) for p in ropes})
         with torch.no_grad(), eval_mode(model):
             try:
                 rec.run(*flat)

@@ -21,9 +21,13 @@ the pairing (``Symbols.set_pairs``), which admits only ``spec.PAIR_KINDS``.
 Only asked for with ``symmetries`` holding "orthogonal" or "invertible";
 otherwise (or when a check fails) the ops' own rules fix the head dim as before.
 
-Not recognised (the head dim stays fixed, with the ops' reason): RoPE through
-complex numbers (``view_as_complex``, Llama 4), inside a function the walk
-inlines, or with a table read from the state_dict.
+The complex form (Llama 4: the pairs ``(2i, 2i + 1)`` viewed as complex
+numbers by ``view_as_complex``, multiplied by a constant, viewed back with
+``view_as_real``) is the same map: complex multiplication commutes with any
+complex number per pair. :func:`check_complex` checks it on the example run.
+
+Not recognised (the head dim stays fixed, with the ops' reason): RoPE inside a
+function the walk inlines, or with a table read from the state_dict.
 """
 from __future__ import annotations
 
@@ -56,6 +60,11 @@ class Pattern:
     chain: set            # the nodes computing r from x
     axis: int | None = None          # the head dim, after the example run
     partner: tuple[int, ...] | None = None
+    # "real": x * c + r * s; "complex": x's pairs (2i, 2i + 1) viewed as complex
+    # numbers (r, the view) times a constant c, viewed back (final); then mul_r is
+    # None, and ``stored`` holds the product's layout until final is reached
+    form: str = "real"
+    stored: list | None = None
 
 
 def _mul_operands(n) -> tuple[fx.Node, fx.Node] | None:
@@ -122,7 +131,7 @@ class Rope:
                 continue
             pat.axis, pat.partner = got
             self.patterns.append(pat)
-            for n in (*pat.chain, pat.mul_x, pat.mul_r):
+            for n in (*pat.chain, pat.mul_x, pat.mul_r if pat.form == "real" else pat.final):
                 self.claims[n] = pat
 
     def claim(self, node: fx.Node, rule):
@@ -135,25 +144,26 @@ class Rope:
 
         def term(ctx):
             """``mul(x, c)`` or ``mul(r, s)``: the op's own rule with the head dim
-            masked (r read as x, whose axes it has), then the head dim put back."""
+            masked (r read as x, whose axes it has), then the head dim put back.
+            The complex form's product keeps the masked layout until ``final``."""
             x_lay = e.layouts[pat.x]
             head = x_lay[pat.axis]
             nd = len(x_lay)
 
-            def masked(lay):
+            def masked(lay, size=None):
                 if not isinstance(lay, list) or not lay:
                     return lay
                 i = pat.axis - (nd - len(lay))
                 if i < 0:
                     return lay
                 out = list(lay)
-                out[i] = e.sym.new(e.sym.size[lay[i]])
+                out[i] = e.sym.new(size or e.sym.size[lay[i]])
                 return out
             other = pat.c if node is pat.mul_x else pat.s
             saved = {n: e.layouts.get(n) for n in (pat.x, pat.r, other)}
             try:
-                if node is pat.mul_r:
-                    e.layouts[pat.r] = masked(x_lay)
+                if node is pat.mul_r or pat.form == "complex":
+                    e.layouts[pat.r] = masked(x_lay, e.sym.size[saved[pat.r][pat.axis]])
                 else:
                     e.layouts[pat.x] = masked(x_lay)
                 e.layouts[other] = masked(saved[other])
@@ -163,11 +173,23 @@ class Rope:
                 e.layouts.update(saved)
             if not isinstance(out, list) or len(out) != nd:
                 raise ValueError("a RoPE term whose result is not shaped like its input")
+            if pat.form == "complex":
+                pat.stored = list(out)
+                return out
+            return put_back(out, head)
+
+        def put_back(out, head):
             out = list(out)
             out[pat.axis] = head
             e.sym.set_pairs(head, pat.partner, f"{pat.final.name}: rotary position embedding")
             return out
-        fn = inside if node in pat.chain else term
+
+        def final(ctx):  # the complex form's product viewed back as x's pairs
+            if pat.stored is None or len(pat.stored) != len(ctx.shape()):
+                raise ValueError("a complex RoPE viewed back to another shape")
+            return put_back(pat.stored, e.layouts[pat.x][pat.axis])
+        fn = inside if node in pat.chain else final if node is pat.final and \
+            pat.form == "complex" else term
         fn.kinds = ALL
         return fn
 
@@ -208,6 +230,61 @@ def find_patterns(graph: fx.Graph, state_ids: set[int], root) -> list[Pattern]:
                     pat = Pattern(f, x, r, c, s, mx, mr, chain)
         if pat is not None:
             found.append(pat)
+    return found + _complex_patterns(graph, reads)
+
+
+_CASTS = {"to", "_to_copy", "type_as", "float", "contiguous", "clone", "alias"}
+_VIEWS = {"reshape", "view", "_unsafe_view", "flatten", "unflatten"}
+
+
+def _only_user(n: fx.Node):
+    return next(iter(n.users)) if len(n.users) == 1 else None
+
+
+def _complex_patterns(graph: fx.Graph, reads: dict) -> list[Pattern]:
+    """RoPE through complex numbers (Llama 4): ``x`` (cast) viewed as pairs,
+    ``view_as_complex``, times a constant ``c``, ``view_as_real``, viewed back
+    (and cast): ``final``. Structure only; :func:`check_complex` decides."""
+    found = []
+    for a in graph.nodes:
+        if a.op not in ("call_function", "call_method") or \
+                op_name_of(a.target) != "view_as_complex" or len(a.all_input_nodes) != 1:
+            continue
+        chain, p = {a}, a.all_input_nodes[0]
+        if p.op in ("call_function", "call_method") and op_name_of(p.target) in _VIEWS and \
+                len(p.users) == 1:
+            chain.add(p)
+            q = p.all_input_nodes[0] if len(p.all_input_nodes) == 1 else None
+        else:
+            continue
+        if q is not None and q.op in ("call_function", "call_method") and \
+                op_name_of(q.target) in _CASTS and len(q.users) == 1 and len(q.all_input_nodes) == 1:
+            chain.add(q)
+            q = q.all_input_nodes[0]
+        mul = _only_user(a)
+        ops = _mul_operands(mul) if mul is not None else None
+        if q is None or ops is None:
+            continue
+        c = ops[1] if ops[0] is a else ops[0] if ops[1] is a else None
+        if c is None or reads.get(c, True) or c is a:
+            continue
+        v = _only_user(mul)
+        if v is None or op_name_of(v.target) != "view_as_real":
+            continue
+        chain.add(v)
+        last = v
+        while True:  # viewed back (and cast): the last of them is final
+            u = _only_user(last)
+            if u is None or u.op not in ("call_function", "call_method") or \
+                    op_name_of(u.target) not in _VIEWS | _CASTS or u.all_input_nodes[0] is not last \
+                    or any(reads.get(n, True) for n in u.all_input_nodes[1:]):
+                break
+            chain.add(u)
+            last = u
+        if last is v:
+            continue
+        chain.discard(last)
+        found.append(Pattern(last, q, a, c, c, mul, None, chain, form="complex"))
     return found
 
 
@@ -266,3 +343,21 @@ def check(x: torch.Tensor, r: torch.Tensor, c: torch.Tensor, s: torch.Tensor,
                 return None
         return axis, tuple(int(i) for i in partner)
     return None
+
+
+def check_complex(x: torch.Tensor, c: torch.Tensor, out: torch.Tensor
+                  ) -> tuple[int, tuple[int, ...]] | None:
+    """``(last axis, partner)`` when ``out`` is ``x`` with each pair of its last
+    axis ``(2i, 2i + 1)`` read as a complex number and multiplied by ``c``
+    (broadcast), in ``out``'s dtype; None otherwise."""
+    if not all(isinstance(t, torch.Tensor) for t in (x, c, out)) or out.shape != x.shape or \
+            not x.is_floating_point() or x.is_meta or x.shape[-1] % 2 or x.shape[-1] < 2:
+        return None
+    d = x.shape[-1]
+    z = torch.view_as_complex(x.detach().to(torch.float64).reshape(*x.shape[:-1], d // 2, 2))
+    want = torch.view_as_real(z * c.detach().to(torch.complex128)).reshape(x.shape)
+    got = out.detach().to(torch.float64)
+    scale = float(want.abs().max()) if want.numel() else 0.0
+    if not torch.allclose(got, want, rtol=1e-5, atol=1e-5 * max(scale, 1e-30)):
+        return None
+    return x.dim() - 1, tuple(i ^ 1 for i in range(d))
