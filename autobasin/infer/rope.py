@@ -241,6 +241,15 @@ def _only_user(n: fx.Node):
     return next(iter(n.users)) if len(n.users) == 1 else None
 
 
+def _moved(n: fx.Node) -> fx.Node | None:
+    """The one tensor a view or cast ``n`` moves (its other inputs sizes), or None."""
+    first = n.args[0] if n.args else None
+    if not isinstance(first, fx.Node) or any(a is not first and not _is_size(a)
+                                             for a in n.all_input_nodes):
+        return None
+    return first
+
+
 def _complex_patterns(graph: fx.Graph, reads: dict) -> list[Pattern]:
     """RoPE through complex numbers (Llama 4): ``x`` (cast) viewed as pairs,
     ``view_as_complex``, times a constant ``c``, ``view_as_real``, viewed back
@@ -254,13 +263,13 @@ def _complex_patterns(graph: fx.Graph, reads: dict) -> list[Pattern]:
         if p.op in ("call_function", "call_method") and op_name_of(p.target) in _VIEWS and \
                 len(p.users) == 1:
             chain.add(p)
-            q = p.all_input_nodes[0] if len(p.all_input_nodes) == 1 else None
+            q = _moved(p)
         else:
             continue
         if q is not None and q.op in ("call_function", "call_method") and \
-                op_name_of(q.target) in _CASTS and len(q.users) == 1 and len(q.all_input_nodes) == 1:
+                op_name_of(q.target) in _CASTS and len(q.users) == 1 and _moved(q) is not None:
             chain.add(q)
-            q = q.all_input_nodes[0]
+            q = _moved(q)
         mul = _only_user(a)
         ops = _mul_operands(mul) if mul is not None else None
         if q is None or ops is None:
@@ -276,8 +285,7 @@ def _complex_patterns(graph: fx.Graph, reads: dict) -> list[Pattern]:
         while True:  # viewed back (and cast): the last of them is final
             u = _only_user(last)
             if u is None or u.op not in ("call_function", "call_method") or \
-                    op_name_of(u.target) not in _VIEWS | _CASTS or u.all_input_nodes[0] is not last \
-                    or any(reads.get(n, True) for n in u.all_input_nodes[1:]):
+                    op_name_of(u.target) not in _VIEWS | _CASTS or _moved(u) is not last:
                 break
             chain.add(u)
             last = u
