@@ -598,6 +598,10 @@ class RopeBlock(Block):
         self.form, hd = form, d // h
         self.register_buffer("inv_freq", 1.0 / 100 ** (torch.arange(0, hd, 2).float() / hd),
                              persistent=False)
+        if form == "learned":  # a learned angle table whose halves are equal: for these weights
+            self.table = nn.Embedding(16, hd)
+            with torch.no_grad():
+                self.table.weight[:, hd // 2:] = self.table.weight[:, :hd // 2]
 
     def forward(self, x):
         b, t, d = x.shape
@@ -606,6 +610,8 @@ class RopeBlock(Block):
             emb, rot = f.repeat_interleave(2, -1), _rotate_pairs
         elif self.form == "broken":  # the two halves at different frequencies
             emb, rot = torch.cat((f, 1.5 * f), -1), _rotate_half
+        elif self.form == "learned":
+            emb, rot = self.table(torch.arange(t)), _rotate_half
         else:
             emb, rot = torch.cat((f, f), -1), _rotate_half
         cos, sin = emb.cos(), emb.sin()
@@ -671,6 +677,19 @@ def test_rope_whose_pairs_differ_in_frequency_stays_fixed():
     spec = infer_spec(m, ids, symmetries="all")
     assert not _rope_groups(spec)
     assert any("q.weight[0" in n for n, _ in spec.fixed_axes())
+    for seed in range(2):
+        assert check_equivalence(m, spec, ids, seed=seed) < 1e-5
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_rope_with_a_learned_table_stays_fixed(capture):
+    """Angles read from the state_dict (an Embedding of positions) are equal on
+    each pair for these weights only: another checkpoint's table need not be, so
+    the head dim gets no pair maps (at most permutations it shares with the table's
+    columns), whether fx calls the module or export reads its weight."""
+    m, ids = RopeLM("learned"), torch.randint(0, 50, (2, 7))
+    spec = infer_spec(m, ids, symmetries="all", capture=capture)
+    assert not _rope_groups(spec)
     for seed in range(2):
         assert check_equivalence(m, spec, ids, seed=seed) < 1e-5
 

@@ -44,6 +44,15 @@ VALUE_COPIES = frozenset({"to", "_to_copy", "clone", "contiguous", "alias", "det
                           "_to_dim_order_copy", "lift_fresh_copy"})
 
 
+# Reading a tensor's shape or type says nothing about the order of its entries.
+SHAPE_QUERIES = frozenset({
+    "size", "dim", "numel", "shape", "dtype", "device", "is_contiguous", "ndim", "ndimension",
+    "get_device", "is_floating_point", "element_size", "nelement", "is_cuda", "layout",
+    "requires_grad", "data_ptr", "stride", "storage_offset",
+    # the ATen ops torch.export records for a size it cannot know in advance
+    "sym_size", "sym_numel", "sym_stride", "sym_storage_offset"})
+
+
 def layout_symbols(layout) -> list[int]:
     """Every symbol in a (possibly nested) layout."""
     if layout is None:

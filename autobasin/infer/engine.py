@@ -22,7 +22,7 @@ from torch import nn
 
 from ..guard import eval_mode
 from ..trace import OPAQUE_VALUE, get_attr
-from .context import Context, is_tensor_meta, layout_symbols, map_meta
+from .context import SHAPE_QUERIES, Context, is_tensor_meta, layout_symbols, map_meta
 from .inline import MAX_INLINE_DEPTH, paired_layouts, trace_body
 from .registry import ALL, FUNCTION_RULES, METHOD_RULES, PERMUTATION, module_rule
 from .rope import Rope
@@ -65,13 +65,6 @@ def _clamps_to_axis(node: fx.Node, ctx: "Context", n: int) -> bool:
             return False
     return True
 
-
-# Reading a tensor's shape or type says nothing about the order of its entries.
-SHAPE_QUERIES = {"size", "dim", "numel", "shape", "dtype", "device", "is_contiguous", "ndim",
-                 "ndimension", "get_device", "is_floating_point", "element_size", "nelement",
-                 "is_cuda", "layout", "requires_grad", "data_ptr", "stride", "storage_offset",
-                 # the ATen ops torch.export records for a size it cannot know in advance
-                 "sym_size", "sym_numel", "sym_stride", "sym_storage_offset"}
 
 
 def is_user_opaque(opaque, name: str, module) -> bool:

@@ -35,8 +35,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
+from torch import nn
 
 from ..trace import get_attr, op_name_of
+from .context import SHAPE_QUERIES, VALUE_COPIES
 
 # ops that move, negate or copy their one tensor argument's values: a chain of
 # them from x picks each entry of r from one entry of x, the same ones whatever
@@ -97,17 +99,17 @@ def _chain(r: fx.Node, x: fx.Node, limit: int = 16) -> set | None:
     return seen if x not in seen and r is not x else None
 
 
-_SIZES = {"size", "sym_size", "dim", "numel", "sym_numel"}
 _SIZE_ARITHMETIC = {"floordiv", "add", "sub", "mul", "getitem", "truediv", "neg", "mod"}
 
 
 def _is_size(n: fx.Node, depth: int = 0) -> bool:
-    """Whether ``n`` is a size read off a tensor, or arithmetic on sizes (fx's
-    ``x.shape[-1] // 2``): a number, not a tensor the chain reads values of."""
+    """Whether ``n`` is a size (or dtype, ...) read off a tensor, or arithmetic on
+    sizes (fx's ``x.shape[-1] // 2``): not a tensor whose values anything reads."""
     if depth > 8 or n.op not in ("call_function", "call_method"):
         return False
     name = op_name_of(n.target)
-    if name in _SIZES or (name == "getattr" and len(n.args) > 1 and n.args[1] == "shape"):
+    if name in SHAPE_QUERIES or (name == "getattr" and len(n.args) > 1
+                                 and n.args[1] in SHAPE_QUERIES):
         return True
     return name in _SIZE_ARITHMETIC and bool(n.all_input_nodes) and \
         all(_is_size(a, depth + 1) for a in n.all_input_nodes)
@@ -200,13 +202,18 @@ def find_patterns(graph: fx.Graph, state_ids: set[int], root) -> list[Pattern]:
     ``c`` and ``s`` must not read; ``root``: the module holding get_attr targets."""
     reads: dict[fx.Node, bool] = {}
     for n in graph.nodes:  # in order: a node's inputs come before it
-        if n.op == "get_attr":
+        if n.op in ("get_attr", "call_module"):  # fx calls a module, whose tensors it reads
             try:
-                reads[n] = id(get_attr(root, n.target)) in state_ids
+                obj = get_attr(root, n.target)
             except AttributeError:
                 reads[n] = True
-        else:
-            reads[n] = any(reads.get(a, True) for a in n.all_input_nodes)
+                continue
+            own = obj.state_dict(keep_vars=True).values() if isinstance(obj, nn.Module) \
+                else [obj]
+            reads[n] = any(id(t) in state_ids for t in own) or \
+                any(reads.get(a, True) for a in n.all_input_nodes)
+        else:  # a size read off a tensor (fx's x.shape[-1]) reads none of its values
+            reads[n] = not _is_size(n) and any(reads.get(a, True) for a in n.all_input_nodes)
 
     found = []
     for f in graph.nodes:
@@ -233,7 +240,7 @@ def find_patterns(graph: fx.Graph, state_ids: set[int], root) -> list[Pattern]:
     return found + _complex_patterns(graph, reads)
 
 
-_CASTS = {"to", "_to_copy", "type_as", "float", "contiguous", "clone", "alias"}
+_CASTS = VALUE_COPIES | {"float"}
 _VIEWS = {"reshape", "view", "_unsafe_view", "flatten", "unflatten"}
 
 
