@@ -17,7 +17,8 @@ from torch import nn
 from .guard import eval_mode
 from .inputs import ModelInputs, as_inputs, select_outputs
 from .state import with_metadata
-from .spec import PAIR_KINDS, Member, PermutationSpec, Perms, SpecError, axis_index, pair_partners  # noqa: F401 - axis_index: re-exported
+from .spec import (PAIR_KINDS, Member, PermutationSpec, Perms, SpecError,  # noqa: F401
+                   axis_index, pair_firsts, pair_partners)  # axis_index: re-exported
 
 
 
@@ -74,11 +75,11 @@ def random_element(kind: str, n: int, gen: torch.Generator, pairs=None) -> torch
     of ``spec.PAIR_KINDS`` need the group's ``pairs``."""
     if kind in PAIR_KINDS:
         partner = pair_partners(pairs, n)
-        first = torch.nonzero(partner > torch.arange(n)).reshape(-1)
-        angle = (torch.rand(len(first), generator=gen, dtype=torch.float64) * 2 - 1) * math.pi
-        scale = torch.exp(torch.rand(len(first), generator=gen, dtype=torch.float64) * 2 - 1) \
-            if kind == "rotary" else torch.ones(len(first), dtype=torch.float64)
-        return pair_matrix(partner, scale * torch.cos(angle), scale * torch.sin(angle))
+        k = n // 2
+        angle = (torch.rand(k, generator=gen, dtype=torch.float64) * 2 - 1) * math.pi
+        scale = torch.exp(torch.rand(k, generator=gen, dtype=torch.float64) * 2 - 1) \
+            if kind == "rotary" else torch.ones(k, dtype=torch.float64)
+        return polar_pairs(partner, scale, angle)
     p = torch.randperm(n, generator=gen)
     if kind == "permutation":
         return p
@@ -112,7 +113,7 @@ def pair_matrix(partner: torch.Tensor, re: torch.Tensor, im: torch.Tensor) -> to
     ``x_i -> re x_i - im x_j``, ``x_j -> im x_i + re x_j``; one entry of ``re``
     and ``im`` per pair, in the order of their first positions (differentiable)."""
     n = len(partner)
-    first = torch.nonzero(partner > torch.arange(n)).reshape(-1)
+    first = pair_firsts(partner)
     second = partner[first]
     m = torch.zeros(n, n, dtype=re.dtype)
     m = m.index_put((first, first), re).index_put((second, second), re)
@@ -121,8 +122,13 @@ def pair_matrix(partner: torch.Tensor, re: torch.Tensor, im: torch.Tensor) -> to
 
 def pair_parts(m: torch.Tensor, partner: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(re, im)`` of each pair of ``m`` (see :func:`pair_matrix`)."""
-    first = torch.nonzero(partner > torch.arange(len(partner))).reshape(-1)
+    first = pair_firsts(partner)
     return m[first, first], m[partner[first], first]
+
+
+def polar_pairs(partner: torch.Tensor, scale: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
+    """:func:`pair_matrix` of ``scale * e^(i angle)`` per pair (differentiable)."""
+    return pair_matrix(partner, scale * torch.cos(angle), scale * torch.sin(angle))
 
 
 def invert(perms: Perms) -> Perms:

@@ -150,6 +150,11 @@ def pair_partners(pairs, n: int) -> torch.Tensor:
     return p
 
 
+def pair_firsts(partner: torch.Tensor) -> torch.Tensor:
+    """The smaller position of each pair, in order (one entry per pair)."""
+    return torch.nonzero(partner > torch.arange(len(partner))).reshape(-1)
+
+
 @dataclass
 class Group:
     name: str

@@ -40,8 +40,8 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from ..permute import act, as_matrix, pair_matrix
-from ..spec import PAIR_KINDS, Member, PermutationSpec, pair_partners
+from ..permute import act, as_matrix, polar_pairs
+from ..spec import PAIR_KINDS, Member, PermutationSpec, pair_firsts, pair_partners
 from .lap import solve_lap
 from .result import Matching
 
@@ -210,7 +210,7 @@ def _solve_pairs(pb: _Problem, pairs, kind: str) -> torch.Tensor:
     contra); for a given ``s`` the best angle is closed-form, for a given angle
     the best scale is :func:`_newton_scale`'s; alternated from ``s = 1``."""
     partner = pair_partners(pairs, pb.n)
-    i = torch.nonzero(partner > torch.arange(pb.n)).reshape(-1)
+    i = pair_firsts(partner)
     j = partner[i]
 
     def parts(c):
@@ -230,7 +230,7 @@ def _solve_pairs(pb: _Problem, pairs, kind: str) -> torch.Tensor:
         s, phi = s_new, phi_new
         if moved < 1e-12:
             break
-    return pair_matrix(partner, s * torch.cos(phi), s * torch.sin(phi))
+    return polar_pairs(partner, s, phi)
 
 
 def _solve_invertible(pb: _Problem, current: torch.Tensor, max_condition: float,
@@ -718,8 +718,7 @@ def general_ste_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, data
                 out[g] = start[g] @ (torch.eye(k.shape[0], dtype=k.dtype) + k)
             elif kind in PAIR_KINDS:
                 s = torch.exp(k[:, 0]) if kind == "rotary" else torch.ones_like(k[:, 0])
-                out[g] = start[g] @ pair_matrix(partners[g], s * torch.cos(k[:, 1]),
-                                                s * torch.sin(k[:, 1]))
+                out[g] = start[g] @ polar_pairs(partners[g], s, k[:, 1])
             else:
                 out[g] = start[g] * torch.exp(k)[None, :]
         return out
