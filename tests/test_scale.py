@@ -56,6 +56,19 @@ def test_solver_choice_is_checked(solver, monkeypatch):
         lap.current_solver()
 
 
+def test_an_older_lap_module_is_not_taken_for_lapx(solver, monkeypatch):
+    """gatagat's ``lap`` (no ``lapjvr``) installs the module lapx installs: not lapx."""
+    import importlib.machinery
+    import sys
+    import types
+    old = types.ModuleType("lap")
+    old.__spec__ = importlib.machinery.ModuleSpec("lap", None)
+    monkeypatch.setitem(sys.modules, "lap", old)
+    assert not lap.installed("lapx") and "lapx" not in lap.available_solvers()
+    with pytest.raises(ValueError, match="lapx"):
+        solver("lapx")
+
+
 @pytest.mark.parametrize("arch", ["test_resnet", "test_vit"])
 def test_solvers_and_kept_similarities_give_the_same_matching(solver, arch):
     """Similarities kept and updated by the columns that moved equal recomputed ones:
