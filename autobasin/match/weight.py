@@ -437,6 +437,14 @@ def _dot_permuted(a: torch.Tensor, b: torch.Tensor, members: list[tuple[str, Mem
     return total
 
 
+def _sorted(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """``t.sort(dim).values``, sorted along a contiguous last dimension (torch sorts
+    a strided dimension at half the speed: vit_base's q/k/v rows, 9 vs 18 ms)."""
+    if dim % t.dim() == t.dim() - 1:
+        return t.sort(dim=-1).values
+    return t.movedim(dim, -1).contiguous().sort(dim=-1).values.movedim(-1, dim)
+
+
 def _signature_rows(term: _Term, t: torch.Tensor, perms: Perms | None,
                     unknown: set[str] | frozenset[str]) -> torch.Tensor:
     """Rows (n, rest) of member ``term.member`` of ``t``, invariant to the groups in ``unknown``.
@@ -449,7 +457,7 @@ def _signature_rows(term: _Term, t: torch.Tensor, perms: Perms | None,
     m = term.member
     for axis, members in term.other_axes:
         if any(h in unknown for h, _ in members):
-            t = t.sort(dim=axis).values
+            t = _sorted(t, axis)
         elif perms is not None:
             t = t.index_select(axis, _axis_perm(t.shape[axis], members, perms, t.device))
     known = [(h, o) for h, o in term.same_axis if h not in unknown]
@@ -462,7 +470,7 @@ def _signature_rows(term: _Term, t: torch.Tensor, perms: Perms | None,
         if h not in unknown:
             continue
         if (o.offset, o.shape, o.strides) == (m.offset, m.shape, m.strides) and o.dim != m.dim:
-            t = t.sort(dim=o.dim).values  # another dimension of the same grid
+            t = _sorted(t, o.dim)  # another dimension of the same grid
         else:
             whole_row = True  # overlapping in some other layout: sort whole rows
     t = t.movedim(m.dim, 0).reshape(m.size, -1)
