@@ -8,8 +8,9 @@ matching solves (one run's matrices, solved again by each) lapx takes 0.45 s
 on resnet50's 400 where lapjv takes 0.95 s and scipy 2.8 s, 3.8 s on
 convnext_base's 44 (lapjv 4.3 s) and as long as lapjv on vit_base's 62 (3.1 s;
 its MLP groups of 3072). lapx's other completions were no faster (``lapjvh``
-slower on vit_base, ``lapjvs`` and ``lapjvx`` slower on all three). The fastest installed is used; ``AUTOBASIN_LAP=scipy`` (or ``lapjv``,
-``lapx``) in the environment, or :func:`set_solver`, chooses one;
+slower on vit_base, ``lapjvs`` and ``lapjvx`` slower on all three). The
+fastest installed is used; ``AUTOBASIN_LAP=scipy`` (or ``lapjv``, ``lapx``) in
+the environment, or :func:`set_solver`, chooses one;
 ``benchmarks/scale.py`` times each one installed. We do not write a solver of
 our own: these are well kept, and the assignment is not where a bespoke one
 would win.
