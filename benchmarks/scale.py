@@ -520,6 +520,8 @@ def main(argv=None) -> dict:
     if res["distributed"]:
         sections.append("## Distributed statistics\n\n" + dist_table(res["distributed"]))
     body = "\n\n".join(sections)
+    used = ", ".join(sorted({r["speed"]["solver"] for r in res["speed"].values()
+                             if r.get("speed", {}).get("ok")})) or "–"
     speed_repeats = max((len(r["speed"].get("greedy", {}).get("seconds_all", [0]))
                          for r in res["speed"].values() if r.get("speed", {}).get("ok")), default=1)
     runs = "\n".join(
@@ -548,9 +550,10 @@ matching to convergence, applying the permutations, verification); *match s*: ma
 *greedy start*: `init="greedy"`; *default*: `init="best"` (a second descent from the identity,
 the higher objective kept). *floor*: one sweep's full products and assignments times the
 greedy run's sweeps, with the solver (of those installed from PyPI: scipy, src-d's lapjv,
-lapx's lapjvr) whose floor sweep is fastest, as the second table shows; autobasin uses that
-solver too, and updates kept similarities by the columns that moved, so it can run below it. *J*: the paper's objective over parameters. *rebasin s*:
-its constructor (tracing) and `rebasin()`. Each end-to-end time (autobasin's and rebasin's
+lapx's lapjvr) whose floor sweep is fastest, as the second table shows; autobasin uses the
+fastest installed too ({used}), and updates kept similarities by the columns that moved, so it
+can run below the floor. *J*: the paper's objective over parameters. *rebasin s*: its
+constructor (tracing) and `rebasin()`. Each end-to-end time (autobasin's and rebasin's
 alike) is the fastest of {speed_repeats} runs in one fresh process per method and model (the
 first run pays the process's cold start; `scale.json` keeps every run's time). Extra peak
 memory: `VmHWM` growth during `weight_matching`, each model in a fresh process.
